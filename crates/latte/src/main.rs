@@ -14,7 +14,12 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Encode queries or documents into per-token embeddings (.npz).
+    Encode(commands::encode::EncodeArgs),
+    /// Write any supported model as a PyLate folder.
+    Convert(commands::convert::ConvertArgs),
+}
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -25,7 +30,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let result: anyhow::Result<()> = match cli.command {};
+    let result: anyhow::Result<()> = match cli.command {
+        Command::Encode(a) => commands::encode::run(a),
+        Command::Convert(a) => commands::convert::run(a),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

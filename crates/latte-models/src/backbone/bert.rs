@@ -1,0 +1,173 @@
+//! BERT as `transformers.BertModel` computes it (absolute positions, post-norm layers).
+//!
+//! Covers colbertv2.0, answerai-colbert-small-v1, all-MiniLM and every `BertModel` checkpoint whose
+//! `position_embedding_type` is `absolute`.
+
+use candle_core::{Module, Tensor};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use crate::nn::{attention, hidden_act, key_mask_bias, LayerNorm, Linear, Mode};
+use crate::{Error, Result};
+
+/// The fields of a BERT `config.json` that the forward pass needs.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BertConfig {
+    /// Rows of the word-embedding matrix.
+    pub vocab_size: usize,
+    /// Hidden width.
+    pub hidden_size: usize,
+    /// Number of layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads per layer.
+    pub num_attention_heads: usize,
+    /// Width of the feed-forward layer.
+    pub intermediate_size: usize,
+    /// Feed-forward activation.
+    #[serde(default = "gelu")]
+    pub hidden_act: String,
+    /// Rows of the position-embedding matrix.
+    #[serde(default = "p512")]
+    pub max_position_embeddings: usize,
+    /// Rows of the token-type matrix.
+    #[serde(default = "two")]
+    pub type_vocab_size: usize,
+    /// Layer-norm epsilon.
+    #[serde(default = "eps")]
+    pub layer_norm_eps: f64,
+    /// Only `absolute` is supported.
+    #[serde(default = "absolute")]
+    pub position_embedding_type: String,
+}
+
+fn gelu() -> String {
+    "gelu".into()
+}
+fn p512() -> usize {
+    512
+}
+fn two() -> usize {
+    2
+}
+fn eps() -> f64 {
+    1e-12
+}
+fn absolute() -> String {
+    "absolute".into()
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    inter: Linear,
+    out: Linear,
+    out_norm: LayerNorm,
+}
+
+/// A BERT encoder.
+#[derive(Debug, Clone)]
+pub struct Bert {
+    config: BertConfig,
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    emb_norm: LayerNorm,
+    layers: Vec<Layer>,
+}
+
+impl Bert {
+    /// Loads the weights under `vb` (names as `BertModel.state_dict()`, no `bert.` prefix).
+    pub fn load(vb: VarBuilder, config: &BertConfig) -> Result<Self> {
+        if config.position_embedding_type != "absolute" {
+            return Err(Error::Invalid(format!(
+                "BERT position_embedding_type {:?} is not supported (only \"absolute\")",
+                config.position_embedding_type
+            )));
+        }
+        if config.hidden_size % config.num_attention_heads != 0 {
+            return Err(Error::Invalid(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                config.hidden_size, config.num_attention_heads
+            )));
+        }
+        let h = config.hidden_size;
+        let e = vb.pp("embeddings");
+        let word = e.get((config.vocab_size, h), "word_embeddings.weight")?;
+        let position = e.get((config.max_position_embeddings, h), "position_embeddings.weight")?;
+        let token_type = e.get((config.type_vocab_size, h), "token_type_embeddings.weight")?;
+        let emb_norm = LayerNorm::load(e.pp("LayerNorm"), h, config.layer_norm_eps, true)?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let l = vb.pp(format!("encoder.layer.{i}"));
+            let a = l.pp("attention");
+            layers.push(Layer {
+                query: Linear::load(a.pp("self.query"), h, h, true)?,
+                key: Linear::load(a.pp("self.key"), h, h, true)?,
+                value: Linear::load(a.pp("self.value"), h, h, true)?,
+                attn_out: Linear::load(a.pp("output.dense"), h, h, true)?,
+                attn_norm: LayerNorm::load(a.pp("output.LayerNorm"), h, config.layer_norm_eps, true)?,
+                inter: Linear::load(l.pp("intermediate.dense"), h, config.intermediate_size, true)?,
+                out: Linear::load(l.pp("output.dense"), config.intermediate_size, h, true)?,
+                out_norm: LayerNorm::load(l.pp("output.LayerNorm"), h, config.layer_norm_eps, true)?,
+            });
+        }
+        Ok(Self {
+            config: config.clone(),
+            word,
+            position,
+            token_type,
+            emb_norm,
+            layers,
+        })
+    }
+
+    /// Hidden width.
+    pub fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    /// Longest sequence the position embeddings allow.
+    pub fn max_positions(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+
+    /// `[batch, len]` ids and mask → `[batch, len, hidden]` last hidden states.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, mode: Mode) -> Result<Tensor> {
+        let (b, l) = input_ids.dims2()?;
+        if l > self.config.max_position_embeddings {
+            return Err(Error::Shape {
+                what: "BERT input length".into(),
+                expected: format!("at most {} tokens", self.config.max_position_embeddings),
+                got: format!("{l}"),
+            });
+        }
+        let h = self.config.hidden_size;
+        let words = self.word.embedding(&input_ids.flatten_all()?)?.reshape((b, l, h))?;
+        let pos = self.position.narrow(0, 0, l)?;
+        let tt = self.token_type.narrow(0, 0, 1)?;
+        let x = words.broadcast_add(&pos)?.broadcast_add(&tt)?;
+        let mut x = self.emb_norm.forward(&x, mode)?;
+        let bias = key_mask_bias(attention_mask, x.dtype())?;
+        let heads = self.config.num_attention_heads;
+        let d = h / heads;
+        let scale = 1.0 / (d as f64).sqrt();
+        let split = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous()?)
+        };
+        for layer in &self.layers {
+            let q = split(layer.query.forward(&x)?)?;
+            let k = split(layer.key.forward(&x)?)?;
+            let v = split(layer.value.forward(&x)?)?;
+            let ctx = attention(&q, &k, &v, scale, &bias, mode)?;
+            let ctx = ctx.transpose(1, 2)?.reshape((b, l, h))?;
+            let a = layer.attn_norm.forward(&(layer.attn_out.forward(&ctx)? + &x)?, mode)?;
+            let i = hidden_act(&self.config.hidden_act, &layer.inter.forward(&a)?)?;
+            x = layer.out_norm.forward(&(layer.out.forward(&i)? + &a)?, mode)?;
+        }
+        Ok(x)
+    }
+}

@@ -1,0 +1,162 @@
+//! Building blocks shared by the backbones: linear layers, layer norm, softmax and attention masks.
+//!
+//! Every op here has two paths. In inference ([`Mode::Infer`]) the fused candle kernels are used where they
+//! exist (`layer_norm`, `softmax_last_dim`); in training ([`Mode::Train`]) the same maths is written with
+//! elementary, differentiable ops, because candle's fused kernels have no backward pass.
+
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::Result;
+
+/// Whether a forward pass must be differentiable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Frozen weights, fused kernels.
+    #[default]
+    Infer,
+    /// Trainable weights: only ops with a backward pass.
+    Train,
+}
+
+/// `y = x Wᵀ + b`, with the weight stored `[out, in]` as PyTorch does.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// `[out, in]`.
+    pub weight: Tensor,
+    /// `[out]`, when the layer has a bias.
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`).
+    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// Input features.
+    pub fn in_dim(&self) -> usize {
+        self.weight.dims()[1]
+    }
+    /// Output features.
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims()[0]
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = self.weight.t()?;
+        let y = match x.dims() {
+            [b, l, d] => x.reshape((b * l, *d))?.matmul(&w)?.reshape((*b, *l, ()))?,
+            _ => x.matmul(&w)?,
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Layer normalisation over the last dimension, with an optional bias.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Loads `weight` (and `bias` when `bias`) under `vb`.
+    pub fn load(vb: VarBuilder, dim: usize, eps: f64, bias: bool) -> Result<Self> {
+        let weight = vb.get(dim, "weight")?;
+        let bias = if bias { Some(vb.get(dim, "bias")?) } else { None };
+        Ok(Self { weight, bias, eps })
+    }
+
+    /// Normalises `x`.
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        if mode == Mode::Infer && x.dtype() == DType::F32 {
+            let zeros;
+            let bias = match &self.bias {
+                Some(b) => b,
+                None => {
+                    zeros = self.weight.zeros_like()?;
+                    &zeros
+                }
+            };
+            return Ok(candle_nn::ops::layer_norm(
+                &x.contiguous()?,
+                &self.weight,
+                bias,
+                self.eps as f32,
+            )?);
+        }
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let y = y.broadcast_mul(&self.weight)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last(x: &Tensor, mode: Mode) -> Result<Tensor> {
+    Ok(match mode {
+        Mode::Infer => candle_nn::ops::softmax_last_dim(x)?,
+        Mode::Train => {
+            let max = x.max_keepdim(D::Minus1)?.detach();
+            let e = x.broadcast_sub(&max)?.exp()?;
+            e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
+        }
+    })
+}
+
+/// Additive key mask `[batch, 1, 1, len]`: 0 where attended, a large negative number elsewhere.
+pub fn key_mask_bias(attention_mask: &Tensor, dtype: DType) -> Result<Tensor> {
+    let (b, l) = attention_mask.dims2()?;
+    let m = attention_mask.to_dtype(dtype)?;
+    let bias = ((m - 1.0)? * f32::MAX as f64)?;
+    Ok(bias.reshape((b, 1, 1, l))?)
+}
+
+/// Scaled dot-product attention: `softmax(q kᵀ · scale + bias) v` for `[b, h, l, d]` inputs.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    bias: &Tensor,
+    mode: Mode,
+) -> Result<Tensor> {
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = scores.broadcast_add(bias)?;
+    let probs = softmax_last(&scores, mode)?;
+    Ok(probs.matmul(v)?)
+}
+
+/// The activations backbones name in `config.json` (`hidden_act`).
+pub fn hidden_act(name: &str, x: &Tensor) -> Result<Tensor> {
+    Ok(match name {
+        "gelu" | "gelu_python" => x.gelu_erf()?,
+        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" | "gelu_accurate" => x.gelu()?,
+        "relu" => x.relu()?,
+        "silu" | "swish" => x.silu()?,
+        "tanh" => x.tanh()?,
+        other => {
+            return Err(crate::Error::Invalid(format!(
+                "unsupported hidden activation {other:?} (supported: gelu, gelu_new, gelu_pytorch_tanh, relu, silu, tanh)"
+            )))
+        }
+    })
+}

@@ -1,0 +1,84 @@
+//! `latte encode`: texts → per-token embeddings in an `.npz` archive.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use latte_models::EncodeOptions;
+
+use super::model_args::ModelArgs;
+use super::texts::read_texts;
+use latte::npz::{write_npz, Matrix};
+
+/// Encode queries or documents with a ColBERT model.
+#[derive(Debug, Args)]
+pub struct EncodeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// `.jsonl` (BEIR corpus or queries: `text`, optional `title`) or `.txt` (one text per line).
+    #[arg(long, short = 'i')]
+    pub input: PathBuf,
+    /// Output `.npz`: `arr_0 … arr_{n-1}`, float32 (tokens × dim), in input order.
+    #[arg(long, short = 'o')]
+    pub output: PathBuf,
+    /// Encode as queries (default: documents).
+    #[arg(long)]
+    pub queries: bool,
+    /// Texts per forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Name of a prompt from the model's config (`prompts` in config_sentence_transformers.json).
+    #[arg(long)]
+    pub prompt_name: Option<String>,
+    /// Write the ids of the inputs (one per line, in order) to this file.
+    #[arg(long)]
+    pub ids_output: Option<PathBuf>,
+}
+
+pub fn run(args: EncodeArgs) -> Result<()> {
+    let records = read_texts(&args.input)?;
+    let model = args.model.load()?;
+    let prompt = match &args.prompt_name {
+        None => None,
+        Some(name) => Some(
+            model
+                .extra_config
+                .get("prompts")
+                .and_then(|p| p.get(name))
+                .and_then(|p| p.as_str())
+                .map(str::to_string)
+                .with_context(|| format!("the model has no prompt named {name:?}"))?,
+        ),
+    };
+    let texts: Vec<String> = records.iter().map(|r| r.text.clone()).collect();
+    let opts = EncodeOptions {
+        batch_size: args.batch_size,
+        prompt,
+        ..Default::default()
+    };
+    let start = std::time::Instant::now();
+    let embs = model.encode(&texts, args.queries, &opts)?;
+    let secs = start.elapsed().as_secs_f64();
+    let tokens: usize = embs.iter().map(|e| e.rows).sum();
+    let arrays: Vec<Matrix> = embs
+        .into_iter()
+        .map(|e| Matrix {
+            rows: e.rows,
+            cols: e.cols,
+            data: e.data,
+        })
+        .collect();
+    write_npz(&args.output, &arrays)?;
+    if let Some(p) = &args.ids_output {
+        let ids: String = records.iter().map(|r| format!("{}\n", r.id)).collect();
+        std::fs::write(p, ids).with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    eprintln!(
+        "encoded {} {} ({tokens} token vectors) in {secs:.2}s ({:.1} texts/s) -> {}",
+        texts.len(),
+        if args.queries { "queries" } else { "documents" },
+        texts.len() as f64 / secs.max(1e-9),
+        args.output.display()
+    );
+    Ok(())
+}
