@@ -59,27 +59,79 @@ pub enum Activation {
 }
 
 const ACTIVATIONS: &[(Activation, &str, &str)] = &[
-    (Activation::Identity, "Identity", "torch.nn.modules.linear.Identity"),
+    (
+        Activation::Identity,
+        "Identity",
+        "torch.nn.modules.linear.Identity",
+    ),
     (Activation::ReLU, "ReLU", "torch.nn.modules.activation.ReLU"),
-    (Activation::ReLU6, "ReLU6", "torch.nn.modules.activation.ReLU6"),
-    (Activation::LeakyReLU, "LeakyReLU", "torch.nn.modules.activation.LeakyReLU"),
+    (
+        Activation::ReLU6,
+        "ReLU6",
+        "torch.nn.modules.activation.ReLU6",
+    ),
+    (
+        Activation::LeakyReLU,
+        "LeakyReLU",
+        "torch.nn.modules.activation.LeakyReLU",
+    ),
     (Activation::ELU, "ELU", "torch.nn.modules.activation.ELU"),
     (Activation::CELU, "CELU", "torch.nn.modules.activation.CELU"),
     (Activation::SELU, "SELU", "torch.nn.modules.activation.SELU"),
     (Activation::GELU, "GELU", "torch.nn.modules.activation.GELU"),
     (Activation::SiLU, "SiLU", "torch.nn.modules.activation.SiLU"),
     (Activation::Mish, "Mish", "torch.nn.modules.activation.Mish"),
-    (Activation::Sigmoid, "Sigmoid", "torch.nn.modules.activation.Sigmoid"),
-    (Activation::LogSigmoid, "LogSigmoid", "torch.nn.modules.activation.LogSigmoid"),
+    (
+        Activation::Sigmoid,
+        "Sigmoid",
+        "torch.nn.modules.activation.Sigmoid",
+    ),
+    (
+        Activation::LogSigmoid,
+        "LogSigmoid",
+        "torch.nn.modules.activation.LogSigmoid",
+    ),
     (Activation::Tanh, "Tanh", "torch.nn.modules.activation.Tanh"),
-    (Activation::Tanhshrink, "Tanhshrink", "torch.nn.modules.activation.Tanhshrink"),
-    (Activation::Softplus, "Softplus", "torch.nn.modules.activation.Softplus"),
-    (Activation::Softsign, "Softsign", "torch.nn.modules.activation.Softsign"),
-    (Activation::Hardtanh, "Hardtanh", "torch.nn.modules.activation.Hardtanh"),
-    (Activation::Hardsigmoid, "Hardsigmoid", "torch.nn.modules.activation.Hardsigmoid"),
-    (Activation::Hardswish, "Hardswish", "torch.nn.modules.activation.Hardswish"),
-    (Activation::Hardshrink, "Hardshrink", "torch.nn.modules.activation.Hardshrink"),
-    (Activation::Softshrink, "Softshrink", "torch.nn.modules.activation.Softshrink"),
+    (
+        Activation::Tanhshrink,
+        "Tanhshrink",
+        "torch.nn.modules.activation.Tanhshrink",
+    ),
+    (
+        Activation::Softplus,
+        "Softplus",
+        "torch.nn.modules.activation.Softplus",
+    ),
+    (
+        Activation::Softsign,
+        "Softsign",
+        "torch.nn.modules.activation.Softsign",
+    ),
+    (
+        Activation::Hardtanh,
+        "Hardtanh",
+        "torch.nn.modules.activation.Hardtanh",
+    ),
+    (
+        Activation::Hardsigmoid,
+        "Hardsigmoid",
+        "torch.nn.modules.activation.Hardsigmoid",
+    ),
+    (
+        Activation::Hardswish,
+        "Hardswish",
+        "torch.nn.modules.activation.Hardswish",
+    ),
+    (
+        Activation::Hardshrink,
+        "Hardshrink",
+        "torch.nn.modules.activation.Hardshrink",
+    ),
+    (
+        Activation::Softshrink,
+        "Softshrink",
+        "torch.nn.modules.activation.Softshrink",
+    ),
 ];
 
 impl Activation {
@@ -230,9 +282,8 @@ impl Dense {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let bound = 1.0 / (config.in_features as f32).sqrt();
-        let mut uniform = |n: usize| -> Vec<f32> {
-            (0..n).map(|_| rng.random_range(-bound..bound)).collect()
-        };
+        let mut uniform =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-bound..bound)).collect() };
         let (i, o) = (config.in_features, config.out_features);
         let mut map = HashMap::new();
         map.insert(
@@ -240,7 +291,10 @@ impl Dense {
             Tensor::from_vec(uniform(i * o), (o, i), device)?,
         );
         if config.bias {
-            map.insert("linear.bias".to_string(), Tensor::from_vec(uniform(o), o, device)?);
+            map.insert(
+                "linear.bias".to_string(),
+                Tensor::from_vec(uniform(o), o, device)?,
+            );
         }
         if config.use_residual && i != o {
             map.insert(
@@ -299,11 +353,14 @@ impl Dense {
     /// Reads a Dense module folder (`config.json` + `model.safetensors` or `pytorch_model.bin`).
     pub fn from_folder(dir: &Path, device: &Device) -> Result<Self> {
         let cfg_path = dir.join("config.json");
-        let config: DenseConfig = crate::io::read_json(&cfg_path, "the Dense module configuration")?;
+        let config: DenseConfig =
+            crate::io::read_json(&cfg_path, "the Dense module configuration")?;
         let tensors = crate::io::load_weights(dir, device)?;
         let vb = VarBuilder::from_tensors(tensors, candle_core::DType::F32, device);
         Self::load(vb, &config).map_err(|e| match e {
-            Error::Candle(c) => Error::bad(dir, format!("Dense weights do not match config.json: {c}")),
+            Error::Candle(c) => {
+                Error::bad(dir, format!("Dense weights do not match config.json: {c}"))
+            }
             e => e,
         })
     }

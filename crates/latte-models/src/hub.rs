@@ -66,9 +66,11 @@ pub fn is_offline(opts: &HubOptions) -> bool {
 fn looks_like_hub_id(s: &str) -> bool {
     let parts: Vec<&str> = s.split('/').collect();
     (parts.len() == 2 || parts.len() == 1)
-        && parts
-            .iter()
-            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
         && !s.starts_with('.')
 }
 
@@ -88,7 +90,10 @@ impl HubRepo {
         let api = if is_offline(opts) {
             None
         } else {
-            let token = opts.token.clone().or_else(|| std::env::var("HF_TOKEN").ok());
+            let token = opts
+                .token
+                .clone()
+                .or_else(|| std::env::var("HF_TOKEN").ok());
             let mut b = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(dir.clone()))
                 .with_progress(false);
             if token.is_some() {

@@ -21,7 +21,8 @@ pub fn read_json<T: DeserializeOwned>(path: &Path, expected: &str) -> Result<T> 
             Error::io(path, e)
         }
     })?;
-    serde_json::from_str(&text).map_err(|e| Error::bad(path, format!("invalid JSON for {expected}: {e}")))
+    serde_json::from_str(&text)
+        .map_err(|e| Error::bad(path, format!("invalid JSON for {expected}: {e}")))
 }
 
 /// The weight files latte reads, in the order they are tried.
@@ -84,7 +85,11 @@ pub fn load_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tenso
 }
 
 /// Loads one `.safetensors` or `.bin` file into `out`, converted to float32.
-pub fn load_weight_file(file: &Path, device: &Device, out: &mut HashMap<String, Tensor>) -> Result<()> {
+pub fn load_weight_file(
+    file: &Path,
+    device: &Device,
+    out: &mut HashMap<String, Tensor>,
+) -> Result<()> {
     let is_st = file.extension().is_some_and(|e| e == "safetensors");
     let tensors: Vec<(String, Tensor)> = if is_st {
         candle_core::safetensors::load(file, device)
@@ -137,5 +142,6 @@ pub fn safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
         .map_err(|e| Error::Invalid(format!("safetensors: {e}")))?;
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
-    safetensors::tensor::serialize(views, Some(meta)).map_err(|e| Error::Invalid(format!("safetensors: {e}")))
+    safetensors::tensor::serialize(views, Some(meta))
+        .map_err(|e| Error::Invalid(format!("safetensors: {e}")))
 }

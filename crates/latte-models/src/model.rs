@@ -161,11 +161,18 @@ impl ColBERT {
                 }
             }
             let transformer = transformer.ok_or_else(|| {
-                Error::bad(&modules_path, "no sentence_transformers.models.Transformer module")
+                Error::bad(
+                    &modules_path,
+                    "no sentence_transformers.models.Transformer module",
+                )
             })?;
             (transformer, denses, Origin::Modules)
         } else {
-            (Transformer::load(dir, &device)?, Vec::new(), Origin::BaseModel)
+            (
+                Transformer::load(dir, &device)?,
+                Vec::new(),
+                Origin::BaseModel,
+            )
         };
         if denses.is_empty() {
             let stanford = transformer
@@ -199,7 +206,12 @@ impl ColBERT {
                 }
             }
         }
-        let mut model = Self::assemble(transformer, denses, opts.settings.clone().or(&from_config), origin)?;
+        let mut model = Self::assemble(
+            transformer,
+            denses,
+            opts.settings.clone().or(&from_config),
+            origin,
+        )?;
         model.extra_config = extra_config;
         if let Some(size) = opts.embedding_size {
             if model.embedding_dim() != size {
@@ -219,7 +231,11 @@ impl ColBERT {
 
     /// Builds a model from modules, resolving `settings` against PyLate's defaults, adding the prefix
     /// tokens to the vocabulary when missing, and choosing the padding token (mask, else EOS, else pad).
-    pub fn from_modules(transformer: Transformer, denses: Vec<Dense>, settings: PartialSettings) -> Result<Self> {
+    pub fn from_modules(
+        transformer: Transformer,
+        denses: Vec<Dense>,
+        settings: PartialSettings,
+    ) -> Result<Self> {
         Self::assemble(transformer, denses, settings, Origin::Built)
     }
 
@@ -231,7 +247,9 @@ impl ColBERT {
     ) -> Result<Self> {
         let settings = settings.resolve();
         if settings.query_length == 0 || settings.document_length == 0 {
-            return Err(Error::Invalid("query_length and document_length must be positive".into()));
+            return Err(Error::Invalid(
+                "query_length and document_length must be positive".into(),
+            ));
         }
         let mut prev = transformer.backbone.hidden_size();
         for (i, d) in denses.iter().enumerate() {
@@ -253,13 +271,17 @@ impl ColBERT {
             transformer.add_tokens(&prefixes)?;
         }
         let sp = transformer.special.clone();
-        let id = |t: &Option<String>| t.as_deref().and_then(|t| transformer.tokenizer.token_to_id(t));
+        let id = |t: &Option<String>| {
+            t.as_deref()
+                .and_then(|t| transformer.tokenizer.token_to_id(t))
+        };
         let pad_id = id(&sp.mask)
             .or_else(|| id(&sp.eos))
             .or_else(|| id(&sp.pad))
             .ok_or_else(|| {
                 Error::Invalid(
-                    "the tokenizer has no mask, EOS or pad token to pad and expand queries with".into(),
+                    "the tokenizer has no mask, EOS or pad token to pad and expand queries with"
+                        .into(),
                 )
             })?;
         let tokenizer = ColbertTokenizer {
@@ -268,7 +290,11 @@ impl ColBERT {
             pad_id,
         };
         let unk = sp.unk.as_deref();
-        let prefix_id = |p: &str| (!p.is_empty()).then(|| tokenizer.token_id(p, unk)).flatten();
+        let prefix_id = |p: &str| {
+            (!p.is_empty())
+                .then(|| tokenizer.token_id(p, unk))
+                .flatten()
+        };
         let query_prefix_id = prefix_id(&settings.query_prefix);
         let document_prefix_id = prefix_id(&settings.document_prefix);
         let skiplist = settings
@@ -354,7 +380,9 @@ impl ColBERT {
     /// returns it. The remaining chain must still fit together.
     pub fn remove_module(&mut self, index: usize) -> Result<Dense> {
         if index == 0 {
-            return Err(Error::Invalid("module 0 is the Transformer and cannot be removed".into()));
+            return Err(Error::Invalid(
+                "module 0 is the Transformer and cannot be removed".into(),
+            ));
         }
         if index > self.denses.len() {
             return Err(Error::Invalid(format!(
@@ -413,7 +441,11 @@ impl ColBERT {
 
     /// Pads tokenised texts to the longest and runs the model: `[batch, len, dim]` token embeddings
     /// (not normalised), with the `[batch, len]` ids and mask tensors used.
-    pub fn forward_tokens(&self, batch: &[Tokenized], mode: Mode) -> Result<(Tensor, Tensor, Tensor)> {
+    pub fn forward_tokens(
+        &self,
+        batch: &[Tokenized],
+        mode: Mode,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let dev = self.transformer.device().clone();
         let len = batch.iter().map(|t| t.ids.len()).max().unwrap_or(0).max(1);
         let mut ids = Vec::with_capacity(batch.len() * len);
@@ -433,7 +465,12 @@ impl ColBERT {
     }
 
     /// Transformer then every Dense: `[batch, len]` → `[batch, len, dim]`.
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, mode: Mode) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        mode: Mode,
+    ) -> Result<Tensor> {
         let mut x = self.transformer.forward(input_ids, attention_mask, mode)?;
         for d in &self.denses {
             x = d.forward(&x)?;
@@ -444,7 +481,12 @@ impl ColBERT {
     /// Encodes texts into per-token embeddings exactly as PyLate's `encode` does: documents lose their
     /// padding and skiplist tokens; queries keep all `query_length` tokens when expanding, else their
     /// attended tokens; every kept vector is L2-normalised (unless disabled). Output is in input order.
-    pub fn encode(&self, texts: &[String], is_query: bool, opts: &EncodeOptions) -> Result<Vec<Embedding>> {
+    pub fn encode(
+        &self,
+        texts: &[String],
+        is_query: bool,
+        opts: &EncodeOptions,
+    ) -> Result<Vec<Embedding>> {
         if opts.batch_size == 0 {
             return Err(Error::Invalid("batch_size must be at least 1".into()));
         }
@@ -456,9 +498,9 @@ impl ColBERT {
         let mut order: Vec<usize> = (0..toks.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(toks[i].ids.len()));
         let n_batches = order.len().div_ceil(opts.batch_size);
-        let show = opts
-            .show_progress
-            .unwrap_or_else(|| n_batches > 1 && std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        let show = opts.show_progress.unwrap_or_else(|| {
+            n_batches > 1 && std::io::IsTerminal::is_terminal(&std::io::stderr())
+        });
         let bar = if show {
             let b = indicatif::ProgressBar::new(texts.len() as u64);
             b.set_style(
@@ -472,38 +514,61 @@ impl ColBERT {
         } else {
             indicatif::ProgressBar::hidden()
         };
-        let mut out: Vec<Option<Embedding>> = vec![None; toks.len()];
-        for chunk in order.chunks(opts.batch_size) {
+        let chunks: Vec<&[usize]> = order.chunks(opts.batch_size).collect();
+        let run_batch = |chunk: &[usize]| -> Result<Vec<Embedding>> {
             let batch: Vec<Tokenized> = chunk.iter().map(|&i| toks[i].clone()).collect();
             let (x, _, _) = self.forward_tokens(&batch, Mode::Infer)?;
             let (_, len, dim) = x.dims3()?;
             let x = x.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
             let flat: Vec<f32> = x.flatten_all()?.to_vec1()?;
-            for (b, &i) in chunk.iter().enumerate() {
-                let t = &toks[i];
-                let keep: Vec<usize> = (0..t.ids.len())
-                    .filter(|&p| self.keep_token(t, p, is_query))
-                    .collect();
-                let mut data = Vec::with_capacity(keep.len() * dim);
-                for p in keep.iter().copied() {
-                    let row = &flat[(b * len + p) * dim..(b * len + p + 1) * dim];
-                    if opts.normalize {
-                        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
-                        data.extend(row.iter().map(|v| v / norm));
-                    } else {
-                        data.extend_from_slice(row);
+            let embs = chunk
+                .iter()
+                .enumerate()
+                .map(|(b, &i)| {
+                    let t = &toks[i];
+                    let keep: Vec<usize> = (0..t.ids.len())
+                        .filter(|&p| self.keep_token(t, p, is_query))
+                        .collect();
+                    let mut data = Vec::with_capacity(keep.len() * dim);
+                    for p in keep.iter().copied() {
+                        let row = &flat[(b * len + p) * dim..(b * len + p + 1) * dim];
+                        if opts.normalize {
+                            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+                            data.extend(row.iter().map(|v| v / norm));
+                        } else {
+                            data.extend_from_slice(row);
+                        }
                     }
-                }
-                out[i] = Some(Embedding {
-                    rows: keep.len(),
-                    cols: dim,
-                    data,
-                });
-            }
+                    Embedding {
+                        rows: keep.len(),
+                        cols: dim,
+                        data,
+                    }
+                })
+                .collect();
             bar.inc(chunk.len() as u64);
+            Ok(embs)
+        };
+        // Batches run concurrently on the CPU (each matmul is itself multi-threaded); on an accelerator
+        // they run one after the other.
+        let results: Vec<Result<Vec<Embedding>>> =
+            if self.transformer.device().is_cpu() && chunks.len() > 1 {
+                use rayon::prelude::*;
+                chunks.par_iter().map(|c| run_batch(c)).collect()
+            } else {
+                chunks.iter().map(|c| run_batch(c)).collect()
+            };
+        let mut out: Vec<Option<Embedding>> = vec![None; toks.len()];
+        for (chunk, embs) in chunks.iter().zip(results) {
+            for (&i, e) in chunk.iter().zip(embs?) {
+                out[i] = Some(e);
+            }
         }
         bar.finish_and_clear();
-        Ok(out.into_iter().map(|e| e.expect("every text encoded")).collect())
+        Ok(out
+            .into_iter()
+            .map(|e| e.expect("every text encoded"))
+            .collect())
     }
 
     fn keep_token(&self, t: &Tokenized, p: usize, is_query: bool) -> bool {
@@ -525,7 +590,13 @@ impl ColBERT {
             .flat_map(|(r, mr)| {
                 r.iter()
                     .zip(mr)
-                    .map(|(id, a)| if *a == 1 && !self.skiplist.contains(id) { 1.0 } else { 0.0 })
+                    .map(|(id, a)| {
+                        if *a == 1 && !self.skiplist.contains(id) {
+                            1.0
+                        } else {
+                            0.0
+                        }
+                    })
                     .collect::<Vec<_>>()
             })
             .collect();
@@ -534,7 +605,11 @@ impl ColBERT {
 
     /// L2-normalises the last dimension (as `torch.nn.functional.normalize`, eps 1e-12), differentiably.
     pub fn normalize(x: &Tensor) -> Result<Tensor> {
-        let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12f32, f32::MAX)?;
+        let norm = x
+            .sqr()?
+            .sum_keepdim(D::Minus1)?
+            .sqrt()?
+            .clamp(1e-12f32, f32::MAX)?;
         Ok(x.broadcast_div(&norm)?)
     }
 
@@ -560,10 +635,12 @@ fn stanford_linear(dir: &Path, device: &Device) -> Result<Dense> {
         });
     };
     crate::io::load_weight_file(&file, device, &mut tensors)?;
-    let w = tensors.remove("linear.weight").ok_or_else(|| Error::MissingWeight {
-        name: "linear.weight".into(),
-        path: file.clone(),
-    })?;
+    let w = tensors
+        .remove("linear.weight")
+        .ok_or_else(|| Error::MissingWeight {
+            name: "linear.weight".into(),
+            path: file.clone(),
+        })?;
     let (out, inp) = w.dims2()?;
     let mut map = std::collections::HashMap::new();
     map.insert("linear.weight".to_string(), w);
@@ -597,8 +674,14 @@ fn stanford_metadata(dir: &Path) -> Result<PartialSettings> {
     if let Some(d) = v.get("doc_token_id").and_then(|x| x.as_str()) {
         s.document_prefix = Some(d.into());
     }
-    s.query_length = v.get("query_maxlen").and_then(|x| x.as_u64()).map(|x| x as usize);
-    s.document_length = v.get("doc_maxlen").and_then(|x| x.as_u64()).map(|x| x as usize);
+    s.query_length = v
+        .get("query_maxlen")
+        .and_then(|x| x.as_u64())
+        .map(|x| x as usize);
+    s.document_length = v
+        .get("doc_maxlen")
+        .and_then(|x| x.as_u64())
+        .map(|x| x as usize);
     s.attend_to_expansion_tokens = v.get("attend_to_mask_tokens").and_then(|x| x.as_bool());
     Ok(s)
 }

@@ -76,7 +76,11 @@ impl LayerNorm {
     /// Loads `weight` (and `bias` when `bias`) under `vb`.
     pub fn load(vb: VarBuilder, dim: usize, eps: f64, bias: bool) -> Result<Self> {
         let weight = vb.get(dim, "weight")?;
-        let bias = if bias { Some(vb.get(dim, "bias")?) } else { None };
+        let bias = if bias {
+            Some(vb.get(dim, "bias")?)
+        } else {
+            None
+        };
         Ok(Self { weight, bias, eps })
     }
 

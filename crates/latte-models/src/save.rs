@@ -39,7 +39,9 @@ impl ColBERT {
         if path.exists() {
             let old = parent.join(format!(
                 ".latte-old-{}",
-                path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+                path.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
             ));
             let _ = std::fs::remove_dir_all(&old);
             std::fs::rename(path, &old).map_err(|e| Error::io(path, e))?;
@@ -55,23 +57,35 @@ impl ColBERT {
         let t = &self.transformer;
         let s = self.settings();
         // modules.json
-        let mut modules = vec![json!({"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"})];
+        let mut modules = vec![
+            json!({"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}),
+        ];
         for (i, _) in self.denses.iter().enumerate() {
             let idx = i + 1;
             modules.push(json!({"idx": idx, "name": idx.to_string(), "path": format!("{idx}_Dense"), "type": "pylate.models.Dense.Dense"}));
         }
-        atomic_write(&dir.join("modules.json"), &pretty(&Value::Array(modules), 2)?)?;
+        atomic_write(
+            &dir.join("modules.json"),
+            &pretty(&Value::Array(modules), 2)?,
+        )?;
         // config_sentence_transformers.json
         let mut cfg = serde_json::Map::new();
         cfg.insert(
             "__version__".into(),
             json!({"sentence_transformers": "5.3.0", "transformers": "5.3.0", "pytorch": "2.11.0", "latte": env!("CARGO_PKG_VERSION")}),
         );
-        let prompts = self.extra_config.get("prompts").cloned().unwrap_or(json!({"query": "", "document": ""}));
+        let prompts = self
+            .extra_config
+            .get("prompts")
+            .cloned()
+            .unwrap_or(json!({"query": "", "document": ""}));
         cfg.insert("prompts".into(), prompts);
         cfg.insert(
             "default_prompt_name".into(),
-            self.extra_config.get("default_prompt_name").cloned().unwrap_or(Value::Null),
+            self.extra_config
+                .get("default_prompt_name")
+                .cloned()
+                .unwrap_or(Value::Null),
         );
         cfg.insert("similarity_fn_name".into(), json!("MaxSim"));
         for (k, v) in &self.extra_config {
@@ -91,12 +105,20 @@ impl ColBERT {
         ] {
             cfg.insert(k.into(), st[k].clone());
         }
-        atomic_write(&dir.join("config_sentence_transformers.json"), &pretty(&Value::Object(cfg), 2)?)?;
+        atomic_write(
+            &dir.join("config_sentence_transformers.json"),
+            &pretty(&Value::Object(cfg), 2)?,
+        )?;
         // sentence_bert_config.json
-        let max_seq = t.max_seq_length.unwrap_or(s.document_length.saturating_sub(1).max(1));
+        let max_seq = t
+            .max_seq_length
+            .unwrap_or(s.document_length.saturating_sub(1).max(1));
         atomic_write(
             &dir.join("sentence_bert_config.json"),
-            &pretty(&json!({"max_seq_length": max_seq, "do_lower_case": t.do_lower_case}), 4)?,
+            &pretty(
+                &json!({"max_seq_length": max_seq, "do_lower_case": t.do_lower_case}),
+                4,
+            )?,
         )?;
         // Backbone config and weights.
         let mut config = t.config.clone();
@@ -106,10 +128,16 @@ impl ColBERT {
             obj.remove("auto_map");
         }
         atomic_write(&dir.join("config.json"), &pretty(&config, 2)?)?;
-        let mut weights: Vec<(String, candle_core::Tensor)> =
-            t.weights.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut weights: Vec<(String, candle_core::Tensor)> = t
+            .weights
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         weights.sort_by(|a, b| a.0.cmp(&b.0));
-        atomic_write(&dir.join("model.safetensors"), &safetensors_bytes(&weights)?)?;
+        atomic_write(
+            &dir.join("model.safetensors"),
+            &safetensors_bytes(&weights)?,
+        )?;
         // Tokenizer.
         let tok_json = t
             .tokenizer
@@ -132,7 +160,11 @@ impl ColBERT {
             m
         });
         let sp = &t.special;
-        for (k, v) in [("mask_token", &sp.mask), ("unk_token", &sp.unk), ("eos_token", &sp.eos)] {
+        for (k, v) in [
+            ("mask_token", &sp.mask),
+            ("unk_token", &sp.unk),
+            ("eos_token", &sp.eos),
+        ] {
             if let Some(v) = v {
                 tcfg.entry(k.to_string()).or_insert(json!(v));
             }
@@ -142,12 +174,18 @@ impl ColBERT {
         }
         // Drop the slow-tokenizer added-token table: tokenizer.json is authoritative.
         tcfg.remove("added_tokens_decoder");
-        atomic_write(&dir.join("tokenizer_config.json"), &pretty(&Value::Object(tcfg), 2)?)?;
+        atomic_write(
+            &dir.join("tokenizer_config.json"),
+            &pretty(&Value::Object(tcfg), 2)?,
+        )?;
         if let Some(mut stm) = read("special_tokens_map.json") {
             if let Some(p) = &pad {
                 stm.insert("pad_token".into(), json!(p));
             }
-            atomic_write(&dir.join("special_tokens_map.json"), &pretty(&Value::Object(stm), 2)?)?;
+            atomic_write(
+                &dir.join("special_tokens_map.json"),
+                &pretty(&Value::Object(stm), 2)?,
+            )?;
         }
         let vocab = t.source.join("vocab.txt");
         if vocab.is_file() {
@@ -159,7 +197,10 @@ impl ColBERT {
             let sub = dir.join(format!("{}_Dense", i + 1));
             let c = serde_json::to_value(d.config()).map_err(|e| Error::Invalid(e.to_string()))?;
             atomic_write(&sub.join("config.json"), &pretty(&c, 4)?)?;
-            atomic_write(&sub.join("model.safetensors"), &safetensors_bytes(&d.tensors())?)?;
+            atomic_write(
+                &sub.join("model.safetensors"),
+                &safetensors_bytes(&d.tensors())?,
+            )?;
         }
         let card = format!(
             "---\ntags:\n- ColBERT\n- PyLate\n- sentence-transformers\n- sentence-similarity\n- feature-extraction\nlibrary_name: PyLate\npipeline_tag: sentence-similarity\n---\n\n# ColBERT model (saved by latte {})\n\nA PyLate-compatible ColBERT model.\n\n- Document length: {} tokens\n- Query length: {} tokens\n- Output dimensionality: {}\n- Similarity function: MaxSim\n\n```\n{}\n```\n",

@@ -74,7 +74,9 @@ impl PartialSettings {
     pub fn or(self, lower: &PartialSettings) -> PartialSettings {
         PartialSettings {
             query_prefix: self.query_prefix.or_else(|| lower.query_prefix.clone()),
-            document_prefix: self.document_prefix.or_else(|| lower.document_prefix.clone()),
+            document_prefix: self
+                .document_prefix
+                .or_else(|| lower.document_prefix.clone()),
             query_length: self.query_length.or(lower.query_length),
             document_length: self.document_length.or(lower.document_length),
             do_query_expansion: self.do_query_expansion.or(lower.do_query_expansion),
@@ -126,7 +128,10 @@ mod tests {
         assert_eq!(s.document_length, 300);
         assert_eq!(s.query_prefix, "[Q] ");
         assert!(!s.do_query_expansion);
-        assert!(!s.attend_to_expansion_tokens, "forced off without expansion");
+        assert!(
+            !s.attend_to_expansion_tokens,
+            "forced off without expansion"
+        );
         assert_eq!(s.skiplist_words.len(), 32);
     }
 }

@@ -4,7 +4,9 @@
 
 use std::path::Path;
 
-use tokenizers::{AddedToken, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+use tokenizers::{
+    AddedToken, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
+};
 
 use crate::{Error, Result};
 
@@ -114,7 +116,10 @@ fn bert_from_vocab(dir: &Path) -> Result<Tokenizer> {
     tok.with_normalizer(Some(BertNormalizer::new(true, true, None, lower)))
         .map_err(|e| Error::Tokenizer(e.to_string()))?;
     tok.with_pre_tokenizer(Some(BertPreTokenizer));
-    tok.with_post_processor(Some(BertProcessing::new(("[SEP]".into(), sep), ("[CLS]".into(), cls))));
+    tok.with_post_processor(Some(BertProcessing::new(
+        ("[SEP]".into(), sep),
+        ("[CLS]".into(), cls),
+    )));
     let specials: Vec<AddedToken> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
         .iter()
         .map(|t| AddedToken::from(*t, true))
@@ -167,7 +172,12 @@ impl ColbertTokenizer {
     /// Tokenises `texts`: each is stripped (and lower-cased when configured), truncated to
     /// `max_len` tokens including special tokens and, when `prefix` is given, the prefix id inserted at
     /// position 1 (so the result is at most `max_len + 1` long). No padding.
-    pub fn encode(&self, texts: &[String], max_len: usize, prefix: Option<u32>) -> Result<Vec<Tokenized>> {
+    pub fn encode(
+        &self,
+        texts: &[String],
+        max_len: usize,
+        prefix: Option<u32>,
+    ) -> Result<Vec<Tokenized>> {
         let mut tok = self.tokenizer.clone();
         tok.with_truncation(Some(TruncationParams {
             max_length: max_len,

@@ -42,14 +42,15 @@ impl Transformer {
     /// `weights_dir` is where the weights are (the same folder except for odd layouts).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let cfg_path = dir.join("config.json");
-        let config: serde_json::Value = read_json(&cfg_path, "the transformer configuration (config.json)")?;
+        let config: serde_json::Value =
+            read_json(&cfg_path, "the transformer configuration (config.json)")?;
         let kind = Kind::detect(&config, &cfg_path)?;
         let raw = load_weights(dir, device)?;
         let weights = normalize_names(kind, raw, dir)?;
         let tokenizer = load_tokenizer(dir)?;
         let special = SpecialTokens::read(dir);
-        let sbert: serde_json::Value =
-            read_json(&dir.join("sentence_bert_config.json"), "").unwrap_or(serde_json::Value::Null);
+        let sbert: serde_json::Value = read_json(&dir.join("sentence_bert_config.json"), "")
+            .unwrap_or(serde_json::Value::Null);
         let do_lower_case = sbert
             .get("do_lower_case")
             .and_then(|v| v.as_bool())
@@ -58,7 +59,17 @@ impl Transformer {
             .get("max_seq_length")
             .and_then(|v| v.as_u64())
             .map(|v| v as usize);
-        Self::build(kind, config, weights, tokenizer, special, do_lower_case, max_seq_length, dir, device)
+        Self::build(
+            kind,
+            config,
+            weights,
+            tokenizer,
+            special,
+            do_lower_case,
+            max_seq_length,
+            dir,
+            device,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -75,10 +86,9 @@ impl Transformer {
     ) -> Result<Self> {
         let backbone = Backbone::load(kind, &config, var_builder(weights.clone(), device), source)
             .map_err(|e| match e {
-                Error::Candle(c) => Error::bad(
-                    source,
-                    format!("weights do not match config.json: {c}"),
-                ),
+                Error::Candle(c) => {
+                    Error::bad(source, format!("weights do not match config.json: {c}"))
+                }
                 e => e,
             })?;
         Ok(Self {
@@ -118,7 +128,10 @@ impl Transformer {
     /// length. New rows are the mean of the existing ones.
     pub fn add_tokens(&mut self, tokens: &[String]) -> Result<()> {
         let before = self.tokenizer_len();
-        let added: Vec<AddedToken> = tokens.iter().map(|t| AddedToken::from(t.clone(), false)).collect();
+        let added: Vec<AddedToken> = tokens
+            .iter()
+            .map(|t| AddedToken::from(t.clone(), false))
+            .collect();
         self.tokenizer
             .add_tokens(added)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
@@ -178,7 +191,12 @@ impl Transformer {
     }
 
     /// `[batch, len]` ids and mask → `[batch, len, hidden]`.
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, mode: Mode) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        mode: Mode,
+    ) -> Result<Tensor> {
         self.backbone.forward(input_ids, attention_mask, mode)
     }
 

@@ -23,10 +23,15 @@ struct Case {
 
 fn load_case(name: &str) -> Case {
     let dir = fixtures();
-    let json: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("expected/{name}.json"))).unwrap()).unwrap();
-    let tensors =
-        candle_core::safetensors::load(dir.join(format!("expected/{name}.safetensors")), &Device::Cpu).unwrap();
+    let json: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join(format!("expected/{name}.json"))).unwrap(),
+    )
+    .unwrap();
+    let tensors = candle_core::safetensors::load(
+        dir.join(format!("expected/{name}.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap();
     let kw = &json["kwargs"];
     let s = |k: &str| kw.get(k).and_then(|v| v.as_str()).map(str::to_string);
     let u = |k: &str| kw.get(k).and_then(|v| v.as_u64()).map(|v| v as usize);
@@ -49,35 +54,84 @@ fn load_case(name: &str) -> Case {
     };
     let model_dir = dir.join(json["model"].as_str().unwrap());
     let model = ColBERT::load_dir(&model_dir, &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
-    Case { json, tensors, model }
+    Case {
+        json,
+        tensors,
+        model,
+    }
 }
 
 fn texts(v: &Value) -> Vec<String> {
-    v.as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect()
 }
 
 fn ids(t: &Tensor) -> Vec<u32> {
-    t.to_vec1::<i64>().unwrap().into_iter().map(|v| v as u32).collect()
+    t.to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as u32)
+        .collect()
 }
 
 fn check_settings(name: &str, c: &Case) {
     let r = &c.json["resolved"];
     let s = c.model.settings();
-    assert_eq!(s.query_prefix, r["query_prefix"].as_str().unwrap(), "{name}");
-    assert_eq!(s.document_prefix, r["document_prefix"].as_str().unwrap(), "{name}");
-    assert_eq!(s.query_length as u64, r["query_length"].as_u64().unwrap(), "{name}");
-    assert_eq!(s.document_length as u64, r["document_length"].as_u64().unwrap(), "{name}");
-    assert_eq!(s.do_query_expansion, r["do_query_expansion"].as_bool().unwrap(), "{name}");
+    assert_eq!(
+        s.query_prefix,
+        r["query_prefix"].as_str().unwrap(),
+        "{name}"
+    );
+    assert_eq!(
+        s.document_prefix,
+        r["document_prefix"].as_str().unwrap(),
+        "{name}"
+    );
+    assert_eq!(
+        s.query_length as u64,
+        r["query_length"].as_u64().unwrap(),
+        "{name}"
+    );
+    assert_eq!(
+        s.document_length as u64,
+        r["document_length"].as_u64().unwrap(),
+        "{name}"
+    );
+    assert_eq!(
+        s.do_query_expansion,
+        r["do_query_expansion"].as_bool().unwrap(),
+        "{name}"
+    );
     assert_eq!(
         s.attend_to_expansion_tokens,
         r["attend_to_expansion_tokens"].as_bool().unwrap(),
         "{name}"
     );
-    assert_eq!(c.model.query_prefix_id().map(u64::from), r["query_prefix_id"].as_u64(), "{name}");
-    assert_eq!(c.model.document_prefix_id().map(u64::from), r["document_prefix_id"].as_u64(), "{name}");
-    let skip: HashSet<u32> = r["skiplist"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    assert_eq!(
+        c.model.query_prefix_id().map(u64::from),
+        r["query_prefix_id"].as_u64(),
+        "{name}"
+    );
+    assert_eq!(
+        c.model.document_prefix_id().map(u64::from),
+        r["document_prefix_id"].as_u64(),
+        "{name}"
+    );
+    let skip: HashSet<u32> = r["skiplist"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
     assert_eq!(c.model.skiplist(), &skip, "{name}: skiplist ids");
-    assert_eq!(c.model.pad_id() as u64, r["pad_token_id"].as_u64().unwrap(), "{name}: pad id");
+    assert_eq!(
+        c.model.pad_id() as u64,
+        r["pad_token_id"].as_u64().unwrap(),
+        "{name}: pad id"
+    );
     assert_eq!(
         c.model.transformer.tokenizer_len() as u64,
         r["tokenizer_len"].as_u64().unwrap(),
@@ -95,11 +149,27 @@ fn check_modules(name: &str, c: &Case) {
     assert_eq!(c.model.len(), mods.len(), "{name}: module count");
     for (d, m) in c.model.denses.iter().zip(&mods[1..]) {
         let cfg = d.config();
-        assert_eq!(cfg.in_features as u64, m["in_features"].as_u64().unwrap(), "{name}");
-        assert_eq!(cfg.out_features as u64, m["out_features"].as_u64().unwrap(), "{name}");
+        assert_eq!(
+            cfg.in_features as u64,
+            m["in_features"].as_u64().unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            cfg.out_features as u64,
+            m["out_features"].as_u64().unwrap(),
+            "{name}"
+        );
         assert_eq!(cfg.bias, m["bias"].as_bool().unwrap(), "{name}");
-        assert_eq!(cfg.activation_function, m["activation_function"].as_str().unwrap(), "{name}");
-        assert_eq!(cfg.use_residual, m["use_residual"].as_bool().unwrap(), "{name}");
+        assert_eq!(
+            cfg.activation_function,
+            m["activation_function"].as_str().unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            cfg.use_residual,
+            m["use_residual"].as_bool().unwrap(),
+            "{name}"
+        );
     }
     // The Display lists the same modules as PyLate's repr (max_seq_length aside, which PyLate mutates).
     let ours = c.model.to_string();
@@ -125,8 +195,17 @@ fn check_ids(name: &str, c: &Case) {
         let toks = c.model.tokenize(&texts, is_query).unwrap();
         let p = if is_query { "query" } else { "doc" };
         for (i, t) in toks.iter().enumerate() {
-            assert_eq!(t.ids, ids(&c.tensors[&format!("{p}_ids.{i}")]), "{name}: {p} {i} ids ({:?})", texts[i]);
-            assert_eq!(t.mask, ids(&c.tensors[&format!("{p}_mask.{i}")]), "{name}: {p} {i} mask");
+            assert_eq!(
+                t.ids,
+                ids(&c.tensors[&format!("{p}_ids.{i}")]),
+                "{name}: {p} {i} ids ({:?})",
+                texts[i]
+            );
+            assert_eq!(
+                t.mask,
+                ids(&c.tensors[&format!("{p}_mask.{i}")]),
+                "{name}: {p} {i} mask"
+            );
         }
     }
 }
@@ -144,14 +223,32 @@ fn check_embeddings(name: &str, c: &Case) {
         for (i, e) in embs.iter().enumerate() {
             let want = &c.tensors[&format!("{p}_emb.{i}")];
             let dims = want.dims();
-            let (rows, cols) = if dims.len() == 2 { (dims[0], dims[1]) } else { (0, e.cols) };
-            assert_eq!((e.rows, e.cols), (rows, cols), "{name}: {p} {i} shape ({:?})", texts[i]);
+            let (rows, cols) = if dims.len() == 2 {
+                (dims[0], dims[1])
+            } else {
+                (0, e.cols)
+            };
+            assert_eq!(
+                (e.rows, e.cols),
+                (rows, cols),
+                "{name}: {p} {i} shape ({:?})",
+                texts[i]
+            );
             if rows == 0 {
                 continue;
             }
             let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
-            let diff = e.data.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(diff <= TOL, "{name}: {p} {i} max abs diff {diff} ({:?})", texts[i]);
+            let diff = e
+                .data
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                diff <= TOL,
+                "{name}: {p} {i} max abs diff {diff} ({:?})",
+                texts[i]
+            );
         }
     }
 }
@@ -166,7 +263,10 @@ fn run(name: &str) {
     } else {
         // Random parts differ by construction; shapes must still agree.
         let texts = texts(&c.json["documents"]);
-        let embs = c.model.encode(&texts, false, &EncodeOptions::default()).unwrap();
+        let embs = c
+            .model
+            .encode(&texts, false, &EncodeOptions::default())
+            .unwrap();
         for (i, e) in embs.iter().enumerate() {
             let want = c.tensors[&format!("doc_emb.{i}")].dims().to_vec();
             assert_eq!(vec![e.rows, e.cols], want, "{name}: doc {i} shape");
@@ -199,9 +299,21 @@ cases!(
 #[test]
 fn every_fixture_case_is_tested() {
     let listed: HashSet<&str> = [
-        "bert_pylate", "bert_pylate_noexp", "bert_pylate_attend", "bert_dense_chain", "bert_dense_acts",
-        "bert_st_dense", "bert_st_dense_default", "bert_plain_hf", "bert_plain_hf_inv", "bert_stanford_st",
-        "bert_stanford_bin", "bert_f16_sharded", "bert_bin", "modernbert_pylate", "modernbert_noexp",
+        "bert_pylate",
+        "bert_pylate_noexp",
+        "bert_pylate_attend",
+        "bert_dense_chain",
+        "bert_dense_acts",
+        "bert_st_dense",
+        "bert_st_dense_default",
+        "bert_plain_hf",
+        "bert_plain_hf_inv",
+        "bert_stanford_st",
+        "bert_stanford_bin",
+        "bert_f16_sharded",
+        "bert_bin",
+        "modernbert_pylate",
+        "modernbert_noexp",
     ]
     .into_iter()
     .collect();

@@ -88,7 +88,10 @@ impl Bert {
                 config.position_embedding_type
             )));
         }
-        if config.hidden_size % config.num_attention_heads != 0 {
+        if !config
+            .hidden_size
+            .is_multiple_of(config.num_attention_heads)
+        {
             return Err(Error::Invalid(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 config.hidden_size, config.num_attention_heads
@@ -97,7 +100,10 @@ impl Bert {
         let h = config.hidden_size;
         let e = vb.pp("embeddings");
         let word = e.get((config.vocab_size, h), "word_embeddings.weight")?;
-        let position = e.get((config.max_position_embeddings, h), "position_embeddings.weight")?;
+        let position = e.get(
+            (config.max_position_embeddings, h),
+            "position_embeddings.weight",
+        )?;
         let token_type = e.get((config.type_vocab_size, h), "token_type_embeddings.weight")?;
         let emb_norm = LayerNorm::load(e.pp("LayerNorm"), h, config.layer_norm_eps, true)?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
@@ -109,10 +115,25 @@ impl Bert {
                 key: Linear::load(a.pp("self.key"), h, h, true)?,
                 value: Linear::load(a.pp("self.value"), h, h, true)?,
                 attn_out: Linear::load(a.pp("output.dense"), h, h, true)?,
-                attn_norm: LayerNorm::load(a.pp("output.LayerNorm"), h, config.layer_norm_eps, true)?,
-                inter: Linear::load(l.pp("intermediate.dense"), h, config.intermediate_size, true)?,
+                attn_norm: LayerNorm::load(
+                    a.pp("output.LayerNorm"),
+                    h,
+                    config.layer_norm_eps,
+                    true,
+                )?,
+                inter: Linear::load(
+                    l.pp("intermediate.dense"),
+                    h,
+                    config.intermediate_size,
+                    true,
+                )?,
                 out: Linear::load(l.pp("output.dense"), config.intermediate_size, h, true)?,
-                out_norm: LayerNorm::load(l.pp("output.LayerNorm"), h, config.layer_norm_eps, true)?,
+                out_norm: LayerNorm::load(
+                    l.pp("output.LayerNorm"),
+                    h,
+                    config.layer_norm_eps,
+                    true,
+                )?,
             });
         }
         Ok(Self {
@@ -136,7 +157,12 @@ impl Bert {
     }
 
     /// `[batch, len]` ids and mask → `[batch, len, hidden]` last hidden states.
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, mode: Mode) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        mode: Mode,
+    ) -> Result<Tensor> {
         let (b, l) = input_ids.dims2()?;
         if l > self.config.max_position_embeddings {
             return Err(Error::Shape {
@@ -146,7 +172,10 @@ impl Bert {
             });
         }
         let h = self.config.hidden_size;
-        let words = self.word.embedding(&input_ids.flatten_all()?)?.reshape((b, l, h))?;
+        let words = self
+            .word
+            .embedding(&input_ids.flatten_all()?)?
+            .reshape((b, l, h))?;
         let pos = self.position.narrow(0, 0, l)?;
         let tt = self.token_type.narrow(0, 0, 1)?;
         let x = words.broadcast_add(&pos)?.broadcast_add(&tt)?;
@@ -164,9 +193,13 @@ impl Bert {
             let v = split(layer.value.forward(&x)?)?;
             let ctx = attention(&q, &k, &v, scale, &bias, mode)?;
             let ctx = ctx.transpose(1, 2)?.reshape((b, l, h))?;
-            let a = layer.attn_norm.forward(&(layer.attn_out.forward(&ctx)? + &x)?, mode)?;
+            let a = layer
+                .attn_norm
+                .forward(&(layer.attn_out.forward(&ctx)? + &x)?, mode)?;
             let i = hidden_act(&self.config.hidden_act, &layer.inter.forward(&a)?)?;
-            x = layer.out_norm.forward(&(layer.out.forward(&i)? + &a)?, mode)?;
+            x = layer
+                .out_norm
+                .forward(&(layer.out.forward(&i)? + &a)?, mode)?;
         }
         Ok(x)
     }

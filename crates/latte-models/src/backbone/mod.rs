@@ -30,7 +30,10 @@ pub enum Kind {
 impl Kind {
     /// Detects the backbone from a parsed `config.json`.
     pub fn detect(config: &serde_json::Value, path: &Path) -> Result<Self> {
-        let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+        let model_type = config
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
         let archs: Vec<&str> = config
             .get("architectures")
             .and_then(|v| v.as_array())
@@ -41,7 +44,11 @@ impl Kind {
             "modernbert" => return Ok(Kind::ModernBert),
             _ => {}
         }
-        if archs.iter().any(|a| *a == "HF_ColBERT" || a.starts_with("Bert")) && model_type.is_empty() {
+        if archs
+            .iter()
+            .any(|a| *a == "HF_ColBERT" || a.starts_with("Bert"))
+            && model_type.is_empty()
+        {
             return Ok(Kind::Bert);
         }
         if archs.iter().any(|a| a.starts_with("ModernBert")) && model_type.is_empty() {
@@ -83,7 +90,12 @@ pub enum Backbone {
 
 impl Backbone {
     /// Builds the backbone `kind` from its `config.json` value and weights under `vb`.
-    pub fn load(kind: Kind, config: &serde_json::Value, vb: VarBuilder, path: &Path) -> Result<Self> {
+    pub fn load(
+        kind: Kind,
+        config: &serde_json::Value,
+        vb: VarBuilder,
+        path: &Path,
+    ) -> Result<Self> {
         let bad = |e: serde_json::Error| Error::bad(path, format!("invalid backbone config: {e}"));
         Ok(match kind {
             Kind::Bert => {
@@ -114,7 +126,12 @@ impl Backbone {
     }
 
     /// `[batch, len]` ids and attention mask → `[batch, len, hidden]`.
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, mode: Mode) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        mode: Mode,
+    ) -> Result<Tensor> {
         match self {
             Backbone::Bert(m) => m.forward(input_ids, attention_mask, mode),
             Backbone::ModernBert(m) => m.forward(input_ids, attention_mask, mode),
@@ -126,7 +143,11 @@ impl Backbone {
 /// (`bert.`, `model.`, `roberta.` …, found from the word-embedding key), renames old `gamma`/`beta`
 /// layer-norm names, and drops tensors that belong to other heads (`linear.*` of stanford checkpoints,
 /// MLM heads, `position_ids` buffers).
-pub fn normalize_names(kind: Kind, tensors: HashMap<String, Tensor>, path: &Path) -> Result<HashMap<String, Tensor>> {
+pub fn normalize_names(
+    kind: Kind,
+    tensors: HashMap<String, Tensor>,
+    path: &Path,
+) -> Result<HashMap<String, Tensor>> {
     let key = kind.word_embedding_key();
     let prefix = tensors
         .keys()

@@ -82,12 +82,16 @@ impl ModernBertConfig {
     fn is_global(&self, layer: usize) -> bool {
         match &self.layer_types {
             Some(t) => t.get(layer).is_some_and(|s| s == "full_attention"),
-            None => layer % self.global_attn_every_n_layers.max(1) == 0,
+            None => layer.is_multiple_of(self.global_attn_every_n_layers.max(1)),
         }
     }
 
     fn theta(&self, global: bool) -> Result<f64> {
-        let key = if global { "full_attention" } else { "sliding_attention" };
+        let key = if global {
+            "full_attention"
+        } else {
+            "sliding_attention"
+        };
         if let Some(p) = self.rope_parameters.as_ref().and_then(|p| p.get(key)) {
             if let Some(t) = p.get("rope_type").and_then(|t| t.as_str()) {
                 if t != "default" {
@@ -135,7 +139,7 @@ impl ModernBert {
     /// Loads the weights under `vb` (names as `ModernBertModel.state_dict()`, no `model.` prefix).
     pub fn load(vb: VarBuilder, config: &ModernBertConfig) -> Result<Self> {
         let h = config.hidden_size;
-        if h % config.num_attention_heads != 0 {
+        if !h.is_multiple_of(config.num_attention_heads) {
             return Err(Error::Invalid(format!(
                 "hidden_size {h} is not a multiple of num_attention_heads {}",
                 config.num_attention_heads
@@ -150,14 +154,24 @@ impl ModernBert {
             let attn_norm = if i == 0 {
                 None
             } else {
-                Some(LayerNorm::load(l.pp("attn_norm"), h, eps, config.norm_bias)?)
+                Some(LayerNorm::load(
+                    l.pp("attn_norm"),
+                    h,
+                    eps,
+                    config.norm_bias,
+                )?)
             };
             layers.push(Layer {
                 attn_norm,
                 wqkv: Linear::load(l.pp("attn.Wqkv"), h, 3 * h, config.attention_bias)?,
                 wo: Linear::load(l.pp("attn.Wo"), h, h, config.attention_bias)?,
                 mlp_norm: LayerNorm::load(l.pp("mlp_norm"), h, eps, config.norm_bias)?,
-                wi: Linear::load(l.pp("mlp.Wi"), h, 2 * config.intermediate_size, config.mlp_bias)?,
+                wi: Linear::load(
+                    l.pp("mlp.Wi"),
+                    h,
+                    2 * config.intermediate_size,
+                    config.mlp_bias,
+                )?,
                 mlp_wo: Linear::load(l.pp("mlp.Wo"), config.intermediate_size, h, config.mlp_bias)?,
                 global: config.is_global(i),
             });
@@ -184,7 +198,13 @@ impl ModernBert {
         self.config.max_position_embeddings
     }
 
-    fn rope(&self, theta: f64, len: usize, dim: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    fn rope(
+        &self,
+        theta: f64,
+        len: usize,
+        dim: usize,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let inv: Vec<f32> = (0..dim / 2)
             .map(|i| 1.0 / (theta.powf((2 * i) as f64 / dim as f64)) as f32)
             .collect();
@@ -198,13 +218,21 @@ impl ModernBert {
     }
 
     /// `[batch, len]` ids and mask → `[batch, len, hidden]` last hidden states.
-    pub fn forward(&self, input_ids: &Tensor, attention_mask: &Tensor, mode: Mode) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        mode: Mode,
+    ) -> Result<Tensor> {
         let (b, l) = input_ids.dims2()?;
         let h = self.config.hidden_size;
         let heads = self.config.num_attention_heads;
         let d = h / heads;
         let dev = input_ids.device();
-        let x = self.tok.embedding(&input_ids.flatten_all()?)?.reshape((b, l, h))?;
+        let x = self
+            .tok
+            .embedding(&input_ids.flatten_all()?)?
+            .reshape((b, l, h))?;
         let mut x = self.emb_norm.forward(&x, mode)?;
         let key_bias = key_mask_bias(attention_mask, x.dtype())?;
         let half = (self.config.local_attention / 2) as i64;
@@ -242,7 +270,11 @@ impl ModernBert {
             };
             let qkv = layer.wqkv.forward(&y)?.reshape((b, l, 3, heads, d))?;
             let take = |i: usize| -> Result<Tensor> {
-                Ok(qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous()?)
+                Ok(qkv
+                    .narrow(2, i, 1)?
+                    .squeeze(2)?
+                    .transpose(1, 2)?
+                    .contiguous()?)
             };
             let (q, k, v) = (take(0)?, take(1)?, take(2)?);
             let (cos, sin, bias) = if layer.global {

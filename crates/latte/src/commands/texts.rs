@@ -81,8 +81,20 @@ mod tests {
         )
         .unwrap();
         let r = read_texts(&p).unwrap();
-        assert_eq!(r[0], Record { id: "a".into(), text: "T body".into() });
-        assert_eq!(r[1], Record { id: "7".into(), text: "x".into() });
+        assert_eq!(
+            r[0],
+            Record {
+                id: "a".into(),
+                text: "T body".into()
+            }
+        );
+        assert_eq!(
+            r[1],
+            Record {
+                id: "7".into(),
+                text: "x".into()
+            }
+        );
         std::fs::write(&p, "{\"_id\": \"a\", \"text\": \"ok\"}\n{broken\n").unwrap();
         let err = format!("{:#}", read_texts(&p).unwrap_err());
         assert!(err.contains("c.jsonl:2"), "{err}");

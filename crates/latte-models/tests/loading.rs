@@ -1,0 +1,354 @@
+//! Loading edge cases: the Hub cache layout and offline mode, clear errors for bad input, building a
+//! model from modules, and save → load round trips.
+
+use std::path::{Path, PathBuf};
+
+use latte_models::{
+    Activation, ColBERT, Dense, DenseConfig, EncodeOptions, Error, HubOptions, LoadOptions,
+    PartialSettings, Transformer,
+};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models")
+        .join(name)
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), dst).unwrap();
+        }
+    }
+}
+
+fn docs() -> Vec<String> {
+    vec![
+        "Ownership is Rust's most unique feature.".into(),
+        "".into(),
+        "Traits define shared behavior!".into(),
+    ]
+}
+
+fn quiet() -> EncodeOptions {
+    EncodeOptions {
+        show_progress: Some(false),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn hub_id_resolves_from_cache_offline() {
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join("models--acme--tiny-colbert");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    copy_dir(
+        &fixture("bert_pylate"),
+        &repo.join("snapshots").join(commit),
+    );
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let opts = LoadOptions {
+        hub: HubOptions {
+            cache_dir: Some(cache.path().to_path_buf()),
+            offline: Some(true),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let from_hub = ColBERT::load("acme/tiny-colbert", &opts).unwrap();
+    let local = ColBERT::load(
+        fixture("bert_pylate").to_str().unwrap(),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let a = from_hub.encode(&docs(), false, &quiet()).unwrap();
+    let b = local.encode(&docs(), false, &quiet()).unwrap();
+    assert_eq!(a, b);
+    // A commit hash works as a revision too.
+    let by_commit = LoadOptions {
+        hub: HubOptions {
+            revision: Some(commit.into()),
+            ..opts.hub.clone()
+        },
+        ..Default::default()
+    };
+    assert!(ColBERT::load("acme/tiny-colbert", &by_commit).is_ok());
+    // Unknown repository, offline: a clear error naming the cache.
+    let err = ColBERT::load("acme/missing", &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("acme/missing") && err.contains("offline"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_weights_name_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixture("bert_plain_hf"), dir.path());
+    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    let err = ColBERT::load_dir(dir.path(), &LoadOptions::default()).unwrap_err();
+    assert!(matches!(err, Error::MissingFile { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("model.safetensors") && msg.contains("model weights"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn missing_config_names_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = ColBERT::load_dir(dir.path(), &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("config.json") && err.contains("transformer configuration"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unsupported_architecture_lists_supported_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixture("bert_plain_hf"), dir.path());
+    let cfg = dir.path().join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v["model_type"] = "gpt_neox".into();
+    v["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"]);
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let err = ColBERT::load_dir(dir.path(), &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("gpt_neox") && err.contains("bert, modernbert"),
+        "{err}"
+    );
+}
+
+#[test]
+fn dense_weights_that_do_not_match_config_are_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixture("bert_pylate"), dir.path());
+    let cfg = dir.path().join("1_Dense/config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"out_features\": 16", "\"out_features\": 20");
+    std::fs::write(&cfg, text).unwrap();
+    let err = ColBERT::load_dir(dir.path(), &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("1_Dense") && err.contains("do not match"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_activation_is_a_clear_error() {
+    let err = Activation::from_torch_name("torch.nn.modules.activation.Frobnicate")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("Frobnicate") && err.contains("Tanh"), "{err}");
+    for name in [
+        "torch.nn.modules.activation.GELU",
+        "torch.nn.Tanh",
+        "Identity",
+    ] {
+        let a = Activation::from_torch_name(name).unwrap();
+        assert_eq!(Activation::from_torch_name(a.torch_name()).unwrap(), a);
+    }
+}
+
+#[test]
+fn build_append_remove_and_display() {
+    let dev = candle_core::Device::Cpu;
+    let t = Transformer::load(&fixture("bert_plain_hf"), &dev).unwrap();
+    let d1 = Dense::random(
+        &DenseConfig {
+            in_features: 32,
+            out_features: 48,
+            bias: true,
+            activation_function: "torch.nn.modules.activation.GELU".into(),
+            use_residual: false,
+        },
+        1,
+        &dev,
+    )
+    .unwrap();
+    let d2 = Dense::random(
+        &DenseConfig {
+            in_features: 48,
+            out_features: 16,
+            bias: false,
+            activation_function: "torch.nn.modules.activation.Tanh".into(),
+            use_residual: true,
+        },
+        2,
+        &dev,
+    )
+    .unwrap();
+    let settings = PartialSettings {
+        query_length: Some(10),
+        document_length: Some(20),
+        ..Default::default()
+    };
+    let mut m = ColBERT::from_modules(t, vec![d1, d2], settings).unwrap();
+    assert_eq!(m.len(), 3);
+    assert_eq!(m.embedding_dim(), 16);
+    let shown = m.to_string();
+    assert!(
+        shown.starts_with("ColBERT(\n  (0): Transformer("),
+        "{shown}"
+    );
+    assert!(shown.contains("(2): Dense({'in_features': 48, 'out_features': 16, 'bias': False, 'activation_function': 'torch.nn.modules.activation.Tanh', 'use_residual': True})"), "{shown}");
+    let q = m
+        .encode(&["what is a trait".into()], true, &quiet())
+        .unwrap();
+    assert_eq!((q[0].rows, q[0].cols), (10, 16));
+    // Appending a layer with the wrong input size is refused; the right one works.
+    let wrong = Dense::random(
+        &DenseConfig {
+            in_features: 8,
+            out_features: 4,
+            bias: false,
+            activation_function: "Identity".into(),
+            use_residual: false,
+        },
+        3,
+        &dev,
+    )
+    .unwrap();
+    assert!(matches!(m.push_dense(wrong), Err(Error::Shape { .. })));
+    let right = Dense::random(
+        &DenseConfig {
+            in_features: 16,
+            out_features: 8,
+            bias: false,
+            activation_function: "Identity".into(),
+            use_residual: false,
+        },
+        4,
+        &dev,
+    )
+    .unwrap();
+    m.push_dense(right).unwrap();
+    assert_eq!(m.embedding_dim(), 8);
+    // Removing the middle layer would break the chain (48 → 16 expects 48 inputs from 32): refused, unchanged.
+    assert!(m.remove_module(1).is_err());
+    assert_eq!(m.len(), 4);
+    assert!(m.remove_module(0).is_err());
+    let last = m.remove_module(3).unwrap();
+    assert_eq!(last.out_features(), 8);
+    assert_eq!(m.embedding_dim(), 16);
+}
+
+#[test]
+fn save_then_load_gives_identical_embeddings_for_every_path() {
+    for name in [
+        "bert_stanford_st",
+        "bert_stanford_bin",
+        "bert_st_dense",
+        "bert_dense_acts",
+        "modernbert_pylate",
+        "bert_f16_sharded",
+        "bert_plain_hf",
+    ] {
+        let m = ColBERT::load_dir(&fixture(name), &LoadOptions::default()).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let target = out.path().join("saved");
+        m.save(&target).unwrap();
+        for f in [
+            "modules.json",
+            "config_sentence_transformers.json",
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "1_Dense/config.json",
+            "1_Dense/model.safetensors",
+        ] {
+            assert!(target.join(f).is_file(), "{name}: {f} missing");
+        }
+        let back = ColBERT::load_dir(&target, &LoadOptions::default()).unwrap();
+        assert_eq!(back.settings(), m.settings(), "{name}");
+        assert_eq!(back.len(), m.len(), "{name}");
+        for is_query in [true, false] {
+            let a = m.encode(&docs(), is_query, &quiet()).unwrap();
+            let b = back.encode(&docs(), is_query, &quiet()).unwrap();
+            assert_eq!(a, b, "{name}: is_query={is_query}");
+        }
+        // Saving over an existing folder replaces it.
+        m.save(&target).unwrap();
+        assert!(ColBERT::load_dir(&target, &LoadOptions::default()).is_ok());
+    }
+}
+
+#[test]
+fn embedding_size_appends_a_projection() {
+    let opts = LoadOptions {
+        embedding_size: Some(8),
+        ..Default::default()
+    };
+    let m = ColBERT::load_dir(&fixture("bert_pylate"), &opts).unwrap();
+    assert_eq!(m.len(), 3);
+    assert_eq!(m.embedding_dim(), 8);
+    let e = m.encode(&docs(), false, &quiet()).unwrap();
+    assert_eq!(e[0].cols, 8);
+    // Every kept vector is unit-norm.
+    for r in 0..e[0].rows {
+        let n: f32 = e[0].row(r).iter().map(|v| v * v).sum();
+        assert!((n - 1.0).abs() < 1e-5);
+    }
+}
+
+#[test]
+fn training_view_shares_the_forward_code_and_gets_gradients() {
+    let m = ColBERT::load_dir(&fixture("modernbert_pylate"), &LoadOptions::default()).unwrap();
+    let varmap = candle_nn::VarMap::new();
+    let t = m.transformer.to_trainable(&varmap, "").unwrap();
+    let toks = m.tokenize(&docs(), false).unwrap();
+    let (frozen, ids, mask) = m.forward_tokens(&toks, latte_models::Mode::Infer).unwrap();
+    let hidden = t.forward(&ids, &mask, latte_models::Mode::Train).unwrap();
+    let mut x = hidden;
+    for d in &m.denses {
+        x = d.forward(&x).unwrap();
+    }
+    let diff = (&x - &frozen)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        diff < 1e-4,
+        "train-mode forward differs from inference by {diff}"
+    );
+    let loss = x.sqr().unwrap().sum_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let vars = varmap.all_vars();
+    assert!(!vars.is_empty());
+    let tok_key = "embeddings.tok_embeddings.weight";
+    for (name, var) in varmap.data().lock().unwrap().iter() {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let n = g
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(n > 0.0 || name == tok_key, "zero gradient for {name}");
+    }
+}
