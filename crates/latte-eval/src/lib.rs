@@ -10,6 +10,24 @@
 //!   ranx (`evaluate(..., make_comparable=True)`, as PyLate uses); [`CollectionReport`]
 //!   averages per-dataset results.
 //!
+//! # Semantics (checked against ranx 0.3.21 and trec_eval via pytrec_eval)
+//!
+//! - nDCG uses linear gain (ranx `ndcg`, trec_eval `ndcg_cut`), not ranx's `ndcg_burges`
+//!   (2^rel − 1); the ideal ranking is the query's judged relevances sorted, cut at k.
+//! - Documents are ranked by decreasing score; the rank column of a run file is ignored.
+//!   Equal scores: ranx keeps insertion order for queries with at most 15 results (numba's
+//!   insertion sort) and scrambles them beyond that (numba's unstable quicksort); trec_eval
+//!   orders them by decreasing document id. Latte defaults to insertion order
+//!   ([`TieBreak::InputOrder`]) and offers trec_eval's rule ([`TieBreak::DocIdDescending`]).
+//! - The mean is over the qrels' queries (ranx with `make_comparable=True`): a judged query
+//!   missing from the run scores 0 and counts; trec_eval instead skips it unless run with `-c`.
+//!   Run queries without judgments are ignored by both.
+//! - A query whose judgments are all below the relevance level (0 or negative) scores 0 on
+//!   every metric and counts in the mean (both tools). Negative relevance is simply not
+//!   relevant; it contributes no negative gain.
+//! - Unjudged retrieved documents are not relevant. precision@k divides by k even when fewer
+//!   than k documents were retrieved; MAP@k divides by the number of relevant documents.
+//!
 //! ```
 //! use latte_eval::{evaluate, Metric, Qrels, Run};
 //!

@@ -7,14 +7,21 @@ use clap::{Parser, Subcommand};
 mod commands;
 
 #[derive(Parser)]
-#[command(name = "latte", version, about = "Late-interaction (ColBERT) retrieval in Rust")]
+#[command(
+    name = "latte",
+    version,
+    about = "Late-interaction (ColBERT) retrieval in Rust"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Evaluate a TREC run against qrels (nDCG, MRR, recall, ... as ranx computes them).
+    Eval(commands::eval::Args),
+}
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -25,7 +32,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let result: anyhow::Result<()> = match cli.command {};
+    let result: anyhow::Result<()> = match cli.command {
+        Command::Eval(args) => commands::eval::run(args),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
