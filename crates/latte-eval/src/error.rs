@@ -79,7 +79,7 @@ pub enum EvalError {
     /// A run or qrels built in memory is inconsistent (duplicate ids, NaN scores, ...).
     #[error("invalid {what}: {message}")]
     Invalid {
-        /// "run" or "qrels".
+        /// What is invalid: "run", "qrels" or "collection report".
         what: &'static str,
         /// What is wrong.
         message: String,
