@@ -23,6 +23,8 @@ enum Command {
     Encode(commands::encode::EncodeArgs),
     /// Write any supported model as a PyLate folder.
     Convert(commands::convert::ConvertArgs),
+    /// Evaluate a TREC run against qrels (nDCG, MRR, recall, ... as ranx computes them).
+    Eval(commands::eval::Args),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +39,7 @@ fn main() -> ExitCode {
     let result: anyhow::Result<()> = match cli.command {
         Command::Encode(a) => commands::encode::run(a),
         Command::Convert(a) => commands::convert::run(a),
+        Command::Eval(args) => commands::eval::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
