@@ -8,6 +8,7 @@
 pub mod backbone;
 pub mod dense;
 mod error;
+pub mod fused;
 pub mod hub;
 pub mod io;
 pub mod model;

@@ -149,9 +149,20 @@ pub fn attention(
     Ok(probs.matmul(v)?)
 }
 
+impl Linear {
+    /// `x Wᵀ + b`: a fused CPU kernel in inference, differentiable ops in training.
+    pub fn run(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        match mode {
+            Mode::Infer => crate::fused::linear(self, x),
+            Mode::Train => Ok(self.forward(x)?),
+        }
+    }
+}
+
 /// The activations backbones name in `config.json` (`hidden_act`).
-pub fn hidden_act(name: &str, x: &Tensor) -> Result<Tensor> {
+pub fn hidden_act(name: &str, x: &Tensor, mode: Mode) -> Result<Tensor> {
     Ok(match name {
+        "gelu" | "gelu_python" if mode == Mode::Infer => crate::fused::gelu_erf(x)?,
         "gelu" | "gelu_python" => x.gelu_erf()?,
         "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" | "gelu_accurate" => x.gelu()?,
         "relu" => x.relu()?,

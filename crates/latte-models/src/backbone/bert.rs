@@ -3,7 +3,7 @@
 //! Covers colbertv2.0, answerai-colbert-small-v1, all-MiniLM and every `BertModel` checkpoint whose
 //! `position_embedding_type` is `absolute`.
 
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
@@ -188,18 +188,18 @@ impl Bert {
             Ok(t.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous()?)
         };
         for layer in &self.layers {
-            let q = split(layer.query.forward(&x)?)?;
-            let k = split(layer.key.forward(&x)?)?;
-            let v = split(layer.value.forward(&x)?)?;
+            let q = split(layer.query.run(&x, mode)?)?;
+            let k = split(layer.key.run(&x, mode)?)?;
+            let v = split(layer.value.run(&x, mode)?)?;
             let ctx = attention(&q, &k, &v, scale, &bias, mode)?;
             let ctx = ctx.transpose(1, 2)?.reshape((b, l, h))?;
             let a = layer
                 .attn_norm
-                .forward(&(layer.attn_out.forward(&ctx)? + &x)?, mode)?;
-            let i = hidden_act(&self.config.hidden_act, &layer.inter.forward(&a)?)?;
+                .forward(&(layer.attn_out.run(&ctx, mode)? + &x)?, mode)?;
+            let i = hidden_act(&self.config.hidden_act, &layer.inter.run(&a, mode)?, mode)?;
             x = layer
                 .out_norm
-                .forward(&(layer.out.forward(&i)? + &a)?, mode)?;
+                .forward(&(layer.out.run(&i, mode)? + &a)?, mode)?;
         }
         Ok(x)
     }

@@ -4,7 +4,7 @@
 //! Padding tokens are masked out as keys (the eager / SDPA path of transformers), so their own outputs
 //! are computed but never influence real tokens. Covers GTE-ModernColBERT, LateOn, ettin encoders.
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
@@ -268,7 +268,7 @@ impl ModernBert {
                 Some(n) => n.forward(&x, mode)?,
                 None => x.clone(),
             };
-            let qkv = layer.wqkv.forward(&y)?.reshape((b, l, 3, heads, d))?;
+            let qkv = layer.wqkv.run(&y, mode)?.reshape((b, l, 3, heads, d))?;
             let take = |i: usize| -> Result<Tensor> {
                 Ok(qkv
                     .narrow(2, i, 1)?
@@ -289,14 +289,14 @@ impl ModernBert {
                 ctx = ctx.broadcast_mul(&local_rows)?;
             }
             let ctx = ctx.transpose(1, 2)?.reshape((b, l, h))?;
-            x = (x + layer.wo.forward(&ctx)?)?;
+            x = (x + layer.wo.run(&ctx, mode)?)?;
             let y = layer.mlp_norm.forward(&x, mode)?;
-            let gi = layer.wi.forward(&y)?;
+            let gi = layer.wi.run(&y, mode)?;
             let inter = self.config.intermediate_size;
             let input = gi.narrow(D::Minus1, 0, inter)?;
             let gate = gi.narrow(D::Minus1, inter, inter)?;
-            let act = hidden_act(&self.config.hidden_activation, &input)?;
-            x = (x + layer.mlp_wo.forward(&(act * gate)?)?)?;
+            let act = hidden_act(&self.config.hidden_activation, &input, mode)?;
+            x = (x + layer.mlp_wo.run(&(act * gate)?, mode)?)?;
         }
         self.final_norm.forward(&x, mode)
     }

@@ -37,7 +37,9 @@ pub struct EncodeArgs {
 
 pub fn run(args: EncodeArgs) -> Result<()> {
     let records = read_texts(&args.input)?;
+    let load_start = std::time::Instant::now();
     let model = args.model.load()?;
+    let load_secs = load_start.elapsed().as_secs_f64();
     let prompt = match &args.prompt_name {
         None => None,
         Some(name) => Some(
@@ -74,10 +76,11 @@ pub fn run(args: EncodeArgs) -> Result<()> {
         std::fs::write(p, ids).with_context(|| format!("cannot write {}", p.display()))?;
     }
     eprintln!(
-        "encoded {} {} ({tokens} token vectors) in {secs:.2}s ({:.1} texts/s) -> {}",
+        "encoded {} {} ({tokens} token vectors) in {secs:.2}s ({:.1} texts/s, {:.0} tokens/s; model loaded in {load_secs:.2}s) -> {}",
         texts.len(),
         if args.queries { "queries" } else { "documents" },
         texts.len() as f64 / secs.max(1e-9),
+        tokens as f64 / secs.max(1e-9),
         args.output.display()
     );
     Ok(())
