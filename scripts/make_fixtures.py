@@ -357,7 +357,7 @@ def to_np(x) -> np.ndarray:
 
 def write_expectations(
     F: Path, case: str, model_folder: str, kwargs: dict, exact: bool, model_kwargs: dict | None = None,
-    notes: str | None = None,
+    notes: str | None = None, query_encode_kwargs: dict | None = None, doc_encode_kwargs: dict | None = None,
 ) -> dict:
     seed_everything(SEED + 100)
     load_kwargs = dict(kwargs)
@@ -366,9 +366,10 @@ def write_expectations(
     m = ColBERT(str(F / model_folder), device="cpu", **load_kwargs)
     m.eval()
 
-    q = m.encode(QUERIES, is_query=True, batch_size=3, show_progress_bar=False)
-    d = m.encode(DOCUMENTS, is_query=False, batch_size=3, show_progress_bar=False)
-    d2 = m.encode(DOCUMENTS, is_query=False, batch_size=3, pool_factor=2, show_progress_bar=False)
+    qk, dk = dict(query_encode_kwargs or {}), dict(doc_encode_kwargs or {})
+    q = m.encode(QUERIES, is_query=True, batch_size=3, show_progress_bar=False, **qk)
+    d = m.encode(DOCUMENTS, is_query=False, batch_size=3, show_progress_bar=False, **dk)
+    d2 = m.encode(DOCUMENTS, is_query=False, batch_size=3, pool_factor=2, show_progress_bar=False, **dk)
     max_seq_length = m[0].max_seq_length
 
     tensors: dict[str, np.ndarray] = {}
@@ -393,15 +394,15 @@ def write_expectations(
         return float(f"{max(diffs):.2e}")
 
     cross = {}
-    q1 = m.encode(QUERIES, is_query=True, batch_size=1, show_progress_bar=False)
-    d1 = m.encode(DOCUMENTS, is_query=False, batch_size=1, show_progress_bar=False)
+    q1 = m.encode(QUERIES, is_query=True, batch_size=1, show_progress_bar=False, **qk)
+    d1 = m.encode(DOCUMENTS, is_query=False, batch_size=1, show_progress_bar=False, **dk)
     cross["batch_size_1"] = {"queries": max_diff(q, q1), "documents": max_diff(d, d1)}
     if exact:
         seed_everything(SEED + 100)
         me = ColBERT(str(F / model_folder), device="cpu", **{
             **load_kwargs, "model_kwargs": {**(model_kwargs or {}), "attn_implementation": "eager"}})
-        qe = me.encode(QUERIES, is_query=True, batch_size=3, show_progress_bar=False)
-        de = me.encode(DOCUMENTS, is_query=False, batch_size=3, show_progress_bar=False)
+        qe = me.encode(QUERIES, is_query=True, batch_size=3, show_progress_bar=False, **qk)
+        de = me.encode(DOCUMENTS, is_query=False, batch_size=3, show_progress_bar=False, **dk)
         cross["eager_attention"] = {"queries": max_diff(q, qe), "documents": max_diff(d, de)}
         del me
     m.tokenize(DOCUMENTS[:1], is_query=False)  # restore max_seq_length state (cosmetic)
@@ -410,6 +411,8 @@ def write_expectations(
         "case": case,
         "model": model_folder,
         "kwargs": kwargs,
+        **({"query_encode_kwargs": qk} if qk else {}),
+        **({"doc_encode_kwargs": dk} if dk else {}),
         "exact": exact,
         "attn_implementation": str(m[0].auto_model.config._attn_implementation),
         "compute_dtype": param_dtypes,
