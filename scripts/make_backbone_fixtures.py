@@ -25,7 +25,8 @@ Cases
   sliding + full layers, GQA, q/k norms, ``query_pre_attn_scalar``) in a sentence-transformers folder
   Transformer → Pooling → Dense(32→64, no bias) → Dense(64→32, no bias) → Normalize with ``prompts``; the
   tokenizer has no mask token so PyLate pads and expands with EOS. ``gemma_prompts`` encodes queries with
-  ``prompt_name="query"`` and documents with ``prompt_name="document"``.
+  ``prompt_name="query"`` and documents with ``prompt_name="document"``; ``gemma_noprompt`` encodes without
+  prompts (expansion tokens with fully masked sliding windows).
 """
 
 from __future__ import annotations
@@ -462,6 +463,9 @@ def gemma_case(F: Path, M: Path, tmp: Path, texts) -> None:
     mf.write_expectations(F, "gemma_prompts", "models/gemma_st", kw, True,
                           query_encode_kwargs={"prompt_name": "query"},
                           doc_encode_kwargs={"prompt_name": "document"})
+    # Without prompts, short queries leave expansion tokens whose sliding window (|i - j| < 2 here) holds
+    # no attended key: SDPA gives those rows a zero attention output (eager would not).
+    mf.write_expectations(F, "gemma_noprompt", "models/gemma_st", kw, True)
 
 
 def main() -> None:

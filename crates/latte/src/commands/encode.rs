@@ -38,22 +38,10 @@ pub struct EncodeArgs {
 pub fn run(args: EncodeArgs) -> Result<()> {
     let records = read_texts(&args.input)?;
     let model = args.model.load()?;
-    let prompt = match &args.prompt_name {
-        None => None,
-        Some(name) => Some(
-            model
-                .extra_config
-                .get("prompts")
-                .and_then(|p| p.get(name))
-                .and_then(|p| p.as_str())
-                .map(str::to_string)
-                .with_context(|| format!("the model has no prompt named {name:?}"))?,
-        ),
-    };
     let texts: Vec<String> = records.iter().map(|r| r.text.clone()).collect();
     let opts = EncodeOptions {
         batch_size: args.batch_size,
-        prompt,
+        prompt_name: args.prompt_name.clone(),
         ..Default::default()
     };
     let start = std::time::Instant::now();
