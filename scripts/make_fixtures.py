@@ -727,6 +727,23 @@ numpy {np.__version__}, Python {sys.version.split()[0]}. CPU, single thread, all
 * `sentence_bert_config.json` `max_seq_length` is whatever the Transformer had at save time (192 = BERT's
   max_position_embeddings here, since no tokenize() happened before save); PyLate overrides it at tokenize time.
 * BERT `max_position_embeddings` is 192 (not 128) because PyLate's default `document_length` 180 needs 179 positions.
+## Backbone cases (`scripts/make_backbone_fixtures.py`, run after `make_fixtures.py`)
+
+* `xlmr_pylate` — tiny `XLMRobertaModel` (BPE/Metaspace tokenizer with XLM-R's `<s> <pad> </s> <unk> … <mask>`
+  layout) as a PyLate folder. Positions start at `pad_token_id + 1`; PyLate pads and expands with `<mask>`,
+  which is not the pad id, so expansion tokens get ordinary increasing positions.
+* `jina_flash` — jina-colbert-v2-style Stanford checkpoint (`HF_ColBERT`, `model_type: xlm-roberta`,
+  `position_embedding_type: rotary`, `auto_map`, `roberta.*` flash-layout weights + `linear.weight`,
+  `artifact.metadata` with `[QueryMarker]`/`[DocumentMarker]`, `attend_to_mask_tokens: true`). The Hub is not
+  reachable, so PyLate ran a minimal re-implementation of the CPU path of
+  `jinaai/xlm-roberta-flash-implementation`, written into the folder only while generating (not committed).
+* `gemma_st`, `gemma_prompts`, `gemma_noprompt` — tiny bidirectional `Gemma3TextModel` in a
+  sentence-transformers folder with Dense(32→64) → Dense(64→32) (no bias, Identity) and `prompts`. No mask
+  token: PyLate pads and expands with EOS. transformers halves `sliding_window` (`w // 2 + 1`) every time a
+  bidirectional Gemma 3 config is *loaded*, and saves the halved value: the base model was built with 8, saved
+  as 5, re-saved by sentence-transformers as 3, so PyLate runs with 2 (`|i - j| < 2`). With SDPA, query rows
+  whose window holds no attended key get a zero attention output; eager attention differs by ~0.68 on
+  `gemma_noprompt` queries.
 """
     (F / "README.md").write_text(text, encoding="utf-8")
 
