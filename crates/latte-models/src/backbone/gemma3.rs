@@ -60,8 +60,11 @@ pub struct Gemma3Config {
     #[serde(default)]
     pub layer_types: Option<Vec<String>>,
     /// Every n-th layer is global when `layer_types` is absent.
-    #[serde(default, alias = "_sliding_window_pattern")]
+    #[serde(default)]
     pub sliding_window_pattern: Option<usize>,
+    /// The same, as transformers 5 writes it.
+    #[serde(default, rename = "_sliding_window_pattern")]
+    pub sliding_window_pattern_private: Option<usize>,
     /// Rotary parameters per layer type (transformers 5).
     #[serde(default)]
     pub rope_parameters: Option<serde_json::Value>,
@@ -115,7 +118,13 @@ impl Gemma3Config {
     fn is_global(&self, layer: usize) -> bool {
         match &self.layer_types {
             Some(t) => t.get(layer).is_some_and(|s| s == "full_attention"),
-            None => (layer + 1).is_multiple_of(self.sliding_window_pattern.unwrap_or(6).max(1)),
+            None => {
+                let n = self
+                    .sliding_window_pattern
+                    .or(self.sliding_window_pattern_private)
+                    .unwrap_or(6);
+                (layer + 1).is_multiple_of(n.max(1))
+            }
         }
     }
 
@@ -476,4 +485,40 @@ fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
     let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
     Ok((x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: serde_json::Value) -> Gemma3Config {
+        let mut v = serde_json::json!({
+            "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 6,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4,
+        });
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn older_configs_give_layer_kinds_and_rotary_bases() {
+        let c = config(serde_json::json!({
+            "_sliding_window_pattern": 3, "sliding_window_pattern": 3, "rope_theta": 5.0,
+            "rope_local_base_freq": 7.0, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+        }));
+        let global: Vec<bool> = (0..6).map(|i| c.is_global(i)).collect();
+        assert_eq!(global, [false, false, true, false, false, true]);
+        let (g, l) = (c.rope(true).unwrap(), c.rope(false).unwrap());
+        assert_eq!((g.theta, g.factor, l.theta, l.factor), (5.0, 8.0, 7.0, 1.0));
+        let d = config(serde_json::json!({}));
+        assert!(d.is_global(5) && !d.is_global(4));
+        assert_eq!(
+            (d.rope(true).unwrap().theta, d.rope(false).unwrap().theta),
+            (1_000_000.0, 10_000.0)
+        );
+        let bad = config(serde_json::json!({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}));
+        assert!(bad.rope(true).unwrap_err().to_string().contains("yarn"));
+    }
 }

@@ -320,3 +320,39 @@ fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor, dim: usize) -> Result<Tensor> 
         )?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn unsupported_rotary_variants_are_clear_errors() {
+        let base = serde_json::json!({
+            "vocab_size": 4, "hidden_size": 8, "num_hidden_layers": 0, "num_attention_heads": 2,
+            "intermediate_size": 16,
+        });
+        let vb = crate::backbone::var_builder(HashMap::new(), &Device::Cpu);
+        for (key, value, needle) in [
+            (
+                "rotary_emb_interleaved",
+                serde_json::json!(true),
+                "interleaved",
+            ),
+            ("rotary_emb_scale_base", serde_json::json!(512.0), "XPos"),
+            (
+                "position_embedding_type",
+                serde_json::json!("alibi"),
+                "alibi",
+            ),
+        ] {
+            let mut v = base.clone();
+            v[key] = value;
+            let c: XlmRobertaFlashConfig = serde_json::from_value(v).unwrap();
+            let err = XlmRobertaFlash::load(vb.clone(), &c)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{err}");
+        }
+    }
+}
