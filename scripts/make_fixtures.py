@@ -357,7 +357,7 @@ def to_np(x) -> np.ndarray:
 
 def write_expectations(
     F: Path, case: str, model_folder: str, kwargs: dict, exact: bool, model_kwargs: dict | None = None,
-    notes: str | None = None,
+    notes: str | None = None, query_encode_kwargs: dict | None = None, doc_encode_kwargs: dict | None = None,
 ) -> dict:
     seed_everything(SEED + 100)
     load_kwargs = dict(kwargs)
@@ -366,9 +366,10 @@ def write_expectations(
     m = ColBERT(str(F / model_folder), device="cpu", **load_kwargs)
     m.eval()
 
-    q = m.encode(QUERIES, is_query=True, batch_size=3, show_progress_bar=False)
-    d = m.encode(DOCUMENTS, is_query=False, batch_size=3, show_progress_bar=False)
-    d2 = m.encode(DOCUMENTS, is_query=False, batch_size=3, pool_factor=2, show_progress_bar=False)
+    qk, dk = dict(query_encode_kwargs or {}), dict(doc_encode_kwargs or {})
+    q = m.encode(QUERIES, is_query=True, batch_size=3, show_progress_bar=False, **qk)
+    d = m.encode(DOCUMENTS, is_query=False, batch_size=3, show_progress_bar=False, **dk)
+    d2 = m.encode(DOCUMENTS, is_query=False, batch_size=3, pool_factor=2, show_progress_bar=False, **dk)
     max_seq_length = m[0].max_seq_length
 
     tensors: dict[str, np.ndarray] = {}
@@ -393,15 +394,15 @@ def write_expectations(
         return float(f"{max(diffs):.2e}")
 
     cross = {}
-    q1 = m.encode(QUERIES, is_query=True, batch_size=1, show_progress_bar=False)
-    d1 = m.encode(DOCUMENTS, is_query=False, batch_size=1, show_progress_bar=False)
+    q1 = m.encode(QUERIES, is_query=True, batch_size=1, show_progress_bar=False, **qk)
+    d1 = m.encode(DOCUMENTS, is_query=False, batch_size=1, show_progress_bar=False, **dk)
     cross["batch_size_1"] = {"queries": max_diff(q, q1), "documents": max_diff(d, d1)}
     if exact:
         seed_everything(SEED + 100)
         me = ColBERT(str(F / model_folder), device="cpu", **{
             **load_kwargs, "model_kwargs": {**(model_kwargs or {}), "attn_implementation": "eager"}})
-        qe = me.encode(QUERIES, is_query=True, batch_size=3, show_progress_bar=False)
-        de = me.encode(DOCUMENTS, is_query=False, batch_size=3, show_progress_bar=False)
+        qe = me.encode(QUERIES, is_query=True, batch_size=3, show_progress_bar=False, **qk)
+        de = me.encode(DOCUMENTS, is_query=False, batch_size=3, show_progress_bar=False, **dk)
         cross["eager_attention"] = {"queries": max_diff(q, qe), "documents": max_diff(d, de)}
         del me
     m.tokenize(DOCUMENTS[:1], is_query=False)  # restore max_seq_length state (cosmetic)
@@ -410,6 +411,8 @@ def write_expectations(
         "case": case,
         "model": model_folder,
         "kwargs": kwargs,
+        **({"query_encode_kwargs": qk} if qk else {}),
+        **({"doc_encode_kwargs": dk} if dk else {}),
         "exact": exact,
         "attn_implementation": str(m[0].auto_model.config._attn_implementation),
         "compute_dtype": param_dtypes,
@@ -724,6 +727,23 @@ numpy {np.__version__}, Python {sys.version.split()[0]}. CPU, single thread, all
 * `sentence_bert_config.json` `max_seq_length` is whatever the Transformer had at save time (192 = BERT's
   max_position_embeddings here, since no tokenize() happened before save); PyLate overrides it at tokenize time.
 * BERT `max_position_embeddings` is 192 (not 128) because PyLate's default `document_length` 180 needs 179 positions.
+## Backbone cases (`scripts/make_backbone_fixtures.py`, run after `make_fixtures.py`)
+
+* `xlmr_pylate` — tiny `XLMRobertaModel` (BPE/Metaspace tokenizer with XLM-R's `<s> <pad> </s> <unk> … <mask>`
+  layout) as a PyLate folder. Positions start at `pad_token_id + 1`; PyLate pads and expands with `<mask>`,
+  which is not the pad id, so expansion tokens get ordinary increasing positions.
+* `jina_flash` — jina-colbert-v2-style Stanford checkpoint (`HF_ColBERT`, `model_type: xlm-roberta`,
+  `position_embedding_type: rotary`, `auto_map`, `roberta.*` flash-layout weights + `linear.weight`,
+  `artifact.metadata` with `[QueryMarker]`/`[DocumentMarker]`, `attend_to_mask_tokens: true`). The Hub is not
+  reachable, so PyLate ran a minimal re-implementation of the CPU path of
+  `jinaai/xlm-roberta-flash-implementation`, written into the folder only while generating (not committed).
+* `gemma_st`, `gemma_prompts`, `gemma_noprompt` — tiny bidirectional `Gemma3TextModel` in a
+  sentence-transformers folder with Dense(32→64) → Dense(64→32) (no bias, Identity) and `prompts`. No mask
+  token: PyLate pads and expands with EOS. transformers halves `sliding_window` (`w // 2 + 1`) every time a
+  bidirectional Gemma 3 config is *loaded*, and saves the halved value: the base model was built with 8, saved
+  as 5, re-saved by sentence-transformers as 3, so PyLate runs with 2 (`|i - j| < 2`). With SDPA, query rows
+  whose window holds no attended key get a zero attention output; eager attention differs by ~0.68 on
+  `gemma_noprompt` queries.
 """
     (F / "README.md").write_text(text, encoding="utf-8")
 

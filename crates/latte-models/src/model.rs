@@ -31,6 +31,8 @@ pub struct LoadOptions {
     pub hub: HubOptions,
     /// Device; `None` is the CPU.
     pub device: Option<Device>,
+    /// Matryoshka truncation of every token embedding (see [`ColBERT::set_truncate_dim`]).
+    pub truncate_dim: Option<usize>,
 }
 
 /// How a model was found.
@@ -71,8 +73,11 @@ pub struct EncodeOptions {
     pub batch_size: usize,
     /// L2-normalise every token embedding (PyLate's default).
     pub normalize: bool,
-    /// Text prepended to every input (a sentence-transformers prompt).
+    /// Text prepended to every input (a sentence-transformers prompt). Wins over `prompt_name`.
     pub prompt: Option<String>,
+    /// Name of a prompt in the model's `prompts` (`config_sentence_transformers.json`); when neither this
+    /// nor `prompt` is set, the model's `default_prompt_name` applies, as in PyLate.
+    pub prompt_name: Option<String>,
     /// Show a progress bar: `None` shows one on a terminal for more than one batch.
     pub show_progress: Option<bool>,
 }
@@ -83,6 +88,7 @@ impl Default for EncodeOptions {
             batch_size: 32,
             normalize: true,
             prompt: None,
+            prompt_name: None,
             show_progress: None,
         }
     }
@@ -104,6 +110,7 @@ pub struct ColBERT {
     pub extra_config: serde_json::Map<String, serde_json::Value>,
     /// How the model was loaded.
     pub origin: Origin,
+    truncate_dim: Option<usize>,
 }
 
 const COLBERT_KEYS: &[&str] = &[
@@ -226,6 +233,7 @@ impl ColBERT {
                 model.push_dense(dense)?;
             }
         }
+        model.set_truncate_dim(opts.truncate_dim)?;
         Ok(model)
     }
 
@@ -312,6 +320,7 @@ impl ColBERT {
             skiplist,
             extra_config: serde_json::Map::new(),
             origin,
+            truncate_dim: None,
         })
     }
 
@@ -351,6 +360,69 @@ impl ColBERT {
             .last()
             .map(|d| d.out_features())
             .unwrap_or_else(|| self.transformer.backbone.hidden_size())
+    }
+
+    /// The Matryoshka truncation in effect, if any.
+    pub fn truncate_dim(&self) -> Option<usize> {
+        self.truncate_dim
+    }
+
+    /// Keeps only the first `dim` dimensions of every token embedding that [`ColBERT::encode`] returns,
+    /// re-normalised afterwards when normalising (Matryoshka models such as jina-colbert-v2: 128, 96, 64).
+    /// `None` keeps them all. PyLate 1.6.0 accepts `truncate_dim` but ignores it for ColBERT models.
+    pub fn set_truncate_dim(&mut self, dim: Option<usize>) -> Result<()> {
+        if let Some(d) = dim {
+            if d == 0 || d > self.embedding_dim() {
+                return Err(Error::Invalid(format!(
+                    "truncate_dim {d} must be between 1 and the embedding dimension {}",
+                    self.embedding_dim()
+                )));
+            }
+        }
+        self.truncate_dim = dim;
+        Ok(())
+    }
+
+    /// Dimension of the vectors [`ColBERT::encode`] returns: `truncate_dim`, else [`ColBERT::embedding_dim`].
+    pub fn output_dim(&self) -> usize {
+        let full = self.embedding_dim();
+        self.truncate_dim.map_or(full, |t| t.min(full))
+    }
+
+    /// The text of the prompt named `name` in the model's `prompts`.
+    pub fn prompt(&self, name: &str) -> Result<String> {
+        let prompts = self.extra_config.get("prompts").and_then(|p| p.as_object());
+        prompts
+            .and_then(|p| p.get(name))
+            .and_then(|p| p.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| {
+                let known: Vec<&str> = prompts
+                    .map(|p| p.keys().map(String::as_str).collect())
+                    .unwrap_or_default();
+                Error::Invalid(format!(
+                    "the model has no prompt named {name:?} (its prompts: {known:?})"
+                ))
+            })
+    }
+
+    /// The prompt `encode` applies for these options: `prompt`, else the prompt named `prompt_name`, else
+    /// the model's `default_prompt_name` prompt, else none.
+    pub fn resolve_prompt(&self, opts: &EncodeOptions) -> Result<Option<String>> {
+        if let Some(p) = &opts.prompt {
+            return Ok(Some(p.clone()));
+        }
+        if let Some(name) = &opts.prompt_name {
+            return self.prompt(name).map(Some);
+        }
+        match self
+            .extra_config
+            .get("default_prompt_name")
+            .and_then(|n| n.as_str())
+        {
+            Some(name) => self.prompt(name).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Number of modules (the Transformer counts as one).
@@ -490,10 +562,11 @@ impl ColBERT {
         if opts.batch_size == 0 {
             return Err(Error::Invalid("batch_size must be at least 1".into()));
         }
-        let texts: Vec<String> = match &opts.prompt {
+        let texts: Vec<String> = match self.resolve_prompt(opts)? {
             Some(p) => texts.iter().map(|t| format!("{p}{t}")).collect(),
             None => texts.to_vec(),
         };
+        let out_dim = self.output_dim();
         let toks = self.tokenize(&texts, is_query)?;
         let mut order: Vec<usize> = (0..toks.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(toks[i].ids.len()));
@@ -529,9 +602,10 @@ impl ColBERT {
                     let keep: Vec<usize> = (0..t.ids.len())
                         .filter(|&p| self.keep_token(t, p, is_query))
                         .collect();
-                    let mut data = Vec::with_capacity(keep.len() * dim);
+                    let mut data = Vec::with_capacity(keep.len() * out_dim);
                     for p in keep.iter().copied() {
-                        let row = &flat[(b * len + p) * dim..(b * len + p + 1) * dim];
+                        let start = (b * len + p) * dim;
+                        let row = &flat[start..start + out_dim];
                         if opts.normalize {
                             let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
                             data.extend(row.iter().map(|v| v / norm));
@@ -541,7 +615,7 @@ impl ColBERT {
                     }
                     Embedding {
                         rows: keep.len(),
-                        cols: dim,
+                        cols: out_dim,
                         data,
                     }
                 })

@@ -205,6 +205,14 @@ impl Transformer {
         match self.kind {
             Kind::Bert => "BertModel",
             Kind::ModernBert => "ModernBertModel",
+            Kind::XlmRoberta => {
+                if self.config.get("model_type").and_then(|v| v.as_str()) == Some("roberta") {
+                    "RobertaModel"
+                } else {
+                    "XLMRobertaModel"
+                }
+            }
+            Kind::Gemma3 => "Gemma3TextModel",
         }
     }
 }

@@ -261,6 +261,9 @@ fn save_then_load_gives_identical_embeddings_for_every_path() {
         "modernbert_pylate",
         "bert_f16_sharded",
         "bert_plain_hf",
+        "xlmr_pylate",
+        "jina_flash",
+        "gemma_st",
     ] {
         let m = ColBERT::load_dir(&fixture(name), &LoadOptions::default()).unwrap();
         let out = tempfile::tempdir().unwrap();
@@ -350,5 +353,96 @@ fn training_view_shares_the_forward_code_and_gets_gradients() {
             .to_scalar::<f32>()
             .unwrap();
         assert!(n > 0.0 || name == tok_key, "zero gradient for {name}");
+    }
+}
+
+#[test]
+fn unknown_remote_code_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixture("bert_plain_hf"), dir.path());
+    let cfg = dir.path().join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    v["model_type"] = "jina_bert".into();
+    v["architectures"] = serde_json::json!(["JinaBertModel"]);
+    v["auto_map"] = serde_json::json!({"AutoModel": "jinaai/jina-bert-implementation--modeling_bert.JinaBertModel"});
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    let err = ColBERT::load_dir(dir.path(), &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("jina_bert") && err.contains("remote code") && err.contains("xlm-roberta"),
+        "{err}"
+    );
+}
+
+#[test]
+fn truncate_dim_is_a_load_option() {
+    let opts = LoadOptions {
+        truncate_dim: Some(12),
+        ..Default::default()
+    };
+    let m = ColBERT::load_dir(&fixture("jina_flash"), &opts).unwrap();
+    assert_eq!(
+        (m.truncate_dim(), m.output_dim(), m.embedding_dim()),
+        (Some(12), 12, 16)
+    );
+    let e = m.encode(&docs(), false, &quiet()).unwrap();
+    assert_eq!(e[0].cols, 12);
+    for r in 0..e[0].rows {
+        let n: f32 = e[0].row(r).iter().map(|v| v * v).sum();
+        assert!((n - 1.0).abs() < 1e-5);
+    }
+    let too_big = LoadOptions {
+        truncate_dim: Some(64),
+        ..Default::default()
+    };
+    let err = ColBERT::load_dir(&fixture("jina_flash"), &too_big)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("truncate_dim 64"), "{err}");
+}
+
+/// The new backbones train through the same code: train-mode forward equals inference, and every used
+/// weight gets a gradient.
+#[test]
+fn xlmr_flash_and_gemma_train_mode_matches_and_has_gradients() {
+    for name in ["jina_flash", "gemma_st", "xlmr_pylate"] {
+        let m = ColBERT::load_dir(&fixture(name), &LoadOptions::default()).unwrap();
+        let varmap = candle_nn::VarMap::new();
+        let t = m.transformer.to_trainable(&varmap, "").unwrap();
+        let toks = m.tokenize(&docs(), true).unwrap();
+        let (frozen, ids, mask) = m.forward_tokens(&toks, latte_models::Mode::Infer).unwrap();
+        let mut x = t.forward(&ids, &mask, latte_models::Mode::Train).unwrap();
+        for d in &m.denses {
+            x = d.forward(&x).unwrap();
+        }
+        let diff = (&x - &frozen)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-4, "{name}: train-mode forward differs by {diff}");
+        let loss = x.sqr().unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        for (wname, var) in varmap.data().lock().unwrap().iter() {
+            if wname.starts_with("pooler.") {
+                continue;
+            }
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient for {wname}"));
+            let n = g
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(n > 0.0, "{name}: zero gradient for {wname}");
+        }
     }
 }

@@ -68,10 +68,13 @@ struct Layer {
     out_norm: LayerNorm,
 }
 
-/// A BERT encoder.
+/// A BERT encoder (also RoBERTa / XLM-RoBERTa, whose positions start after the padding id).
 #[derive(Debug, Clone)]
 pub struct Bert {
     config: BertConfig,
+    /// `Some(padding_idx)` for RoBERTa-style positions: `padding_idx + 1, +2, …` over non-padding tokens,
+    /// `padding_idx` on padding tokens (transformers' `create_position_ids_from_input_ids`).
+    roberta_padding_idx: Option<u32>,
     word: Tensor,
     position: Tensor,
     token_type: Tensor,
@@ -82,6 +85,20 @@ pub struct Bert {
 impl Bert {
     /// Loads the weights under `vb` (names as `BertModel.state_dict()`, no `bert.` prefix).
     pub fn load(vb: VarBuilder, config: &BertConfig) -> Result<Self> {
+        Self::load_with_positions(vb, config, None)
+    }
+
+    /// Loads an `XLMRobertaModel` / `RobertaModel` (the BERT layout with RoBERTa position ids counted from
+    /// `padding_idx`, the config's `pad_token_id`).
+    pub fn load_roberta(vb: VarBuilder, config: &BertConfig, padding_idx: u32) -> Result<Self> {
+        Self::load_with_positions(vb, config, Some(padding_idx))
+    }
+
+    fn load_with_positions(
+        vb: VarBuilder,
+        config: &BertConfig,
+        roberta_padding_idx: Option<u32>,
+    ) -> Result<Self> {
         if config.position_embedding_type != "absolute" {
             return Err(Error::Invalid(format!(
                 "BERT position_embedding_type {:?} is not supported (only \"absolute\")",
@@ -138,6 +155,7 @@ impl Bert {
         }
         Ok(Self {
             config: config.clone(),
+            roberta_padding_idx,
             word,
             position,
             token_type,
@@ -153,7 +171,13 @@ impl Bert {
 
     /// Longest sequence the position embeddings allow.
     pub fn max_positions(&self) -> usize {
-        self.config.max_position_embeddings
+        match self.roberta_padding_idx {
+            Some(p) => self
+                .config
+                .max_position_embeddings
+                .saturating_sub(p as usize + 1),
+            None => self.config.max_position_embeddings,
+        }
     }
 
     /// `[batch, len]` ids and mask → `[batch, len, hidden]` last hidden states.
@@ -164,10 +188,10 @@ impl Bert {
         mode: Mode,
     ) -> Result<Tensor> {
         let (b, l) = input_ids.dims2()?;
-        if l > self.config.max_position_embeddings {
+        if l > self.max_positions() {
             return Err(Error::Shape {
                 what: "BERT input length".into(),
-                expected: format!("at most {} tokens", self.config.max_position_embeddings),
+                expected: format!("at most {} tokens", self.max_positions()),
                 got: format!("{l}"),
             });
         }
@@ -176,7 +200,26 @@ impl Bert {
             .word
             .embedding(&input_ids.flatten_all()?)?
             .reshape((b, l, h))?;
-        let pos = self.position.narrow(0, 0, l)?;
+        let pos = match self.roberta_padding_idx {
+            None => self.position.narrow(0, 0, l)?,
+            Some(pad) => {
+                let rows: Vec<Vec<u32>> = input_ids.to_vec2()?;
+                let mut ids = Vec::with_capacity(b * l);
+                for row in rows {
+                    let mut count = 0u32;
+                    for t in row {
+                        if t == pad {
+                            ids.push(pad);
+                        } else {
+                            count += 1;
+                            ids.push(pad + count);
+                        }
+                    }
+                }
+                let ids = Tensor::from_vec(ids, b * l, input_ids.device())?;
+                self.position.embedding(&ids)?.reshape((b, l, h))?
+            }
+        };
         let tt = self.token_type.narrow(0, 0, 1)?;
         let x = words.broadcast_add(&pos)?.broadcast_add(&tt)?;
         let mut x = self.emb_norm.forward(&x, mode)?;

@@ -1,7 +1,9 @@
 //! Transformer backbones: the encoder under the ColBERT projection.
 
 pub mod bert;
+pub mod gemma3;
 pub mod modernbert;
+pub mod xlm_roberta;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -13,10 +15,23 @@ use crate::nn::Mode;
 use crate::{Error, Result};
 
 pub use bert::{Bert, BertConfig};
+pub use gemma3::{Gemma3, Gemma3Config};
 pub use modernbert::{ModernBert, ModernBertConfig};
+pub use xlm_roberta::{XlmRobertaFlash, XlmRobertaFlashConfig};
 
 /// The architectures latte can run, as `config.json` names them (`model_type`).
-pub const SUPPORTED: &[&str] = &["bert", "modernbert"];
+pub const SUPPORTED: &[&str] = &[
+    "bert",
+    "modernbert",
+    "xlm-roberta (transformers, and jina's XLMRobertaFlash remote code with rotary positions)",
+    "roberta",
+    "gemma3_text (EmbeddingGemma)",
+];
+
+/// Weight present only in the flash layout of XLM-RoBERTa (jina's remote code).
+const FLASH_KEY: &str = "encoder.layers.0.mixer.Wqkv.weight";
+/// Weight present only in the transformers layout of (XLM-)RoBERTa.
+const HF_ROBERTA_KEY: &str = "encoder.layer.0.attention.self.query.weight";
 
 /// Which backbone a `config.json` describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +40,11 @@ pub enum Kind {
     Bert,
     /// ModernBERT (`model_type: modernbert`).
     ModernBert,
+    /// XLM-RoBERTa / RoBERTa (`model_type: xlm-roberta` or `roberta`), in the transformers layout or in
+    /// jina's flash layout (rotary positions, jina-colbert-v2).
+    XlmRoberta,
+    /// Gemma 3 text model (`model_type: gemma3_text`, EmbeddingGemma).
+    Gemma3,
 }
 
 impl Kind {
@@ -42,6 +62,8 @@ impl Kind {
         match model_type {
             "bert" => return Ok(Kind::Bert),
             "modernbert" => return Ok(Kind::ModernBert),
+            "xlm-roberta" | "roberta" => return Ok(Kind::XlmRoberta),
+            "gemma3_text" => return Ok(Kind::Gemma3),
             _ => {}
         }
         if archs
@@ -75,6 +97,8 @@ impl Kind {
         match self {
             Kind::Bert => "embeddings.word_embeddings.weight",
             Kind::ModernBert => "embeddings.tok_embeddings.weight",
+            Kind::XlmRoberta => "embeddings.word_embeddings.weight",
+            Kind::Gemma3 => "embed_tokens.weight",
         }
     }
 }
@@ -86,6 +110,10 @@ pub enum Backbone {
     Bert(Bert),
     /// ModernBERT.
     ModernBert(ModernBert),
+    /// XLM-RoBERTa in jina's flash layout.
+    XlmRobertaFlash(XlmRobertaFlash),
+    /// Gemma 3.
+    Gemma3(Gemma3),
 }
 
 impl Backbone {
@@ -106,6 +134,36 @@ impl Backbone {
                 let c: ModernBertConfig = serde_json::from_value(config.clone()).map_err(bad)?;
                 Backbone::ModernBert(ModernBert::load(vb, &c)?)
             }
+            Kind::XlmRoberta => {
+                let rotary = config
+                    .get("position_embedding_type")
+                    .and_then(|v| v.as_str())
+                    == Some("rotary");
+                if rotary || vb.contains_tensor(FLASH_KEY) {
+                    let c: XlmRobertaFlashConfig =
+                        serde_json::from_value(config.clone()).map_err(bad)?;
+                    Backbone::XlmRobertaFlash(XlmRobertaFlash::load(vb, &c)?)
+                } else if vb.contains_tensor(HF_ROBERTA_KEY) || config.get("auto_map").is_none() {
+                    let c: BertConfig = serde_json::from_value(config.clone()).map_err(bad)?;
+                    let pad = config
+                        .get("pad_token_id")
+                        .and_then(|v| v.as_u64())
+                        .unwrap_or(1) as u32;
+                    Backbone::Bert(Bert::load_roberta(vb, &c, pad)?)
+                } else {
+                    return Err(Error::UnsupportedArchitecture {
+                        found: "model_type \"xlm-roberta\" with remote code (auto_map) whose weights \
+                                match neither the transformers layout nor jina's XLMRobertaFlash layout"
+                            .into(),
+                        path: path.to_path_buf(),
+                        supported: SUPPORTED.join(", "),
+                    });
+                }
+            }
+            Kind::Gemma3 => {
+                let c: Gemma3Config = serde_json::from_value(config.clone()).map_err(bad)?;
+                Backbone::Gemma3(Gemma3::load(vb, &c)?)
+            }
         })
     }
 
@@ -114,6 +172,8 @@ impl Backbone {
         match self {
             Backbone::Bert(m) => m.hidden_size(),
             Backbone::ModernBert(m) => m.hidden_size(),
+            Backbone::XlmRobertaFlash(m) => m.hidden_size(),
+            Backbone::Gemma3(m) => m.hidden_size(),
         }
     }
 
@@ -122,6 +182,8 @@ impl Backbone {
         match self {
             Backbone::Bert(m) => m.max_positions(),
             Backbone::ModernBert(m) => m.max_positions(),
+            Backbone::XlmRobertaFlash(m) => m.max_positions(),
+            Backbone::Gemma3(m) => m.max_positions(),
         }
     }
 
@@ -135,6 +197,8 @@ impl Backbone {
         match self {
             Backbone::Bert(m) => m.forward(input_ids, attention_mask, mode),
             Backbone::ModernBert(m) => m.forward(input_ids, attention_mask, mode),
+            Backbone::XlmRobertaFlash(m) => m.forward(input_ids, attention_mask, mode),
+            Backbone::Gemma3(m) => m.forward(input_ids, attention_mask, mode),
         }
     }
 }

@@ -40,22 +40,10 @@ pub fn run(args: EncodeArgs) -> Result<()> {
     let load_start = std::time::Instant::now();
     let model = args.model.load()?;
     let load_secs = load_start.elapsed().as_secs_f64();
-    let prompt = match &args.prompt_name {
-        None => None,
-        Some(name) => Some(
-            model
-                .extra_config
-                .get("prompts")
-                .and_then(|p| p.get(name))
-                .and_then(|p| p.as_str())
-                .map(str::to_string)
-                .with_context(|| format!("the model has no prompt named {name:?}"))?,
-        ),
-    };
     let texts: Vec<String> = records.iter().map(|r| r.text.clone()).collect();
     let opts = EncodeOptions {
         batch_size: args.batch_size,
-        prompt,
+        prompt_name: args.prompt_name.clone(),
         ..Default::default()
     };
     let start = std::time::Instant::now();

@@ -33,6 +33,11 @@ pub struct ModelArgs {
     /// Output dimension (adds a projection when the model has another size).
     #[arg(long)]
     pub embedding_size: Option<usize>,
+    /// When encoding, keep only the first N dimensions of every token embedding, re-normalised (Matryoshka
+    /// models such as jina-colbert-v2: 128, 96, 64). Not saved by `convert`. PyLate ignores its own
+    /// `truncate_dim` for ColBERT models.
+    #[arg(long)]
+    pub truncate_dim: Option<usize>,
     /// Seed of any projection latte adds to a base model.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -70,6 +75,7 @@ impl ModelArgs {
                 token: None,
             },
             device: None,
+            truncate_dim: self.truncate_dim,
         }
     }
 
