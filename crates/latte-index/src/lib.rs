@@ -19,6 +19,7 @@ mod error;
 mod exact;
 mod kmeans;
 mod linalg;
+mod npz_source;
 mod plaid;
 pub mod pool;
 mod rerank_mod;
@@ -27,6 +28,7 @@ mod storage;
 
 pub use error::{Error, Result};
 pub use exact::ExactIndex;
+pub use npz_source::NpzSource;
 pub use plaid::{
     AddReport, DeleteReport, DocumentSource, IndexConfig, IndexInfo, PlaidIndex, SearchParams,
     VecSource,
