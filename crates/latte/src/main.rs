@@ -14,7 +14,14 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Index a corpus or precomputed embeddings (adds to an existing index).
+    Index(commands::index::IndexArgs),
+    /// Search an index and write a TREC run.
+    Search(commands::search::SearchArgs),
+    /// Delete documents by id.
+    Delete(commands::delete::DeleteArgs),
+}
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -25,7 +32,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let result: anyhow::Result<()> = match cli.command {};
+    let result: anyhow::Result<()> = match cli.command {
+        Command::Index(args) => commands::index::run(args),
+        Command::Search(args) => commands::search::run(args),
+        Command::Delete(args) => commands::delete::run(args),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
