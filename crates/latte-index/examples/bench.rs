@@ -4,7 +4,7 @@
 //! bench truth  DOCS.npz QUERIES.npz TRUTH.txt [--nq N]           exact top-10 per query (ground truth)
 //! bench build  DOCS.npz IDS.txt DIR [--nbits N] [--centroids K] [--ppc P] [--pool F] [--no-full]
 //! bench search DIR QUERIES.npz TRUTH.txt [--nq N] [--k K] [--probe P] [--thr T] [--ndocs N]
-//!                                        [--decomp N] [--rerank N] [--exact]
+//!                                        [--resid N] [--rerank N] [--no-full] [--exact]
 //! ```
 //! Set the thread count with `RAYON_NUM_THREADS`.
 
@@ -123,8 +123,11 @@ fn main() {
             if let Some(v) = flag(&args, "--ndocs") {
                 p.ndocs = v;
             }
-            if let Some(v) = flag(&args, "--decomp") {
-                p.n_decompress = v;
+            if let Some(v) = flag(&args, "--resid") {
+                p.n_residual = v;
+            }
+            if args.iter().any(|a| a == "--no-full") {
+                p.full_precision_rerank = false;
             }
             if let Some(v) = flag(&args, "--rerank") {
                 p.n_rerank = v;

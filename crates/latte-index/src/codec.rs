@@ -102,6 +102,35 @@ impl Codec {
         }
     }
 
+    /// Lookup table for scoring packed residuals against a query (`lq × dim`) without decompressing them:
+    /// entry `[(p * 256 + byte) * stride + j]` is `Σ_i q_j[p·per + i] · weight(bucket_i(byte))` over the `per = 8 / nbits`
+    /// dimensions stored in byte position `p`. Summing the entries of a token's bytes gives `⟨q_j, residual⟩`.
+    /// Rows are `stride ≥ lq` wide (zero padded).
+    pub(crate) fn query_table(&self, q: &[f32], lq: usize, stride: usize) -> Vec<f32> {
+        let per = 8 / self.nbits;
+        let positions = self.bytes_per_token();
+        let mut table = vec![0f32; positions * 256 * stride];
+        let mut qt = vec![0f32; self.dim * lq]; // dimension-major query
+        for j in 0..lq {
+            for d in 0..self.dim {
+                qt[d * lq + j] = q[j * self.dim + d];
+            }
+        }
+        for p in 0..positions {
+            for byte in 0..256usize {
+                let dst = &mut table[(p * 256 + byte) * stride..(p * 256 + byte) * stride + lq];
+                let w = &self.lut[byte * per..(byte + 1) * per];
+                for i in 0..per {
+                    let qd = &qt[(p * per + i) * lq..(p * per + i + 1) * lq];
+                    for (o, &x) in dst.iter_mut().zip(qd) {
+                        *o += x * w[i];
+                    }
+                }
+            }
+        }
+        table
+    }
+
     /// Reconstructs a unit-norm token from its centroid and packed residual.
     pub(crate) fn decode(&self, centroid: &[f32], packed: &[u8], out: &mut [f32]) {
         let per = 8 / self.nbits;

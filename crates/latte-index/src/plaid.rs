@@ -22,6 +22,8 @@ use crate::storage::{
 use crate::{kmeans, pool, Error, Hit, Result};
 
 const META: &str = "meta.lt";
+/// Query tokens processed together in the approximate passes (fixed width, so the loops vectorise).
+const LANES: usize = 32;
 const CODEC: &str = "codec.lt";
 
 /// Documents to index, read one at a time (so a corpus never has to sit in memory at once).
@@ -118,21 +120,29 @@ impl Default for IndexConfig {
 }
 
 /// Search settings. [`SearchParams::for_k`] gives the measured defaults.
+///
+/// The pipeline: centroid scores for every query token; the `n_ivf_probe` best inverted lists per token give
+/// the candidates; (A) approximate MaxSim from centroid codes, skipping tokens whose centroid scores below
+/// `centroid_score_threshold` for every query token, keeps `ndocs`; (B) the same on the full bags keeps
+/// `n_residual`; (C) MaxSim with residuals added through a per-query lookup table (no decompression) keeps
+/// `n_rerank`; (D) exact MaxSim from the half-precision copy (or from decompressed residuals when
+/// `full_precision_rerank` is false or the index keeps no copy) orders the final `k`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SearchParams {
     /// Number of results.
     pub k: usize,
     /// Inverted lists probed per query token.
     pub n_ivf_probe: usize,
-    /// Document tokens whose centroid scores below this for every query token are skipped in the first
-    /// approximate pass (PLAID centroid pruning); `None` disables pruning.
+    /// Centroid pruning threshold for pass A; `None` disables pruning.
     pub centroid_score_threshold: Option<f32>,
-    /// Candidates kept after the first approximate (centroid) pass.
+    /// Candidates kept after pass A.
     pub ndocs: usize,
-    /// Candidates scored with decompressed residuals (after the second, unpruned centroid pass).
-    pub n_decompress: usize,
-    /// Candidates rescored exactly from the half-precision copy (0 = no final rerank).
+    /// Candidates kept after pass B and scored with residuals.
+    pub n_residual: usize,
+    /// Candidates kept after pass C and scored exactly.
     pub n_rerank: usize,
+    /// Final scores from the half-precision copy (true) or from decompressed residuals (false).
+    pub full_precision_rerank: bool,
 }
 
 impl SearchParams {
@@ -142,21 +152,22 @@ impl SearchParams {
         Self {
             k,
             n_ivf_probe: if k1 <= 10 {
-                4
-            } else if k1 <= 100 {
                 8
+            } else if k1 <= 100 {
+                12
             } else {
                 16
             },
-            centroid_score_threshold: Some(if k1 <= 10 { 0.45 } else { 0.4 }),
-            ndocs: (k1 * 32).max(256),
-            n_decompress: (k1 * 8).max(64),
-            n_rerank: (k1 * 4).max(40),
+            centroid_score_threshold: None,
+            ndocs: (k1 * 100).max(2000),
+            n_residual: (k1 * 60).max(600),
+            n_rerank: (k1 * 5).max(50),
+            full_precision_rerank: true,
         }
     }
-    /// The same settings without the final full-precision rerank.
+    /// The same settings with final scores from the compressed index only (no half-precision rerank).
     pub fn without_rerank(mut self) -> Self {
-        self.n_rerank = 0;
+        self.full_precision_rerank = false;
         self
     }
 }
@@ -697,33 +708,44 @@ impl PlaidIndex {
             .chunks_exact(lq)
             .map(|r| r.iter().copied().fold(f32::NEG_INFINITY, f32::max))
             .collect();
+        // Padded copy, groups of LANES query tokens per centroid: sp[(c * groups + g) * LANES + i].
+        let groups = lq.div_ceil(LANES);
+        let mut sp = vec![0f32; k_c * groups * LANES];
+        for c in 0..k_c {
+            for j in 0..lq {
+                sp[(c * groups + j / LANES) * LANES + j % LANES] = s[c * lq + j];
+            }
+        }
+        let sp = &sp;
         let approx = |docs: &[u32], threshold: Option<f32>| -> Vec<f32> {
-            let score = |acc: &mut Vec<f32>, d: u32| -> f32 {
-                acc.clear();
-                acc.resize(lq, 0.0);
-                let mut add = |c: usize| {
-                    if threshold.is_none_or(|t| cmax[c] >= t) {
-                        for (a, &v) in acc.iter_mut().zip(&s[c * lq..(c + 1) * lq]) {
-                            *a = a.max(v);
+            let score = |d: u32| -> f32 {
+                let mut total = 0f32;
+                for g in 0..groups {
+                    let mut acc = [0f32; LANES];
+                    let mut add = |c: usize| {
+                        if threshold.is_none_or(|t| cmax[c] >= t) {
+                            let row: &[f32; LANES] = sp[(c * groups + g) * LANES..][..LANES]
+                                .try_into()
+                                .expect("lanes");
+                            for i in 0..LANES {
+                                acc[i] = acc[i].max(row[i]);
+                            }
                         }
+                    };
+                    match self.codes_of(d as usize) {
+                        Codes::U16(cs) => cs.iter().for_each(|&c| add(c as usize)),
+                        Codes::U32(cs) => cs.iter().for_each(|&c| add(c as usize)),
                     }
-                };
-                match self.codes_of(d as usize) {
-                    Codes::U16(cs) => cs.iter().for_each(|&c| add(c as usize)),
-                    Codes::U32(cs) => cs.iter().for_each(|&c| add(c as usize)),
+                    total += acc.iter().sum::<f32>();
                 }
-                acc.iter().sum()
+                total
             };
             if docs.len() > 1024 {
                 docs.par_chunks(512)
-                    .flat_map_iter(|ch| {
-                        let mut acc = Vec::new();
-                        ch.iter().map(|&d| score(&mut acc, d)).collect::<Vec<_>>()
-                    })
+                    .flat_map_iter(|ch| ch.iter().map(|&d| score(d)).collect::<Vec<_>>())
                     .collect()
             } else {
-                let mut acc = Vec::new();
-                docs.iter().map(|&d| score(&mut acc, d)).collect()
+                docs.iter().map(|&d| score(d)).collect()
             }
         };
         let pick = |docs: &[u32], scores: &[f32], n: usize| -> Vec<u32> {
@@ -733,19 +755,30 @@ impl PlaidIndex {
                 .collect()
         };
         let stage1 = approx(&candidates, p.centroid_score_threshold);
-        let cands = pick(&candidates, &stage1, p.ndocs.max(p.k));
-        let stage2 = approx(&cands, None);
-        let cands = pick(&cands, &stage2, p.n_decompress.max(p.k));
-        // 4. Decompressed residuals, exact MaxSim against them.
-        let decoded = self.score_docs(q, &cands, false);
-        let use_full = p.n_rerank > 0 && self.meta.config.store_full;
-        let (cands, scores) = if use_full {
-            let c = pick(&cands, &decoded, p.n_rerank.max(p.k));
-            let f = self.score_docs(q, &c, true);
-            (c, f)
+        let cands = if p.centroid_score_threshold.is_some() {
+            let cands = pick(&candidates, &stage1, p.ndocs.max(p.k));
+            let stage2 = approx(&cands, None);
+            pick(&cands, &stage2, p.n_residual.max(p.k))
         } else {
-            (cands, decoded)
+            // Without pruning, pass B would repeat pass A.
+            pick(&candidates, &stage1, p.n_residual.min(p.ndocs).max(p.k))
         };
+        // 4. Residual-aware approximate MaxSim through the lookup table.
+        let tables: Vec<Vec<f32>> = (0..groups)
+            .map(|g| {
+                let rows = (lq - g * LANES).min(LANES);
+                self.codec.query_table(
+                    &q.data()[g * LANES * dim..(g * LANES + rows) * dim],
+                    rows,
+                    LANES,
+                )
+            })
+            .collect();
+        let stage3 = self.residual_scores(sp, groups, &tables, lq, &cands);
+        let cands = pick(&cands, &stage3, p.n_rerank.max(p.k));
+        // 5. Exact MaxSim: half-precision copy, or decompressed residuals.
+        let full = p.full_precision_rerank && self.meta.config.store_full;
+        let scores = self.score_docs(q, &cands, full);
         top_k(&scores, p.k)
             .into_iter()
             .map(|(i, sc)| Hit {
@@ -753,6 +786,57 @@ impl PlaidIndex {
                 score: sc,
             })
             .collect()
+    }
+
+    /// Pass C: `Σ_j max_t (S[code_t, j] + Σ_p table[p][byte_tp][j])` per document, in parallel blocks.
+    fn residual_scores(
+        &self,
+        sp: &[f32],
+        groups: usize,
+        tables: &[Vec<f32>],
+        lq: usize,
+        docs: &[u32],
+    ) -> Vec<f32> {
+        let bpt = self.codec.bytes_per_token();
+        let score = |d: u32| -> f32 {
+            let (c, st, e) = self.local_range(d as usize);
+            let res = &c.res.payload()[st * bpt..e * bpt];
+            let codes = self.codes_of(d as usize);
+            let mut total = 0f32;
+            for (g, table) in tables.iter().enumerate() {
+                let mut acc = [f32::NEG_INFINITY; LANES];
+                for t in 0..e - st {
+                    let code = match &codes {
+                        Codes::U16(cs) => cs[t] as usize,
+                        Codes::U32(cs) => cs[t] as usize,
+                    };
+                    let mut v: [f32; LANES] = sp[(code * groups + g) * LANES..][..LANES]
+                        .try_into()
+                        .expect("lanes");
+                    for (p, &b) in res[t * bpt..(t + 1) * bpt].iter().enumerate() {
+                        let row: &[f32; LANES] = table[(p * 256 + b as usize) * LANES..][..LANES]
+                            .try_into()
+                            .expect("lanes");
+                        for i in 0..LANES {
+                            v[i] += row[i];
+                        }
+                    }
+                    for i in 0..LANES {
+                        acc[i] = acc[i].max(v[i]);
+                    }
+                }
+                let rows = (lq - g * LANES).min(LANES);
+                total += acc[..rows].iter().sum::<f32>();
+            }
+            total
+        };
+        if docs.len() > 64 {
+            docs.par_chunks(64)
+                .flat_map_iter(|ch| ch.iter().map(|&d| score(d)).collect::<Vec<_>>())
+                .collect()
+        } else {
+            docs.iter().map(|&d| score(d)).collect()
+        }
     }
 
     /// Token embeddings of `doc` as f32: from the half-precision copy when `full`, else decompressed.
@@ -1412,6 +1496,6 @@ mod tests {
     #[test]
     fn default_params_are_sane() {
         let p = SearchParams::for_k(10);
-        assert!(p.ndocs >= p.n_decompress && p.n_decompress >= p.n_rerank && p.n_rerank >= p.k);
+        assert!(p.ndocs >= p.n_residual && p.n_residual >= p.n_rerank && p.n_rerank >= p.k);
     }
 }
