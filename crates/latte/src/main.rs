@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 mod commands;
 
 #[derive(Parser)]
-#[command(name = "latte", version, about = "Late-interaction (ColBERT) retrieval in Rust")]
+#[command(
+    name = "latte",
+    version,
+    about = "Late-interaction (ColBERT) retrieval in Rust"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

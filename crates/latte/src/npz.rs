@@ -26,7 +26,10 @@ fn npy_header(shape: &[usize]) -> Vec<u8> {
         [n] => format!("({n},)"),
         dims => format!(
             "({})",
-            dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+            dims.iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     };
     let mut dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_str}, }}");
@@ -89,7 +92,10 @@ fn parse_npy(name: &str, bytes: &[u8]) -> Result<Matrix> {
             if bytes.len() < 12 {
                 bail!("{name}: truncated .npy header");
             }
-            (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
+            (
+                u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+                12,
+            )
         }
         v => bail!("{name}: unsupported .npy version {v}"),
     };
@@ -132,7 +138,11 @@ fn parse_npy(name: &str, bytes: &[u8]) -> Result<Matrix> {
         other => bail!("{name}: unsupported dtype {other:?}; expected float32, float16 or float64"),
     };
     if body.len() < n * width {
-        bail!("{name}: truncated data: expected {} bytes, got {}", n * width, body.len());
+        bail!(
+            "{name}: truncated data: expected {} bytes, got {}",
+            n * width,
+            body.len()
+        );
     }
     let mut data: Vec<f32> = (0..n)
         .map(|i| {
@@ -169,7 +179,10 @@ pub fn read_npz(path: &Path) -> Result<Vec<(String, Matrix)>> {
         let name = entry.name().trim_end_matches(".npy").to_string();
         let mut bytes = Vec::with_capacity(entry.size() as usize);
         entry.read_to_end(&mut bytes)?;
-        out.push((name.clone(), parse_npy(&format!("{}:{name}", path.display()), &bytes)?));
+        out.push((
+            name.clone(),
+            parse_npy(&format!("{}:{name}", path.display()), &bytes)?,
+        ));
     }
     let key = |n: &str| n.strip_prefix("arr_").and_then(|s| s.parse::<usize>().ok());
     if out.iter().all(|(n, _)| key(n).is_some()) {
@@ -198,7 +211,9 @@ mod tests {
             .map(|i| Matrix {
                 rows: i % 3 + 1,
                 cols: 4,
-                data: (0..(i % 3 + 1) * 4).map(|v| v as f32 * 0.5 + i as f32).collect(),
+                data: (0..(i % 3 + 1) * 4)
+                    .map(|v| v as f32 * 0.5 + i as f32)
+                    .collect(),
             })
             .collect();
         write_npz(&p, &arrays).unwrap();

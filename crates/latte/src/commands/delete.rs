@@ -29,6 +29,9 @@ pub fn run(args: DeleteArgs) -> Result<()> {
     if args.compact && !report.compacted {
         PlaidIndex::compact(&args.index)?;
     }
-    eprintln!("deleted {} documents, {} remain", report.deleted, report.remaining);
+    eprintln!(
+        "deleted {} documents, {} remain",
+        report.deleted, report.remaining
+    );
     Ok(())
 }

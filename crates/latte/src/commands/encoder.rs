@@ -21,7 +21,12 @@ pub struct Encoded {
 /// let out = model.encode(texts, is_query, batch_size)?;
 /// Ok(out.into_iter().map(|e| Encoded { rows: e.rows, cols: e.cols, data: e.data }).collect())
 /// ```
-pub fn encode_texts(model: &str, texts: &[String], is_query: bool, batch_size: usize) -> Result<Vec<Encoded>> {
+pub fn encode_texts(
+    model: &str,
+    texts: &[String],
+    is_query: bool,
+    batch_size: usize,
+) -> Result<Vec<Encoded>> {
     let _ = (texts, is_query, batch_size);
     anyhow::bail!(
         "encoding with a model ({model}) is not available in this build yet; encode with `latte encode` or \

@@ -72,7 +72,17 @@ pub fn run(args: IndexArgs) -> Result<()> {
                 let encoded = encoder::encode_texts(&model, &texts, false, args.batch_size)?;
                 let dim = encoded.first().map_or(0, |e| e.cols);
                 let mut src = VecSource::new(dim);
+                if encoded.len() != ids.len() {
+                    bail!(
+                        "the model returned {} embeddings for {} documents",
+                        encoded.len(),
+                        ids.len()
+                    );
+                }
                 for (id, e) in ids.into_iter().zip(encoded) {
+                    if e.cols != dim || e.data.len() != e.rows * e.cols {
+                        bail!("the model returned a malformed embedding for document {id:?}");
+                    }
                     src.push(id, e.data)?;
                 }
                 (Box::new(src), Some(model))

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use latte_index::{DocumentSource, EmbRef, PlaidIndex, SearchParams};
+use latte_index::{EmbRef, PlaidIndex, SearchParams};
 
 use super::{embeddings_source, encoder, read_ids, read_jsonl};
 
@@ -51,31 +51,45 @@ pub struct SearchArgs {
 }
 
 pub fn run(args: SearchArgs) -> Result<()> {
-    let index = PlaidIndex::open(&args.index).with_context(|| format!("opening {}", args.index.display()))?;
+    let index = PlaidIndex::open(&args.index)
+        .with_context(|| format!("opening {}", args.index.display()))?;
     let k = args.k as usize;
-    let (qids, queries): (Vec<String>, Vec<(Vec<f32>, usize)>) = match (&args.queries, &args.query_embeddings) {
-        (None, Some(npz)) => {
-            let ids = read_ids(args.query_ids.as_ref().expect("clap requires --query-ids"))?;
-            let src = embeddings_source(npz, ids.clone())?;
-            let qs = (0..src.len()).map(|i| Ok((src.embeddings(i)?.into_owned(), src.dim()))).collect::<Result<_>>()?;
-            (ids, qs)
-        }
-        (Some(path), None) => {
-            let model = match (&args.model, index.model()) {
-                (Some(m), _) => m.clone(),
-                (None, Some(m)) => m.to_string(),
-                (None, None) => bail!("the index does not record a model: pass --model or --query-embeddings"),
-            };
-            let (ids, texts) = read_jsonl(path)?;
-            let enc = encoder::encode_texts(&model, &texts, true, args.batch_size)?;
-            (ids, enc.into_iter().map(|e| (e.data, e.cols)).collect())
-        }
-        _ => bail!("give either --queries, or --query-embeddings with --query-ids"),
-    };
-    let refs: Vec<EmbRef> = queries.iter().map(|(q, d)| EmbRef::new(q, *d)).collect::<latte_index::Result<_>>()?;
+    let (qids, queries): (Vec<String>, Vec<(Vec<f32>, usize)>) =
+        match (&args.queries, &args.query_embeddings) {
+            (None, Some(npz)) => {
+                let ids = read_ids(args.query_ids.as_ref().expect("clap requires --query-ids"))?;
+                let src = embeddings_source(npz, ids.clone())?;
+                let qs = (0..src.len())
+                    .map(|i| Ok((src.embeddings(i)?.into_owned(), src.dim())))
+                    .collect::<Result<_>>()?;
+                (ids, qs)
+            }
+            (Some(path), None) => {
+                let model = match (&args.model, index.model()) {
+                    (Some(m), _) => m.clone(),
+                    (None, Some(m)) => m.to_string(),
+                    (None, None) => bail!(
+                        "the index does not record a model: pass --model or --query-embeddings"
+                    ),
+                };
+                let (ids, texts) = read_jsonl(path)?;
+                let enc = encoder::encode_texts(&model, &texts, true, args.batch_size)?;
+                if enc.len() != ids.len() || enc.iter().any(|e| e.data.len() != e.rows * e.cols) {
+                    bail!("the model returned malformed embeddings for the queries");
+                }
+                (ids, enc.into_iter().map(|e| (e.data, e.cols)).collect())
+            }
+            _ => bail!("give either --queries, or --query-embeddings with --query-ids"),
+        };
+    let refs: Vec<EmbRef> = queries
+        .iter()
+        .map(|(q, d)| EmbRef::new(q, *d))
+        .collect::<latte_index::Result<_>>()?;
     let results = if args.exact {
         // Each exhaustive search is already parallel inside.
-        refs.iter().map(|q| index.search_exact(*q, k, None)).collect::<latte_index::Result<Vec<_>>>()?
+        refs.iter()
+            .map(|q| index.search_exact(*q, k, None))
+            .collect::<latte_index::Result<Vec<_>>>()?
     } else {
         let mut p = SearchParams::for_k(k);
         if let Some(v) = args.n_ivf_probe {
@@ -91,7 +105,8 @@ pub fn run(args: SearchArgs) -> Result<()> {
     };
     let mut out: Box<dyn Write> = match &args.output {
         Some(path) => Box::new(std::io::BufWriter::new(
-            std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
+            std::fs::File::create(path)
+                .with_context(|| format!("cannot create {}", path.display()))?,
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };

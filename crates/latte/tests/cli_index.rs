@@ -1,0 +1,297 @@
+//! `latte index`, `latte search` and `latte delete` end to end on small precomputed embeddings.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use latte::npz::{write_npz, Matrix};
+
+const DIM: usize = 16;
+
+fn latte(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_latte"))
+        .args(args)
+        .output()
+        .expect("run latte")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = latte(args);
+    assert!(
+        out.status.success(),
+        "latte {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn fails(args: &[&str], needle: &str) {
+    let out = latte(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "latte {args:?} should fail");
+    assert!(
+        err.contains(needle),
+        "latte {args:?}: expected {needle:?} in {err}"
+    );
+}
+
+fn unit_rows(rows: usize, dim: usize, seed: u64) -> Matrix {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut data = Vec::with_capacity(rows * dim);
+    for _ in 0..rows {
+        let mut row: Vec<f32> = (0..dim)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect();
+        let n = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+        row.iter_mut().for_each(|v| *v /= n);
+        data.extend(row);
+    }
+    Matrix {
+        rows,
+        cols: dim,
+        data,
+    }
+}
+
+fn write_set(
+    dir: &Path,
+    name: &str,
+    n: usize,
+    dim: usize,
+    seed: u64,
+    prefix: &str,
+) -> (String, String) {
+    let arrays: Vec<Matrix> = (0..n)
+        .map(|i| unit_rows(3 + i % 5, dim, seed + i as u64))
+        .collect();
+    let npz = dir.join(format!("{name}.npz"));
+    write_npz(&npz, &arrays).unwrap();
+    let ids = dir.join(format!("{name}.txt"));
+    let lines: Vec<String> = (0..n).map(|i| format!("{prefix}{i}")).collect();
+    std::fs::write(&ids, lines.join("\n") + "\n").unwrap();
+    (npz.to_string_lossy().into(), ids.to_string_lossy().into())
+}
+
+fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().to_string(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn index_search_add_delete_and_bad_input() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let index = t.join("idx");
+    let index_s = index.to_string_lossy().to_string();
+    let (docs, ids) = write_set(t, "docs", 40, DIM, 1, "d");
+    let (queries, qids) = write_set(t, "queries", 4, DIM, 100, "q");
+    let run = t.join("run.trec").to_string_lossy().to_string();
+
+    ok(&[
+        "index",
+        "--index",
+        &index_s,
+        "--embeddings",
+        &docs,
+        "--ids",
+        &ids,
+        "--centroids",
+        "8",
+    ]);
+    ok(&[
+        "search",
+        "--index",
+        &index_s,
+        "--query-embeddings",
+        &queries,
+        "--query-ids",
+        &qids,
+        "--k",
+        "3",
+        "--output",
+        &run,
+    ]);
+    let text = std::fs::read_to_string(&run).unwrap();
+    let lines: Vec<Vec<&str>> = text.lines().map(|l| l.split(' ').collect()).collect();
+    assert_eq!(lines.len(), 12);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l.len(), 6, "{l:?}");
+        assert_eq!(l[0], format!("q{}", i / 3));
+        assert_eq!(l[1], "Q0");
+        assert!(l[2].starts_with('d'));
+        assert_eq!(l[3], (i % 3 + 1).to_string());
+        assert!(l[4].parse::<f32>().is_ok());
+        assert_eq!(l[5], "latte");
+    }
+    // Exhaustive search returns the same top document here (the PLAID pass keeps every candidate at this size).
+    let exact = ok(&[
+        "search",
+        "--index",
+        &index_s,
+        "--query-embeddings",
+        &queries,
+        "--query-ids",
+        &qids,
+        "--k",
+        "3",
+        "--exact",
+    ]);
+    assert_eq!(
+        exact.lines().next().unwrap().split(' ').nth(2),
+        lines[0].get(2).copied()
+    );
+
+    // Bad input: each a clear error, the index unchanged.
+    let before = snapshot(&index);
+    fails(
+        &[
+            "search",
+            "--index",
+            &index_s,
+            "--query-embeddings",
+            &queries,
+            "--query-ids",
+            &qids,
+            "--k",
+            "0",
+        ],
+        "k",
+    );
+    let (wrong, wrong_ids) = write_set(t, "wrong", 2, 8, 7, "w");
+    fails(
+        &[
+            "search",
+            "--index",
+            &index_s,
+            "--query-embeddings",
+            &wrong,
+            "--query-ids",
+            &wrong_ids,
+        ],
+        "dimension",
+    );
+    fails(
+        &[
+            "index",
+            "--index",
+            &index_s,
+            "--embeddings",
+            &wrong,
+            "--ids",
+            &wrong_ids,
+        ],
+        "dimension",
+    );
+    fails(
+        &[
+            "index",
+            "--index",
+            &index_s,
+            "--embeddings",
+            &docs,
+            "--ids",
+            &qids,
+        ],
+        "ids",
+    );
+    fails(
+        &[
+            "index",
+            "--index",
+            &index_s,
+            "--embeddings",
+            &docs,
+            "--ids",
+            &ids,
+        ],
+        "duplicate",
+    );
+    let unknown = t.join("unknown.txt");
+    std::fs::write(&unknown, "d1\nnot-there\n").unwrap();
+    fails(
+        &[
+            "delete",
+            "--index",
+            &index_s,
+            "--ids",
+            &unknown.to_string_lossy(),
+        ],
+        "not-there",
+    );
+    assert_eq!(snapshot(&index), before);
+    let not_index = t.join("empty");
+    std::fs::create_dir(&not_index).unwrap();
+    fails(
+        &[
+            "search",
+            "--index",
+            &not_index.to_string_lossy(),
+            "--query-embeddings",
+            &queries,
+            "--query-ids",
+            &qids,
+        ],
+        "not a latte index",
+    );
+    fails(
+        &["search", "--index", &index_s, "--queries", &qids],
+        "model",
+    );
+
+    // Add, then delete: deleted documents never come back.
+    let (more, more_ids) = write_set(t, "more", 5, DIM, 500, "m");
+    ok(&[
+        "index",
+        "--index",
+        &index_s,
+        "--embeddings",
+        &more,
+        "--ids",
+        &more_ids,
+    ]);
+    let del = t.join("del.txt");
+    std::fs::write(&del, "m0\nd3\n").unwrap();
+    ok(&[
+        "delete",
+        "--index",
+        &index_s,
+        "--ids",
+        &del.to_string_lossy(),
+    ]);
+    let out = ok(&[
+        "search",
+        "--index",
+        &index_s,
+        "--query-embeddings",
+        &more,
+        "--query-ids",
+        &more_ids,
+        "--k",
+        "45",
+        "--exact",
+    ]);
+    assert!(!out
+        .lines()
+        .any(|l| matches!(l.split(' ').nth(2), Some("m0") | Some("d3"))));
+    assert_eq!(out.lines().filter(|l| l.starts_with("m1 ")).count(), 43);
+    assert!(
+        out.lines().any(|l| l.starts_with("m1 Q0 m1 1 ")),
+        "an added document is its own best match"
+    );
+}
