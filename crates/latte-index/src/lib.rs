@@ -17,6 +17,7 @@ compile_error!("latte-index stores little-endian data and memory-maps it; big-en
 mod codec;
 mod error;
 mod exact;
+mod kernels;
 mod kmeans;
 mod linalg;
 mod npz_source;

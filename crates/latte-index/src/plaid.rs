@@ -22,8 +22,7 @@ use crate::storage::{
 use crate::{kmeans, pool, Error, Hit, Result};
 
 const META: &str = "meta.lt";
-/// Query tokens processed together in the approximate passes (fixed width, so the loops vectorise).
-const LANES: usize = 32;
+use crate::kernels::{self, LANES};
 const CODEC: &str = "codec.lt";
 
 /// Documents to index, read one at a time (so a corpus never has to sit in memory at once).
@@ -160,8 +159,8 @@ impl SearchParams {
             },
             centroid_score_threshold: None,
             ndocs: (k1 * 100).max(2000),
-            n_residual: (k1 * 60).max(600),
-            n_rerank: (k1 * 5).max(50),
+            n_residual: (k1 * 10).max(600),
+            n_rerank: (k1 * 2).max(50),
             full_precision_rerank: true,
         }
     }
@@ -718,27 +717,12 @@ impl PlaidIndex {
         }
         let sp = &sp;
         let approx = |docs: &[u32], threshold: Option<f32>| -> Vec<f32> {
+            let thr = threshold.unwrap_or(f32::NEG_INFINITY);
             let score = |d: u32| -> f32 {
-                let mut total = 0f32;
-                for g in 0..groups {
-                    let mut acc = [0f32; LANES];
-                    let mut add = |c: usize| {
-                        if threshold.is_none_or(|t| cmax[c] >= t) {
-                            let row: &[f32; LANES] = sp[(c * groups + g) * LANES..][..LANES]
-                                .try_into()
-                                .expect("lanes");
-                            for i in 0..LANES {
-                                acc[i] = acc[i].max(row[i]);
-                            }
-                        }
-                    };
-                    match self.codes_of(d as usize) {
-                        Codes::U16(cs) => cs.iter().for_each(|&c| add(c as usize)),
-                        Codes::U32(cs) => cs.iter().for_each(|&c| add(c as usize)),
-                    }
-                    total += acc.iter().sum::<f32>();
+                match self.codes_of(d as usize) {
+                    Codes::U16(cs) => kernels::bag_score(cs, sp, groups, &cmax, thr),
+                    Codes::U32(cs) => kernels::bag_score(cs, sp, groups, &cmax, thr),
                 }
-                total
             };
             if docs.len() > 1024 {
                 docs.par_chunks(512)
@@ -801,34 +785,10 @@ impl PlaidIndex {
         let score = |d: u32| -> f32 {
             let (c, st, e) = self.local_range(d as usize);
             let res = &c.res.payload()[st * bpt..e * bpt];
-            let codes = self.codes_of(d as usize);
-            let mut total = 0f32;
-            for (g, table) in tables.iter().enumerate() {
-                let mut acc = [f32::NEG_INFINITY; LANES];
-                for t in 0..e - st {
-                    let code = match &codes {
-                        Codes::U16(cs) => cs[t] as usize,
-                        Codes::U32(cs) => cs[t] as usize,
-                    };
-                    let mut v: [f32; LANES] = sp[(code * groups + g) * LANES..][..LANES]
-                        .try_into()
-                        .expect("lanes");
-                    for (p, &b) in res[t * bpt..(t + 1) * bpt].iter().enumerate() {
-                        let row: &[f32; LANES] = table[(p * 256 + b as usize) * LANES..][..LANES]
-                            .try_into()
-                            .expect("lanes");
-                        for i in 0..LANES {
-                            v[i] += row[i];
-                        }
-                    }
-                    for i in 0..LANES {
-                        acc[i] = acc[i].max(v[i]);
-                    }
-                }
-                let rows = (lq - g * LANES).min(LANES);
-                total += acc[..rows].iter().sum::<f32>();
+            match self.codes_of(d as usize) {
+                Codes::U16(cs) => kernels::residual_score(cs, res, bpt, sp, groups, tables, lq),
+                Codes::U32(cs) => kernels::residual_score(cs, res, bpt, sp, groups, tables, lq),
             }
-            total
         };
         if docs.len() > 64 {
             docs.par_chunks(64)
