@@ -151,16 +151,16 @@ impl SearchParams {
         Self {
             k,
             n_ivf_probe: if k1 <= 10 {
-                8
+                4
             } else if k1 <= 100 {
-                12
+                8
             } else {
                 16
             },
             centroid_score_threshold: None,
             ndocs: (k1 * 100).max(2000),
-            n_residual: (k1 * 10).max(600),
-            n_rerank: (k1 * 2).max(50),
+            n_residual: (k1 * 10).max(1000),
+            n_rerank: (k1 * 2).max(100),
             full_precision_rerank: true,
         }
     }
