@@ -420,6 +420,23 @@ impl PlaidIndex {
                     reason: "wrong number of codes".into(),
                 });
             }
+            let max_code = if meta.code_width() == 2 {
+                cast::<u16>(codes.payload(), codes.path(), "codes")?
+                    .iter()
+                    .map(|&c| c as usize)
+                    .max()
+            } else {
+                cast::<u32>(codes.payload(), codes.path(), "codes")?
+                    .iter()
+                    .map(|&c| c as usize)
+                    .max()
+            };
+            if max_code.is_some_and(|m| m >= meta.num_centroids) {
+                return Err(Error::Corrupt {
+                    path: codes.path().into(),
+                    reason: "centroid code out of range".into(),
+                });
+            }
             let res = Mapped::open(&dir.join(chunk_file(c.id, "res")), b"RESI")?;
             if res.payload().len() as u64 != c.tokens * codec.bytes_per_token() as u64 {
                 return Err(Error::Corrupt {
@@ -748,13 +765,16 @@ impl PlaidIndex {
             pick(&candidates, &stage1, p.n_residual.min(p.ndocs).max(p.k))
         };
         // 4. Residual-aware approximate MaxSim through the lookup table.
-        let tables: Vec<Vec<f32>> = (0..groups)
+        let tables: Vec<(Vec<i16>, f32)> = (0..groups)
             .map(|g| {
                 let rows = (lq - g * LANES).min(LANES);
-                self.codec.query_table(
-                    &q.data()[g * LANES * dim..(g * LANES + rows) * dim],
-                    rows,
-                    LANES,
+                kernels::quantize_table(
+                    &self.codec.query_table(
+                        &q.data()[g * LANES * dim..(g * LANES + rows) * dim],
+                        rows,
+                        LANES,
+                    ),
+                    self.codec.bytes_per_token(),
                 )
             })
             .collect();
@@ -777,7 +797,7 @@ impl PlaidIndex {
         &self,
         sp: &[f32],
         groups: usize,
-        tables: &[Vec<f32>],
+        tables: &[(Vec<i16>, f32)],
         lq: usize,
         docs: &[u32],
     ) -> Vec<f32> {
