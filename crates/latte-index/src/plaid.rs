@@ -150,13 +150,7 @@ impl SearchParams {
         let k1 = k.max(1);
         Self {
             k,
-            n_ivf_probe: if k1 <= 10 {
-                4
-            } else if k1 <= 100 {
-                8
-            } else {
-                16
-            },
+            n_ivf_probe: if k1 <= 100 { 8 } else { 16 },
             centroid_score_threshold: None,
             ndocs: (k1 * 100).max(2000),
             n_residual: (k1 * 10).max(1000),
