@@ -295,3 +295,23 @@ fn index_search_add_delete_and_bad_input() {
         "an added document is its own best match"
     );
 }
+
+#[test]
+fn npz_written_by_latte_is_read_lazily() {
+    use latte_index::DocumentSource;
+    let tmp = tempfile::tempdir().unwrap();
+    let arrays: Vec<Matrix> = (0..3)
+        .map(|i| unit_rows(2 + i, DIM, 9 + i as u64))
+        .collect();
+    let path = tmp.path().join("x.npz");
+    write_npz(&path, &arrays).unwrap();
+    let src = latte_index::NpzSource::open(&path).unwrap();
+    assert_eq!((src.len(), src.dim()), (3, DIM));
+    for (i, m) in arrays.iter().enumerate() {
+        assert_eq!(src.embeddings(i).unwrap().as_ref(), m.data.as_slice());
+    }
+    let err = src.with_ids(vec!["a".into()]).unwrap_err();
+    assert!(err.to_string().contains("3 arrays but 1 ids"), "{err}");
+    std::fs::write(&path, b"not a zip").unwrap();
+    assert!(latte_index::NpzSource::open(&path).is_err());
+}
