@@ -157,6 +157,29 @@ fn index_search_add_delete_and_bad_input() {
         lines[0].get(2).copied()
     );
 
+    // A subset restricts the results.
+    let subset = t.join("subset.txt");
+    std::fs::write(&subset, "d5\nd6\n").unwrap();
+    let sub = ok(&[
+        "search",
+        "--index",
+        &index_s,
+        "--query-embeddings",
+        &queries,
+        "--query-ids",
+        &qids,
+        "--k",
+        "3",
+        "--subset",
+        &subset.to_string_lossy(),
+    ]);
+    assert_eq!(sub.lines().count(), 8);
+    assert!(
+        sub.lines()
+            .all(|l| matches!(l.split(' ').nth(2), Some("d5") | Some("d6"))),
+        "{sub}"
+    );
+
     // Bad input: each a clear error, the index unchanged.
     let before = snapshot(&index);
     fails(

@@ -42,6 +42,9 @@ pub struct SearchArgs {
     /// Candidates kept after the centroid pass (default depends on k).
     #[arg(long)]
     pub ndocs: Option<usize>,
+    /// Restrict results to these document ids (one per line; ids not in the index are ignored).
+    #[arg(long)]
+    pub subset: Option<PathBuf>,
     /// Skip the final exact rerank from the half-precision copy.
     #[arg(long)]
     pub no_rerank: bool,
@@ -81,6 +84,8 @@ pub fn run(args: SearchArgs) -> Result<()> {
             }
             _ => bail!("give either --queries, or --query-embeddings with --query-ids"),
         };
+    let subset = args.subset.as_deref().map(read_ids).transpose()?;
+    let subset = subset.as_deref();
     let refs: Vec<EmbRef> = queries
         .iter()
         .map(|(q, d)| EmbRef::new(q, *d))
@@ -88,7 +93,7 @@ pub fn run(args: SearchArgs) -> Result<()> {
     let results = if args.exact {
         // Each exhaustive search is already parallel inside.
         refs.iter()
-            .map(|q| index.search_exact(*q, k, None))
+            .map(|q| index.search_exact(*q, k, subset))
             .collect::<latte_index::Result<Vec<_>>>()?
     } else {
         let mut p = SearchParams::for_k(k);
@@ -99,9 +104,9 @@ pub fn run(args: SearchArgs) -> Result<()> {
             p.ndocs = v;
         }
         if args.no_rerank {
-            p.n_rerank = 0;
+            p.full_precision_rerank = false;
         }
-        index.search_batch(&refs, &p, None)?
+        index.search_batch(&refs, &p, subset)?
     };
     let mut out: Box<dyn Write> = match &args.output {
         Some(path) => Box::new(std::io::BufWriter::new(
