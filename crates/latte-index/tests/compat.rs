@@ -21,13 +21,17 @@ fn doc(i: usize) -> Vec<f32> {
 
 #[test]
 fn format_v1_fixture_opens_and_searches() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/index_v{FORMAT_VERSION}"));
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("tests/fixtures/index_v{FORMAT_VERSION}"));
     if !dir.join("meta.lt").exists() {
         let mut src = VecSource::new(DIM);
         for i in 0..24 {
             src.push(format!("doc{i}"), doc(i)).unwrap();
         }
-        let config = IndexConfig { num_centroids: Some(4), ..IndexConfig::default() };
+        let config = IndexConfig {
+            num_centroids: Some(4),
+            ..IndexConfig::default()
+        };
         PlaidIndex::create(&dir, &src, &config).unwrap();
     }
     let index = PlaidIndex::open(&dir).unwrap();
@@ -36,10 +40,17 @@ fn format_v1_fixture_opens_and_searches() {
     // The query equals document 5's tokens, so document 5 scores highest (ties broken towards documents whose
     // token sets contain it, all of which score the same maximum).
     let q = doc(5);
-    let hits = index.search(EmbRef::new(&q, DIM).unwrap(), &SearchParams::for_k(3), None).unwrap();
+    let hits = index
+        .search(EmbRef::new(&q, DIM).unwrap(), &SearchParams::for_k(3), None)
+        .unwrap();
     assert_eq!(hits.len(), 3);
     let top = hits[0].score;
-    assert!((top - (q.len() / DIM) as f32).abs() < 1e-2, "top score {top}");
-    let exact = index.search_exact(EmbRef::new(&q, DIM).unwrap(), 1, None).unwrap();
+    assert!(
+        (top - (q.len() / DIM) as f32).abs() < 1e-2,
+        "top score {top}"
+    );
+    let exact = index
+        .search_exact(EmbRef::new(&q, DIM).unwrap(), 1, None)
+        .unwrap();
     assert!((exact[0].score - top).abs() < 1e-6);
 }
