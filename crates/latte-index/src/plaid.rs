@@ -678,15 +678,24 @@ impl PlaidIndex {
             _ => {
                 let probe = p.n_ivf_probe.clamp(1, k_c);
                 let mut cells = vec![false; k_c];
-                let mut order: Vec<u32> = (0..k_c as u32).collect();
-                for j in 0..lq {
-                    let by = |a: &u32, b: &u32| {
-                        s[*b as usize * lq + j].total_cmp(&s[*a as usize * lq + j])
-                    };
-                    if probe < k_c {
-                        order.select_nth_unstable_by(probe - 1, by);
+                // Token-major copy so each token's scores are contiguous, then a top-`probe` scan per token.
+                let mut st = vec![0f32; lq * k_c];
+                for (c, row) in s.chunks_exact(lq).enumerate() {
+                    for (j, &v) in row.iter().enumerate() {
+                        st[j * k_c + c] = v;
                     }
-                    for &c in &order[..probe] {
+                }
+                let mut best: Vec<(f32, u32)> = Vec::with_capacity(probe + 1);
+                for row in st.chunks_exact(k_c) {
+                    best.clear();
+                    for (c, &v) in row.iter().enumerate() {
+                        if best.len() < probe || v > best[best.len() - 1].0 {
+                            let at = best.partition_point(|b| b.0 >= v);
+                            best.insert(at, (v, c as u32));
+                            best.truncate(probe);
+                        }
+                    }
+                    for &(_, c) in &best {
                         cells[c as usize] = true;
                     }
                 }
