@@ -11,7 +11,7 @@ fn doc(i: usize) -> Vec<f32> {
     // Document i: (i % 3) + 2 tokens, each a unit vector along axis (i + t) % DIM with a small offset.
     let mut d = Vec::new();
     for t in 0..(i % 3) + 2 {
-        let mut v = vec![0.05f32; DIM];
+        let mut v = [0.05f32; DIM];
         v[(i + t) % DIM] = 1.0;
         let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         d.extend(v.iter().map(|x| x / n));
