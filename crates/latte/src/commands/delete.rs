@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use latte_index::PlaidIndex;
 
-use super::read_ids;
+use super::index_io::read_ids;
 
 /// Delete documents from an index. Unknown ids are an error and nothing is deleted.
 #[derive(Args, Debug)]

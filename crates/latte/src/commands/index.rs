@@ -6,7 +6,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use latte_index::{IndexConfig, PlaidIndex, VecSource};
 
-use super::{embeddings_source, encoder, read_ids, read_jsonl};
+use super::encoder;
+use super::index_io::{embeddings_source, read_ids, read_jsonl};
 
 /// Index a corpus (encoding it with a model) or precomputed embeddings. On an existing index, adds documents.
 #[derive(Args, Debug)]

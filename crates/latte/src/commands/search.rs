@@ -7,7 +7,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use latte_index::{EmbRef, PlaidIndex, SearchParams};
 
-use super::{embeddings_source, encoder, read_ids, read_jsonl};
+use super::encoder;
+use super::index_io::{embeddings_source, read_ids, read_jsonl};
 
 /// Search an index; writes `qid Q0 docid rank score latte` lines.
 #[derive(Args, Debug)]
