@@ -334,6 +334,8 @@ pub struct PlaidIndex {
     deleted: Vec<bool>,
     live: usize,
     ivf: Mapped,
+    /// Byte ranges of the two IVF sections (offsets, document ids) inside the payload.
+    ivf_sections: [std::ops::Range<usize>; 2],
 }
 
 impl std::fmt::Debug for PlaidIndex {
@@ -461,6 +463,17 @@ impl PlaidIndex {
             token_base += c.tokens;
         }
         let ivf = Mapped::open(&dir.join(meta.ivf_name()), b"IVFL")?;
+        let ivf_sections = {
+            let base = ivf.payload().as_ptr() as usize;
+            let secs = ivf.sections()?;
+            let range = |i: usize| {
+                secs.get(i).map_or(0..0, |s| {
+                    let start = s.as_ptr() as usize - base;
+                    start..start + s.len()
+                })
+            };
+            [range(0), range(1)]
+        };
         {
             let secs = ivf.sections()?;
             let offs: &[u64] = cast(
@@ -510,6 +523,7 @@ impl PlaidIndex {
             deleted,
             live,
             ivf,
+            ivf_sections,
         })
     }
 
@@ -594,9 +608,10 @@ impl PlaidIndex {
     }
 
     fn ivf_list(&self, centroid: usize) -> &[u32] {
-        let secs = self.ivf.sections().expect("checked at open");
-        let offs: &[u64] = cast(secs[0], self.ivf.path(), "ivf").expect("checked");
-        let docs: &[u32] = cast(secs[1], self.ivf.path(), "ivf").expect("checked");
+        let p = self.ivf.payload();
+        let [o, d] = &self.ivf_sections;
+        let offs: &[u64] = cast(&p[o.clone()], self.ivf.path(), "ivf").expect("checked at open");
+        let docs: &[u32] = cast(&p[d.clone()], self.ivf.path(), "ivf").expect("checked at open");
         &docs[offs[centroid] as usize..offs[centroid + 1] as usize]
     }
 
