@@ -338,3 +338,60 @@ fn npz_written_by_latte_is_read_lazily() {
     std::fs::write(&path, b"not a zip").unwrap();
     assert!(latte_index::NpzSource::open(&path).is_err());
 }
+
+#[test]
+fn compressed_npz_falls_back_to_a_full_read() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    // Like numpy.savez_compressed: deflated entries, which the lazy reader refuses.
+    let path = t.join("docs.npz");
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
+    let opts = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated);
+    for i in 0..12 {
+        let m = unit_rows(3 + i % 4, DIM, 70 + i as u64);
+        zip.start_file(format!("arr_{i}.npy"), opts).unwrap();
+        zip.write_all(&latte::npz::npy_bytes(&[m.rows, m.cols], &m.data))
+            .unwrap();
+    }
+    zip.finish().unwrap();
+    assert!(latte_index::NpzSource::open(&path).is_err());
+    let ids = t.join("ids.txt");
+    std::fs::write(&ids, (0..12).map(|i| format!("z{i}\n")).collect::<String>()).unwrap();
+    let index = t.join("idx").to_string_lossy().to_string();
+    let (p, i) = (
+        path.to_string_lossy().to_string(),
+        ids.to_string_lossy().to_string(),
+    );
+    ok(&[
+        "index",
+        "--index",
+        &index,
+        "--embeddings",
+        &p,
+        "--ids",
+        &i,
+        "--centroids",
+        "4",
+    ]);
+    let out = ok(&[
+        "search",
+        "--index",
+        &index,
+        "--query-embeddings",
+        &p,
+        "--query-ids",
+        &i,
+        "--k",
+        "1",
+    ]);
+    assert_eq!(out.lines().count(), 12);
+    assert!(
+        out.lines().all(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            f[0] == f[2]
+        }),
+        "each document is its own best match:\n{out}"
+    );
+}
