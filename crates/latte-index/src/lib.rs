@@ -8,7 +8,11 @@
 //!   compaction, subset search and a half-precision copy of the embeddings for an exact final rerank.
 //! * [`pool`]: token pooling (Ward hierarchical clustering), matching PyLate's `pool_embeddings_hierarchical`.
 //!
-//! Embeddings are passed as row-major `f32` matrices (`tokens × dim`) through [`EmbRef`].
+//! * [`DocumentSource`]: documents to index, read one at a time ([`VecSource`] in memory, [`NpzSource`] lazily
+//!   from a `.npz` archive), so a build never holds the whole corpus.
+//!
+//! Embeddings are passed as row-major `f32` matrices (`tokens × dim`) through [`EmbRef`]. The on-disk layout is
+//! documented in FORMAT.md; measured numbers and the benchmark commands are in BENCHMARKS.md.
 #![warn(missing_docs)]
 
 #[cfg(target_endian = "big")]
