@@ -1,1 +1,57 @@
+//! Late-interaction (ColBERT) scoring and indexes for latte.
+//!
+//! * [`scores`]: PyLate-compatible `colbert_scores`, `colbert_scores_pairwise`, `colbert_kd_scores` and a fast
+//!   multi-threaded MaxSim kernel built on a matrix multiply.
+//! * [`rerank`]: PyLate's `rank.rerank` (candidates sorted by exact MaxSim).
+//! * [`ExactIndex`]: brute-force in-memory index, the ground truth.
+//! * [`PlaidIndex`]: on-disk PLAID index (k-means centroids, residual codec, inverted lists) with add, delete,
+//!   compaction, subset search and a half-precision copy of the embeddings for an exact final rerank.
+//! * [`pool`]: token pooling (Ward hierarchical clustering), matching PyLate's `pool_embeddings_hierarchical`.
+//!
+//! * [`DocumentSource`]: documents to index, read one at a time ([`VecSource`] in memory, [`NpzSource`] lazily
+//!   from a `.npz` archive), so a build never holds the whole corpus.
+//!
+//! Embeddings are passed as row-major `f32` matrices (`tokens × dim`) through [`EmbRef`]. The on-disk layout is
+//! documented in FORMAT.md; measured numbers and the benchmark commands are in BENCHMARKS.md.
+#![warn(missing_docs)]
 
+#[cfg(target_endian = "big")]
+compile_error!("latte-index stores little-endian data and memory-maps it; big-endian targets are not supported");
+
+mod codec;
+mod error;
+mod exact;
+mod kernels;
+mod kmeans;
+mod linalg;
+mod npz_source;
+mod plaid;
+pub mod pool;
+mod rerank_mod;
+pub mod scores;
+mod storage;
+
+pub use error::{Error, Result};
+pub use exact::ExactIndex;
+pub use npz_source::NpzSource;
+pub use plaid::{
+    AddReport, DeleteReport, DocumentSource, IndexConfig, IndexInfo, PlaidIndex, SearchParams,
+    VecSource,
+};
+pub use rerank_mod::{rerank, RerankResult};
+pub use scores::{maxsim, EmbRef};
+pub use storage::FORMAT_VERSION;
+
+/// Reranking (PyLate `rank`).
+pub mod rerank {
+    pub use crate::rerank_mod::{rerank, RerankResult};
+}
+
+/// One search result: the document's external id and its score.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hit {
+    /// External document id.
+    pub id: String,
+    /// MaxSim score (exact unless the search ran without the final rerank).
+    pub score: f32,
+}

@@ -25,6 +25,12 @@ enum Command {
     Convert(commands::convert::ConvertArgs),
     /// Evaluate a TREC run against qrels (nDCG, MRR, recall, ... as ranx computes them).
     Eval(commands::eval::Args),
+    /// Index a corpus or precomputed embeddings (adds to an existing index).
+    Index(commands::index::IndexArgs),
+    /// Search an index and write a TREC run.
+    Search(commands::search::SearchArgs),
+    /// Delete documents by id.
+    Delete(commands::delete::DeleteArgs),
 }
 
 /// Keeps large buffers in the heap instead of mapping and unmapping them for every tensor op: without
@@ -58,6 +64,9 @@ fn main() -> ExitCode {
         Command::Encode(a) => commands::encode::run(a),
         Command::Convert(a) => commands::convert::run(a),
         Command::Eval(args) => commands::eval::run(args),
+        Command::Index(args) => commands::index::run(args),
+        Command::Search(args) => commands::search::run(args),
+        Command::Delete(args) => commands::delete::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,7 +1,12 @@
 //! One module per subcommand.
 
 pub mod convert;
+pub mod delete;
 pub mod encode;
+pub mod encoder;
 pub mod eval;
+pub mod index;
+pub mod index_io;
 pub mod model_args;
+pub mod search;
 pub mod texts;
