@@ -25,6 +25,8 @@ enum Command {
     Convert(commands::convert::ConvertArgs),
     /// Evaluate a TREC run against qrels (nDCG, MRR, recall, ... as ranx computes them).
     Eval(commands::eval::Args),
+    /// Encode a BEIR dataset, index it, search it and report IR metrics, in one command.
+    Evaluate(commands::evaluate::EvaluateArgs),
     /// Index a corpus or precomputed embeddings (adds to an existing index).
     Index(commands::index::IndexArgs),
     /// Search an index and write a TREC run.
@@ -64,6 +66,7 @@ fn main() -> ExitCode {
         Command::Encode(a) => commands::encode::run(a),
         Command::Convert(a) => commands::convert::run(a),
         Command::Eval(args) => commands::eval::run(args),
+        Command::Evaluate(args) => commands::evaluate::run(args),
         Command::Index(args) => commands::index::run(args),
         Command::Search(args) => commands::search::run(args),
         Command::Delete(args) => commands::delete::run(args),

@@ -5,6 +5,7 @@ pub mod delete;
 pub mod encode;
 pub mod encoder;
 pub mod eval;
+pub mod evaluate;
 pub mod index;
 pub mod index_io;
 pub mod model_args;

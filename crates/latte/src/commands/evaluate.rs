@@ -1,0 +1,253 @@
+//! `latte evaluate`: model + BEIR folder → encoded corpus and queries, index, search, run file, metrics,
+//! with the time each stage took. A second run with the same index folder skips encoding the corpus.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use latte_eval::{evaluate, BeirDataset, Metric, Run, TieBreak};
+use latte_index::{EmbRef, ExactIndex, IndexConfig, PlaidIndex, SearchParams, VecSource};
+use latte_models::EncodeOptions;
+
+use super::model_args::ModelArgs;
+use latte::npz::{read_npz, write_npz, Matrix};
+
+/// Which index answers the queries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IndexKind {
+    /// Compressed PLAID index (approximate search, exact final rerank).
+    Plaid,
+    /// Brute-force MaxSim over every document.
+    Exact,
+}
+
+/// Evaluate a model on a BEIR-layout dataset end to end.
+#[derive(Debug, Args)]
+pub struct EvaluateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// BEIR folder: corpus.jsonl, queries.jsonl, qrels/{split}.tsv.
+    #[arg(long)]
+    pub dataset: PathBuf,
+    /// Qrels split.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Index kind.
+    #[arg(long, value_enum, default_value_t = IndexKind::Plaid)]
+    pub index: IndexKind,
+    /// Documents retrieved per query.
+    #[arg(long, default_value_t = 100)]
+    pub k: usize,
+    /// Metrics (ranx names).
+    #[arg(long, default_value = "ndcg@10,mrr@10,recall@10,recall@100,map@100")]
+    pub metrics: String,
+    /// Where the index (or, for --index exact, the document embeddings) is kept and reused;
+    /// default `latte-eval/<dataset>-<model>-<index>` in the current folder.
+    #[arg(long)]
+    pub index_dir: Option<PathBuf>,
+    /// TREC run file to write; default `<index-dir>/run.<split>.trec`.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Texts per forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// PLAID residual bits (1, 2 or 4).
+    #[arg(long, default_value_t = 2)]
+    pub nbits: usize,
+    /// Print the metrics as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn slug(s: &str) -> String {
+    s.trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or(s)
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+pub fn run(args: EvaluateArgs) -> Result<()> {
+    if args.k == 0 {
+        bail!("--k must be at least 1");
+    }
+    let metrics = Metric::parse_list(&args.metrics)?;
+    let total = Instant::now();
+    let mut stages: Vec<(&str, f64)> = Vec::new();
+
+    let t = Instant::now();
+    let data = BeirDataset::load(&args.dataset, &args.split)
+        .with_context(|| format!("loading BEIR dataset {}", args.dataset.display()))?;
+    stages.push(("load data", t.elapsed().as_secs_f64()));
+
+    let kind = match args.index {
+        IndexKind::Plaid => "plaid",
+        IndexKind::Exact => "exact",
+    };
+    let dir = args.index_dir.clone().unwrap_or_else(|| {
+        PathBuf::from("latte-eval").join(format!(
+            "{}-{}-{kind}",
+            slug(&args.dataset.to_string_lossy()),
+            slug(&args.model.model)
+        ))
+    });
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+
+    let t = Instant::now();
+    let model = args.model.load()?;
+    stages.push(("load model", t.elapsed().as_secs_f64()));
+    let opts = EncodeOptions {
+        batch_size: args.batch_size,
+        ..Default::default()
+    };
+
+    let doc_ids: Vec<String> = data.corpus.iter().map(|d| d.id.clone()).collect();
+    let reuse = match args.index {
+        IndexKind::Plaid => PlaidIndex::open(&dir).is_ok(),
+        IndexKind::Exact => dir.join("docs.npz").is_file() && dir.join("docs_ids.txt").is_file(),
+    };
+    let mut doc_embs: Option<Vec<Matrix>> = None;
+    if reuse {
+        eprintln!(
+            "reusing the index in {} (corpus not re-encoded)",
+            dir.display()
+        );
+    } else {
+        let t = Instant::now();
+        let texts: Vec<String> = data.corpus.iter().map(|d| d.text.clone()).collect();
+        let embs = model.encode(&texts, false, &opts)?;
+        stages.push(("encode corpus", t.elapsed().as_secs_f64()));
+        let t = Instant::now();
+        match args.index {
+            IndexKind::Plaid => {
+                let mut src = VecSource::new(model.embedding_dim());
+                for (id, e) in doc_ids.iter().zip(embs) {
+                    src.push(id.clone(), e.data)?;
+                }
+                let config = IndexConfig {
+                    nbits: args.nbits,
+                    model: Some(args.model.model.clone()),
+                    ..Default::default()
+                };
+                PlaidIndex::create(&dir, &src, &config)?;
+                stages.push(("build index", t.elapsed().as_secs_f64()));
+            }
+            IndexKind::Exact => {
+                let mats: Vec<Matrix> = embs
+                    .into_iter()
+                    .map(|e| Matrix {
+                        rows: e.rows,
+                        cols: e.cols,
+                        data: e.data,
+                    })
+                    .collect();
+                write_npz(&dir.join("docs.npz"), &mats)?;
+                let ids: String = doc_ids.iter().map(|i| format!("{i}\n")).collect();
+                std::fs::write(dir.join("docs_ids.txt"), ids)?;
+                stages.push(("store embeddings", t.elapsed().as_secs_f64()));
+                doc_embs = Some(mats);
+            }
+        }
+    }
+
+    let t = Instant::now();
+    let qtexts: Vec<String> = data.queries.iter().map(|q| q.text.clone()).collect();
+    let qembs = model.encode(&qtexts, true, &opts)?;
+    stages.push(("encode queries", t.elapsed().as_secs_f64()));
+    let qrefs: Vec<EmbRef<'_>> = qembs
+        .iter()
+        .map(|e| EmbRef::new(&e.data, e.cols))
+        .collect::<Result<_, _>>()?;
+
+    let t = Instant::now();
+    let hits = match args.index {
+        IndexKind::Plaid => {
+            let index = PlaidIndex::open(&dir)?;
+            index.search_batch(&qrefs, &SearchParams::for_k(args.k), None)?
+        }
+        IndexKind::Exact => {
+            let (mats, ids) = match doc_embs {
+                Some(m) => (m, doc_ids),
+                None => load_exact(&dir)?,
+            };
+            let dim = mats
+                .first()
+                .map(|m| m.cols)
+                .unwrap_or(model.embedding_dim());
+            let mut index = ExactIndex::new(dim)?;
+            for (id, m) in ids.iter().zip(&mats) {
+                index.add(id.clone(), EmbRef::new(&m.data, m.cols)?)?;
+            }
+            index.search_batch(&qrefs, args.k)?
+        }
+    };
+    stages.push(("search", t.elapsed().as_secs_f64()));
+
+    let mut run = Run::new();
+    for (q, hs) in data.queries.iter().zip(&hits) {
+        for h in hs {
+            run.insert(&q.id, &h.id, h.score as f64)?;
+        }
+    }
+    let out = args
+        .output
+        .clone()
+        .unwrap_or_else(|| dir.join(format!("run.{}.trec", args.split)));
+    run.write_trec(&out, TieBreak::InputOrder, Some("latte"))?;
+    let report = evaluate(&run, &data.qrels, &metrics);
+    let secs = total.elapsed().as_secs_f64();
+    if args.json {
+        let mut v = report.to_json(false);
+        v["stages_s"] = serde_json::json!(stages
+            .iter()
+            .map(|(n, s)| (n.to_string(), *s))
+            .collect::<std::collections::BTreeMap<_, _>>());
+        v["total_s"] = serde_json::json!(secs);
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "{} ({} documents, {} queries, split {}), model {}, index {kind}",
+            args.dataset.display(),
+            data.corpus.len(),
+            data.queries.len(),
+            args.split,
+            args.model.model
+        );
+        print!("{}", report.to_table());
+        for (name, s) in &stages {
+            println!("  {name:<17} {s:8.2} s");
+        }
+        println!("  {:<17} {secs:8.2} s", "total");
+        println!("run written to {}", out.display());
+    }
+    Ok(())
+}
+
+fn load_exact(dir: &Path) -> Result<(Vec<Matrix>, Vec<String>)> {
+    let mats: Vec<Matrix> = read_npz(&dir.join("docs.npz"))?
+        .into_iter()
+        .map(|(_, m)| m)
+        .collect();
+    let ids: Vec<String> = std::fs::read_to_string(dir.join("docs_ids.txt"))?
+        .lines()
+        .map(str::to_string)
+        .collect();
+    if ids.len() != mats.len() {
+        bail!(
+            "{}: {} ids for {} embeddings; delete the folder to rebuild",
+            dir.display(),
+            ids.len(),
+            mats.len()
+        );
+    }
+    Ok((mats, ids))
+}
