@@ -928,7 +928,7 @@ impl PlaidIndex {
                 "kmeans_points_per_centroid must be at least 1".into(),
             ));
         }
-        if source.dim() == 0 || source.dim() % 8 != 0 {
+        if source.dim() == 0 || !source.dim().is_multiple_of(8) {
             return Err(Error::InvalidArgument(format!(
                 "embedding dimension must be a positive multiple of 8, got {}",
                 source.dim()

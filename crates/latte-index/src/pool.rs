@@ -197,7 +197,7 @@ pub fn pool_embeddings_hierarchical(
     pool_factor: usize,
     protected_tokens: usize,
 ) -> Result<Vec<f32>> {
-    if dim == 0 || emb.len() % dim != 0 {
+    if dim == 0 || !emb.len().is_multiple_of(dim) {
         return Err(Error::Shape(format!(
             "{} values are not whole rows of dimension {dim}",
             emb.len()

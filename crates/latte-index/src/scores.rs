@@ -25,7 +25,7 @@ impl<'a> EmbRef<'a> {
         if dim == 0 {
             return Err(Error::Shape("embedding dimension is 0".into()));
         }
-        if data.len() % dim != 0 {
+        if !data.len().is_multiple_of(dim) {
             return Err(Error::Shape(format!(
                 "{} values are not a whole number of rows of dimension {dim}",
                 data.len()

@@ -231,7 +231,9 @@ impl Mapped {
             let at = 8 + 16 * i;
             let off = u64::from_le_bytes(p[at..at + 8].try_into().unwrap()) as usize;
             let len = u64::from_le_bytes(p[at + 8..at + 16].try_into().unwrap()) as usize;
-            if off % SECTION_ALIGN != 0 || off.checked_add(len).is_none_or(|e| e > p.len()) {
+            if !off.is_multiple_of(SECTION_ALIGN)
+                || off.checked_add(len).is_none_or(|e| e > p.len())
+            {
                 return Err(corrupt("section out of bounds"));
             }
             out.push(&p[off..off + len]);
@@ -252,7 +254,9 @@ impl Pod for half::f16 {}
 /// Views `bytes` as a slice of `T` (little-endian target). Fails on misalignment or a ragged length.
 pub(crate) fn cast<'a, T: Pod>(bytes: &'a [u8], path: &Path, what: &str) -> Result<&'a [T]> {
     let size = std::mem::size_of::<T>();
-    if bytes.len() % size != 0 || (bytes.as_ptr() as usize) % std::mem::align_of::<T>() != 0 {
+    if !bytes.len().is_multiple_of(size)
+        || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
+    {
         return Err(Error::Corrupt {
             path: path.to_path_buf(),
             reason: format!("{what}: bad length or alignment"),
