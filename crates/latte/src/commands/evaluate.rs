@@ -81,35 +81,109 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
         bail!("--k must be at least 1");
     }
     let metrics = Metric::parse_list(&args.metrics)?;
-    let total = Instant::now();
-    let mut stages: Vec<(&str, f64)> = Vec::new();
-
     let t = Instant::now();
-    let data = BeirDataset::load(&args.dataset, &args.split)
-        .with_context(|| format!("loading BEIR dataset {}", args.dataset.display()))?;
-    stages.push(("load data", t.elapsed().as_secs_f64()));
+    let model = args.model.load()?;
+    let load_model = t.elapsed().as_secs_f64();
+    if args.dataset.join("corpus.jsonl").is_file() {
+        let t = Instant::now();
+        let data = BeirDataset::load(&args.dataset, &args.split)
+            .with_context(|| format!("loading BEIR dataset {}", args.dataset.display()))?;
+        let load_data = t.elapsed().as_secs_f64();
+        let name = slug(&args.dataset.to_string_lossy());
+        let (report, mut stages, out) =
+            evaluate_one(&args, &model, &metrics, &data, &name, args.output.clone())?;
+        stages.insert(0, ("load model", load_model));
+        stages.insert(0, ("load data", load_data));
+        print_one(&args, &data, &report, &stages, &out);
+        return Ok(());
+    }
+    // A parent folder of BEIR folders: each one evaluated, then the mean over datasets (as NanoBEIR).
+    let sets = latte_eval::load_collection(&args.dataset, &args.split, &Default::default())
+        .with_context(|| {
+            format!(
+                "{} is neither a BEIR folder nor a folder of them",
+                args.dataset.display()
+            )
+        })?;
+    let mut reports = Vec::new();
+    for set in &sets {
+        let (report, stages, out) =
+            evaluate_one(&args, &model, &metrics, &set.dataset, &set.name, None)?;
+        print_one(&args, &set.dataset, &report, &stages, &out);
+        reports.push((set.name.clone(), report));
+    }
+    let all = latte_eval::CollectionReport::new(reports)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&all.to_json(false))?);
+    } else {
+        println!("mean over {} datasets", sets.len());
+        print!("{}", all.to_table());
+    }
+    Ok(())
+}
 
+type Stages = Vec<(&'static str, f64)>;
+
+fn print_one(
+    args: &EvaluateArgs,
+    data: &BeirDataset,
+    report: &latte_eval::Report,
+    stages: &Stages,
+    out: &Path,
+) {
+    let secs: f64 = stages.iter().map(|(_, s)| s).sum();
+    if args.json {
+        let mut v = report.to_json(false);
+        v["stages_s"] = serde_json::json!(stages
+            .iter()
+            .map(|(n, s)| (n.to_string(), *s))
+            .collect::<std::collections::BTreeMap<_, _>>());
+        v["total_s"] = serde_json::json!(secs);
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        println!(
+            "{} ({} documents, {} queries, split {}), model {}, index {:?}",
+            args.dataset.display(),
+            data.corpus.len(),
+            data.queries.len(),
+            args.split,
+            args.model.model,
+            args.index
+        );
+        print!("{}", report.to_table());
+        for (name, s) in stages {
+            println!("  {name:<17} {s:8.2} s");
+        }
+        println!("  {:<17} {secs:8.2} s", "total");
+        println!("run written to {}", out.display());
+    }
+}
+
+fn evaluate_one(
+    args: &EvaluateArgs,
+    model: &latte_models::ColBERT,
+    metrics: &[Metric],
+    data: &BeirDataset,
+    name: &str,
+    output: Option<PathBuf>,
+) -> Result<(latte_eval::Report, Stages, PathBuf)> {
+    let mut stages: Stages = Vec::new();
     let kind = match args.index {
         IndexKind::Plaid => "plaid",
         IndexKind::Exact => "exact",
     };
-    let dir = args.index_dir.clone().unwrap_or_else(|| {
-        PathBuf::from("latte-eval").join(format!(
-            "{}-{}-{kind}",
-            slug(&args.dataset.to_string_lossy()),
-            slug(&args.model.model)
-        ))
-    });
+    let dir = match &args.index_dir {
+        Some(d) if args.dataset.join("corpus.jsonl").is_file() => d.clone(),
+        Some(d) => d.join(name),
+        None => {
+            PathBuf::from("latte-eval").join(format!("{name}-{}-{kind}", slug(&args.model.model)))
+        }
+    };
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-
-    let t = Instant::now();
-    let model = args.model.load()?;
-    stages.push(("load model", t.elapsed().as_secs_f64()));
     let opts = EncodeOptions {
         batch_size: args.batch_size,
         ..Default::default()
     };
-
     let doc_ids: Vec<String> = data.corpus.iter().map(|d| d.id.clone()).collect();
     let reuse = match args.index {
         IndexKind::Plaid => PlaidIndex::open(&dir).is_ok(),
@@ -198,38 +272,10 @@ pub fn run(args: EvaluateArgs) -> Result<()> {
             run.insert(&q.id, &h.id, h.score as f64)?;
         }
     }
-    let out = args
-        .output
-        .clone()
-        .unwrap_or_else(|| dir.join(format!("run.{}.trec", args.split)));
+    let out = output.unwrap_or_else(|| dir.join(format!("run.{}.trec", args.split)));
     run.write_trec(&out, TieBreak::InputOrder, Some("latte"))?;
-    let report = evaluate(&run, &data.qrels, &metrics);
-    let secs = total.elapsed().as_secs_f64();
-    if args.json {
-        let mut v = report.to_json(false);
-        v["stages_s"] = serde_json::json!(stages
-            .iter()
-            .map(|(n, s)| (n.to_string(), *s))
-            .collect::<std::collections::BTreeMap<_, _>>());
-        v["total_s"] = serde_json::json!(secs);
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        println!(
-            "{} ({} documents, {} queries, split {}), model {}, index {kind}",
-            args.dataset.display(),
-            data.corpus.len(),
-            data.queries.len(),
-            args.split,
-            args.model.model
-        );
-        print!("{}", report.to_table());
-        for (name, s) in &stages {
-            println!("  {name:<17} {s:8.2} s");
-        }
-        println!("  {:<17} {secs:8.2} s", "total");
-        println!("run written to {}", out.display());
-    }
-    Ok(())
+    let report = evaluate(&run, &data.qrels, metrics);
+    Ok((report, stages, out))
 }
 
 fn load_exact(dir: &Path) -> Result<(Vec<Matrix>, Vec<String>)> {
