@@ -126,7 +126,8 @@ fn evaluate_a_folder_of_datasets_reports_each_and_the_mean() {
         std::fs::create_dir_all(&d).unwrap();
         write_dataset(&d);
     }
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../latte-models/tests/fixtures/models/bert_pylate");
+    let model = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../latte-models/tests/fixtures/models/bert_pylate");
     let out = Command::new(env!("CARGO_BIN_EXE_latte"))
         .current_dir(dir.path())
         .args(["evaluate", "--index", "exact", "--k", "3", "--model"])
@@ -136,8 +137,18 @@ fn evaluate_a_folder_of_datasets_reports_each_and_the_mean() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("mean over 2 datasets"), "{stdout}");
-    assert!(dir.path().join("latte-eval/alpha-bert_pylate-exact/run.test.trec").is_file());
-    assert!(dir.path().join("latte-eval/beta-bert_pylate-exact/run.test.trec").is_file());
+    assert!(dir
+        .path()
+        .join("latte-eval/alpha-bert_pylate-exact/run.test.trec")
+        .is_file());
+    assert!(dir
+        .path()
+        .join("latte-eval/beta-bert_pylate-exact/run.test.trec")
+        .is_file());
 }
