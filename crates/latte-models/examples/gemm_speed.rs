@@ -7,10 +7,10 @@ fn main() {
     let dev = Device::Cpu;
     for (m, n, k) in [(5760, 384, 384), (5760, 1536, 384), (5760, 384, 1536)] {
         let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
-        let layer = Linear {
-            weight: Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap(),
-            bias: Some(Tensor::randn(0f32, 1.0, n, &dev).unwrap()),
-        };
+        let layer = Linear::new(
+            Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap(),
+            Some(Tensor::randn(0f32, 1.0, n, &dev).unwrap()),
+        );
         for _ in 0..3 {
             latte_models::fused::linear(&layer, &x).unwrap();
         }

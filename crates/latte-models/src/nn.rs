@@ -26,6 +26,8 @@ pub struct Linear {
     pub weight: Tensor,
     /// `[out]`, when the layer has a bias.
     pub bias: Option<Tensor>,
+    /// The weight packed for the inference kernel, made on first use.
+    pub packed: std::sync::Arc<std::sync::OnceLock<Vec<f32>>>,
 }
 
 impl Linear {
@@ -37,7 +39,16 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self::new(weight, bias))
+    }
+
+    /// A layer over these tensors.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight,
+            bias,
+            packed: Default::default(),
+        }
     }
 
     /// Input features.
