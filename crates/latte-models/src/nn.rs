@@ -186,3 +186,49 @@ pub fn hidden_act(name: &str, x: &Tensor, mode: Mode) -> Result<Tensor> {
         }
     })
 }
+
+/// Rotary tables `(cos, sin)`, each `[len, dim]`, for positions `0..len`: inverse frequencies
+/// `1 / (base^(2i/dim) · scale)` (`scale` is the linear position-interpolation factor, 1 for none),
+/// repeated over both halves as GPT-NeoX-style rotary uses them.
+pub fn rope_tables(
+    base: f64,
+    scale: f64,
+    dim: usize,
+    len: usize,
+    device: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
+    let inv: Vec<f32> = (0..dim / 2)
+        .map(|i| (1.0 / base.powf((2 * i) as f64 / dim as f64) / scale) as f32)
+        .collect();
+    let inv = Tensor::from_vec(inv, (1, dim / 2), device)?;
+    let pos = Tensor::arange(0u32, len as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((len, 1))?;
+    let freqs = pos.broadcast_mul(&inv)?;
+    let emb = Tensor::cat(&[&freqs, &freqs], 1)?;
+    Ok((emb.cos()?, emb.sin()?))
+}
+
+/// `x·cos + rotate_half(x)·sin` on the first `cos.dim(-1)` features of `[b, h, l, d]` (the rest pass
+/// through unchanged, for partial rotary), with `[l, rotary_dim]` tables from [`rope_tables`].
+pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let dim = cos.dim(D::Minus1)?;
+    let r = if dim == d {
+        x.clone()
+    } else {
+        x.narrow(D::Minus1, 0, dim)?
+    };
+    let x1 = r.narrow(D::Minus1, 0, dim / 2)?;
+    let x2 = r.narrow(D::Minus1, dim / 2, dim / 2)?;
+    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    let out = (r.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?;
+    if dim == d {
+        Ok(out)
+    } else {
+        Ok(Tensor::cat(
+            &[&out, &x.narrow(D::Minus1, dim, d - dim)?],
+            D::Minus1,
+        )?)
+    }
+}

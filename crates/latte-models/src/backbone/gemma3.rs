@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::nn::{hidden_act, softmax_last, Linear, Mode};
+use crate::nn::{apply_rotary, hidden_act, rope_tables, softmax_last, Linear, Mode};
 use crate::{Error, Result};
 
 /// The fields of a Gemma 3 text `config.json` that the forward pass needs.
@@ -303,20 +303,6 @@ impl Gemma3 {
         self.config.max_position_embeddings
     }
 
-    fn rope_tables(&self, rope: Rope, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-        let dim = self.config.head_dim;
-        let inv: Vec<f32> = (0..dim / 2)
-            .map(|i| (1.0 / rope.theta.powf((2 * i) as f64 / dim as f64) / rope.factor) as f32)
-            .collect();
-        let inv = Tensor::from_vec(inv, (1, dim / 2), device)?;
-        let pos = Tensor::arange(0u32, len as u32, device)?
-            .to_dtype(DType::F32)?
-            .reshape((len, 1))?;
-        let freqs = pos.broadcast_mul(&inv)?;
-        let emb = Tensor::cat(&[&freqs, &freqs], 1)?;
-        Ok((emb.cos()?, emb.sin()?))
-    }
-
     /// Whether query `i` may see key `j` in a sliding-window layer, before padding.
     fn in_window(&self, i: usize, j: usize) -> bool {
         let w = self.config.sliding_window;
@@ -410,8 +396,20 @@ impl Gemma3 {
         } else {
             None
         };
-        let (cos_g, sin_g) = self.rope_tables(self.rope_global, l, dev)?;
-        let (cos_l, sin_l) = self.rope_tables(self.rope_local, l, dev)?;
+        let (cos_g, sin_g) = rope_tables(
+            self.rope_global.theta,
+            self.rope_global.factor,
+            self.config.head_dim,
+            l,
+            dev,
+        )?;
+        let (cos_l, sin_l) = rope_tables(
+            self.rope_local.theta,
+            self.rope_local.factor,
+            self.config.head_dim,
+            l,
+            dev,
+        )?;
         let att_scale = 1.0 / self.config.query_pre_attn_scalar.sqrt();
         for layer in &self.layers {
             let y = layer.input_norm.forward(&x)?;
@@ -480,15 +478,6 @@ fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
     Ok(x.unsqueeze(2)?
         .broadcast_as((b, kv, n, l, d))?
         .reshape((b, kv * n, l, d))?)
-}
-
-/// `x·cos + rotate_half(x)·sin` for `[b, h, l, d]` with `[l, d]` tables.
-fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    Ok((x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
 }
 
 #[cfg(test)]

@@ -4,11 +4,13 @@
 //! Padding tokens are masked out as keys (the eager / SDPA path of transformers), so their own outputs
 //! are computed but never influence real tokens. Covers GTE-ModernColBERT, LateOn, ettin encoders.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{Tensor, D};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::nn::{attention, hidden_act, key_mask_bias, LayerNorm, Linear, Mode};
+use crate::nn::{
+    apply_rotary, attention, hidden_act, key_mask_bias, rope_tables, LayerNorm, Linear, Mode,
+};
 use crate::{Error, Result};
 
 /// The fields of a ModernBERT `config.json` that the forward pass needs.
@@ -198,25 +200,6 @@ impl ModernBert {
         self.config.max_position_embeddings
     }
 
-    fn rope(
-        &self,
-        theta: f64,
-        len: usize,
-        dim: usize,
-        device: &Device,
-    ) -> Result<(Tensor, Tensor)> {
-        let inv: Vec<f32> = (0..dim / 2)
-            .map(|i| 1.0 / (theta.powf((2 * i) as f64 / dim as f64)) as f32)
-            .collect();
-        let inv = Tensor::from_vec(inv, (1, dim / 2), device)?;
-        let pos = Tensor::arange(0u32, len as u32, device)?
-            .to_dtype(DType::F32)?
-            .reshape((len, 1))?;
-        let freqs = pos.broadcast_mul(&inv)?;
-        let emb = Tensor::cat(&[&freqs, &freqs], 1)?;
-        Ok((emb.cos()?, emb.sin()?))
-    }
-
     /// `[batch, len]` ids and mask → `[batch, len, hidden]` last hidden states.
     pub fn forward(
         &self,
@@ -260,8 +243,8 @@ impl ModernBert {
         }
         let all_local_rows = any.iter().all(|&v| v == 1.0);
         let local_rows = Tensor::from_vec(any, (b, 1, l, 1), dev)?.to_dtype(x.dtype())?;
-        let (cos_g, sin_g) = self.rope(self.theta_global, l, d, dev)?;
-        let (cos_l, sin_l) = self.rope(self.theta_local, l, d, dev)?;
+        let (cos_g, sin_g) = rope_tables(self.theta_global, 1.0, d, l, dev)?;
+        let (cos_l, sin_l) = rope_tables(self.theta_local, 1.0, d, l, dev)?;
         let scale = 1.0 / (d as f64).sqrt();
         for layer in &self.layers {
             let y = match &layer.attn_norm {
@@ -300,13 +283,4 @@ impl ModernBert {
         }
         self.final_norm.forward(&x, mode)
     }
-}
-
-/// `x·cos + rotate_half(x)·sin` for `[b, h, l, d]` with `[l, d]` tables.
-fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    Ok((x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
 }

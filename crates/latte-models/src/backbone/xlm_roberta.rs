@@ -12,11 +12,13 @@
 //!
 //! Plain `XLMRobertaModel` checkpoints (transformers layout) are handled by [`super::bert::Bert`].
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::nn::{attention, hidden_act, key_mask_bias, LayerNorm, Linear, Mode};
+use crate::nn::{
+    apply_rotary, attention, hidden_act, key_mask_bias, rope_tables, LayerNorm, Linear, Mode,
+};
 use crate::{Error, Result};
 
 /// The fields of an `XLMRobertaFlashConfig` `config.json` that the forward pass needs.
@@ -211,21 +213,6 @@ impl XlmRobertaFlash {
         }
     }
 
-    fn rope(&self, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-        let dim = self.rotary_dim;
-        let base = self.config.rotary_emb_base;
-        let inv: Vec<f32> = (0..dim / 2)
-            .map(|i| (1.0 / base.powf((2 * i) as f64 / dim as f64)) as f32)
-            .collect();
-        let inv = Tensor::from_vec(inv, (1, dim / 2), device)?;
-        let pos = Tensor::arange(0u32, len as u32, device)?
-            .to_dtype(DType::F32)?
-            .reshape((len, 1))?;
-        let freqs = pos.broadcast_mul(&inv)?;
-        let emb = Tensor::cat(&[&freqs, &freqs], 1)?;
-        Ok((emb.cos()?, emb.sin()?))
-    }
-
     /// `[batch, len]` ids and mask → `[batch, len, hidden]` last hidden states.
     pub fn forward(
         &self,
@@ -273,7 +260,13 @@ impl XlmRobertaFlash {
         let mut x = self.emb_ln.forward(&x, mode)?;
         let bias = key_mask_bias(attention_mask, x.dtype())?;
         let rope = match self.position {
-            None => Some(self.rope(l, dev)?),
+            None => Some(rope_tables(
+                self.config.rotary_emb_base,
+                1.0,
+                self.rotary_dim,
+                l,
+                dev,
+            )?),
             Some(_) => None,
         };
         let scale = 1.0 / (d as f64).sqrt();
@@ -288,8 +281,8 @@ impl XlmRobertaFlash {
             };
             let (mut q, mut k, v) = (take(0)?, take(1)?, take(2)?);
             if let Some((cos, sin)) = &rope {
-                q = rotate(&q, cos, sin, self.rotary_dim)?;
-                k = rotate(&k, cos, sin, self.rotary_dim)?;
+                q = apply_rotary(&q, cos, sin)?;
+                k = apply_rotary(&k, cos, sin)?;
             }
             let ctx = attention(&q, &k, &v, scale, &bias, mode)?;
             let ctx = ctx.transpose(1, 2)?.reshape((b, l, h))?;
@@ -305,24 +298,6 @@ impl XlmRobertaFlash {
     }
 }
 
-/// GPT-NeoX rotary on the first `dim` features of `[b, h, l, d]`: `x·cos + rotate_half(x)·sin`.
-fn rotate(x: &Tensor, cos: &Tensor, sin: &Tensor, dim: usize) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let r = x.narrow(D::Minus1, 0, dim)?;
-    let x1 = r.narrow(D::Minus1, 0, dim / 2)?;
-    let x2 = r.narrow(D::Minus1, dim / 2, dim / 2)?;
-    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    let out = (r.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?;
-    if dim == d {
-        Ok(out)
-    } else {
-        Ok(Tensor::cat(
-            &[&out, &x.narrow(D::Minus1, dim, d - dim)?],
-            D::Minus1,
-        )?)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,7 +309,7 @@ mod tests {
             "vocab_size": 4, "hidden_size": 8, "num_hidden_layers": 0, "num_attention_heads": 2,
             "intermediate_size": 16,
         });
-        let vb = crate::backbone::var_builder(HashMap::new(), &Device::Cpu);
+        let vb = crate::backbone::var_builder(HashMap::new(), &candle_core::Device::Cpu);
         for (key, value, needle) in [
             (
                 "rotary_emb_interleaved",
