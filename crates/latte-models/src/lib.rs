@@ -16,6 +16,7 @@ pub mod nn;
 pub mod save;
 pub mod settings;
 pub mod tokenize;
+pub mod train_ops;
 pub mod trainable;
 pub mod transformer;
 

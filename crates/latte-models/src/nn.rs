@@ -113,6 +113,13 @@ impl LayerNorm {
                 self.eps as f32,
             )?);
         }
+        if mode == Mode::Train {
+            if let Some(y) =
+                crate::train_ops::layer_norm(x, &self.weight, self.bias.as_ref(), self.eps)?
+            {
+                return Ok(y);
+            }
+        }
         let mean = x.mean_keepdim(D::Minus1)?;
         let xc = x.broadcast_sub(&mean)?;
         let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -129,6 +136,13 @@ impl LayerNorm {
 pub fn softmax_last(x: &Tensor, mode: Mode) -> Result<Tensor> {
     Ok(match mode {
         Mode::Infer => candle_nn::ops::softmax_last_dim(x)?,
+        Mode::Train if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() >= 2 => {
+            let mut dims = vec![1usize; x.rank()];
+            dims[0] = x.dim(0)?;
+            dims[x.rank() - 1] = x.dim(D::Minus1)?;
+            let zeros = Tensor::zeros(dims, DType::F32, x.device())?;
+            crate::train_ops::scaled_masked_softmax(x, 1.0, &zeros)?
+        }
         Mode::Train => {
             let max = x.max_keepdim(D::Minus1)?.detach();
             let e = x.broadcast_sub(&max)?.exp()?;
@@ -154,9 +168,13 @@ pub fn attention(
     bias: &Tensor,
     mode: Mode,
 ) -> Result<Tensor> {
-    let scores = (q.matmul(&k.t()?)? * scale)?;
-    let scores = scores.broadcast_add(bias)?;
-    let probs = softmax_last(&scores, mode)?;
+    let probs = if mode == Mode::Train {
+        crate::train_ops::scaled_masked_softmax(&q.matmul(&k.t()?)?, scale, bias)?
+    } else {
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = scores.broadcast_add(bias)?;
+        softmax_last(&scores, mode)?
+    };
     Ok(probs.matmul(v)?)
 }
 
@@ -174,7 +192,7 @@ impl Linear {
 pub fn hidden_act(name: &str, x: &Tensor, mode: Mode) -> Result<Tensor> {
     Ok(match name {
         "gelu" | "gelu_python" if mode == Mode::Infer => crate::fused::gelu_erf(x)?,
-        "gelu" | "gelu_python" => x.gelu_erf()?,
+        "gelu" | "gelu_python" => crate::train_ops::gelu_erf(x)?,
         "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" | "gelu_accurate" => x.gelu()?,
         "relu" => x.relu()?,
         "silu" | "swish" => x.silu()?,

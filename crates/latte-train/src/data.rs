@@ -43,7 +43,10 @@ impl<'de> serde::Deserialize<'de> for OrderedObject {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Self::Value, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
                 let mut out = Vec::new();
                 while let Some((k, v)) = map.next_entry::<String, Value>()? {
                     out.push((k, v));
@@ -94,12 +97,13 @@ impl Table {
             for (k, v) in obj.0 {
                 match index.get(&k) {
                     Some(&i) => row[i] = v,
-                    None => {
-                        return Err(Error::data(
-                            path,
-                            format!("line {}: column {k:?} is not in the first row's columns {columns:?}", n + 1),
-                        ))
-                    }
+                    None => return Err(Error::data(
+                        path,
+                        format!(
+                            "line {}: column {k:?} is not in the first row's columns {columns:?}",
+                            n + 1
+                        ),
+                    )),
                 }
             }
             rows.push(row);
@@ -161,7 +165,10 @@ impl Table {
         self.column(name).ok_or_else(|| {
             Error::data(
                 &self.path,
-                format!("missing column {name:?} ({what}); columns found: {:?}", self.columns),
+                format!(
+                    "missing column {name:?} ({what}); columns found: {:?}",
+                    self.columns
+                ),
             )
         })
     }
@@ -221,7 +228,10 @@ fn as_text(v: &Value, path: &Path, row: usize, col: &str) -> Result<Vec<String>>
                 Value::String(s) => Ok(s.clone()),
                 other => Err(Error::data(
                     path,
-                    format!("row {}: column {col:?}: expected strings in the list, got {other}", row + 1),
+                    format!(
+                        "row {}: column {col:?}: expected strings in the list, got {other}",
+                        row + 1
+                    ),
                 )),
             })
             .collect(),
@@ -231,7 +241,10 @@ fn as_text(v: &Value, path: &Path, row: usize, col: &str) -> Result<Vec<String>>
         )),
         other => Err(Error::data(
             path,
-            format!("row {}: column {col:?}: expected a string or a list of strings, got {other}", row + 1),
+            format!(
+                "row {}: column {col:?}: expected a string or a list of strings, got {other}",
+                row + 1
+            ),
         )),
     }
 }
@@ -255,7 +268,9 @@ fn as_numbers(v: &Value, path: &Path, row: usize, col: &str) -> Result<Vec<f32>>
                 .map_err(|_| bad(format!("expected numbers, got the string {s:?}")))?;
             as_numbers(&parsed, path, row, col)
         }
-        other => Err(bad(format!("expected a number or a list of numbers, got {other}"))),
+        other => Err(bad(format!(
+            "expected a number or a list of numbers, got {other}"
+        ))),
     }
 }
 
@@ -286,7 +301,8 @@ impl TrainingData {
                 !c.contains("_id") && Some(c) != label_column.as_ref()
             })
             .collect();
-        let text_columns: Vec<String> = text_idx.iter().map(|&i| table.columns[i].clone()).collect();
+        let text_columns: Vec<String> =
+            text_idx.iter().map(|&i| table.columns[i].clone()).collect();
         match text_columns.first() {
             None => {
                 return Err(Error::data(
@@ -343,7 +359,12 @@ impl TrainingData {
     fn check_shapes(&self, path: &Path) -> Result<()> {
         for (c, name) in self.text_columns.iter().enumerate() {
             let n = self.rows[0].texts[c].len();
-            if let Some((r, row)) = self.rows.iter().enumerate().find(|(_, row)| row.texts[c].len() != n) {
+            if let Some((r, row)) = self
+                .rows
+                .iter()
+                .enumerate()
+                .find(|(_, row)| row.texts[c].len() != n)
+            {
                 return Err(Error::data(
                     path,
                     format!(
@@ -364,7 +385,10 @@ impl TrainingData {
             {
                 return Err(Error::data(
                     path,
-                    format!("row {}: the scores have a different length than row 1's ({n})", r + 1),
+                    format!(
+                        "row {}: the scores have a different length than row 1's ({n})",
+                        r + 1
+                    ),
                 ));
             }
         }
@@ -375,7 +399,12 @@ impl TrainingData {
     /// `{query_id, text}`, `documents` `{document_id, text}`; keeps the first `n_ways` documents and
     /// scores of each row (PyLate's `KDProcessing`). A document id missing from `documents` becomes an
     /// empty text with a warning, as in PyLate; a missing query id is an error.
-    pub fn distillation(train: &Table, queries: &Table, documents: &Table, n_ways: usize) -> Result<Self> {
+    pub fn distillation(
+        train: &Table,
+        queries: &Table,
+        documents: &Table,
+        n_ways: usize,
+    ) -> Result<Self> {
         if n_ways == 0 {
             return Err(Error::Invalid("n_ways must be at least 1".into()));
         }
@@ -405,7 +434,11 @@ impl TrainingData {
             let query = qmap.get(&qid).cloned().ok_or_else(|| {
                 Error::data(
                     &train.path,
-                    format!("row {}: query_id {qid:?} is not in {}", r + 1, queries.path.display()),
+                    format!(
+                        "row {}: query_id {qid:?} is not in {}",
+                        r + 1,
+                        queries.path.display()
+                    ),
                 )
             })?;
             let ids: Vec<String> = match &row[td] {
@@ -482,10 +515,12 @@ impl TrainingData {
                     .collect(),
             })
             .collect();
-        let labels = self
-            .label_column
-            .as_ref()
-            .map(|_| indices.iter().map(|&i| self.rows[i].label.clone().unwrap_or_default()).collect());
+        let labels = self.label_column.as_ref().map(|_| {
+            indices
+                .iter()
+                .map(|&i| self.rows[i].label.clone().unwrap_or_default())
+                .collect()
+        });
         Batch { columns, labels }
     }
 }

@@ -24,4 +24,4 @@ pub use batch::{Batch, Column};
 pub use error::{Error, Result};
 pub use loss::{CachedContrastive, Contrastive, Distillation, Loss, LossOutput};
 pub use optim::{AdamW, AdamWConfig, Schedule};
-// trainer exports added below
+pub use trainer::{LossKind, TrainConfig, TrainOutcome, Trainer};

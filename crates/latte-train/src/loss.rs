@@ -28,8 +28,12 @@ pub trait Loss: Send + Sync {
     fn name(&self) -> &'static str;
 
     /// Forward and backward on `batch`: the loss and the gradient of every parameter in `params`.
-    fn forward_backward(&self, model: &ColBERT, batch: &Batch, params: &[Param])
-        -> Result<LossOutput>;
+    fn forward_backward(
+        &self,
+        model: &ColBERT,
+        batch: &Batch,
+        params: &[Param],
+    ) -> Result<LossOutput>;
 
     /// The loss of `batch` without gradients.
     fn loss(&self, model: &ColBERT, batch: &Batch) -> Result<f32>;
@@ -104,11 +108,7 @@ fn contrastive_loss(
     }
     let target = Tensor::from_vec(target, (a, b * n), queries.device())?;
     let nll = (logp * target)?.sum_all()?.neg()?;
-    Ok(if size_average {
-        (nll / a as f64)?
-    } else {
-        nll
-    })
+    Ok(if size_average { (nll / a as f64)? } else { nll })
 }
 
 fn query_mask<'a>(model: &ColBERT, m: &'a Masks) -> Option<&'a Tensor> {
@@ -254,10 +254,7 @@ impl Loss for CachedContrastive {
                 }
             }
         }
-        Ok(LossOutput {
-            loss: value,
-            grads,
-        })
+        Ok(LossOutput { loss: value, grads })
     }
 
     fn loss(&self, model: &ColBERT, batch: &Batch) -> Result<f32> {

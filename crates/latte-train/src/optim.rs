@@ -122,10 +122,7 @@ impl AdamW {
             .into_iter()
             .map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?)))
             .collect::<Result<_>>()?;
-        candle_core::safetensors::save(
-            &data.into_iter().collect::<HashMap<_, _>>(),
-            path,
-        )?;
+        candle_core::safetensors::save(&data.into_iter().collect::<HashMap<_, _>>(), path)?;
         Ok(())
     }
 

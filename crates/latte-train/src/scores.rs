@@ -98,15 +98,74 @@ pub fn masks(model: &ColBERT, tokens: &Tokens) -> Result<Masks> {
     Ok(Masks { mask, floor })
 }
 
+/// Texts per forward pass inside [`embed`]: texts are sorted by length and run in groups this large, each
+/// padded only to its own longest text.
+const GROUP: usize = 8;
+
 /// Runs the model on `tokens` and L2-normalises every token: `[n, len, dim]`.
+///
+/// Texts are run in groups of similar length, each padded only to its own longest text (padding changes
+/// nothing: padded positions are masked out of attention and of the scores), then zero-padded back to
+/// the column's length and put back in order. On real data this runs far fewer tokens through the
+/// model than padding every text to the longest (or, as PyLate does, to `document_length`).
 pub fn embed(model: &ColBERT, tokens: &Tokens, mode: Mode) -> Result<Tensor> {
-    let (x, _, _) = model.forward_tokens(&tokens.items, mode)?;
-    let x = if x.dtype() == DType::F32 {
-        x
-    } else {
-        x.to_dtype(DType::F32)?
+    let n = tokens.len();
+    let len = tokens.items.first().map(|t| t.ids.len()).unwrap_or(1);
+    // Queries keep every position: expansion tokens are computed even where the attention mask is 0.
+    let real = |t: &Tokenized| {
+        if tokens.is_query {
+            t.ids.len()
+        } else {
+            t.mask.iter().rposition(|&m| m == 1).map_or(1, |p| p + 1)
+        }
     };
-    Ok(ColBERT::normalize(&x)?)
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(real(&tokens.items[i])));
+    let mut parts = Vec::new();
+    for group in order.chunks(GROUP) {
+        let glen = group
+            .iter()
+            .map(|&i| real(&tokens.items[i]))
+            .max()
+            .unwrap_or(1);
+        let batch: Vec<Tokenized> = group
+            .iter()
+            .map(|&i| {
+                let t = &tokens.items[i];
+                Tokenized {
+                    ids: t.ids[..glen].to_vec(),
+                    mask: t.mask[..glen].to_vec(),
+                }
+            })
+            .collect();
+        let (x, _, _) = model.forward_tokens(&batch, mode)?;
+        let x = if x.dtype() == DType::F32 {
+            x
+        } else {
+            x.to_dtype(DType::F32)?
+        };
+        let x = ColBERT::normalize(&x)?;
+        parts.push(if glen < len {
+            x.pad_with_zeros(1, 0, len - glen)?
+        } else {
+            x
+        });
+    }
+    let sorted = if parts.len() == 1 {
+        parts.pop().expect("one part")
+    } else {
+        Tensor::cat(&parts, 0)?
+    };
+    if order.iter().enumerate().all(|(a, &b)| a == b) {
+        return Ok(sorted);
+    }
+    // Row `i` of the output is row `position of i in order` of `sorted`.
+    let mut inverse = vec![0u32; n];
+    for (pos, &i) in order.iter().enumerate() {
+        inverse[i] = pos as u32;
+    }
+    let inverse = Tensor::from_vec(inverse, n, sorted.device())?;
+    Ok(sorted.index_select(&inverse, 0)?)
 }
 
 /// `colbert_scores` with PyLate's masks: queries `[a, s, h]` against documents `[b, t, h]` → `[a, b]`.

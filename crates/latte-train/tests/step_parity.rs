@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use candle_nn::VarMap;
 use latte_models::{ColBERT, LoadOptions};
-use latte_train::optim::{clip_grad_norm, learning_rate, AdamW, AdamWConfig, Schedule};
 use latte_train::data::TrainingData;
+use latte_train::optim::{clip_grad_norm, learning_rate, AdamW, AdamWConfig, Schedule};
 use latte_train::{Batch, CachedContrastive, Contrastive, Distillation, Loss};
 use serde_json::Value;
 
@@ -34,7 +34,9 @@ fn run_case(name: &str) {
         &Device::Cpu,
     )
     .unwrap();
-    let model_dir = fixtures().join("models").join(meta["model"].as_str().unwrap());
+    let model_dir = fixtures()
+        .join("models")
+        .join(meta["model"].as_str().unwrap());
     let model = ColBERT::load_dir(&model_dir, &LoadOptions::default()).unwrap();
     let varmap = VarMap::new();
     let model = model.to_trainable(&varmap).unwrap();
@@ -88,10 +90,19 @@ fn run_case(name: &str) {
         match (expected.get(&key), g) {
             (Some(want), Some(g)) => {
                 let want = want.to_scalar::<f32>().unwrap() as f64 / scale;
-                let got = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt()
-                    as f64;
+                let got = g
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    .sqrt() as f64;
                 if noise.contains(&pname.as_str()) {
-                    assert!(got < 1e-5, "{name}: {pname} should have a ~0 gradient, got {got}");
+                    assert!(
+                        got < 1e-5,
+                        "{name}: {pname} should have a ~0 gradient, got {got}"
+                    );
                 } else {
                     assert!(
                         (got - want).abs() <= 1e-4 * want.max(1.0),
@@ -103,7 +114,10 @@ fn run_case(name: &str) {
             (None, None) => {}
             (Some(want), None) => {
                 let w = want.to_scalar::<f32>().unwrap();
-                assert!(w == 0.0, "{name}: {pname} got no gradient, PyLate's norm is {w}");
+                assert!(
+                    w == 0.0,
+                    "{name}: {pname} got no gradient, PyLate's norm is {w}"
+                );
             }
             (None, Some(_)) => panic!("{name}: {pname} has a gradient in latte but not in PyLate"),
         }
@@ -159,7 +173,10 @@ fn run_case(name: &str) {
         compared += 1;
     }
     assert!(compared > 10);
-    eprintln!("{name}: loss {} (PyLate {want_loss}), worst updated-weight diff {worst:e}", out.loss);
+    eprintln!(
+        "{name}: loss {} (PyLate {want_loss}), worst updated-weight diff {worst:e}",
+        out.loss
+    );
     // The step really moved the weights (the comparison above is not vacuous).
     let moved = (by_name["1.linear.weight"].as_tensor() - &before)
         .unwrap()
@@ -171,7 +188,10 @@ fn run_case(name: &str) {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap();
-    assert!(moved > 1e-4, "{name}: the step did not move the weights ({moved})");
+    assert!(
+        moved > 1e-4,
+        "{name}: the step did not move the weights ({moved})"
+    );
 }
 
 #[test]

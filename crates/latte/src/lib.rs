@@ -1,10 +1,11 @@
 //! latte: late-interaction (ColBERT) retrieval in Rust.
 //!
 //! The facade re-exports the workspace crates: [`models`] (load, build, encode and save ColBERT models),
-//! [`index`] (MaxSim scoring, exact and PLAID indexes) and [`eval`] (BEIR data and IR metrics).
+//! [`index`] (MaxSim scoring, exact and PLAID indexes) [`eval`] (BEIR data and IR metrics) and [`train`] (losses, optimiser, trainer, evaluators).
 
 pub use latte_eval as eval;
 pub use latte_index as index;
 pub use latte_models as models;
+pub use latte_train as train;
 
 pub mod npz;

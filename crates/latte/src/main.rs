@@ -33,6 +33,10 @@ enum Command {
     Search(commands::search::SearchArgs),
     /// Delete documents by id.
     Delete(commands::delete::DeleteArgs),
+    /// Fine-tune a model with PyLate's losses (contrastive, cached-contrastive, distillation).
+    Train(Box<commands::train::TrainArgs>),
+    /// Mine hard negatives from a BEIR folder into training triplets (JSONL).
+    Mine(commands::mine::MineArgs),
 }
 
 /// Keeps large buffers in the heap instead of mapping and unmapping them for every tensor op: without
@@ -70,6 +74,8 @@ fn main() -> ExitCode {
         Command::Index(args) => commands::index::run(args),
         Command::Search(args) => commands::search::run(args),
         Command::Delete(args) => commands::delete::run(args),
+        Command::Train(args) => commands::train::run(*args),
+        Command::Mine(args) => commands::mine::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

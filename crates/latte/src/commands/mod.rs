@@ -8,6 +8,8 @@ pub mod eval;
 pub mod evaluate;
 pub mod index;
 pub mod index_io;
+pub mod mine;
 pub mod model_args;
 pub mod search;
 pub mod texts;
+pub mod train;

@@ -1,0 +1,391 @@
+//! Fused CPU ops with backward passes, for training ([`Mode::Train`](crate::Mode)).
+//!
+//! Written with candle's elementary ops, a softmax over attention scores or a layer norm allocates and
+//! walks half a dozen full-size temporaries forward and again backward; these do each in one parallel
+//! pass and give candle the gradient directly. They are used on float32 CPU tensors; elsewhere the
+//! elementary (differentiable) ops run.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
+
+use crate::Result;
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{what}: float32 only");
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what}: input must be contiguous");
+    };
+    Ok(&v[a..b])
+}
+
+/// Rows handed to one rayon task, so that small rows are not scheduled one by one.
+fn chunk_rows(row: usize) -> usize {
+    (16384 / row.max(1)).max(1)
+}
+
+/// `softmax(x · scale + key_bias)` over the last dimension, where `key_bias` (`[b, n]`) is added to every
+/// row of batch item `b` (rows are grouped by batch item in order).
+struct MaskedSoftmax {
+    scale: f32,
+}
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "latte-masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let bias = slice(s2, l2, self.name())?;
+        let n = *l1.dims().last().unwrap_or(&1);
+        let (b, bn) = l2.shape().dims2()?;
+        if bn != n || x.len() % (b * n) != 0 {
+            candle_core::bail!(
+                "latte-masked-softmax: bias {:?} does not fit scores {:?}",
+                l2.dims(),
+                l1.dims()
+            );
+        }
+        let rows_per_item = x.len() / (b * n);
+        let mut out = vec![0f32; x.len()];
+        let cr = chunk_rows(n);
+        out.par_chunks_mut(n * cr)
+            .zip(x.par_chunks(n * cr))
+            .enumerate()
+            .for_each(|(c, (o, xi))| {
+                for (r, (orow, xrow)) in o.chunks_mut(n).zip(xi.chunks(n)).enumerate() {
+                    let item = (c * cr + r) / rows_per_item;
+                    let brow = &bias[item * n..(item + 1) * n];
+                    let mut max = f32::NEG_INFINITY;
+                    for ((ov, &xv), &bv) in orow.iter_mut().zip(xrow).zip(brow) {
+                        *ov = xv * self.scale + bv;
+                        max = max.max(*ov);
+                    }
+                    let mut sum = 0f32;
+                    for ov in orow.iter_mut() {
+                        *ov = (*ov - max).exp();
+                        sum += *ov;
+                    }
+                    let inv = 1.0 / sum;
+                    orow.iter_mut().for_each(|v| *v *= inv);
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = res
+            .contiguous()?
+            .apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBackward { scale: self.scale })?;
+        Ok((Some(dx), None))
+    }
+}
+
+/// `scale · y ⊙ (dy − Σ dy ⊙ y)` row by row.
+struct SoftmaxBackward {
+    scale: f32,
+}
+
+impl CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "latte-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = slice(s1, l1, self.name())?;
+        let dy = slice(s2, l2, self.name())?;
+        let n = *l1.dims().last().unwrap_or(&1);
+        let mut out = vec![0f32; y.len()];
+        let cr = chunk_rows(n);
+        out.par_chunks_mut(n * cr)
+            .zip(y.par_chunks(n * cr).zip(dy.par_chunks(n * cr)))
+            .for_each(|(o, (yc, dc))| {
+                for ((orow, yrow), drow) in o.chunks_mut(n).zip(yc.chunks(n)).zip(dc.chunks(n)) {
+                    let dot: f32 = yrow.iter().zip(drow).map(|(a, b)| a * b).sum();
+                    for ((ov, &yv), &dv) in orow.iter_mut().zip(yrow).zip(drow) {
+                        *ov = self.scale * yv * (dv - dot);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Softmax of `x · scale + bias` over the last dimension, differentiable with respect to `x`. `bias`
+/// broadcasts against `x` and is a constant (an attention mask). On float32 CPU tensors with a
+/// `[b, 1, …, 1, n]` key bias this is one fused pass forward and one backward.
+pub fn scaled_masked_softmax(x: &Tensor, scale: f64, bias: &Tensor) -> Result<Tensor> {
+    let n = x.dim(D::Minus1)?;
+    let b = x.dim(0)?;
+    let key_bias = bias.dims().first() == Some(&b)
+        && bias.dims().last() == Some(&n)
+        && bias.dims()[1..bias.rank() - 1].iter().all(|&d| d == 1)
+        && bias.rank() == x.rank();
+    if x.device().is_cpu() && x.dtype() == DType::F32 && bias.dtype() == DType::F32 && key_bias {
+        let bias = bias.reshape((b, n))?.detach();
+        return Ok(x.contiguous()?.apply_op2(
+            &bias.contiguous()?,
+            MaskedSoftmax {
+                scale: scale as f32,
+            },
+        )?);
+    }
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        let y = (x * scale)?.broadcast_add(&bias.detach())?;
+        let zero = Tensor::zeros((b, n), DType::F32, x.device())?;
+        // Rows of the zero bias are all 0: grouping by batch item is irrelevant.
+        return Ok(y
+            .contiguous()?
+            .apply_op2(&zero, MaskedSoftmax { scale: 1.0 })?);
+    }
+    let y = (x * scale)?.broadcast_add(bias)?;
+    let max = y.max_keepdim(D::Minus1)?.detach();
+    let e = y.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Layer norm over the last dimension with weight and bias (a zero tensor when the layer has none).
+struct LayerNormOp {
+    eps: f32,
+}
+
+fn ln_stats(row: &[f32], eps: f32) -> (f32, f32) {
+    let n = row.len() as f32;
+    let mean = row.iter().sum::<f32>() / n;
+    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "latte-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let w = slice(s2, l2, self.name())?;
+        let b = slice(s3, l3, self.name())?;
+        let n = w.len();
+        let mut out = vec![0f32; x.len()];
+        let cr = chunk_rows(n);
+        out.par_chunks_mut(n * cr)
+            .zip(x.par_chunks(n * cr))
+            .for_each(|(o, xc)| {
+                for (orow, xrow) in o.chunks_mut(n).zip(xc.chunks(n)) {
+                    let (mean, rstd) = ln_stats(xrow, self.eps);
+                    for i in 0..n {
+                        orow[i] = (xrow[i] - mean) * rstd * w[i] + b[i];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let n = w.dim(0)?;
+        let x = x.contiguous()?;
+        let g = grad.contiguous()?;
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let gs = g.flatten_all()?.to_vec1::<f32>()?;
+        let ws = w.to_vec1::<f32>()?;
+        let rows = xs.len() / n;
+        let cr = chunk_rows(n);
+        let mut dx = vec![0f32; xs.len()];
+        // Per chunk of rows: dx, and partial sums of dw and db.
+        let partial: Vec<(Vec<f32>, Vec<f32>)> = dx
+            .par_chunks_mut(n * cr)
+            .zip(xs.par_chunks(n * cr).zip(gs.par_chunks(n * cr)))
+            .map(|(dxc, (xc, gc))| {
+                let mut dw = vec![0f32; n];
+                let mut db = vec![0f32; n];
+                let mut xhat = vec![0f32; n];
+                for ((dxr, xr), gr) in dxc.chunks_mut(n).zip(xc.chunks(n)).zip(gc.chunks(n)) {
+                    let (mean, rstd) = ln_stats(xr, self.eps);
+                    let mut s1 = 0f32;
+                    let mut s2 = 0f32;
+                    for i in 0..n {
+                        xhat[i] = (xr[i] - mean) * rstd;
+                        let gw = gr[i] * ws[i];
+                        s1 += gw;
+                        s2 += gw * xhat[i];
+                        dw[i] += gr[i] * xhat[i];
+                        db[i] += gr[i];
+                    }
+                    let (m1, m2) = (s1 / n as f32, s2 / n as f32);
+                    for i in 0..n {
+                        dxr[i] = rstd * (gr[i] * ws[i] - m1 - xhat[i] * m2);
+                    }
+                }
+                (dw, db)
+            })
+            .collect();
+        let mut dw = vec![0f32; n];
+        let mut db = vec![0f32; n];
+        for (pw, pb) in partial {
+            for i in 0..n {
+                dw[i] += pw[i];
+                db[i] += pb[i];
+            }
+        }
+        let _ = rows;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dw, n, dev)?),
+            Some(Tensor::from_vec(db, n, dev)?),
+        ))
+    }
+}
+
+/// Layer norm over the last dimension, differentiable in `x`, `weight` and `bias`; one fused pass each
+/// way on float32 CPU tensors. `None` when it does not apply (other devices or dtypes).
+pub fn layer_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    eps: f64,
+) -> Result<Option<Tensor>> {
+    if !(x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32) {
+        return Ok(None);
+    }
+    let zeros;
+    let bias = match bias {
+        Some(b) => b,
+        None => {
+            zeros = weight.zeros_like()?;
+            &zeros
+        }
+    };
+    Ok(Some(x.contiguous()?.apply_op3(
+        weight,
+        bias,
+        LayerNormOp { eps: eps as f32 },
+    )?))
+}
+
+/// GELU with the exact erf, `x · Φ(x)`, with its derivative `Φ(x) + x · φ(x)`; parallel over elements.
+struct GeluErf;
+
+/// erf to about 1.2e-7 (Numerical Recipes' erfc Chebyshev fit), in f64 internally.
+fn erf(x: f32) -> f32 {
+    let z = (x as f64).abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -z * z - 1.265_512_23
+        + t * (1.000_023_68
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_203_98
+                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+    let r = 1.0 - t * poly.exp();
+    (if x >= 0.0 { r } else { -r }) as f32
+}
+
+fn phi_cdf(x: f32) -> f32 {
+    0.5 * (1.0 + erf(x / std::f32::consts::SQRT_2))
+}
+
+impl CustomOp1 for GeluErf {
+    fn name(&self) -> &'static str {
+        "latte-gelu-erf-train"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(16384)
+            .zip(x.par_chunks(16384))
+            .for_each(|(o, xi)| {
+                for (ov, &xv) in o.iter_mut().zip(xi) {
+                    *ov = xv * phi_cdf(xv);
+                }
+            });
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(
+            arg.contiguous()?
+                .apply_op2_no_bwd(&grad.contiguous()?, &GeluErfBackward)?,
+        ))
+    }
+}
+
+struct GeluErfBackward;
+
+impl CustomOp2 for GeluErfBackward {
+    fn name(&self) -> &'static str {
+        "latte-gelu-erf-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let g = slice(s2, l2, self.name())?;
+        let inv_sqrt_2pi = 1.0 / (2.0 * std::f32::consts::PI).sqrt();
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(16384)
+            .zip(x.par_chunks(16384).zip(g.par_chunks(16384)))
+            .for_each(|(o, (xi, gi))| {
+                for ((ov, &xv), &gv) in o.iter_mut().zip(xi).zip(gi) {
+                    let pdf = (-0.5 * xv * xv).exp() * inv_sqrt_2pi;
+                    *ov = gv * (phi_cdf(xv) + xv * pdf);
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Exact-erf GELU, differentiable; fused and parallel on float32 CPU tensors.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return Ok(x.contiguous()?.apply_op1(GeluErf)?);
+    }
+    Ok(x.gelu_erf()?)
+}
