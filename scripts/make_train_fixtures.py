@@ -19,6 +19,7 @@ Output (deleted and recreated): crates/latte-train/tests/fixtures/
     expected/<case>.train.jsonl     the batch's rows, in column order (read by latte's data loader)
     expected/<case>.json            model, loss settings, rows, hyper-parameters, loss, total grad norm
     expected/<case>.safetensors     grad_norm.<param> (f32 scalar), updated.<param> (f32)
+    data/                           Parquet (snappy, zstd) and PyLate-layout distillation files for loader tests
 
 Parameter names: `0.<backbone weight name>` for the transformer, `<i>.<name>` for the i-th module after it.
 
@@ -235,6 +236,34 @@ def trainer_step(model_dir: Path, case: dict) -> dict:
     return {param_name(n): p.detach().numpy().copy() for n, p in model.named_parameters()}
 
 
+def write_data_files() -> None:
+    """Small data files for the loader tests: Parquet (snappy and zstd) and PyLate's distillation layout."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = OUT / "data"
+    d.mkdir(parents=True, exist_ok=True)
+    rows = CASES[3]["rows"]
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table, d / "triplets.parquet", compression="snappy")
+    pq.write_table(table, d / "triplets_zstd.parquet", compression="zstd")
+    kd = pa.Table.from_pylist(
+        [dict(query=r["query"], documents=r["documents"], scores=r["scores"]) for r in CASES[2]["rows"]]
+    )
+    pq.write_table(kd, d / "kd_inline.parquet", compression="snappy")
+    queries = [dict(query_id=i, text=q) for i, q in enumerate(QUERIES)]
+    docs = [dict(document_id=f"d{i}", text=t) for i, t in enumerate(POSITIVES + NEGATIVES)]
+    train = [
+        dict(query_id=i, document_ids=[f"d{i}", f"d{4 + i}", f"d{(i + 1) % 4}"], scores=[3.0, 1.0 + i / 10, 0.5])
+        for i in range(4)
+    ]
+    for name, rs in [("kd_queries", queries), ("kd_documents", docs), ("kd_train", train)]:
+        with open(d / f"{name}.jsonl", "w") as f:
+            for r in rs:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    pq.write_table(pa.Table.from_pylist(train), d / "kd_train.parquet", compression="snappy")
+
+
 def main() -> None:
     torch.set_num_threads(1)
     if OUT.exists():
@@ -285,3 +314,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    write_data_files()

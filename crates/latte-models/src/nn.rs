@@ -168,6 +168,20 @@ pub fn attention(
     bias: &Tensor,
     mode: Mode,
 ) -> Result<Tensor> {
+    attention_dropout(q, k, v, scale, bias, mode, 0.0)
+}
+
+/// [`attention`] with dropout of probability `p` on the attention probabilities (training only, see
+/// [`dropout`]).
+pub fn attention_dropout(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    bias: &Tensor,
+    mode: Mode,
+    p: f64,
+) -> Result<Tensor> {
     let probs = if mode == Mode::Train {
         crate::train_ops::scaled_masked_softmax(&q.matmul(&k.t()?)?, scale, bias)?
     } else {
@@ -175,6 +189,7 @@ pub fn attention(
         let scores = scores.broadcast_add(bias)?;
         softmax_last(&scores, mode)?
     };
+    let probs = dropout(&probs, p, mode)?;
     Ok(probs.matmul(v)?)
 }
 
@@ -249,4 +264,64 @@ pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
             D::Minus1,
         )?)
     }
+}
+
+thread_local! {
+    static DROPOUT: std::cell::Cell<Option<(u64, u64)>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with dropout switched on (for [`Mode::Train`] forward passes on this thread), masks drawn
+/// deterministically from `seed`: the same seed and the same sequence of ops give the same masks, which
+/// is what gradient caching needs to replay a forward pass. `None` runs `f` with dropout off.
+pub fn with_dropout<R>(seed: Option<u64>, f: impl FnOnce() -> R) -> R {
+    let prev = DROPOUT.with(|d| d.replace(seed.map(|s| (s, 0))));
+    let out = f();
+    DROPOUT.with(|d| d.set(prev));
+    out
+}
+
+/// The seed of the enclosing [`with_dropout`], if dropout is on.
+pub fn dropout_seed() -> Option<u64> {
+    DROPOUT.with(|d| d.get().map(|(s, _)| s))
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Inverted dropout as `torch.nn.Dropout` in training: each element is zeroed with probability `p` and
+/// the rest scaled by `1 / (1 − p)`. Only in [`Mode::Train`] inside [`with_dropout`]; the identity
+/// otherwise (inference, or training with dropout off).
+pub fn dropout(x: &Tensor, p: f64, mode: Mode) -> Result<Tensor> {
+    if mode != Mode::Train || p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let Some((seed, counter)) = DROPOUT.with(|d| d.get()) else {
+        return Ok(x.clone());
+    };
+    DROPOUT.with(|d| d.set(Some((seed, counter + 1))));
+    if p >= 1.0 {
+        return Ok(x.zeros_like()?);
+    }
+    use rayon::prelude::*;
+    let n = x.elem_count();
+    let keep = 1.0 / (1.0 - p) as f32;
+    let threshold = (p * (1u64 << 32) as f64) as u64;
+    let base = splitmix(seed ^ splitmix(counter));
+    let mut mask = vec![0f32; n];
+    mask.par_chunks_mut(4096).enumerate().for_each(|(c, m)| {
+        let mut state = splitmix(base ^ (c as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
+        for pair in m.chunks_mut(2) {
+            state = splitmix(state);
+            for (i, v) in pair.iter_mut().enumerate() {
+                let r = (state >> (32 * i)) & 0xFFFF_FFFF;
+                *v = if r >= threshold { keep } else { 0.0 };
+            }
+        }
+    });
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    Ok((x * mask)?)
 }

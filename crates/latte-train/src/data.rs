@@ -97,13 +97,15 @@ impl Table {
             for (k, v) in obj.0 {
                 match index.get(&k) {
                     Some(&i) => row[i] = v,
-                    None => return Err(Error::data(
-                        path,
-                        format!(
+                    None => {
+                        return Err(Error::data(
+                            path,
+                            format!(
                             "line {}: column {k:?} is not in the first row's columns {columns:?}",
                             n + 1
                         ),
-                    )),
+                        ))
+                    }
                 }
             }
             rows.push(row);

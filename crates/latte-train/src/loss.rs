@@ -4,6 +4,7 @@
 //! loss value with the gradient of every parameter.
 
 use candle_core::{Tensor, Var};
+use latte_models::nn::{dropout_seed, with_dropout};
 use latte_models::{ColBERT, Mode};
 
 use crate::batch::Batch;
@@ -158,6 +159,15 @@ impl Loss for Contrastive {
     }
 }
 
+/// The dropout seed of one mini-batch of one column, derived from the enclosing step's seed (`None`
+/// when dropout is off), so that both passes of [`CachedContrastive`] draw the same masks.
+fn minibatch_seed(column: usize, start: usize) -> Option<u64> {
+    dropout_seed().map(|s| {
+        s ^ (column as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ (start as u64 + 1).wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+    })
+}
+
 /// [`Contrastive`] computed GradCache-style (PyLate `losses.CachedContrastive`): embeddings are computed
 /// without a graph in mini-batches, the loss is back-propagated to the embeddings only, then each
 /// mini-batch is run again with a graph and back-propagated with those cached gradients. Same loss and
@@ -184,14 +194,44 @@ impl Default for CachedContrastive {
 }
 
 impl CachedContrastive {
-    fn embed_no_grad(&self, model: &ColBERT, tokens: &Tokens) -> Result<Tensor> {
+    fn embed_no_grad(&self, model: &ColBERT, tokens: &Tokens, column: usize) -> Result<Tensor> {
         let mut parts = Vec::new();
         let mbs = self.mini_batch_size.max(1);
         for start in (0..tokens.len()).step_by(mbs) {
             let end = (start + mbs).min(tokens.len());
-            parts.push(embed(model, &tokens.slice(start, end), Mode::Train)?.detach());
+            let e = with_dropout(minibatch_seed(column, start), || {
+                embed(model, &tokens.slice(start, end), Mode::Train)
+            })?;
+            parts.push(e.detach());
         }
         Ok(Tensor::cat(&parts, 0)?)
+    }
+}
+
+impl CachedContrastive {
+    /// The loss of `batch` computed exactly as [`Loss::forward_backward`] computes it (same mini-batches,
+    /// same dropout masks under the same seed), without gradients.
+    pub fn loss_with_replay(&self, model: &ColBERT, batch: &Batch) -> Result<f32> {
+        check_columns(batch, 2, "cached-contrastive")?;
+        let mut reps = Vec::new();
+        let mut col_masks = Vec::new();
+        for (column, c) in batch.columns.iter().enumerate() {
+            let t = Tokens::new(model, &c.texts, c.is_query)?;
+            col_masks.push(masks(model, &t)?);
+            reps.push(self.embed_no_grad(model, &t, column)?);
+        }
+        let docs: Vec<(Tensor, Masks)> = reps[1..]
+            .iter()
+            .cloned()
+            .zip(col_masks[1..].iter().cloned())
+            .collect();
+        scalar(&contrastive_loss(
+            &reps[0],
+            query_mask(model, &col_masks[0]),
+            &docs,
+            self.contrastive.temperature,
+            self.contrastive.size_average,
+        )?)
     }
 }
 
@@ -216,7 +256,11 @@ impl Loss for CachedContrastive {
         for c in &batch.columns {
             let t = Tokens::new(model, &c.texts, c.is_query)?;
             col_masks.push(masks(model, &t)?);
-            reps.push(Var::from_tensor(&self.embed_no_grad(model, &t)?)?);
+            reps.push(Var::from_tensor(&self.embed_no_grad(
+                model,
+                &t,
+                tokens.len(),
+            )?)?);
             tokens.push(t);
         }
         let docs: Vec<(Tensor, Masks)> = reps[1..]
@@ -235,13 +279,16 @@ impl Loss for CachedContrastive {
         let store = loss.backward()?;
         let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
         let mbs = self.mini_batch_size;
-        for (t, rep) in tokens.iter().zip(&reps) {
+        for (column, (t, rep)) in tokens.iter().zip(&reps).enumerate() {
             let Some(cached) = store.get(rep.as_tensor()) else {
                 continue;
             };
             for start in (0..t.len()).step_by(mbs) {
                 let end = (start + mbs).min(t.len());
-                let e = embed(model, &t.slice(start, end), Mode::Train)?;
+                // The same dropout masks as the first pass (PyLate's RandContext).
+                let e = with_dropout(minibatch_seed(column, start), || {
+                    embed(model, &t.slice(start, end), Mode::Train)
+                })?;
                 let g = cached.narrow(0, start, end - start)?.detach();
                 let surrogate = (e * g)?.sum_all()?;
                 for (acc, g) in grads.iter_mut().zip(grads_of(&surrogate, params)?) {

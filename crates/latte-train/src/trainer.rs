@@ -111,6 +111,9 @@ pub struct TrainConfig {
     pub drop_last: bool,
     /// Show a progress bar (when stderr is a terminal).
     pub progress: bool,
+    /// Apply the dropout of the model's config in training, as PyTorch's `model.train()` does
+    /// (`hidden_dropout_prob`, `attention_probs_dropout_prob`, ModernBERT's dropouts).
+    pub dropout: bool,
 }
 
 impl Default for TrainConfig {
@@ -143,6 +146,7 @@ impl Default for TrainConfig {
             save_total_limit: None,
             drop_last: false,
             progress: true,
+            dropout: true,
         }
     }
 }
@@ -561,7 +565,14 @@ impl Trainer {
                     step_start = Instant::now();
                 }
                 let batch = data.batch(idx);
-                let out = loss_fn.forward_backward(&trainable, &batch, &params)?;
+                let seed = c.dropout.then(|| {
+                    c.seed
+                        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                        .wrapping_add(((epoch as u64) << 32) ^ bi as u64)
+                });
+                let out = latte_models::nn::with_dropout(seed, || {
+                    loss_fn.forward_backward(&trainable, &batch, &params)
+                })?;
                 if !out.loss.is_finite() {
                     return Err(Error::Invalid(format!(
                         "the loss became {} at step {} (epoch {epoch}, batch {bi}); lower the learning rate",

@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::nn::{attention, hidden_act, key_mask_bias, LayerNorm, Linear, Mode};
+use crate::nn::{attention_dropout, dropout, hidden_act, key_mask_bias, LayerNorm, Linear, Mode};
 use crate::{Error, Result};
 
 /// The fields of a BERT `config.json` that the forward pass needs.
@@ -38,6 +38,12 @@ pub struct BertConfig {
     /// Only `absolute` is supported.
     #[serde(default = "absolute")]
     pub position_embedding_type: String,
+    /// Dropout after the embeddings and after each sub-layer (training only).
+    #[serde(default)]
+    pub hidden_dropout_prob: f64,
+    /// Dropout on the attention probabilities (training only).
+    #[serde(default)]
+    pub attention_probs_dropout_prob: f64,
 }
 
 fn gelu() -> String {
@@ -222,7 +228,8 @@ impl Bert {
         };
         let tt = self.token_type.narrow(0, 0, 1)?;
         let x = words.broadcast_add(&pos)?.broadcast_add(&tt)?;
-        let mut x = self.emb_norm.forward(&x, mode)?;
+        let hp = self.config.hidden_dropout_prob;
+        let mut x = dropout(&self.emb_norm.forward(&x, mode)?, hp, mode)?;
         let bias = key_mask_bias(attention_mask, x.dtype())?;
         let heads = self.config.num_attention_heads;
         let d = h / heads;
@@ -234,15 +241,21 @@ impl Bert {
             let q = split(layer.query.run(&x, mode)?)?;
             let k = split(layer.key.run(&x, mode)?)?;
             let v = split(layer.value.run(&x, mode)?)?;
-            let ctx = attention(&q, &k, &v, scale, &bias, mode)?;
+            let ctx = attention_dropout(
+                &q,
+                &k,
+                &v,
+                scale,
+                &bias,
+                mode,
+                self.config.attention_probs_dropout_prob,
+            )?;
             let ctx = ctx.transpose(1, 2)?.reshape((b, l, h))?;
-            let a = layer
-                .attn_norm
-                .forward(&(layer.attn_out.run(&ctx, mode)? + &x)?, mode)?;
+            let attn = dropout(&layer.attn_out.run(&ctx, mode)?, hp, mode)?;
+            let a = layer.attn_norm.forward(&(attn + &x)?, mode)?;
             let i = hidden_act(&self.config.hidden_act, &layer.inter.run(&a, mode)?, mode)?;
-            x = layer
-                .out_norm
-                .forward(&(layer.out.run(&i, mode)? + &a)?, mode)?;
+            let o = dropout(&layer.out.run(&i, mode)?, hp, mode)?;
+            x = layer.out_norm.forward(&(o + &a)?, mode)?;
         }
         Ok(x)
     }

@@ -9,7 +9,8 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::nn::{
-    apply_rotary, attention, hidden_act, key_mask_bias, rope_tables, LayerNorm, Linear, Mode,
+    apply_rotary, attention_dropout, dropout, hidden_act, key_mask_bias, rope_tables, LayerNorm,
+    Linear, Mode,
 };
 use crate::{Error, Result};
 
@@ -62,6 +63,15 @@ pub struct ModernBertConfig {
     /// Rotary parameters per layer type (newer configs).
     #[serde(default)]
     pub rope_parameters: Option<serde_json::Value>,
+    /// Dropout after the embeddings (training only).
+    #[serde(default)]
+    pub embedding_dropout: f64,
+    /// Dropout on the attention probabilities and the attention output (training only).
+    #[serde(default)]
+    pub attention_dropout: f64,
+    /// Dropout inside the MLP, before its output projection (training only).
+    #[serde(default)]
+    pub mlp_dropout: f64,
 }
 
 fn gelu() -> String {
@@ -216,7 +226,11 @@ impl ModernBert {
             .tok
             .embedding(&input_ids.flatten_all()?)?
             .reshape((b, l, h))?;
-        let mut x = self.emb_norm.forward(&x, mode)?;
+        let mut x = dropout(
+            &self.emb_norm.forward(&x, mode)?,
+            self.config.embedding_dropout,
+            mode,
+        )?;
         let key_bias = key_mask_bias(attention_mask, x.dtype())?;
         let half = (self.config.local_attention / 2) as i64;
         let window: Vec<f32> = (0..l as i64)
@@ -267,19 +281,21 @@ impl ModernBert {
             };
             let q = apply_rotary(&q, cos, sin)?;
             let k = apply_rotary(&k, cos, sin)?;
-            let mut ctx = attention(&q, &k, &v, scale, bias, mode)?;
+            let ad = self.config.attention_dropout;
+            let mut ctx = attention_dropout(&q, &k, &v, scale, bias, mode, ad)?;
             if !layer.global && !all_local_rows {
                 ctx = ctx.broadcast_mul(&local_rows)?;
             }
             let ctx = ctx.transpose(1, 2)?.reshape((b, l, h))?;
-            x = (x + layer.wo.run(&ctx, mode)?)?;
+            x = (x + dropout(&layer.wo.run(&ctx, mode)?, ad, mode)?)?;
             let y = layer.mlp_norm.forward(&x, mode)?;
             let gi = layer.wi.run(&y, mode)?;
             let inter = self.config.intermediate_size;
             let input = gi.narrow(D::Minus1, 0, inter)?;
             let gate = gi.narrow(D::Minus1, inter, inter)?;
             let act = hidden_act(&self.config.hidden_activation, &input, mode)?;
-            x = (x + layer.mlp_wo.run(&(act * gate)?, mode)?)?;
+            let inner = dropout(&(act * gate)?, self.config.mlp_dropout, mode)?;
+            x = (x + layer.mlp_wo.run(&inner, mode)?)?;
         }
         self.final_norm.forward(&x, mode)
     }

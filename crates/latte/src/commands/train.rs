@@ -78,7 +78,10 @@ pub struct TrainArgs {
     /// Distillation: do not min-max normalise the student scores.
     #[arg(long)]
     pub no_normalize_scores: bool,
-    /// Seed of the data shuffling.
+    /// Train without dropout (by default the model config's dropout applies, as in PyTorch training).
+    #[arg(long)]
+    pub no_dropout: bool,
+    /// Seed of the data shuffling and dropout.
     #[arg(long)]
     pub train_seed: Option<u64>,
     /// Log every N steps.
@@ -161,6 +164,9 @@ fn config(args: &TrainArgs) -> Result<TrainConfig> {
     }
     if let Some(s) = &args.lr_scheduler {
         c.lr_scheduler = s.parse::<Schedule>()?;
+    }
+    if args.no_dropout {
+        c.dropout = false;
     }
     if args.no_normalize_scores {
         c.normalize_scores = false;
