@@ -5,7 +5,25 @@ Gemma 3 (EmbeddingGemma) backbones of `latte-models`.
 Adds cases to ``crates/latte-models/tests/fixtures`` (the folder `make_fixtures.py` writes) without touching
 the other cases; run it after `make_fixtures.py`::
 
-    HF_HUB_OFFLINE=1 /work/venv/bin/python scripts/make_backbone_fixtures.py
+    HF_HUB_OFFLINE=1 /work/venv/bin/python scripts/make_backbone_fixtures.py \
+        --jina-remote-code /path/to/xlm-roberta-flash-implementation [--only jina_flash]
+
+``--jina-remote-code`` names a folder holding the REAL remote code of ``jinaai/xlm-roberta-flash-implementation``
+(``configuration_xlm_roberta.py``, ``modeling_xlm_roberta.py``, ``embedding.py``, ``rotary.py``, ``mha.py``,
+``mlp.py``, ``block.py``, ``xlm_padding.py``, ``stochastic_depth.py`` …), e.g. from a machine with network::
+
+    huggingface-cli download jinaai/xlm-roberta-flash-implementation --local-dir /tmp/jina_remote
+
+It needs ``einops`` importable (``pip install einops``, or ``--extra-sys-path DIR`` for a ``pip install --target``
+folder). The files are copied into the model folder only while PyLate loads it with ``trust_remote_code=True``
+and removed afterwards: upstream code is never committed. Without the option the jina case falls back to the
+minimal stand-in below (kept for machines without the remote code) and says so.
+
+Under transformers 5.x the remote code needs two shims in the (temporary) copy: ``RotaryEmbedding`` must recompute
+its non-persistent ``inv_freq`` buffer before building the cos/sin tables (``from_pretrained`` now builds on the
+meta device and leaves that buffer uninitialised: garbage rotary frequencies, no error), and ``XLMRobertaModel``
+needs ``get_input_embeddings`` returning ``self.embeddings.word_embeddings`` (no longer inferred; this script
+reads it). The committed ``jina_flash`` expectations were generated this way (see its ``notes``).
 
 Cases
 -----
@@ -14,9 +32,10 @@ Cases
 * ``jina_flash`` — a jina-colbert-v2-style Stanford checkpoint: ``config.json`` with ``model_type
   xlm-roberta``, ``architectures ["HF_ColBERT"]``, ``position_embedding_type "rotary"``, ``auto_map`` to remote
   code, weights ``roberta.*`` in the flash layout (``emb_ln``, ``encoder.layers.N.mixer.Wqkv`` …) plus
-  ``linear.weight``, and an ``artifact.metadata`` with ``[QueryMarker]``/``[DocumentMarker]``. The Hugging
-  Face Hub is not reachable here, so the remote code is a faithful, minimal PyTorch re-implementation of the
-  non-flash (CPU) path of ``jinaai/xlm-roberta-flash-implementation`` (written from its published sources:
+  ``linear.weight``, and an ``artifact.metadata`` with ``[QueryMarker]``/``[DocumentMarker]``, encoded by
+  PyLate running the real remote code (``--jina-remote-code``). Without it, the fallback stand-in is a minimal
+  PyTorch re-implementation of the non-flash (CPU) path of ``jinaai/xlm-roberta-flash-implementation``
+  (it agrees with the real code to 2.1e-7 on this fixture;
   embeddings without positions when rotary, post-norm blocks, fused ``Wqkv`` split ``(three h d)``,
   GPT-NeoX style (non-interleaved) rotary over the full head dim, base ``rotary_emb_base``, additive key
   padding mask). It is written into the model folder only while PyLate loads it with
@@ -336,7 +355,7 @@ def xlmr_case(F: Path, M: Path, tmp: Path, texts) -> None:
     mf.write_expectations(F, "xlmr_pylate", "models/xlmr_pylate", {}, True)
 
 
-def jina_case(F: Path, M: Path, tmp: Path, texts) -> None:
+def jina_case(F: Path, M: Path, tmp: Path, texts, remote_code: str | None = None) -> None:
     tok = build_xlmr_tokenizer(texts, tmp / "jina_tok", markers=True)
     d = M / "jina_flash"
     if d.exists():
@@ -410,17 +429,26 @@ def jina_case(F: Path, M: Path, tmp: Path, texts) -> None:
         "dim": 16,
     }
     (d / "artifact.metadata").write_text(json.dumps(meta, indent=4) + "\n")
-    (d / "configuration_xlm_roberta.py").write_text(CONFIG_PY)
-    (d / "modeling_xlm_roberta.py").write_text(MODELING_PY)
+    written = []
+    if remote_code is not None:
+        for src in sorted(Path(remote_code).glob("*.py")):
+            shutil.copy(src, d / src.name)
+            written.append(src.name)
+        notes = ("Remote code: the real jinaai/xlm-roberta-flash-implementation files (CPU path, use_flash_attn "
+                 "ignored without CUDA) from --jina-remote-code, present only while generating (not committed).")
+    else:
+        print("jina_flash: no --jina-remote-code given, using the minimal stand-in", file=sys.stderr)
+        (d / "configuration_xlm_roberta.py").write_text(CONFIG_PY)
+        (d / "modeling_xlm_roberta.py").write_text(MODELING_PY)
+        written = ["configuration_xlm_roberta.py", "modeling_xlm_roberta.py"]
+        notes = ("Remote code: a minimal re-implementation of jinaai/xlm-roberta-flash-implementation's CPU "
+                 "path, present only while generating (not committed).")
     try:
-        mf.write_expectations(
-            F, "jina_flash", "models/jina_flash", {"trust_remote_code": True}, True,
-            notes="Remote code: a minimal re-implementation of jinaai/xlm-roberta-flash-implementation's CPU "
-                  "path, present only while generating (not committed).",
-        )
+        mf.write_expectations(F, "jina_flash", "models/jina_flash", {"trust_remote_code": True}, True, notes=notes)
     finally:
-        for f in ("configuration_xlm_roberta.py", "modeling_xlm_roberta.py"):
+        for f in written:
             (d / f).unlink(missing_ok=True)
+        shutil.rmtree(d / "__pycache__", ignore_errors=True)
 
 
 def gemma_case(F: Path, M: Path, tmp: Path, texts) -> None:
@@ -469,6 +497,18 @@ def gemma_case(F: Path, M: Path, tmp: Path, texts) -> None:
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--jina-remote-code", help="folder with the real jinaai/xlm-roberta-flash-implementation files")
+    ap.add_argument("--extra-sys-path", action="append", default=[],
+                    help="folder to put on sys.path (e.g. a `pip install --target` folder holding einops)")
+    ap.add_argument("--only", choices=["xlmr_pylate", "jina_flash", "gemma"], action="append",
+                    help="regenerate only these cases (default: all)")
+    args = ap.parse_args()
+    for extra in args.extra_sys_path:
+        sys.path.insert(0, extra)
+    only = set(args.only or ["xlmr_pylate", "jina_flash", "gemma"])
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     F = mf.DEFAULT_OUT
@@ -476,9 +516,12 @@ def main() -> None:
     texts = mf.corpus_texts(mf.DEFAULT_CORPUS)
     tmp = Path(tempfile.mkdtemp(prefix="latte_backbones_"))
     try:
-        xlmr_case(F, M, tmp, texts)
-        jina_case(F, M, tmp, texts)
-        gemma_case(F, M, tmp, texts)
+        if "xlmr_pylate" in only:
+            xlmr_case(F, M, tmp, texts)
+        if "jina_flash" in only:
+            jina_case(F, M, tmp, texts, args.jina_remote_code)
+        if "gemma" in only:
+            gemma_case(F, M, tmp, texts)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(_TMP_MODULES, ignore_errors=True)
