@@ -434,8 +434,8 @@ def jina_case(F: Path, M: Path, tmp: Path, texts, remote_code: str | None = None
         for src in sorted(Path(remote_code).glob("*.py")):
             shutil.copy(src, d / src.name)
             written.append(src.name)
-        notes = ("Remote code: the real jinaai/xlm-roberta-flash-implementation files (CPU path, use_flash_attn "
-                 "ignored without CUDA) from --jina-remote-code, present only while generating (not committed).")
+        notes = ("Remote code: the XLMRobertaFlash files given with --jina-remote-code (CPU path, use_flash_attn "
+                 "off), present only while generating (not committed); see README for which copies were used.")
     else:
         print("jina_flash: no --jina-remote-code given, using the minimal stand-in", file=sys.stderr)
         (d / "configuration_xlm_roberta.py").write_text(CONFIG_PY)
