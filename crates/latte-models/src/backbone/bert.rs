@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::nn::{attention, hidden_act, key_mask_bias, LayerNorm, Linear, Mode};
+use crate::nn::{attention, key_mask_bias, qkv_heads, LayerNorm, Linear, Mode};
 use crate::{Error, Result};
 
 /// The fields of a BERT `config.json` that the forward pass needs.
@@ -66,6 +66,8 @@ struct Layer {
     inter: Linear,
     out: Linear,
     out_norm: LayerNorm,
+    /// `query`, `key` and `value` packed as one layer for the inference kernel, made on first use.
+    qkv_packed: std::sync::Arc<std::sync::OnceLock<crate::fused::Packed>>,
 }
 
 /// A BERT encoder (also RoBERTa / XLM-RoBERTa, whose positions start after the padding id).
@@ -151,6 +153,7 @@ impl Bert {
                     config.layer_norm_eps,
                     true,
                 )?,
+                qkv_packed: Default::default(),
             });
         }
         Ok(Self {
@@ -227,22 +230,23 @@ impl Bert {
         let heads = self.config.num_attention_heads;
         let d = h / heads;
         let scale = 1.0 / (d as f64).sqrt();
-        let split = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous()?)
-        };
         for layer in &self.layers {
-            let q = split(layer.query.run(&x, mode)?)?;
-            let k = split(layer.key.run(&x, mode)?)?;
-            let v = split(layer.value.run(&x, mode)?)?;
+            let (q, k, v) = qkv_heads(
+                [&layer.query, &layer.key, &layer.value],
+                &layer.qkv_packed,
+                &x,
+                heads,
+                mode,
+            )?;
             let ctx = attention(&q, &k, &v, scale, &bias, mode)?;
             let ctx = ctx.transpose(1, 2)?.reshape((b, l, h))?;
             let a = layer
                 .attn_norm
-                .forward(&(layer.attn_out.run(&ctx, mode)? + &x)?, mode)?;
-            let i = hidden_act(&self.config.hidden_act, &layer.inter.run(&a, mode)?, mode)?;
+                .forward(&layer.attn_out.run_add(&ctx, &x, mode)?, mode)?;
+            let i = layer.inter.run_act(&a, &self.config.hidden_act, mode)?;
             x = layer
                 .out_norm
-                .forward(&(layer.out.run(&i, mode)? + &a)?, mode)?;
+                .forward(&layer.out.run_add(&i, &a, mode)?, mode)?;
         }
         Ok(x)
     }
