@@ -272,14 +272,14 @@ impl ModernBert {
                 ctx = ctx.broadcast_mul(&local_rows)?;
             }
             let ctx = ctx.transpose(1, 2)?.reshape((b, l, h))?;
-            x = (x + layer.wo.run(&ctx, mode)?)?;
+            x = layer.wo.run_add(&ctx, &x, mode)?;
             let y = layer.mlp_norm.forward(&x, mode)?;
             let gi = layer.wi.run(&y, mode)?;
             let inter = self.config.intermediate_size;
             let input = gi.narrow(D::Minus1, 0, inter)?;
             let gate = gi.narrow(D::Minus1, inter, inter)?;
             let act = hidden_act(&self.config.hidden_activation, &input, mode)?;
-            x = (x + layer.mlp_wo.run(&(act * gate)?, mode)?)?;
+            x = layer.mlp_wo.run_add(&(act * gate)?, &x, mode)?;
         }
         self.final_norm.forward(&x, mode)
     }
