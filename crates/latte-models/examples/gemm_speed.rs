@@ -14,7 +14,14 @@ fn cpu_ns() -> Option<u64> {
 
 fn main() {
     let dev = Device::Cpu;
-    for (m, n, k) in [(5760, 384, 384), (5760, 1536, 384), (5760, 384, 1536)] {
+    for (m, n, k) in [
+        (5760, 384, 384),
+        (5760, 1536, 384),
+        (5760, 384, 1536),
+        (4096, 2304, 768),
+        (4096, 3072, 768),
+        (4096, 768, 3072),
+    ] {
         let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
         let layer = Linear::new(
             Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap(),
