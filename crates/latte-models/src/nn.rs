@@ -1,8 +1,9 @@
 //! Building blocks shared by the backbones: linear layers, layer norm, softmax and attention masks.
 //!
-//! Every op here has two paths. In inference ([`Mode::Infer`]) the fused candle kernels are used where they
-//! exist (`layer_norm`, `softmax_last_dim`); in training ([`Mode::Train`]) the same maths is written with
-//! elementary, differentiable ops, because candle's fused kernels have no backward pass.
+//! Every op here has two paths. In inference ([`Mode::Infer`]) fused kernels are used where they exist
+//! (candle's `layer_norm`; [`crate::fused`]'s linear layers with their residual and GELU, attention and
+//! softmax); in training ([`Mode::Train`]) the same maths is written with elementary, differentiable ops,
+//! because the fused kernels have no backward pass.
 
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::VarBuilder;
