@@ -1,14 +1,114 @@
-//! Fused CPU kernels for inference: `x Wᵀ + b` in one gemm call (the bias is the initial value of the
-//! output, so there is no zero-fill and no separate bias pass) and GELU with a fast erf.
+//! Fused CPU kernels for inference, on float32 CPU tensors in [`Mode::Infer`](crate::Mode) only;
+//! everywhere else (training, accelerators, other dtypes) the plain candle ops are used, which have
+//! backward passes.
 //!
-//! They run only in [`Mode::Infer`](crate::Mode) on float32 CPU tensors; everywhere else (training,
-//! accelerators, other dtypes) the plain candle ops are used, which have backward passes.
+//! With AVX-512F (detected at run time, see [`crate::avx512`]): linear layers as `act(x Wᵀ + b + residual)`
+//! in one pass over weights packed once per layer ([`Packed`]; q, k and v can share one), attention fused
+//! per (sequence, head), softmax and GELU with a vectorised `exp`. Without it: one `gemm` call per linear
+//! layer with the bias as the initial output, GELU with a fast erf, candle's attention and softmax.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Module, Shape, Tensor};
+use std::mem::MaybeUninit;
+use std::sync::OnceLock;
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Module, Shape, Tensor,
+};
 use rayon::prelude::*;
 
 use crate::nn::Linear;
 use crate::Result;
+
+/// Columns of the packed weight panels (and of the AVX-512 register tile).
+pub const NR: usize = 32;
+
+/// One or more linear layers' weights, stacked along the outputs, packed for the AVX-512 kernel:
+/// `ceil(n / NR)` panels of `k × NR` values (zero-padded), and the biases padded to whole panels.
+#[derive(Default)]
+pub struct Packed {
+    /// The panels.
+    pub data: Vec<f32>,
+    /// `n` biases (0 for a layer without one), then zeros up to a whole panel.
+    pub bias: Vec<f32>,
+    /// Outputs.
+    pub n: usize,
+    /// Inputs.
+    pub k: usize,
+}
+
+impl std::fmt::Debug for Packed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Packed {{ n: {}, k: {} }}", self.n, self.k)
+    }
+}
+
+impl Packed {
+    /// Packs these layers (same input width) as one with their outputs concatenated.
+    pub fn new(layers: &[&Linear]) -> Result<Self> {
+        let k = layers.first().map_or(0, |l| l.in_dim());
+        let n: usize = layers.iter().map(|l| l.out_dim()).sum();
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0f32; panels * k * NR];
+        let mut bias = vec![0f32; panels * NR];
+        let mut j0 = 0;
+        for l in layers {
+            if l.in_dim() != k {
+                return Err(crate::Error::Invalid(format!(
+                    "cannot pack layers of input widths {k} and {}",
+                    l.in_dim()
+                )));
+            }
+            let w: Vec<f32> = l.weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            for (j, row) in w.chunks(k.max(1)).enumerate().take(l.out_dim()) {
+                let jj = j0 + j;
+                let base = (jj / NR) * k * NR + jj % NR;
+                for (kk, &v) in row.iter().enumerate() {
+                    data[base + kk * NR] = v;
+                }
+            }
+            if let Some(b) = &l.bias {
+                let b: Vec<f32> = b.to_dtype(DType::F32)?.to_vec1()?;
+                bias[j0..j0 + l.out_dim()].copy_from_slice(&b);
+            }
+            j0 += l.out_dim();
+        }
+        Ok(Self { data, bias, n, k })
+    }
+
+    /// The cached packing of `layers`, made on first use.
+    pub fn cached<'a>(cache: &'a OnceLock<Packed>, layers: &[&Linear]) -> Result<&'a Packed> {
+        if let Some(p) = cache.get() {
+            return Ok(p);
+        }
+        let p = Self::new(layers)?;
+        let _ = cache.set(p);
+        Ok(cache.get().expect("set above"))
+    }
+}
+
+/// The AVX-512 kernels apply to `x`: a float32 CPU tensor on a CPU with AVX-512F.
+pub fn fast(x: &Tensor) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x.device().is_cpu() && x.dtype() == DType::F32 && crate::avx512::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = x;
+        false
+    }
+}
+
+/// A vector of `len` values all written by `f`.
+///
+/// # Safety
+/// `f` must write every element of the slice it is given.
+unsafe fn filled(len: usize, f: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    f(&mut v.spare_capacity_mut()[..len]);
+    // SAFETY: `f` wrote every element (the caller's contract).
+    unsafe { v.set_len(len) };
+    v
+}
 
 fn threads() -> gemm::Parallelism {
     let n = candle_core::utils::get_num_threads();
@@ -19,9 +119,9 @@ fn threads() -> gemm::Parallelism {
     }
 }
 
+/// `x Wᵀ + b` through the `gemm` crate (CPUs without AVX-512).
 struct LinearOp {
     has_bias: bool,
-    packed: std::sync::Arc<std::sync::OnceLock<Vec<f32>>>,
 }
 
 impl CustomOp3 for LinearOp {
@@ -52,19 +152,6 @@ impl CustomOp3 for LinearOp {
         };
         let x = &x[xo..xo + m * k];
         let w = &w[wo..wo + n * k];
-        #[cfg(target_arch = "x86_64")]
-        if avx512::available() {
-            let bias = if self.has_bias {
-                let bo = l3.start_offset();
-                Some(&b[bo..bo + n])
-            } else {
-                None
-            };
-            let bp = self.packed.get_or_init(|| avx512::pack(w, n, k));
-            let mut dst = vec![0f32; m * n];
-            avx512::linear(x, m, k, bp, n, bias, &mut dst);
-            return Ok((CpuStorage::F32(dst), Shape::from((m, n))));
-        }
         let mut dst = Vec::with_capacity(m * n);
         if self.has_bias {
             let bo = l3.start_offset();
@@ -103,162 +190,123 @@ impl CustomOp3 for LinearOp {
     }
 }
 
-/// An AVX-512 single-precision kernel for `x Wᵀ + b`: 8 × 32 register tiles (16 accumulators), `Wᵀ`
-/// packed in panels of 32 columns, row blocks sized to stay in L2 run in parallel. Chosen at run time when the CPU has
-/// AVX-512F; the `gemm` crate (AVX2 on stable Rust) is used otherwise.
+/// `[.., k]` → `([m, k] contiguous, m, leading dims)`.
+fn rows(x: &Tensor) -> Result<(Tensor, usize, Vec<usize>)> {
+    let dims = x.dims().to_vec();
+    let k = *dims.last().unwrap_or(&0);
+    let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+    Ok((x.contiguous()?.reshape((m, k))?, m, dims))
+}
+
+/// `act(x Wᵀ + b + residual)` through the AVX-512 kernel: a unary op on `x` or a binary one on
+/// `(x, residual)`.
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use std::arch::x86_64::*;
+struct PackedLinearOp<'a> {
+    packed: &'a Packed,
+    gelu: bool,
+}
 
-    use rayon::prelude::*;
-
-    const MR: usize = 8;
-    const NR: usize = 32;
-
-    /// AVX-512F is present and not switched off with `LATTE_NO_AVX512=1`.
-    pub fn available() -> bool {
-        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *ON.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx512f")
-                && std::env::var("LATTE_NO_AVX512").map_or(true, |v| v.is_empty() || v == "0")
-        })
-    }
-
-    /// `w` is `[n, k]` row-major; the result holds `ceil(n / NR)` panels of `k × NR` values, zero-padded.
-    pub fn pack(w: &[f32], n: usize, k: usize) -> Vec<f32> {
-        let panels = n.div_ceil(NR);
-        let mut out = vec![0f32; panels * k * NR];
-        for j in 0..n {
-            let base = (j / NR) * k * NR + j % NR;
-            for (kk, &v) in w[j * k..(j + 1) * k].iter().enumerate() {
-                out[base + kk * NR] = v;
-            }
-        }
-        out
-    }
-
-    /// One `rows × cols` tile (rows ≤ MR, cols ≤ NR) of `out = bias + A · Bpanel`.
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn kernel(
-        k: usize,
-        a: [*const f32; MR],
-        bp: *const f32,
-        bias: *const f32,
-        out: *mut f32,
-        ldc: usize,
-        rows: usize,
-        cols: usize,
-    ) {
-        let mut c0 = [_mm512_loadu_ps(bias); MR];
-        let mut c1 = [_mm512_loadu_ps(bias.add(16)); MR];
-        for kk in 0..k {
-            let b0 = _mm512_loadu_ps(bp.add(kk * NR));
-            let b1 = _mm512_loadu_ps(bp.add(kk * NR + 16));
-            for r in 0..MR {
-                let av = _mm512_set1_ps(*a[r].add(kk));
-                c0[r] = _mm512_fmadd_ps(av, b0, c0[r]);
-                c1[r] = _mm512_fmadd_ps(av, b1, c1[r]);
-            }
-        }
-        let m0: __mmask16 = if cols >= 16 {
-            0xFFFF
-        } else {
-            ((1u32 << cols) - 1) as u16
+#[cfg(target_arch = "x86_64")]
+impl PackedLinearOp<'_> {
+    fn run(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        residual: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(x) = x else {
+            candle_core::bail!("latte-linear: float32 only");
         };
-        let m1: __mmask16 = if cols >= NR {
-            0xFFFF
-        } else if cols > 16 {
-            ((1u32 << (cols - 16)) - 1) as u16
-        } else {
-            0
+        let (m, k) = lx.shape().dims2()?;
+        let p = self.packed;
+        if k != p.k {
+            candle_core::bail!("latte-linear: input width {k}, weights take {}", p.k);
+        }
+        let Some((xo, _)) = lx.contiguous_offsets() else {
+            candle_core::bail!("latte-linear: input must be contiguous");
         };
-        for r in 0..rows {
-            let o = out.add(r * ldc);
-            _mm512_mask_storeu_ps(o, m0, c0[r]);
-            _mm512_mask_storeu_ps(o.add(16), m1, c1[r]);
-        }
-    }
-
-    /// `dst[m, n] = x[m, k] · wᵀ + bias`, with `bp` = `pack(w, n, k)`.
-    pub fn linear(
-        x: &[f32],
-        m: usize,
-        k: usize,
-        bp: &[f32],
-        n: usize,
-        bias: Option<&[f32]>,
-        dst: &mut [f32],
-    ) {
-        if m == 0 || n == 0 {
-            return;
-        }
-        let panels = n.div_ceil(NR);
-        let mut bias_pad = vec![0f32; panels * NR];
-        if let Some(b) = bias {
-            bias_pad[..n].copy_from_slice(b);
-        }
-        // Row blocks of about 384 KB of `x`, so a block stays in L2 while every panel of `Wᵀ` passes over it.
-        let mc = ((96 * 1024) / k.max(1)).clamp(MR, 512) / MR * MR;
-        let threads = candle_core::utils::get_num_threads();
-        let mc = if threads > 1 && m <= mc * threads {
-            // Small inputs: split evenly so every thread gets work.
-            m.div_ceil(threads).div_ceil(MR) * MR
-        } else {
-            mc
-        };
-        let block = |(bi, d): (usize, &mut [f32])| {
-            let r0 = bi * mc;
-            let rows_in = d.len() / n;
-            for p in 0..panels {
-                let cols = NR.min(n - p * NR);
-                let mut mr = 0;
-                while mr < rows_in {
-                    let rows = MR.min(rows_in - mr);
-                    let mut a = [std::ptr::null::<f32>(); MR];
-                    for (r, ptr) in a.iter_mut().enumerate() {
-                        // Rows past the end repeat the last row; their results are not stored.
-                        *ptr = x[(r0 + mr + r.min(rows - 1)) * k..].as_ptr();
-                    }
-                    // SAFETY: AVX-512F is present (checked by `available`), every pointer stays inside
-                    // `x`, `bp`, `bias_pad` and `d` for the k, rows and cols given.
-                    unsafe {
-                        kernel(
-                            k,
-                            a,
-                            bp.as_ptr().add(p * k * NR),
-                            bias_pad.as_ptr().add(p * NR),
-                            d.as_mut_ptr().add(mr * n + p * NR),
-                            n,
-                            rows,
-                            cols,
-                        );
-                    }
-                    mr += MR;
+        let res = match residual {
+            None => None,
+            Some((CpuStorage::F32(r), lr)) => {
+                if lr.shape().dims() != [m, p.n] {
+                    candle_core::bail!("latte-linear: residual shape {:?}", lr.shape());
                 }
+                let Some((ro, _)) = lr.contiguous_offsets() else {
+                    candle_core::bail!("latte-linear: residual must be contiguous");
+                };
+                Some(&r[ro..ro + m * p.n])
             }
+            Some(_) => candle_core::bail!("latte-linear: float32 only"),
         };
-        if threads > 1 && m > mc {
-            dst.par_chunks_mut(mc * n).enumerate().for_each(block);
-        } else {
-            dst.chunks_mut(mc * n).enumerate().for_each(block);
-        }
+        let x = &x[xo..xo + m * k];
+        // SAFETY: `avx512::linear` writes every element of its output.
+        let dst = unsafe {
+            filled(m * p.n, |d| {
+                crate::avx512::linear(x, m, p, res, self.gelu, d)
+            })
+        };
+        Ok((CpuStorage::F32(dst), Shape::from((m, p.n))))
     }
 }
 
-/// `x Wᵀ + b` for a float32 CPU tensor of any leading shape, in one gemm call.
-pub fn linear(layer: &Linear, x: &Tensor) -> Result<Tensor> {
+#[cfg(target_arch = "x86_64")]
+impl CustomOp1 for PackedLinearOp<'_> {
+    fn name(&self) -> &'static str {
+        "latte-linear-avx512"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.run(s, l, None)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl CustomOp2 for PackedLinearOp<'_> {
+    fn name(&self) -> &'static str {
+        "latte-linear-residual-avx512"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.run(s1, l1, Some((s2, l2)))
+    }
+}
+
+/// `act(x Wᵀ + b + residual)` with the packed weights `p`, for `x` of any leading shape.
+fn packed_linear(p: &Packed, x: &Tensor, residual: Option<&Tensor>, gelu: bool) -> Result<Tensor> {
+    let (x2, m, mut dims) = rows(x)?;
+    *dims.last_mut().unwrap() = p.n;
+    #[cfg(target_arch = "x86_64")]
+    {
+        let op = PackedLinearOp { packed: p, gelu };
+        let y = match residual {
+            Some(r) => x2.apply_op2_no_bwd(&r.contiguous()?.reshape((m, p.n))?, &op)?,
+            None => x2.apply_op1_no_bwd(&op)?,
+        };
+        Ok(y.reshape(dims)?)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (x2, m, residual, gelu);
+        unreachable!("packed weights are only used with AVX-512")
+    }
+}
+
+/// `x Wᵀ + b` through the `gemm` crate, for float32 CPU tensors; candle's matmul otherwise.
+fn gemm_linear(layer: &Linear, x: &Tensor) -> Result<Tensor> {
     let usable = x.device().is_cpu()
-        && x.dtype() == candle_core::DType::F32
-        && layer.weight.dtype() == candle_core::DType::F32
+        && x.dtype() == DType::F32
+        && layer.weight.dtype() == DType::F32
         && layer.weight.is_contiguous();
     if !usable {
         return Ok(layer.forward(x)?);
     }
-    let dims = x.dims().to_vec();
-    let k = *dims.last().unwrap_or(&0);
-    let m: usize = dims[..dims.len().saturating_sub(1)].iter().product();
-    let x2 = x.contiguous()?.reshape((m, k))?;
+    let (x2, _, mut dims) = rows(x)?;
     let bias = match &layer.bias {
         Some(b) => b.clone(),
         None => layer.weight.narrow(1, 0, 1)?.squeeze(1)?, // unused placeholder
@@ -268,12 +316,211 @@ pub fn linear(layer: &Linear, x: &Tensor) -> Result<Tensor> {
         &bias,
         &LinearOp {
             has_bias: layer.bias.is_some(),
-            packed: layer.packed.clone(),
         },
     )?;
-    let mut out_dims = dims;
-    *out_dims.last_mut().unwrap() = layer.out_dim();
-    Ok(y.reshape(out_dims)?)
+    *dims.last_mut().unwrap() = layer.out_dim();
+    Ok(y.reshape(dims)?)
+}
+
+/// `x Wᵀ + b` for a tensor of any leading shape, in one pass.
+pub fn linear(layer: &Linear, x: &Tensor) -> Result<Tensor> {
+    linear_ex(layer, x, None, false)
+}
+
+/// `act(x Wᵀ + b + residual)`, where `act` is exact GELU when `gelu` (else the identity): fused into the
+/// kernel with AVX-512, separate ops otherwise.
+pub fn linear_ex(
+    layer: &Linear,
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    gelu: bool,
+) -> Result<Tensor> {
+    if fast(x) {
+        let p = Packed::cached(&layer.packed, &[layer])?;
+        return packed_linear(p, x, residual, gelu);
+    }
+    let mut y = gemm_linear(layer, x)?;
+    if let Some(r) = residual {
+        y = (y + r)?;
+    }
+    if gelu {
+        y = gelu_erf(&y)?;
+    }
+    Ok(y)
+}
+
+/// The outputs of several layers on the same input, concatenated on the last dimension, through one
+/// packed weight (cached in `cache`); `None` when the AVX-512 kernel does not apply.
+pub fn linear_cat(
+    layers: &[&Linear],
+    cache: &OnceLock<Packed>,
+    x: &Tensor,
+) -> Result<Option<Tensor>> {
+    if !fast(x) {
+        return Ok(None);
+    }
+    let p = Packed::cached(cache, layers)?;
+    Ok(Some(packed_linear(p, x, None, false)?))
+}
+
+/// Attention through the AVX-512 kernel: `q`, `k`, `v` with unit last strides, the bias copied in.
+#[cfg(target_arch = "x86_64")]
+struct AttentionOp {
+    scale: f32,
+    bias: Vec<f32>,
+    bias_strides: [usize; 3],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "latte-attention-avx512"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use crate::avx512::{AttnDims, Strided};
+        let (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) = (s1, s2, s3) else {
+            candle_core::bail!("latte-attention: float32 only");
+        };
+        fn view<'a>(data: &'a [f32], l: &Layout) -> candle_core::Result<(Strided<'a>, [usize; 4])> {
+            let (b, h, n, d) = l.shape().dims4()?;
+            let s = l.stride();
+            if s[3] != 1 && d > 1 {
+                candle_core::bail!("latte-attention: last dimension must be contiguous");
+            }
+            let view = Strided {
+                data: &data[l.start_offset()..],
+                s: [s[0], s[1], s[2]],
+            };
+            Ok((view, [b, h, n, d]))
+        }
+        let (qv, [b, h, lq, d]) = view(q, l1)?;
+        let (kv, [kb, kh, lk, kd]) = view(k, l2)?;
+        let (vv, [vb, vh, vl, dv]) = view(v, l3)?;
+        if (kb, kh, kd, vb, vh, vl) != (b, h, d, b, h, lk) {
+            candle_core::bail!(
+                "latte-attention: shapes {:?} {:?} {:?}",
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        let dims = AttnDims {
+            b,
+            h,
+            lq,
+            lk,
+            d,
+            dv,
+        };
+        // SAFETY: `avx512::attention` writes every element of its output.
+        let out = unsafe {
+            filled(b * lq * h * dv, |o| {
+                crate::avx512::attention(
+                    qv,
+                    kv,
+                    vv,
+                    dims,
+                    self.scale,
+                    &self.bias,
+                    self.bias_strides,
+                    o,
+                )
+            })
+        };
+        Ok((CpuStorage::F32(out), Shape::from((b, lq, h, dv))))
+    }
+}
+
+/// `softmax(q kᵀ · scale + bias) v` for `[b, h, l, d]` float32 CPU tensors (any strides) and a bias
+/// broadcastable from `[b | 1, h | 1, lq | 1, lk]`, fused per (sequence, head); `None` when the AVX-512
+/// kernel does not apply.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    bias: &Tensor,
+) -> Result<Option<Tensor>> {
+    if !(fast(q) && fast(k) && fast(v)) || bias.rank() != 4 || q.rank() != 4 {
+        return Ok(None);
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (b, h, lq, _) = q.dims4()?;
+        let lk = k.dim(2)?;
+        let (bb, bh, bq, bk) = bias.dims4()?;
+        let fits = |n: usize, full: usize| n == 1 || n == full;
+        if lk == 0 || bk != lk || !fits(bb, b) || !fits(bh, h) || !fits(bq, lq) {
+            return Ok(None);
+        }
+        let unit_last = |t: &Tensor| -> Result<Tensor> {
+            Ok(if t.stride()[3] == 1 {
+                t.clone()
+            } else {
+                t.contiguous()?
+            })
+        };
+        let bias_strides = [
+            if bb == 1 { 0 } else { bh * bq * bk },
+            if bh == 1 { 0 } else { bq * bk },
+            if bq == 1 { 0 } else { bk },
+        ];
+        let op = AttentionOp {
+            scale: scale as f32,
+            bias: bias.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+            bias_strides,
+        };
+        let out = unit_last(q)?.apply_op3_no_bwd(&unit_last(k)?, &unit_last(v)?, &op)?;
+        Ok(Some(out.transpose(1, 2)?))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (scale, bias);
+        Ok(None)
+    }
+}
+
+/// Softmax over the last dimension through the AVX-512 kernel.
+#[cfg(target_arch = "x86_64")]
+struct SoftmaxOp;
+
+#[cfg(target_arch = "x86_64")]
+impl CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "latte-softmax-avx512"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(x) = s else {
+            candle_core::bail!("latte-softmax: float32 only");
+        };
+        let Some((o1, o2)) = l.contiguous_offsets() else {
+            candle_core::bail!("latte-softmax: input must be contiguous");
+        };
+        let n = *l.dims().last().unwrap_or(&1);
+        let x = &x[o1..o2];
+        // SAFETY: `avx512::softmax_rows` writes every element of its output.
+        let out = unsafe { filled(x.len(), |d| crate::avx512::softmax_rows(x, n, d)) };
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+}
+
+/// Softmax over the last dimension (inference only: no backward pass).
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    #[cfg(target_arch = "x86_64")]
+    if fast(x) && x.elem_count() > 0 && x.dims().last().is_some_and(|&n| n > 0) {
+        return Ok(x.contiguous()?.apply_op1_no_bwd(&SoftmaxOp)?);
+    }
+    Ok(candle_nn::ops::softmax_last_dim(x)?)
 }
 
 /// erf with |error| < 1.5e-7 (Abramowitz & Stegun 7.1.26).
@@ -305,6 +552,12 @@ impl CustomOp1 for GeluOp {
             candle_core::bail!("latte-gelu-erf: input must be contiguous");
         };
         let x = &x[o1..o2];
+        #[cfg(target_arch = "x86_64")]
+        if crate::avx512::available() {
+            // SAFETY: `avx512::gelu` writes every element of its output.
+            let out = unsafe { filled(x.len(), |d| crate::avx512::gelu(x, d)) };
+            return Ok((CpuStorage::F32(out), l.shape().clone()));
+        }
         let mut out = vec![0f32; x.len()];
         let f = |(o, i): (&mut [f32], &[f32])| {
             for (o, &v) in o.iter_mut().zip(i) {
@@ -325,7 +578,7 @@ impl CustomOp1 for GeluOp {
 
 /// Exact-form GELU, `0.5·x·(1 + erf(x/√2))`, on float32 CPU tensors.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 {
         return Ok(x.gelu_erf()?);
     }
     Ok(x.contiguous()?.apply_op1_no_bwd(&GeluOp)?)
@@ -387,5 +640,102 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(d < 2e-6, "{d}");
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn fused_linear_with_residual_and_gelu_matches_separate_ops() {
+        let dev = Device::Cpu;
+        for (b, l, k, n) in [(1, 1, 1, 1), (2, 9, 33, 65), (3, 20, 16, 31)] {
+            let x = Tensor::randn(0f32, 1.0, (b, l, k), &dev).unwrap();
+            let r = Tensor::randn(0f32, 1.0, (b, l, n), &dev).unwrap();
+            let layer = Linear::new(
+                Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap(),
+                Some(Tensor::randn(0f32, 1.0, n, &dev).unwrap()),
+            );
+            let plain = layer.forward(&x).unwrap();
+            let got = linear_ex(&layer, &x, Some(&r), false).unwrap();
+            assert!(max_diff(&got, &(&plain + &r).unwrap()) < 1e-5);
+            let got = linear_ex(&layer, &x, None, true).unwrap();
+            assert!(max_diff(&got, &plain.gelu_erf().unwrap()) < 1e-5);
+            let got = linear_ex(&layer, &x, Some(&r), true).unwrap();
+            assert!(max_diff(&got, &(&plain + &r).unwrap().gelu_erf().unwrap()) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn fused_attention_matches_differentiable_attention() {
+        use crate::nn::{attention, key_mask_bias, qkv_heads, Mode};
+        let dev = Device::Cpu;
+        for (b, l, heads, d, masked) in [(1, 1, 1, 4, 0), (2, 9, 3, 8, 2), (3, 37, 2, 33, 5)] {
+            let h = heads * d;
+            let x = Tensor::randn(0f32, 1.0, (b, l, h), &dev).unwrap();
+            let lin = || {
+                Linear::new(
+                    Tensor::randn(0f32, 0.3, (h, h), &dev).unwrap(),
+                    Some(Tensor::randn(0f32, 1.0, h, &dev).unwrap()),
+                )
+            };
+            let (wq, wk, wv) = (lin(), lin(), lin());
+            let cache = OnceLock::new();
+            let mut mask = vec![1u32; b * l];
+            for row in mask.chunks_mut(l).skip(1) {
+                row[l - masked.min(l - 1)..].iter_mut().for_each(|m| *m = 0);
+            }
+            let mask = Tensor::from_vec(mask, (b, l), &dev).unwrap();
+            let bias = key_mask_bias(&mask, DType::F32).unwrap();
+            let scale = 1.0 / (d as f64).sqrt();
+            let run = |mode| {
+                let (q, k, v) = qkv_heads([&wq, &wk, &wv], &cache, &x, heads, mode).unwrap();
+                attention(&q, &k, &v, scale, &bias, mode)
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .reshape((b, l, h))
+                    .unwrap()
+            };
+            let want = run(Mode::Train);
+            let size = want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let d = max_diff(&run(Mode::Infer), &want);
+            assert!(d < 1e-5 * size.max(1.0), "{d} (values up to {size})");
+            // A bias per query (sliding windows) as well.
+            let window = Tensor::randn(0f32, 1.0, (1, 1, l, l), &dev).unwrap();
+            let bias2 = bias.broadcast_add(&window).unwrap();
+            let (q, k, v) = qkv_heads([&wq, &wk, &wv], &cache, &x, heads, Mode::Infer).unwrap();
+            let a = attention(&q, &k, &v, scale, &bias2, Mode::Infer).unwrap();
+            let (q, k, v) = qkv_heads([&wq, &wk, &wv], &cache, &x, heads, Mode::Train).unwrap();
+            let want = attention(&q, &k, &v, scale, &bias2, Mode::Train).unwrap();
+            assert!(max_diff(&a, &want) < 1e-5 * size.max(1.0));
+        }
+    }
+
+    #[test]
+    fn fused_softmax_matches_candle() {
+        let dev = Device::Cpu;
+        for dims in [vec![1usize], vec![3, 17], vec![2, 4, 100]] {
+            let x = (Tensor::randn(0f32, 1.0, dims.as_slice(), &dev).unwrap() * 5.0).unwrap();
+            let got = softmax_last(&x).unwrap();
+            let want = candle_nn::ops::softmax_last_dim(&x).unwrap();
+            assert!(max_diff(&got, &want) < 1e-6);
+        }
     }
 }

@@ -5,6 +5,8 @@
 //! Model code is written against candle's `VarBuilder`, so the same layers run frozen weights for
 //! inference and trainable `Var`s for training (see [`Transformer::to_trainable`]).
 
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
 pub mod backbone;
 pub mod dense;
 mod error;

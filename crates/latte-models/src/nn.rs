@@ -1,8 +1,9 @@
 //! Building blocks shared by the backbones: linear layers, layer norm, softmax and attention masks.
 //!
-//! Every op here has two paths. In inference ([`Mode::Infer`]) the fused candle kernels are used where they
-//! exist (`layer_norm`, `softmax_last_dim`); in training ([`Mode::Train`]) the same maths is written with
-//! elementary, differentiable ops, because candle's fused kernels have no backward pass.
+//! Every op here has two paths. In inference ([`Mode::Infer`]) fused kernels are used where they exist
+//! (candle's `layer_norm`; [`crate::fused`]'s linear layers with their residual and GELU, attention and
+//! softmax); in training ([`Mode::Train`]) the same maths is written with elementary, differentiable ops,
+//! because the fused kernels have no backward pass.
 
 use candle_core::{DType, Module, Tensor, D};
 use candle_nn::VarBuilder;
@@ -26,8 +27,8 @@ pub struct Linear {
     pub weight: Tensor,
     /// `[out]`, when the layer has a bias.
     pub bias: Option<Tensor>,
-    /// The weight packed for the inference kernel, made on first use.
-    pub packed: std::sync::Arc<std::sync::OnceLock<Vec<f32>>>,
+    /// The weight packed for the AVX-512 inference kernel, made on first use.
+    pub packed: std::sync::Arc<std::sync::OnceLock<crate::fused::Packed>>,
 }
 
 impl Linear {
@@ -135,7 +136,7 @@ impl LayerNorm {
 /// Softmax over the last dimension.
 pub fn softmax_last(x: &Tensor, mode: Mode) -> Result<Tensor> {
     Ok(match mode {
-        Mode::Infer => candle_nn::ops::softmax_last_dim(x)?,
+        Mode::Infer => crate::fused::softmax_last(x)?,
         Mode::Train if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() >= 2 => {
             let mut dims = vec![1usize; x.rank()];
             dims[0] = x.dim(0)?;
@@ -159,7 +160,9 @@ pub fn key_mask_bias(attention_mask: &Tensor, dtype: DType) -> Result<Tensor> {
     Ok(bias.reshape((b, 1, 1, l))?)
 }
 
-/// Scaled dot-product attention: `softmax(q kᵀ · scale + bias) v` for `[b, h, l, d]` inputs.
+/// Scaled dot-product attention: `softmax(q kᵀ · scale + bias) v` for `[b, h, l, d]` inputs (in
+/// inference, a fused kernel where one applies: then `q`, `k`, `v` may have any strides, and the result
+/// is a transposed view of a `[b, l, h, d]` tensor).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -182,6 +185,12 @@ pub fn attention_dropout(
     mode: Mode,
     p: f64,
 ) -> Result<Tensor> {
+    if mode == Mode::Infer {
+        if let Some(out) = crate::fused::attention(q, k, v, scale, bias)? {
+            return Ok(out);
+        }
+    }
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let probs = if mode == Mode::Train {
         crate::train_ops::scaled_masked_softmax(&q.matmul(&k.t()?)?, scale, bias)?
     } else {
@@ -190,7 +199,7 @@ pub fn attention_dropout(
         softmax_last(&scores, mode)?
     };
     let probs = dropout(&probs, p, mode)?;
-    Ok(probs.matmul(v)?)
+    Ok(probs.matmul(&v)?)
 }
 
 impl Linear {
@@ -201,6 +210,56 @@ impl Linear {
             Mode::Train => Ok(self.forward(x)?),
         }
     }
+
+    /// `x Wᵀ + b + residual`, the addition fused into the kernel in inference.
+    pub fn run_add(&self, x: &Tensor, residual: &Tensor, mode: Mode) -> Result<Tensor> {
+        match mode {
+            Mode::Infer => crate::fused::linear_ex(self, x, Some(residual), false),
+            Mode::Train => Ok((self.forward(x)? + residual)?),
+        }
+    }
+
+    /// `act(x Wᵀ + b)` for a `hidden_act` name, exact GELU fused into the kernel in inference.
+    pub fn run_act(&self, x: &Tensor, act: &str, mode: Mode) -> Result<Tensor> {
+        match (mode, act) {
+            (Mode::Infer, "gelu" | "gelu_python") => crate::fused::linear_ex(self, x, None, true),
+            _ => hidden_act(act, &self.run(x, mode)?, mode),
+        }
+    }
+}
+
+/// Separate query, key and value projections of `[b, l, h]` hidden states, split into `[b, heads, l, d]`
+/// tensors. In inference the three run as one packed layer (cached in `cache`) where the fused kernel
+/// applies, and the results are strided views of its output.
+pub fn qkv_heads(
+    layers: [&Linear; 3],
+    cache: &std::sync::OnceLock<crate::fused::Packed>,
+    x: &Tensor,
+    heads: usize,
+    mode: Mode,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, l, _) = x.dims3()?;
+    if mode == Mode::Infer {
+        if let Some(qkv) = crate::fused::linear_cat(&layers, cache, x)? {
+            let n = layers[0].out_dim();
+            if layers.iter().all(|t| t.out_dim() == n) {
+                let qkv = qkv.reshape((b, l, 3, heads, n / heads))?;
+                let take = |i: usize| -> Result<Tensor> {
+                    Ok(qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)?)
+                };
+                return Ok((take(0)?, take(1)?, take(2)?));
+            }
+        }
+    }
+    let split = |t: Tensor| -> Result<Tensor> {
+        let d = t.dim(2)? / heads;
+        Ok(t.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous()?)
+    };
+    Ok((
+        split(layers[0].run(x, mode)?)?,
+        split(layers[1].run(x, mode)?)?,
+        split(layers[2].run(x, mode)?)?,
+    ))
 }
 
 /// The activations backbones name in `config.json` (`hidden_act`).

@@ -66,7 +66,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Train(_)) && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+    if matches!(cli.command, Command::Train(_)) && std::env::var_os("CANDLE_NUM_THREADS").is_none()
+    {
         // candle runs element-wise ops on its own spin-waiting thread pool; in training those ops are
         // short and many, and on a busy machine the spinning costs more than it saves (the heavy ops
         // run on rayon). Set before the first tensor op, while no other thread exists.

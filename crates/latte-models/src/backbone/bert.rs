@@ -7,7 +7,9 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::nn::{attention_dropout, dropout, hidden_act, key_mask_bias, LayerNorm, Linear, Mode};
+use crate::nn::{
+    attention_dropout, dropout, hidden_act, key_mask_bias, qkv_heads, LayerNorm, Linear, Mode,
+};
 use crate::{Error, Result};
 
 /// The fields of a BERT `config.json` that the forward pass needs.
@@ -72,6 +74,8 @@ struct Layer {
     inter: Linear,
     out: Linear,
     out_norm: LayerNorm,
+    /// `query`, `key` and `value` packed as one layer for the inference kernel, made on first use.
+    qkv_packed: std::sync::Arc<std::sync::OnceLock<crate::fused::Packed>>,
 }
 
 /// A BERT encoder (also RoBERTa / XLM-RoBERTa, whose positions start after the padding id).
@@ -157,6 +161,7 @@ impl Bert {
                     config.layer_norm_eps,
                     true,
                 )?,
+                qkv_packed: Default::default(),
             });
         }
         Ok(Self {
@@ -234,13 +239,14 @@ impl Bert {
         let heads = self.config.num_attention_heads;
         let d = h / heads;
         let scale = 1.0 / (d as f64).sqrt();
-        let split = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous()?)
-        };
         for layer in &self.layers {
-            let q = split(layer.query.run(&x, mode)?)?;
-            let k = split(layer.key.run(&x, mode)?)?;
-            let v = split(layer.value.run(&x, mode)?)?;
+            let (q, k, v) = qkv_heads(
+                [&layer.query, &layer.key, &layer.value],
+                &layer.qkv_packed,
+                &x,
+                heads,
+                mode,
+            )?;
             let ctx = attention_dropout(
                 &q,
                 &k,
@@ -251,11 +257,22 @@ impl Bert {
                 self.config.attention_probs_dropout_prob,
             )?;
             let ctx = ctx.transpose(1, 2)?.reshape((b, l, h))?;
-            let attn = dropout(&layer.attn_out.run(&ctx, mode)?, hp, mode)?;
-            let a = layer.attn_norm.forward(&(attn + &x)?, mode)?;
-            let i = hidden_act(&self.config.hidden_act, &layer.inter.run(&a, mode)?, mode)?;
-            let o = dropout(&layer.out.run(&i, mode)?, hp, mode)?;
-            x = layer.out_norm.forward(&(o + &a)?, mode)?;
+            x = if mode == Mode::Train {
+                let attn = dropout(&layer.attn_out.run(&ctx, mode)?, hp, mode)?;
+                let a = layer.attn_norm.forward(&(attn + &x)?, mode)?;
+                let i = hidden_act(&self.config.hidden_act, &layer.inter.run(&a, mode)?, mode)?;
+                let o = dropout(&layer.out.run(&i, mode)?, hp, mode)?;
+                layer.out_norm.forward(&(o + &a)?, mode)?
+            } else {
+                // Inference: no dropout; residual adds and GELU fused into the kernels.
+                let a = layer
+                    .attn_norm
+                    .forward(&layer.attn_out.run_add(&ctx, &x, mode)?, mode)?;
+                let i = layer.inter.run_act(&a, &self.config.hidden_act, mode)?;
+                layer
+                    .out_norm
+                    .forward(&layer.out.run_add(&i, &a, mode)?, mode)?
+            };
         }
         Ok(x)
     }

@@ -287,7 +287,11 @@ impl ModernBert {
                 ctx = ctx.broadcast_mul(&local_rows)?;
             }
             let ctx = ctx.transpose(1, 2)?.reshape((b, l, h))?;
-            x = (x + dropout(&layer.wo.run(&ctx, mode)?, ad, mode)?)?;
+            x = if mode == Mode::Train {
+                (x + dropout(&layer.wo.run(&ctx, mode)?, ad, mode)?)?
+            } else {
+                layer.wo.run_add(&ctx, &x, mode)?
+            };
             let y = layer.mlp_norm.forward(&x, mode)?;
             let gi = layer.wi.run(&y, mode)?;
             let inter = self.config.intermediate_size;
@@ -295,7 +299,7 @@ impl ModernBert {
             let gate = gi.narrow(D::Minus1, inter, inter)?;
             let act = hidden_act(&self.config.hidden_activation, &input, mode)?;
             let inner = dropout(&(act * gate)?, self.config.mlp_dropout, mode)?;
-            x = (x + layer.mlp_wo.run(&inner, mode)?)?;
+            x = layer.mlp_wo.run_add(&inner, &x, mode)?;
         }
         self.final_norm.forward(&x, mode)
     }

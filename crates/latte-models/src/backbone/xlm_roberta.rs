@@ -16,9 +16,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::nn::{
-    apply_rotary, attention, hidden_act, key_mask_bias, rope_tables, LayerNorm, Linear, Mode,
-};
+use crate::nn::{apply_rotary, attention, key_mask_bias, rope_tables, LayerNorm, Linear, Mode};
 use crate::{Error, Result};
 
 /// The fields of an `XLMRobertaFlashConfig` `config.json` that the forward pass needs.
@@ -288,11 +286,11 @@ impl XlmRobertaFlash {
             let ctx = ctx.transpose(1, 2)?.reshape((b, l, h))?;
             let a = block
                 .norm1
-                .forward(&(block.out_proj.run(&ctx, mode)? + &x)?, mode)?;
-            let i = hidden_act(&self.config.hidden_act, &block.fc1.run(&a, mode)?, mode)?;
+                .forward(&block.out_proj.run_add(&ctx, &x, mode)?, mode)?;
+            let i = block.fc1.run_act(&a, &self.config.hidden_act, mode)?;
             x = block
                 .norm2
-                .forward(&(block.fc2.run(&i, mode)? + &a)?, mode)?;
+                .forward(&block.fc2.run_add(&i, &a, mode)?, mode)?;
         }
         Ok(x)
     }
