@@ -236,7 +236,7 @@ pub fn linear(
 /// # Safety
 /// AVX-512F must be present.
 #[target_feature(enable = "avx512f")]
-unsafe fn softmax_row(s: &mut [f32], scale: f32, bias: Option<&[f32]>) {
+pub(crate) unsafe fn softmax_row(s: &mut [f32], scale: f32, bias: Option<&[f32]>) {
     let n = s.len();
     if let Some(b) = bias {
         assert!(b.len() >= n);

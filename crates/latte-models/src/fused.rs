@@ -74,6 +74,27 @@ impl Packed {
         Ok(Self { data, bias, n, k })
     }
 
+    /// Packs a row-major `[n, k]` weight given as a slice, with an optional bias.
+    pub fn from_rows(w: &[f32], n: usize, k: usize, bias: Option<&[f32]>) -> Self {
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0f32; panels * k * NR];
+        let mut b = vec![0f32; panels * NR];
+        data.par_chunks_mut(k * NR)
+            .enumerate()
+            .for_each(|(panel, out)| {
+                for c in 0..NR.min(n.saturating_sub(panel * NR)) {
+                    let row = &w[(panel * NR + c) * k..(panel * NR + c + 1) * k];
+                    for (kk, &v) in row.iter().enumerate() {
+                        out[kk * NR + c] = v;
+                    }
+                }
+            });
+        if let Some(bias) = bias {
+            b[..n].copy_from_slice(&bias[..n]);
+        }
+        Self { data, bias: b, n, k }
+    }
+
     /// The cached packing of `layers`, made on first use.
     pub fn cached<'a>(cache: &'a OnceLock<Packed>, layers: &[&Linear]) -> Result<&'a Packed> {
         if let Some(p) = cache.get() {

@@ -64,6 +64,13 @@ impl CustomOp2 for MaskedSoftmax {
                 for (r, (orow, xrow)) in o.chunks_mut(n).zip(xi.chunks(n)).enumerate() {
                     let item = (c * cr + r) / rows_per_item;
                     let brow = &bias[item * n..(item + 1) * n];
+                    #[cfg(target_arch = "x86_64")]
+                    if crate::avx512::available() {
+                        orow.copy_from_slice(xrow);
+                        // SAFETY: AVX-512F is present (checked above).
+                        unsafe { crate::avx512::softmax_row(orow, self.scale, Some(brow)) };
+                        continue;
+                    }
                     let mut max = f32::NEG_INFINITY;
                     for ((ov, &xv), &bv) in orow.iter_mut().zip(xrow).zip(brow) {
                         *ov = xv * self.scale + bv;
@@ -388,4 +395,128 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
         return Ok(x.contiguous()?.apply_op1(GeluErf)?);
     }
     Ok(x.gelu_erf()?)
+}
+
+/// Row-major `[rows, cols]` → `[cols, rows]`, in parallel blocks.
+#[cfg(target_arch = "x86_64")]
+fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut dst = vec![0f32; rows * cols];
+    const B: usize = 64;
+    dst.par_chunks_mut(B * rows)
+        .enumerate()
+        .for_each(|(cb, out)| {
+            let c0 = cb * B;
+            let cw = out.len() / rows.max(1);
+            for r0 in (0..rows).step_by(B) {
+                for r in r0..(r0 + B).min(rows) {
+                    let row = &src[r * cols + c0..r * cols + c0 + cw];
+                    for (c, &v) in row.iter().enumerate() {
+                        out[c * rows + r] = v;
+                    }
+                }
+            }
+        });
+    dst
+}
+
+/// `y[m, n] = x[m, k] · Wᵀ + b` on the AVX-512 kernel, with a backward pass on the same kernel:
+/// `dx = dy · W`, `dW = dyᵀ · x`, `db = Σ dy`. Weights change every step, so they are packed per call
+/// (`O(n·k)` against the `O(m·n·k)` product).
+#[cfg(target_arch = "x86_64")]
+struct TrainLinear;
+
+#[cfg(target_arch = "x86_64")]
+fn kernel_product(a: &[f32], m: usize, b_rows: &[f32], n: usize, k: usize, bias: Option<&[f32]>) -> Vec<f32> {
+    // a[m, k] · b_rowsᵀ where b_rows is [n, k].
+    let p = crate::fused::Packed::from_rows(b_rows, n, k, bias);
+    let mut out: Vec<f32> = Vec::with_capacity(m * n);
+    crate::avx512::linear(a, m, &p, None, false, &mut out.spare_capacity_mut()[..m * n]);
+    // SAFETY: the kernel writes every one of the m·n elements.
+    unsafe { out.set_len(m * n) };
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+impl CustomOp3 for TrainLinear {
+    fn name(&self) -> &'static str {
+        "latte-train-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let w = slice(s2, l2, self.name())?;
+        let b = slice(s3, l3, self.name())?;
+        let (n, k) = l2.shape().dims2()?;
+        let m = x.len() / k.max(1);
+        let y = kernel_product(x, m, w, n, k, Some(b));
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (m, k) = x.dims2()?;
+        let (n, _) = w.dims2()?;
+        let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let ws = w.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let gs = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        // dx[m, k] = g[m, n] · W[n, k] = g · (Wᵀ)ᵀ, Wᵀ as rows [k, n].
+        let dx = kernel_product(&gs, m, &transpose(&ws, n, k), k, n, None);
+        // dW[n, k] = gᵀ[n, m] · x[m, k] = gᵀ · (xᵀ)ᵀ, xᵀ as rows [k, m].
+        let gt = transpose(&gs, m, n);
+        let dw = kernel_product(&gt, n, &transpose(&xs, m, k), k, m, None);
+        let db: Vec<f32> = gt.par_chunks(m.max(1)).map(|r| r.iter().sum()).collect();
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (m, k), dev)?),
+            Some(Tensor::from_vec(dw, (n, k), dev)?),
+            Some(Tensor::from_vec(db, n, dev)?),
+        ))
+    }
+}
+
+/// `x Wᵀ + b` for training on the AVX-512 kernel (forward and backward), for float32 CPU tensors on a
+/// CPU with AVX-512F; `None` where it does not apply (the caller uses candle's matmul).
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if crate::fused::fast(x) && weight.dtype() == DType::F32 && weight.rank() == 2 {
+            let (n, k) = weight.dims2()?;
+            let dims = x.dims().to_vec();
+            if dims.last() != Some(&k) {
+                return Ok(None);
+            }
+            let m: usize = dims[..dims.len() - 1].iter().product();
+            let zeros;
+            let b = match bias {
+                Some(b) => b,
+                None => {
+                    zeros = Tensor::zeros(n, DType::F32, x.device())?;
+                    &zeros
+                }
+            };
+            let y = x
+                .reshape((m, k))?
+                .contiguous()?
+                .apply_op3(&weight.contiguous()?, b, TrainLinear)?;
+            let mut out = dims;
+            *out.last_mut().expect("rank ≥ 1") = n;
+            return Ok(Some(y.reshape(out)?));
+        }
+    }
+    let _ = (x, weight, bias);
+    Ok(None)
 }
