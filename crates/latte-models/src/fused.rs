@@ -92,7 +92,12 @@ impl Packed {
         if let Some(bias) = bias {
             b[..n].copy_from_slice(&bias[..n]);
         }
-        Self { data, bias: b, n, k }
+        Self {
+            data,
+            bias: b,
+            n,
+            k,
+        }
     }
 
     /// The cached packing of `layers`, made on first use.

@@ -426,11 +426,25 @@ fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 struct TrainLinear;
 
 #[cfg(target_arch = "x86_64")]
-fn kernel_product(a: &[f32], m: usize, b_rows: &[f32], n: usize, k: usize, bias: Option<&[f32]>) -> Vec<f32> {
+fn kernel_product(
+    a: &[f32],
+    m: usize,
+    b_rows: &[f32],
+    n: usize,
+    k: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
     // a[m, k] · b_rowsᵀ where b_rows is [n, k].
     let p = crate::fused::Packed::from_rows(b_rows, n, k, bias);
     let mut out: Vec<f32> = Vec::with_capacity(m * n);
-    crate::avx512::linear(a, m, &p, None, false, &mut out.spare_capacity_mut()[..m * n]);
+    crate::avx512::linear(
+        a,
+        m,
+        &p,
+        None,
+        false,
+        &mut out.spare_capacity_mut()[..m * n],
+    );
     // SAFETY: the kernel writes every one of the m·n elements.
     unsafe { out.set_len(m * n) };
     out
@@ -508,10 +522,11 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Opti
                     &zeros
                 }
             };
-            let y = x
-                .reshape((m, k))?
-                .contiguous()?
-                .apply_op3(&weight.contiguous()?, b, TrainLinear)?;
+            let y = x.reshape((m, k))?.contiguous()?.apply_op3(
+                &weight.contiguous()?,
+                b,
+                TrainLinear,
+            )?;
             let mut out = dims;
             *out.last_mut().expect("rank ≥ 1") = n;
             return Ok(Some(y.reshape(out)?));
