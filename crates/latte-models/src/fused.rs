@@ -362,7 +362,13 @@ pub fn linear_ex(
     gelu: bool,
 ) -> Result<Tensor> {
     if fast(x) {
-        let p = Packed::cached(&layer.packed, &[layer])?;
+        let fresh;
+        let p = if trainable(&[layer]) {
+            fresh = Packed::new(&[layer])?;
+            &fresh
+        } else {
+            Packed::cached(&layer.packed, &[layer])?
+        };
         return packed_linear(p, x, residual, gelu);
     }
     let mut y = gemm_linear(layer, x)?;
@@ -385,8 +391,22 @@ pub fn linear_cat(
     if !fast(x) {
         return Ok(None);
     }
-    let p = Packed::cached(cache, layers)?;
+    let fresh;
+    let p = if trainable(layers) {
+        fresh = Packed::new(layers)?;
+        &fresh
+    } else {
+        Packed::cached(cache, layers)?
+    };
     Ok(Some(packed_linear(p, x, None, false)?))
+}
+
+/// Weights that are trainable variables change between calls: they are packed on every call instead
+/// of once (a cached packing would go stale after an optimiser step).
+fn trainable(layers: &[&Linear]) -> bool {
+    layers
+        .iter()
+        .any(|l| l.weight.is_variable() || l.bias.as_ref().is_some_and(|b| b.is_variable()))
 }
 
 /// Attention through the AVX-512 kernel: `q`, `k`, `v` with unit last strides, the bias copied in.

@@ -16,7 +16,8 @@ impl ColBERT {
     ///
     /// The variables share storage with the returned model: an optimiser that updates them updates the
     /// model, and [`ColBERT::save`] writes the current values. Run it in [`Mode::Train`](crate::Mode);
-    /// use [`ColBERT::snapshot`] for inference with the fused kernels, which cache packed weights.
+    /// it also encodes (the inference kernels re-pack variables on every call rather than caching them),
+    /// but [`ColBERT::snapshot`] is faster for repeated inference.
     pub fn to_trainable(&self, varmap: &VarMap) -> Result<ColBERT> {
         let mut out = self.clone();
         out.transformer = self.transformer.to_trainable(varmap, "0.")?;

@@ -503,3 +503,37 @@ fn evaluators_score_models() {
     assert_eq!(r[0].0, "ndcg@10");
     assert!(r[0].1 > 0.0 && r[0].1 <= 1.0, "{r:?}");
 }
+
+#[test]
+fn a_trainable_model_encodes_with_its_current_weights() {
+    // Inference kernels cache packed weights per layer; for trainable variables they must not, or an
+    // encode after an optimiser step would use the old weights.
+    let varmap = VarMap::new();
+    let m = model("bert_pylate").to_trainable(&varmap).unwrap();
+    let texts = vec!["ownership and borrowing".to_string()];
+    let before = m.encode(&texts, false, &Default::default()).unwrap();
+    for (name, var) in params_of(&varmap) {
+        if name.contains("attention.self.query.weight")
+            || name.contains("intermediate.dense.weight")
+        {
+            var.set(&(var.as_tensor() * 1.5).unwrap()).unwrap();
+        }
+    }
+    let after = m.encode(&texts, false, &Default::default()).unwrap();
+    let fresh = m
+        .snapshot()
+        .unwrap()
+        .encode(&texts, false, &Default::default())
+        .unwrap();
+    let diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    assert!(
+        diff(&before[0].data, &after[0].data) > 1e-3,
+        "the update did not reach encode"
+    );
+    assert!(diff(&after[0].data, &fresh[0].data) < 1e-5);
+}
