@@ -571,7 +571,7 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 
 /// erf with |error| < 1.5e-7 (Abramowitz & Stegun 7.1.26).
 #[inline(always)]
-fn erf(x: f32) -> f32 {
+pub(crate) fn erf(x: f32) -> f32 {
     let s = x.signum();
     let a = x.abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);

@@ -308,24 +308,8 @@ pub fn layer_norm(
 /// GELU with the exact erf, `x · Φ(x)`, with its derivative `Φ(x) + x · φ(x)`; parallel over elements.
 struct GeluErf;
 
-/// erf to about 1.2e-7 (Numerical Recipes' erfc Chebyshev fit), in f64 internally.
-fn erf(x: f32) -> f32 {
-    let z = (x as f64).abs();
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let poly = -z * z - 1.265_512_23
-        + t * (1.000_023_68
-            + t * (0.374_091_96
-                + t * (0.096_784_18
-                    + t * (-0.186_288_06
-                        + t * (0.278_868_07
-                            + t * (-1.135_203_98
-                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
-    let r = 1.0 - t * poly.exp();
-    (if x >= 0.0 { r } else { -r }) as f32
-}
-
 fn phi_cdf(x: f32) -> f32 {
-    0.5 * (1.0 + erf(x / std::f32::consts::SQRT_2))
+    0.5 * (1.0 + crate::fused::erf(x / std::f32::consts::SQRT_2))
 }
 
 impl CustomOp1 for GeluErf {

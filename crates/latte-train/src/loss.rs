@@ -206,32 +206,48 @@ impl CachedContrastive {
         }
         Ok(Tensor::cat(&parts, 0)?)
     }
-}
 
-impl CachedContrastive {
-    /// The loss of `batch` computed exactly as [`Loss::forward_backward`] computes it (same mini-batches,
-    /// same dropout masks under the same seed), without gradients.
-    pub fn loss_with_replay(&self, model: &ColBERT, batch: &Batch) -> Result<f32> {
+    /// The first pass: every column tokenised, its masks, and its embeddings computed without a graph.
+    fn first_pass(
+        &self,
+        model: &ColBERT,
+        batch: &Batch,
+    ) -> Result<(Vec<Tokens>, Vec<Tensor>, Vec<Masks>)> {
         check_columns(batch, 2, "cached-contrastive")?;
-        let mut reps = Vec::new();
-        let mut col_masks = Vec::new();
+        if self.mini_batch_size == 0 {
+            return Err(Error::Invalid("mini_batch_size must be at least 1".into()));
+        }
+        let (mut tokens, mut reps, mut col_masks) = (Vec::new(), Vec::new(), Vec::new());
         for (column, c) in batch.columns.iter().enumerate() {
             let t = Tokens::new(model, &c.texts, c.is_query)?;
             col_masks.push(masks(model, &t)?);
             reps.push(self.embed_no_grad(model, &t, column)?);
+            tokens.push(t);
         }
+        Ok((tokens, reps, col_masks))
+    }
+
+    /// The contrastive loss of the cached embeddings (`reps[0]` the queries).
+    fn loss_of(&self, model: &ColBERT, reps: &[Tensor], col_masks: &[Masks]) -> Result<Tensor> {
         let docs: Vec<(Tensor, Masks)> = reps[1..]
             .iter()
             .cloned()
             .zip(col_masks[1..].iter().cloned())
             .collect();
-        scalar(&contrastive_loss(
+        contrastive_loss(
             &reps[0],
             query_mask(model, &col_masks[0]),
             &docs,
             self.contrastive.temperature,
             self.contrastive.size_average,
-        )?)
+        )
+    }
+
+    /// The loss of `batch` computed exactly as [`Loss::forward_backward`] computes it (same mini-batches,
+    /// same dropout masks under the same seed), without gradients.
+    pub fn loss_with_replay(&self, model: &ColBERT, batch: &Batch) -> Result<f32> {
+        let (_, reps, col_masks) = self.first_pass(model, batch)?;
+        scalar(&self.loss_of(model, &reps, &col_masks)?)
     }
 }
 
@@ -246,35 +262,13 @@ impl Loss for CachedContrastive {
         batch: &Batch,
         params: &[Param],
     ) -> Result<LossOutput> {
-        check_columns(batch, 2, "cached-contrastive")?;
-        if self.mini_batch_size == 0 {
-            return Err(Error::Invalid("mini_batch_size must be at least 1".into()));
-        }
-        let mut tokens = Vec::new();
-        let mut reps = Vec::new();
-        let mut col_masks = Vec::new();
-        for c in &batch.columns {
-            let t = Tokens::new(model, &c.texts, c.is_query)?;
-            col_masks.push(masks(model, &t)?);
-            reps.push(Var::from_tensor(&self.embed_no_grad(
-                model,
-                &t,
-                tokens.len(),
-            )?)?);
-            tokens.push(t);
-        }
-        let docs: Vec<(Tensor, Masks)> = reps[1..]
+        let (tokens, reps, col_masks) = self.first_pass(model, batch)?;
+        let reps: Vec<Var> = reps
             .iter()
-            .zip(&col_masks[1..])
-            .map(|(r, m)| (r.as_tensor().clone(), m.clone()))
-            .collect();
-        let loss = contrastive_loss(
-            reps[0].as_tensor(),
-            query_mask(model, &col_masks[0]),
-            &docs,
-            self.contrastive.temperature,
-            self.contrastive.size_average,
-        )?;
+            .map(Var::from_tensor)
+            .collect::<candle_core::Result<_>>()?;
+        let tensors: Vec<Tensor> = reps.iter().map(|r| r.as_tensor().clone()).collect();
+        let loss = self.loss_of(model, &tensors, &col_masks)?;
         let value = scalar(&loss)?;
         let store = loss.backward()?;
         let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];

@@ -285,31 +285,6 @@ impl Metrics {
     }
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile_in(dir)?;
-    tmp.1.write_all(bytes).map_err(|e| Error::io(&tmp.0, e))?;
-    tmp.1.sync_all().map_err(|e| Error::io(&tmp.0, e))?;
-    std::fs::rename(&tmp.0, path).map_err(|e| Error::io(path, e))
-}
-
-fn tempfile_in(dir: &Path) -> Result<(PathBuf, std::fs::File)> {
-    for i in 0..1000u32 {
-        let p = dir.join(format!(".latte-tmp-{}-{i}", std::process::id()));
-        if let Ok(f) = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&p)
-        {
-            return Ok((p, f));
-        }
-    }
-    Err(Error::io(
-        dir,
-        std::io::Error::other("cannot create a temporary file"),
-    ))
-}
-
 /// The sorted trainable parameters of `varmap`.
 pub fn params_of(varmap: &VarMap) -> Vec<Param> {
     let mut p: Vec<Param> = varmap
@@ -396,7 +371,7 @@ impl Trainer {
         model.snapshot()?.save(&dir)?;
         opt.save(&dir.join("optimizer.safetensors"))?;
         let json = serde_json::to_vec_pretty(state).expect("state serialises");
-        write_atomic(&dir.join("trainer_state.json"), &json)?;
+        latte_models::io::atomic_write(&dir.join("trainer_state.json"), &json)?;
         if let Some(limit) = self.config.save_total_limit {
             let all = checkpoint_dirs(&root);
             if all.len() > limit.max(1) {

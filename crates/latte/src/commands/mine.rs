@@ -116,37 +116,28 @@ pub fn run(args: MineArgs) -> Result<()> {
             let Some(pos) = text_of.get(doc.as_str()) else {
                 continue;
             };
-            let mut row = serde_json::Map::new();
-            row.insert("query".into(), q.text.clone().into());
-            row.insert("positive".into(), (*pos).into());
-            if args.negatives == 1 {
-                row.insert("negative".into(), negatives[0].into());
-            } else {
-                for (i, n) in negatives.iter().enumerate() {
-                    row.insert(format!("negative_{}", i + 1), (*n).into());
-                }
-            }
-            // serde_json::Map keeps keys sorted; write them in column order instead.
-            let mut line = String::from("{");
-            let order: Vec<String> = std::iter::once("query".to_string())
-                .chain(std::iter::once("positive".to_string()))
-                .chain(if args.negatives == 1 {
-                    vec!["negative".to_string()]
+            // Columns in training order (a JSON map would sort the keys).
+            let mut cells: Vec<(String, &str)> =
+                vec![("query".into(), q.text.as_str()), ("positive".into(), pos)];
+            for (i, n) in negatives.iter().enumerate() {
+                let name = if args.negatives == 1 {
+                    "negative".to_string()
                 } else {
-                    (1..=args.negatives)
-                        .map(|i| format!("negative_{i}"))
-                        .collect()
-                })
-                .collect();
-            for (i, k) in order.iter().enumerate() {
-                if i > 0 {
-                    line.push_str(", ");
-                }
-                line.push_str(&serde_json::to_string(k)?);
-                line.push_str(": ");
-                line.push_str(&serde_json::to_string(&row[k])?);
+                    format!("negative_{}", i + 1)
+                };
+                cells.push((name, n));
             }
-            line.push('}');
+            let fields: Vec<String> = cells
+                .iter()
+                .map(|(k, v)| {
+                    Ok(format!(
+                        "{}: {}",
+                        serde_json::to_string(k)?,
+                        serde_json::to_string(v)?
+                    ))
+                })
+                .collect::<Result<_, serde_json::Error>>()?;
+            let line = format!("{{{}}}", fields.join(", "));
             writeln!(out, "{line}")?;
             rows += 1;
         }
