@@ -18,9 +18,11 @@
 #[cfg(target_endian = "big")]
 compile_error!("latte-index stores little-endian data and memory-maps it; big-endian targets are not supported");
 
+mod centroids;
 mod codec;
 mod error;
 mod exact;
+mod ivf;
 mod kernels;
 mod kmeans;
 mod linalg;

@@ -11,10 +11,12 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::centroids::Centroids;
 use crate::codec::{check_nbits, Codec};
 use crate::error::IoContext;
 use crate::exact::top_k;
-use crate::linalg::{matmul_abt, maxsim_segments};
+use crate::ivf::{self, InvertedLists};
+use crate::linalg::maxsim_segments;
 use crate::scores::EmbRef;
 use crate::storage::{
     as_bytes, cast, sync_dir, write_sections, Mapped, StreamWriter, WriterLock, FORMAT_VERSION,
@@ -324,7 +326,7 @@ struct Chunk {
 pub struct PlaidIndex {
     dir: PathBuf,
     meta: Meta,
-    centroids: Vec<f32>,
+    centroids: Centroids,
     codec: Codec,
     chunks: Vec<Chunk>,
     /// Global token offset of each document (`n + 1` entries).
@@ -333,9 +335,7 @@ pub struct PlaidIndex {
     by_id: HashMap<String, u32>,
     deleted: Vec<bool>,
     live: usize,
-    ivf: Mapped,
-    /// Byte ranges of the two IVF sections (offsets, document ids) inside the payload.
-    ivf_sections: [std::ops::Range<usize>; 2],
+    ivf: InvertedLists,
 }
 
 impl std::fmt::Debug for PlaidIndex {
@@ -376,7 +376,7 @@ impl PlaidIndex {
         let meta = read_meta(dir)?;
         let codec_path = dir.join(CODEC);
         let codec_file = Mapped::open(&codec_path, b"CODC")?;
-        let (centroids, codec) = parse_codec(&codec_file, &meta)?;
+        let (centroids, codec) = parse_codec(codec_file, &meta)?;
         let mut chunks = Vec::new();
         let mut doc_offsets = vec![0u64];
         let mut ids = Vec::new();
@@ -462,38 +462,11 @@ impl PlaidIndex {
             doc_base += c.docs;
             token_base += c.tokens;
         }
-        let ivf = Mapped::open(&dir.join(meta.ivf_name()), b"IVFL")?;
-        let ivf_sections = {
-            let base = ivf.payload().as_ptr() as usize;
-            let secs = ivf.sections()?;
-            let range = |i: usize| {
-                secs.get(i).map_or(0..0, |s| {
-                    let start = s.as_ptr() as usize - base;
-                    start..start + s.len()
-                })
-            };
-            [range(0), range(1)]
-        };
-        {
-            let secs = ivf.sections()?;
-            let offs: &[u64] = cast(
-                secs.first().copied().unwrap_or(&[]),
-                ivf.path(),
-                "ivf offsets",
-            )?;
-            let docs: &[u32] = cast(secs.get(1).copied().unwrap_or(&[]), ivf.path(), "ivf docs")?;
-            let ok = secs.len() == 2
-                && offs.len() == meta.num_centroids + 1
-                && offs.windows(2).all(|w| w[0] <= w[1])
-                && offs.last().copied() == Some(docs.len() as u64)
-                && docs.iter().all(|&d| (d as usize) < ids.len());
-            if !ok {
-                return Err(Error::Corrupt {
-                    path: ivf.path().into(),
-                    reason: "inconsistent inverted lists".into(),
-                });
-            }
-        }
+        let ivf = InvertedLists::open(
+            Mapped::open(&dir.join(meta.ivf_name()), b"IVFL")?,
+            meta.num_centroids,
+            ids.len(),
+        )?;
         let mut by_id = HashMap::with_capacity(ids.len());
         for (i, id) in ids.iter().enumerate() {
             by_id.insert(id.clone(), i as u32);
@@ -523,7 +496,6 @@ impl PlaidIndex {
             deleted,
             live,
             ivf,
-            ivf_sections,
         })
     }
 
@@ -607,14 +579,6 @@ impl PlaidIndex {
         }
     }
 
-    fn ivf_list(&self, centroid: usize) -> &[u32] {
-        let p = self.ivf.payload();
-        let [o, d] = &self.ivf_sections;
-        let offs: &[u64] = cast(&p[o.clone()], self.ivf.path(), "ivf").expect("checked at open");
-        let docs: &[u32] = cast(&p[d.clone()], self.ivf.path(), "ivf").expect("checked at open");
-        &docs[offs[centroid] as usize..offs[centroid + 1] as usize]
-    }
-
     fn check_query(&self, query: EmbRef<'_>, k: usize) -> Result<()> {
         if k == 0 {
             return Err(Error::InvalidArgument("k must be at least 1".into()));
@@ -684,36 +648,17 @@ impl PlaidIndex {
         let lq = q.rows();
         let k_c = self.meta.num_centroids;
         let dim = self.meta.dim;
-        // 1. Centroid scores, centroid-major: s[c * lq + j] = <centroid c, query token j>.
-        let mut s = vec![0f32; k_c * lq];
-        matmul_abt(&self.centroids, k_c, q.data(), lq, dim, &mut s, false);
+        // 1. Centroid scores, centroid-major and padded to groups of LANES query tokens:
+        //    sp[(c * groups + g) * LANES + i] = <centroid c, query token g·LANES + i> (0 in the padding).
+        let groups = lq.div_ceil(LANES);
+        let stride = groups * LANES;
+        let mut sp = vec![0f32; k_c * stride];
+        self.centroids.scores(q.data(), lq, dim, stride, &mut sp);
         // 2. Candidates.
         let candidates: Vec<u32> = match subset {
             Some(sub) if sub.len() <= p.ndocs.max(4 * p.k) => sub.to_vec(),
             _ => {
-                let probe = p.n_ivf_probe.clamp(1, k_c);
-                let mut cells = vec![false; k_c];
-                // Token-major copy so each token's scores are contiguous, then a top-`probe` scan per token.
-                let mut st = vec![0f32; lq * k_c];
-                for (c, row) in s.chunks_exact(lq).enumerate() {
-                    for (j, &v) in row.iter().enumerate() {
-                        st[j * k_c + c] = v;
-                    }
-                }
-                let mut best: Vec<(f32, u32)> = Vec::with_capacity(probe + 1);
-                for row in st.chunks_exact(k_c) {
-                    best.clear();
-                    for (c, &v) in row.iter().enumerate() {
-                        if best.len() < probe || v > best[best.len() - 1].0 {
-                            let at = best.partition_point(|b| b.0 >= v);
-                            best.insert(at, (v, c as u32));
-                            best.truncate(probe);
-                        }
-                    }
-                    for &(_, c) in &best {
-                        cells[c as usize] = true;
-                    }
-                }
+                let cells = top_cells(&sp, stride, lq, p.n_ivf_probe.clamp(1, k_c));
                 let allowed: Option<Vec<bool>> = subset.map(|sub| {
                     let mut m = vec![false; self.ids.len()];
                     sub.iter().for_each(|&d| m[d as usize] = true);
@@ -721,8 +666,11 @@ impl PlaidIndex {
                 });
                 let mut seen = vec![false; self.ids.len()];
                 let mut out = Vec::new();
-                for (c, _) in cells.iter().enumerate().filter(|(_, on)| **on) {
-                    for &d in self.ivf_list(c) {
+                let mut list = Vec::new();
+                for c in cells {
+                    list.clear();
+                    self.ivf.list_into(c as usize, &mut list);
+                    for &d in &list {
                         let du = d as usize;
                         if !seen[du] && !self.deleted[du] && allowed.as_ref().is_none_or(|m| m[du])
                         {
@@ -738,18 +686,10 @@ impl PlaidIndex {
             return Vec::new();
         }
         // 3. Approximate scores from centroid codes, first with pruning, then on full bags.
-        let cmax: Vec<f32> = s
-            .chunks_exact(lq)
-            .map(|r| r.iter().copied().fold(f32::NEG_INFINITY, f32::max))
+        let cmax: Vec<f32> = sp
+            .chunks_exact(stride)
+            .map(|r| r[..lq].iter().copied().fold(f32::NEG_INFINITY, f32::max))
             .collect();
-        // Padded copy, groups of LANES query tokens per centroid: sp[(c * groups + g) * LANES + i].
-        let groups = lq.div_ceil(LANES);
-        let mut sp = vec![0f32; k_c * groups * LANES];
-        for c in 0..k_c {
-            for j in 0..lq {
-                sp[(c * groups + j / LANES) * LANES + j % LANES] = s[c * lq + j];
-            }
-        }
         let sp = &sp;
         let approx = |docs: &[u32], threshold: Option<f32>| -> Vec<f32> {
             let thr = threshold.unwrap_or(f32::NEG_INFINITY);
@@ -852,13 +792,15 @@ impl PlaidIndex {
             let bpt = self.codec.bytes_per_token();
             let res = &c.res.payload()[s * bpt..e * bpt];
             let codes = self.codes_of(doc);
+            let mut centroid = vec![0f32; dim];
             for t in 0..e - s {
                 let code = match &codes {
                     Codes::U16(cs) => cs[t] as usize,
                     Codes::U32(cs) => cs[t] as usize,
                 };
+                self.centroids.row_into(code, &mut centroid);
                 self.codec.decode(
-                    &self.centroids[code * dim..(code + 1) * dim],
+                    &centroid,
                     &res[t * bpt..(t + 1) * bpt],
                     &mut dst[t * dim..(t + 1) * dim],
                 );
@@ -949,11 +891,14 @@ impl PlaidIndex {
         let ids = validate_ids(source, &HashMap::new())?;
         let (centroids, codec) = train(source, config)?;
         let k = centroids.len() / source.dim();
+        // Centroids are stored in half precision; documents are encoded against the rounded values.
+        let half: Vec<f16> = centroids.iter().map(|&v| f16::from_f32(v)).collect();
+        let centroids: Vec<f32> = half.iter().map(|v| v.to_f32()).collect();
         write_sections(
             &dir.join(CODEC),
             b"CODC",
             &[
-                as_bytes(&centroids),
+                as_bytes(&half),
                 as_bytes(&codec.cutoffs),
                 as_bytes(&codec.weights),
                 as_bytes(&[codec.cluster_threshold]),
@@ -1009,7 +954,7 @@ impl PlaidIndex {
         let (chunk, codes, outliers) = write_chunk(
             dir,
             &mut meta,
-            &current.centroids,
+            &current.centroids.to_f32(),
             &current.codec,
             source,
             &ids,
@@ -1092,32 +1037,71 @@ impl PlaidIndex {
     }
 }
 
-fn parse_codec(file: &Mapped, meta: &Meta) -> Result<(Vec<f32>, Codec)> {
-    let secs = file.sections()?;
+/// The union of every query token's `probe` best centroids, ascending. `sp` is centroid-major with rows of
+/// `stride ≥ lq` scores; one sequential pass, with a per-token admission threshold.
+fn top_cells(sp: &[f32], stride: usize, lq: usize, probe: usize) -> Vec<u32> {
+    let mut best: Vec<Vec<(f32, u32)>> = vec![Vec::with_capacity(probe + 1); lq];
+    let mut thr = vec![f32::NEG_INFINITY; lq];
+    for (c, row) in sp.chunks_exact(stride).enumerate() {
+        let row = &row[..lq];
+        // Fast path: most rows beat no token's threshold.
+        if !row.iter().zip(&thr).any(|(v, t)| v > t) {
+            continue;
+        }
+        for j in 0..lq {
+            let v = row[j];
+            if v > thr[j] {
+                let b = &mut best[j];
+                let at = b.partition_point(|x| x.0 >= v);
+                b.insert(at, (v, c as u32));
+                if b.len() > probe {
+                    b.pop();
+                }
+                if b.len() == probe {
+                    thr[j] = b[probe - 1].0;
+                }
+            }
+        }
+    }
+    let mut cells: Vec<u32> = best.into_iter().flatten().map(|(_, c)| c).collect();
+    cells.sort_unstable();
+    cells.dedup();
+    cells
+}
+
+fn parse_codec(file: Mapped, meta: &Meta) -> Result<(Centroids, Codec)> {
     let corrupt = |r: &str| Error::Corrupt {
         path: file.path().to_path_buf(),
         reason: r.into(),
     };
+    let secs = file.sections()?;
     if secs.len() != 4 {
         return Err(corrupt("expected 4 sections"));
     }
-    let centroids: &[f32] = cast(secs[0], file.path(), "centroids")?;
     let cutoffs: &[f32] = cast(secs[1], file.path(), "cutoffs")?;
     let weights: &[f32] = cast(secs[2], file.path(), "weights")?;
     let thr: &[f32] = cast(secs[3], file.path(), "threshold")?;
     let nbits = meta.config.nbits;
     check_nbits(nbits).map_err(|_| corrupt("bad nbits in meta.lt"))?;
-    if centroids.len() != meta.num_centroids * meta.dim
+    // Format 1 stores f32 centroids, format 2 f16.
+    let width = if file.version() >= 2 { 2 } else { 4 };
+    if secs[0].len() != meta.num_centroids * meta.dim * width
         || cutoffs.len() != (1 << nbits) - 1
         || weights.len() != 1 << nbits
         || thr.len() != 1
     {
         return Err(corrupt("codec sizes do not match meta.lt"));
     }
-    Ok((
-        centroids.to_vec(),
-        Codec::new(nbits, meta.dim, cutoffs.to_vec(), weights.to_vec(), thr[0]),
-    ))
+    let codec = Codec::new(nbits, meta.dim, cutoffs.to_vec(), weights.to_vec(), thr[0]);
+    let centroids = if width == 4 {
+        Centroids::F32(cast::<f32>(secs[0], file.path(), "centroids")?.to_vec())
+    } else {
+        cast::<f16>(secs[0], file.path(), "centroids")?;
+        let start = secs[0].as_ptr() as usize - file.payload().as_ptr() as usize;
+        let range = start..start + secs[0].len();
+        Centroids::F16 { file, range }
+    };
+    Ok((centroids, codec))
 }
 
 fn validate_ids(
@@ -1408,18 +1392,11 @@ fn write_ivf(
         }
     }
     pairs.par_sort_unstable();
-    let mut offsets = vec![0u64; k + 1];
-    for &(c, _) in &pairs {
-        offsets[c as usize + 1] += 1;
-    }
-    for i in 0..k {
-        offsets[i + 1] += offsets[i];
-    }
-    let docs: Vec<u32> = pairs.into_iter().map(|(_, d)| d).collect();
+    let (offsets, data) = ivf::encode(&pairs, k);
     write_sections(
         &dir.join(meta.ivf_name()),
         b"IVFL",
-        &[as_bytes(&offsets), as_bytes(&docs)],
+        &[as_bytes(&offsets), &data],
     )
 }
 

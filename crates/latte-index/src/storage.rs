@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use crate::error::IoContext;
 use crate::{Error, Result};
 
-/// Index format version written by this build.
-pub const FORMAT_VERSION: u32 = 1;
+/// Index format version written by this build (FORMAT.md lists what changed between versions).
+pub const FORMAT_VERSION: u32 = 2;
 /// Oldest index format version this build reads.
 pub const OLDEST_SUPPORTED_VERSION: u32 = 1;
 
@@ -125,6 +125,7 @@ pub(crate) struct Mapped {
     map: memmap2::Mmap,
     path: PathBuf,
     payload_len: usize,
+    version: u32,
 }
 
 impl Mapped {
@@ -201,7 +202,14 @@ impl Mapped {
             map,
             path: path.to_path_buf(),
             payload_len,
+            version,
         })
+    }
+
+    /// The format version in this file's header (files of one index may differ: an add to an older index
+    /// writes its new files in the current version).
+    pub(crate) fn version(&self) -> u32 {
+        self.version
     }
 
     pub(crate) fn payload(&self) -> &[u8] {

@@ -1,0 +1,130 @@
+//! The index's centroids, read where they lie: f32 in format-1 codec files, IEEE half precision (format 2)
+//! straight from the memory-mapped codec file, so search never holds an f32 copy.
+
+use std::ops::Range;
+
+use half::f16;
+
+use crate::linalg::matmul_abt;
+use crate::storage::{cast, Mapped};
+
+/// Centroids of one index (`k × dim`).
+pub(crate) enum Centroids {
+    /// Format 1: f32, copied out of the file.
+    F32(Vec<f32>),
+    /// Format 2: f16, in place in the mapped codec file.
+    F16 { file: Mapped, range: Range<usize> },
+}
+
+/// Centroids converted per block when scoring half-precision centroids.
+const BLOCK: usize = 512;
+
+impl Centroids {
+    fn half(&self) -> Option<&[f16]> {
+        match self {
+            Centroids::F32(_) => None,
+            Centroids::F16 { file, range } => Some(
+                cast(&file.payload()[range.clone()], file.path(), "centroids")
+                    .expect("checked at open"),
+            ),
+        }
+    }
+
+    /// All centroids as f32 (exactly the values search and decoding use).
+    pub(crate) fn to_f32(&self) -> Vec<f32> {
+        match self {
+            Centroids::F32(v) => v.clone(),
+            Centroids::F16 { .. } => {
+                let h = self.half().expect("f16");
+                let mut out = vec![0f32; h.len()];
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(h, &mut out);
+                out
+            }
+        }
+    }
+
+    /// Centroid `c` as f32 into `out` (`dim` values).
+    pub(crate) fn row_into(&self, c: usize, out: &mut [f32]) {
+        let dim = out.len();
+        match self {
+            Centroids::F32(v) => out.copy_from_slice(&v[c * dim..(c + 1) * dim]),
+            Centroids::F16 { .. } => {
+                let h = self.half().expect("f16");
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+                    &h[c * dim..(c + 1) * dim],
+                    out,
+                );
+            }
+        }
+    }
+
+    /// Centroid-major scores: `out[c * stride + j] = ⟨centroid c, q_j⟩` for the `lq` query tokens; the
+    /// `stride − lq` padding entries of each row are set to 0.
+    pub(crate) fn scores(&self, q: &[f32], lq: usize, dim: usize, stride: usize, out: &mut [f32]) {
+        let k = out.len() / stride;
+        let mut conv = Vec::new();
+        let mut block = vec![0f32; BLOCK * lq];
+        for b0 in (0..k).step_by(BLOCK) {
+            let n = BLOCK.min(k - b0);
+            let rows: &[f32] = match self {
+                Centroids::F32(v) => &v[b0 * dim..(b0 + n) * dim],
+                Centroids::F16 { .. } => {
+                    let h = self.half().expect("f16");
+                    conv.resize(n * dim, 0.0);
+                    half::slice::HalfFloatSliceExt::convert_to_f32_slice(
+                        &h[b0 * dim..(b0 + n) * dim],
+                        &mut conv,
+                    );
+                    &conv
+                }
+            };
+            matmul_abt(rows, n, q, lq, dim, &mut block[..n * lq], false);
+            for (i, src) in block[..n * lq].chunks_exact(lq).enumerate() {
+                let dst = &mut out[(b0 + i) * stride..(b0 + i + 1) * stride];
+                dst[..lq].copy_from_slice(src);
+                dst[lq..].fill(0.0);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{as_bytes, write_sections};
+
+    #[test]
+    fn half_and_single_precision_score_alike() {
+        let (k, dim, lq, stride) = (1100usize, 16usize, 3usize, 8usize);
+        let c: Vec<f32> = (0..k * dim)
+            .map(|i| ((i * 37 % 101) as f32 / 101.0) - 0.5)
+            .collect();
+        let h: Vec<f16> = c.iter().map(|&v| f16::from_f32(v)).collect();
+        let rounded: Vec<f32> = h.iter().map(|v| v.to_f32()).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("codec.lt");
+        write_sections(&p, b"CODC", &[as_bytes(&h)]).unwrap();
+        let file = Mapped::open(&p, b"CODC").unwrap();
+        let range = {
+            let base = file.payload().as_ptr() as usize;
+            let s = file.sections().unwrap()[0];
+            let start = s.as_ptr() as usize - base;
+            start..start + s.len()
+        };
+        let half = Centroids::F16 { file, range };
+        let single = Centroids::F32(rounded.clone());
+        assert_eq!(half.to_f32(), rounded);
+        let q: Vec<f32> = (0..lq * dim).map(|i| (i % 7) as f32 * 0.1).collect();
+        let mut a = vec![1f32; k * stride];
+        let mut b = vec![1f32; k * stride];
+        half.scores(&q, lq, dim, stride, &mut a);
+        single.scores(&q, lq, dim, stride, &mut b);
+        assert_eq!(a, b);
+        let mut row = vec![0f32; dim];
+        half.row_into(1099, &mut row);
+        let want: f32 = (0..dim).map(|d| rounded[1099 * dim + d] * q[dim + d]).sum();
+        assert!((a[1099 * stride + 1] - want).abs() < 1e-5);
+        assert_eq!(a[1099 * stride + lq], 0.0);
+        assert_eq!(row, rounded[1099 * dim..1100 * dim]);
+    }
+}
