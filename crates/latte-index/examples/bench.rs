@@ -4,7 +4,7 @@
 //! bench truth  DOCS.npz QUERIES.npz TRUTH.txt [--nq N]           exact top-10 per query (ground truth)
 //! bench build  DOCS.npz IDS.txt DIR [--nbits N] [--centroids K] [--ppc P] [--pool F] [--no-full]
 //! bench search DIR QUERIES.npz TRUTH.txt [--nq N] [--k K] [--probe P] [--thr T] [--ndocs N]
-//!                                        [--resid N] [--rerank N] [--no-full] [--exact]
+//!                                        [--resid N] [--rerank N] [--margin M|-1] [--no-full] [--exact]
 //! ```
 //! Set the thread count with `RAYON_NUM_THREADS`.
 
@@ -28,6 +28,20 @@ fn peak_rss_mb() -> f64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// CPU seconds used by this process so far (user + system, from /proc/self/stat).
+fn cpu_secs() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses): utime and stime are fields 14 and 15.
+    let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.iter().sum::<f64>() / 100.0
 }
 
 fn load_queries(path: &str, nq: usize) -> Vec<(Vec<f32>, usize)> {
@@ -129,6 +143,9 @@ fn main() {
             if args.iter().any(|a| a == "--no-full") {
                 p.full_precision_rerank = false;
             }
+            if let Some(v) = flag::<f32>(&args, "--margin") {
+                p.token_margin = if v < 0.0 { None } else { Some(v) };
+            }
             if let Some(v) = flag(&args, "--rerank") {
                 p.n_rerank = v;
             }
@@ -143,6 +160,7 @@ fn main() {
             }
             let mut lat = Vec::new();
             let mut recall = 0.0;
+            let cpu0 = cpu_secs();
             let n = refs.len().min(truth.len());
             for (i, q) in refs.iter().take(n).enumerate() {
                 let t = Instant::now();
@@ -156,17 +174,19 @@ fn main() {
                 recall +=
                     hits.iter().filter(|h| want.contains(&h.id)).count() as f64 / want.len() as f64;
             }
+            let cpu_ms = (cpu_secs() - cpu0) * 1e3 / refs.len().min(truth.len()) as f64;
             lat.sort_by(f64::total_cmp);
             let t = Instant::now();
             let _ = index.search_batch(&refs[..n], &p, None).unwrap();
             let qps = n as f64 / t.elapsed().as_secs_f64();
             println!(
-                "search: {n} queries threads={} {:?} recall@{k} {:.4} p50 {:.2} ms p95 {:.2} ms batched {:.0} q/s",
+                "search: {n} queries threads={} {:?} recall@{k} {:.4} p50 {:.2} ms p95 {:.2} ms cpu {:.2} ms/query batched {:.0} q/s",
                 rayon::current_num_threads(),
                 p,
                 recall / n as f64,
                 lat[n / 2],
                 lat[n * 95 / 100],
+                cpu_ms,
                 qps
             );
         }

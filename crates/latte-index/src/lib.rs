@@ -22,6 +22,7 @@ mod centroids;
 mod codec;
 mod error;
 mod exact;
+mod half_dot;
 mod ivf;
 mod kernels;
 mod kmeans;

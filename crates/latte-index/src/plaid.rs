@@ -144,6 +144,10 @@ pub struct SearchParams {
     pub n_rerank: usize,
     /// Final scores from the half-precision copy (true) or from decompressed residuals (false).
     pub full_precision_rerank: bool,
+    /// Token pruning in pass C: a document token is scored with its residual only when its centroid score
+    /// is within this margin of the document's best centroid score for some query token. `None` scores
+    /// every token.
+    pub token_margin: Option<f32>,
 }
 
 impl SearchParams {
@@ -158,6 +162,7 @@ impl SearchParams {
             n_residual: (k1 * 10).max(1000),
             n_rerank: (k1 * 2).max(100),
             full_precision_rerank: true,
+            token_margin: Some(0.05),
         }
     }
     /// The same settings with final scores from the compressed index only (no half-precision rerank).
@@ -652,8 +657,11 @@ impl PlaidIndex {
         //    sp[(c * groups + g) * LANES + i] = <centroid c, query token g·LANES + i> (0 in the padding).
         let groups = lq.div_ceil(LANES);
         let stride = groups * LANES;
+        let (qt, qstride) = crate::half_dot::transpose_query(q.data(), lq, dim);
+        debug_assert_eq!(qstride, stride);
         let mut sp = vec![0f32; k_c * stride];
-        self.centroids.scores(q.data(), lq, dim, stride, &mut sp);
+        self.centroids
+            .scores(q.data(), &qt, lq, dim, stride, &mut sp);
         // 2. Candidates.
         let candidates: Vec<u32> = match subset {
             Some(sub) if sub.len() <= p.ndocs.max(4 * p.k) => sub.to_vec(),
@@ -686,18 +694,24 @@ impl PlaidIndex {
             return Vec::new();
         }
         // 3. Approximate scores from centroid codes, first with pruning, then on full bags.
-        let cmax: Vec<f32> = sp
-            .chunks_exact(stride)
-            .map(|r| r[..lq].iter().copied().fold(f32::NEG_INFINITY, f32::max))
-            .collect();
-        let sp = &sp;
+        // Pass A and B read the scores quantised to i8 (a quarter of the memory traffic).
+        let (sq, sq_scale) = kernels::quantize_scores(&sp);
+        let cmax: Vec<f32> = if p.centroid_score_threshold.is_some() {
+            sp.chunks_exact(stride)
+                .map(|r| r[..lq].iter().copied().fold(f32::NEG_INFINITY, f32::max))
+                .collect()
+        } else {
+            vec![0.0; k_c]
+        };
+        let (sp, sq) = (&sp, &sq);
         let approx = |docs: &[u32], threshold: Option<f32>| -> Vec<f32> {
             let thr = threshold.unwrap_or(f32::NEG_INFINITY);
             let score = |d: u32| -> f32 {
-                match self.codes_of(d as usize) {
-                    Codes::U16(cs) => kernels::bag_score(cs, sp, groups, &cmax, thr),
-                    Codes::U32(cs) => kernels::bag_score(cs, sp, groups, &cmax, thr),
-                }
+                let units = match self.codes_of(d as usize) {
+                    Codes::U16(cs) => kernels::bag_score_i8(cs, sq, groups, &cmax, thr),
+                    Codes::U32(cs) => kernels::bag_score_i8(cs, sq, groups, &cmax, thr),
+                };
+                units as f32
             };
             if docs.len() > 1024 {
                 docs.par_chunks(512)
@@ -736,7 +750,10 @@ impl PlaidIndex {
                 )
             })
             .collect();
-        let stage3 = self.residual_scores(sp, groups, &tables, lq, &cands);
+        let margin = p
+            .token_margin
+            .map(|m| kernels::round_i32(m * sq_scale).clamp(0, i16::MAX as i32) as i16);
+        let stage3 = self.residual_scores(sp, sq, margin, groups, &tables, lq, &cands);
         let cands = pick(&cands, &stage3, p.n_rerank.max(p.k));
         // 5. Exact MaxSim: half-precision copy, or decompressed residuals.
         let full = p.full_precision_rerank && self.meta.config.store_full;
@@ -751,29 +768,55 @@ impl PlaidIndex {
     }
 
     /// Pass C: `Σ_j max_t (S[code_t, j] + Σ_p table[p][byte_tp][j])` per document, in parallel blocks.
+    #[allow(clippy::too_many_arguments)]
     fn residual_scores(
         &self,
         sp: &[f32],
+        sq: &[i8],
+        margin: Option<i16>,
         groups: usize,
         tables: &[(Vec<i16>, f32)],
         lq: usize,
         docs: &[u32],
     ) -> Vec<f32> {
         let bpt = self.codec.bytes_per_token();
-        let score = |d: u32| -> f32 {
+        let score = |d: u32, keep: &mut Vec<u32>| -> f32 {
             let (c, st, e) = self.local_range(d as usize);
             let res = &c.res.payload()[st * bpt..e * bpt];
+            #[allow(clippy::too_many_arguments)]
+            fn run<C: kernels::Code>(
+                cs: &[C],
+                keep: &mut Vec<u32>,
+                margin: Option<i16>,
+                res: &[u8],
+                bpt: usize,
+                (sp, sq): (&[f32], &[i8]),
+                groups: usize,
+                tables: &[(Vec<i16>, f32)],
+                lq: usize,
+            ) -> f32 {
+                match margin {
+                    Some(m) => kernels::keep_tokens(cs, sq, groups, lq, m, keep),
+                    None => {
+                        keep.clear();
+                        keep.extend(0..cs.len() as u32);
+                    }
+                }
+                kernels::residual_score(cs, keep, res, bpt, sp, groups, tables, lq)
+            }
             match self.codes_of(d as usize) {
-                Codes::U16(cs) => kernels::residual_score(cs, res, bpt, sp, groups, tables, lq),
-                Codes::U32(cs) => kernels::residual_score(cs, res, bpt, sp, groups, tables, lq),
+                Codes::U16(cs) => run(cs, keep, margin, res, bpt, (sp, sq), groups, tables, lq),
+                Codes::U32(cs) => run(cs, keep, margin, res, bpt, (sp, sq), groups, tables, lq),
             }
         };
+        let block = |ch: &[u32]| -> Vec<f32> {
+            let mut keep = Vec::new();
+            ch.iter().map(|&d| score(d, &mut keep)).collect()
+        };
         if docs.len() > 64 {
-            docs.par_chunks(64)
-                .flat_map_iter(|ch| ch.iter().map(|&d| score(d)).collect::<Vec<_>>())
-                .collect()
+            docs.par_chunks(64).flat_map_iter(block).collect()
         } else {
-            docs.iter().map(|&d| score(d)).collect()
+            block(docs)
         }
     }
 
@@ -811,14 +854,51 @@ impl PlaidIndex {
     /// MaxSim of `q` against `docs` (from the f16 copy or decompressed), in parallel blocks.
     fn score_docs(&self, q: EmbRef<'_>, docs: &[u32], full: bool) -> Vec<f32> {
         let block = 32;
+        let dim = self.meta.dim;
+        let lq = q.rows();
+        // The half-precision copy is scored in place (no f32 copy of the documents).
+        let (qt, stride) = crate::half_dot::transpose_query(q.data(), lq, dim);
         let score_block = |ch: &[u32]| -> Vec<f32> {
+            if full {
+                let mut scratch = Vec::new();
+                let mut acc = vec![0f32; lq];
+                return ch
+                    .iter()
+                    .map(|&d| {
+                        let (c, s, e) = self.local_range(d as usize);
+                        let f = c.full.as_ref().expect("store_full");
+                        let h: &[f16] = cast(f.payload(), f.path(), "f16").expect("checked");
+                        scratch.resize((e - s) * stride, 0.0);
+                        crate::half_dot::dots(
+                            &h[s * dim..e * dim],
+                            dim,
+                            &qt,
+                            stride,
+                            q.data(),
+                            lq,
+                            &mut scratch,
+                        );
+                        acc.fill(f32::NEG_INFINITY);
+                        for row in scratch.chunks_exact(stride) {
+                            for (a, &v) in acc.iter_mut().zip(row) {
+                                *a = a.max(v);
+                            }
+                        }
+                        if e > s {
+                            acc.iter().sum()
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+            }
             let mut buf = Vec::new();
             let mut offs = vec![0usize];
             for &d in ch {
-                self.doc_tokens(d as usize, full, &mut buf);
-                offs.push(buf.len() / self.meta.dim);
+                self.doc_tokens(d as usize, false, &mut buf);
+                offs.push(buf.len() / dim);
             }
-            maxsim_segments(q.data(), q.rows(), &buf, &offs, self.meta.dim)
+            maxsim_segments(q.data(), lq, &buf, &offs, dim)
         };
         if docs.len() > block {
             docs.par_chunks(block).flat_map_iter(score_block).collect()
