@@ -1,7 +1,7 @@
 //! Index benchmark (see BENCHMARKS.md). Not part of CI.
 //!
 //! ```text
-//! bench truth  DOCS.npz QUERIES.npz TRUTH.txt [--nq N]           exact top-10 per query (ground truth)
+//! bench truth  DOCS.npz QUERIES.npz TRUTH.txt [--nq N] [--k K]   exact top-K (10) per query (ground truth)
 //! bench build  DOCS.npz IDS.txt DIR [--nbits N] [--centroids K] [--ppc P] [--pool F] [--no-full]
 //! bench search DIR QUERIES.npz TRUTH.txt [--nq N] [--k K] [--probe P] [--thr T] [--ndocs N]
 //!                                        [--resid N] [--rerank N] [--margin M|-1] [--no-full] [--exact]
@@ -71,7 +71,9 @@ fn main() {
                 .iter()
                 .map(|(q, d)| EmbRef::new(q, *d).unwrap())
                 .collect();
-            let hits = ex.search_batch(&refs, 10).unwrap();
+            let hits = ex
+                .search_batch(&refs, flag(&args, "--k").unwrap_or(10))
+                .unwrap();
             eprintln!(
                 "exact: {} queries in {:.1}s",
                 qs.len(),
