@@ -6,6 +6,8 @@
 //! * [`ExactIndex`]: brute-force in-memory index, the ground truth.
 //! * [`PlaidIndex`]: on-disk PLAID index (k-means centroids, residual codec, inverted lists) with add, delete,
 //!   compaction, subset search and a half-precision copy of the embeddings for an exact final rerank.
+//! * [`kmeans`]: spherical k-means and nearest-centroid assignment (brute force, or two-level above 16,384
+//!   centroids through a reusable [`kmeans::Assigner`]).
 //! * [`pool`]: token pooling (Ward hierarchical clustering), matching PyLate's `pool_embeddings_hierarchical`.
 //!
 //! * [`DocumentSource`]: documents to index, read one at a time ([`VecSource`] in memory, [`NpzSource`] lazily
@@ -25,7 +27,7 @@ mod exact;
 mod half_dot;
 mod ivf;
 mod kernels;
-mod kmeans;
+pub mod kmeans;
 mod linalg;
 mod npz_source;
 mod plaid;

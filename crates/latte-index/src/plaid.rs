@@ -1305,8 +1305,15 @@ fn train(source: &dyn DocumentSource, config: &IndexConfig) -> Result<(Vec<f32>,
     };
     drop(points);
     let k = k_want.min(train_pts.len() / dim);
-    let centroids = kmeans::train(&train_pts, dim, k, config.kmeans_iters, config.seed);
-    let codes = kmeans::assign(&held_pts, &centroids, dim);
+    let centroids = kmeans::train(
+        &train_pts,
+        dim,
+        k,
+        config.kmeans_iters,
+        config.seed,
+        kmeans::DEFAULT_PROBE,
+    );
+    let codes = kmeans::Assigner::new(&centroids, dim, kmeans::DEFAULT_PROBE).assign(&held_pts);
     let mut residuals = held_pts;
     for (t, &c) in codes.iter().enumerate() {
         let c = c as usize;
@@ -1348,6 +1355,7 @@ fn write_chunk(
     let mut doclens: Vec<u32> = Vec::with_capacity(source.len());
     let mut outliers = 0u64;
     let thr2 = codec.cluster_threshold * codec.cluster_threshold;
+    let assigner = kmeans::Assigner::new(centroids, dim, kmeans::DEFAULT_PROBE);
     let mut start = 0;
     const BATCH_DOCS: usize = 512;
     while start < source.len() {
@@ -1367,7 +1375,7 @@ fn write_chunk(
             flat.extend_from_slice(d);
         }
         drop(docs);
-        let codes = kmeans::assign(&flat, centroids, dim);
+        let codes = assigner.assign(&flat);
         let mut packed = vec![0u8; codes.len() * bpt];
         outliers += packed
             .par_chunks_mut(bpt.max(1) * 256)
