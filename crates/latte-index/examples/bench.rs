@@ -7,7 +7,7 @@
 //!                                        [--resid N] [--rerank N] [--margin M|-1] [--no-full] [--exact]
 //!
 //! Synthetic corpus (SyntheticSource, generated on the fly; the same --docs/--tokens/--topics/--seed must be
-//! given to every command of a run):
+//! given to every command of a run, and so must --rank/--spread/--noise/--iso when changed from the defaults):
 //! bench synth-build  DIR --docs N [--tokens T] [--topics N] [--seed S] [--nbits 2] [--centroids K]
 //!                        [--probe P] [--ppc P] [--no-full]
 //! bench synth-truth  OUT.txt --docs N --queries Q [--tokens T] [--topics N] [--seed S]
@@ -245,6 +245,10 @@ fn synth_source(args: &[String]) -> SyntheticSource {
         mean_tokens: flag(args, "--tokens").unwrap_or(d.mean_tokens),
         topics: flag(args, "--topics").unwrap_or(d.topics),
         seed: flag(args, "--seed").unwrap_or(d.seed),
+        topic_rank: flag(args, "--rank").unwrap_or(d.topic_rank),
+        doc_spread: flag(args, "--spread").unwrap_or(d.doc_spread),
+        token_noise: flag(args, "--noise").unwrap_or(d.token_noise),
+        iso_noise: flag(args, "--iso").unwrap_or(d.iso_noise),
         ..d
     })
     .unwrap()
@@ -450,8 +454,9 @@ fn assign_bench(args: &[String]) {
         .map(|i| (dot(i, brute[i]) - dot(i, two[i])) as f64)
         .sum::<f64>()
         / n_test as f64;
+    let best_mean: f64 = (0..n_test).map(|i| dot(i, brute[i]) as f64).sum::<f64>() / n_test as f64;
     println!(
-        "assign: K={k} groups={:?} probe={probe} dim={dim} threads={}: agreement {agree:.4} (mean score loss {loss:.5}); brute {:.0} tok/s, two-level {:.0} tok/s ({:.1}x; groups built in {build_s:.1}s); k-means {iters} iters on {n_train} tokens {train_s:.1}s; peak_rss {:.0} MB",
+        "assign: K={k} groups={:?} probe={probe} dim={dim} threads={}: agreement {agree:.4} (mean best score {best_mean:.4}, mean loss {loss:.5}); brute {:.0} tok/s, two-level {:.0} tok/s ({:.1}x; groups built in {build_s:.1}s); k-means {iters} iters on {n_train} tokens {train_s:.1}s; peak_rss {:.0} MB",
         assigner.groups(),
         rayon::current_num_threads(),
         n_test as f64 / brute_s,

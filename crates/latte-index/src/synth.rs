@@ -1,11 +1,14 @@
 //! A synthetic clustered corpus generated on the fly, for scale benchmarks: [`SyntheticSource`].
 //!
-//! A fixed set of topic centres (unit vectors drawn from the seed). Document `i` draws, from `(seed, i)` alone,
-//! its length (uniform in `[mean/2, 3·mean/2]`), 1 to `max_topics_per_doc` topics and for each a document-topic
-//! centre `normalize(topic + doc_spread·g)`; each of its tokens is `normalize(centre + token_noise·g)` around one
-//! of them (`g`: a fresh approximately Gaussian vector of expected norm 1). Any document can be computed alone,
-//! so a build streams the corpus in parallel without storing it. Queries are noisy copies of tokens of a chosen
-//! document, so exact search has a meaningful answer to recall.
+//! A fixed set of topics drawn from the seed, each a unit centre plus `topic_rank` random unit directions (its
+//! subspace: tokens vary mostly along a few directions, as real token embeddings do). Document `i` draws, from
+//! `(seed, i)` alone, its length (uniform in `[mean/2, 3·mean/2]`), 1 to `max_topics_per_doc` topics (Zipf-like
+//! popularity, `P(t) ∝ 1/(t + 1)`, like word frequencies) and for each a document-topic centre
+//! `normalize(topic + doc_spread·s)`; each of its tokens is `normalize(centre + token_noise·s + iso_noise·g)`
+//! around one of them (`s`: a fresh approximately Gaussian vector in the topic's subspace, `g`: one in the whole
+//! space, both of expected norm 1). Any document can be computed alone, so a build streams the corpus in
+//! parallel without storing it. Queries are noisy copies of tokens of a chosen document, so exact search has a
+//! meaningful answer to recall.
 //!
 //! The generator is this module's own (SplitMix64), so a given seed gives the same corpus on every platform
 //! and with every version of the `rand` crate.
@@ -28,10 +31,15 @@ pub struct SynthConfig {
     pub topics: usize,
     /// Each document is about 1 to this many topics.
     pub max_topics_per_doc: usize,
-    /// Spread of a document's centres around their topics (norm of the offset, before normalising).
+    /// Random directions spanning each topic's subspace.
+    pub topic_rank: usize,
+    /// Spread of a document's centres around their topics, in the topic's subspace (norm of the offset, before
+    /// normalising).
     pub doc_spread: f32,
-    /// Spread of tokens around their document centre.
+    /// Spread of tokens around their document centre, in the topic's subspace.
     pub token_noise: f32,
+    /// Spread of tokens around their document centre in every direction.
+    pub iso_noise: f32,
     /// Noise added to document tokens to make query tokens.
     pub query_noise: f32,
     /// Seed of everything.
@@ -46,8 +54,10 @@ impl Default for SynthConfig {
             mean_tokens: 100,
             topics: 8192,
             max_topics_per_doc: 4,
+            topic_rank: 8,
             doc_spread: 0.5,
-            token_noise: 0.6,
+            token_noise: 0.35,
+            iso_noise: 0.1,
             query_noise: 0.3,
             seed: 1,
         }
@@ -61,6 +71,8 @@ pub struct SyntheticSource {
     config: SynthConfig,
     /// Topic centres, `topics × dim`, unit norm.
     topics: Vec<f32>,
+    /// Directions of each topic's subspace, `topics × topic_rank × dim`, unit norm.
+    bases: Vec<f32>,
 }
 
 const TOPIC_SALT: u64 = 0x746f_7069_6373_0001;
@@ -113,12 +125,18 @@ impl SyntheticSource {
     /// A source with these parameters (checked: every count positive, noise levels finite and non-negative).
     pub fn new(config: SynthConfig) -> Result<Self> {
         let c = &config;
-        if c.dim == 0 || c.mean_tokens == 0 || c.topics == 0 || c.max_topics_per_doc == 0 {
+        if c.dim == 0
+            || c.mean_tokens == 0
+            || c.topics == 0
+            || c.max_topics_per_doc == 0
+            || c.topic_rank == 0
+        {
             return Err(Error::InvalidArgument(
-                "synthetic corpus: dim, mean_tokens, topics and max_topics_per_doc must be positive".into(),
+                "synthetic corpus: dim, mean_tokens, topics, max_topics_per_doc and topic_rank must be positive"
+                    .into(),
             ));
         }
-        if [c.doc_spread, c.token_noise, c.query_noise]
+        if [c.doc_spread, c.token_noise, c.iso_noise, c.query_noise]
             .iter()
             .any(|v| !v.is_finite() || *v < 0.0)
         {
@@ -133,7 +151,16 @@ impl SyntheticSource {
             rng.add_noise(t, 1.0);
             normalize(t);
         }
-        Ok(Self { config, topics })
+        let mut bases = vec![0f32; c.topics * c.topic_rank * dim];
+        for b in bases.chunks_exact_mut(dim) {
+            rng.add_noise(b, 1.0);
+            normalize(b);
+        }
+        Ok(Self {
+            config,
+            topics,
+            bases,
+        })
     }
 
     /// The parameters.
@@ -144,6 +171,30 @@ impl SyntheticSource {
     /// Noise scale per component so that the noise vector's expected norm is `level`.
     fn per_dim(&self, level: f32) -> f32 {
         level / (self.config.dim as f32).sqrt()
+    }
+
+    /// Adds `level ·` a random vector of topic `t`'s subspace (expected norm `level`) to `out`.
+    fn add_topic_noise(&self, rng: &mut SplitMix, t: usize, level: f32, out: &mut [f32]) {
+        let (dim, r) = (self.config.dim, self.config.topic_rank);
+        let mut coef = vec![0f32; r];
+        rng.add_noise(&mut coef, level / (r as f32).sqrt());
+        for (b, &a) in self.bases[t * r * dim..(t + 1) * r * dim]
+            .chunks_exact(dim)
+            .zip(&coef)
+        {
+            for (o, &v) in out.iter_mut().zip(b) {
+                *o += a * v;
+            }
+        }
+    }
+
+    /// A topic with Zipf-like popularity: `P(t) ∝ 1 / (t + 1)` (log-uniform rank), like word frequencies.
+    fn pick_topic(&self, rng: &mut SplitMix) -> usize {
+        let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let n = self.config.topics as f64;
+        (((n + 1.0).ln() * u).exp() - 1.0)
+            .floor()
+            .clamp(0.0, n - 1.0) as usize
     }
 
     fn doc_rng(&self, i: usize) -> (SplitMix, usize) {
@@ -169,19 +220,21 @@ impl SyntheticSource {
         let (mut rng, len) = self.doc_rng(i);
         let n_topics = 1 + rng.below(self.config.max_topics_per_doc);
         let mut centres = vec![0f32; n_topics * dim];
-        let spread = self.per_dim(self.config.doc_spread);
-        for c in centres.chunks_exact_mut(dim) {
-            let t = rng.below(self.config.topics);
+        let mut which = vec![0usize; n_topics];
+        for (c, w) in centres.chunks_exact_mut(dim).zip(which.iter_mut()) {
+            let t = self.pick_topic(&mut rng);
+            *w = t;
             c.copy_from_slice(&self.topics[t * dim..(t + 1) * dim]);
-            rng.add_noise(c, spread);
+            self.add_topic_noise(&mut rng, t, self.config.doc_spread, c);
             normalize(c);
         }
-        let noise = self.per_dim(self.config.token_noise);
+        let iso = self.per_dim(self.config.iso_noise);
         let mut out = vec![0f32; len * dim];
         for row in out.chunks_exact_mut(dim) {
             let c = rng.below(n_topics);
             row.copy_from_slice(&centres[c * dim..(c + 1) * dim]);
-            rng.add_noise(row, noise);
+            self.add_topic_noise(&mut rng, which[c], self.config.token_noise, row);
+            rng.add_noise(row, iso);
             normalize(row);
         }
         out
