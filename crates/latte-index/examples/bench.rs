@@ -14,7 +14,7 @@
 //! bench synth-search DIR TRUTH.txt --docs N --queries Q [search flags as above]
 //!
 //! Two-level vs brute-force nearest-centroid assignment (centroids trained on a sample of the corpus):
-//! bench assign (DOCS.npz | --synth N) [--centroids K] [--probe P] [--ppc P] [--iters I] [--test T]
+//! bench assign (DOCS.npz | --synth N) [--centroids K] [--probe P] [--ppc P] [--iters I] [--test T] [--skip-brute]
 //! ```
 //! `--probe` is the IVF probe for searches and the assignment probe (`assign_probe`) for builds and `assign`.
 //! Set the thread count with `RAYON_NUM_THREADS`.
@@ -438,6 +438,16 @@ fn assign_bench(args: &[String]) {
     let t = Instant::now();
     let two = assigner.assign(&test);
     let two_s = t.elapsed().as_secs_f64();
+    if args.iter().any(|a| a == "--skip-brute") {
+        println!(
+            "assign: K={k} groups={:?} probe={probe} dim={dim} threads={}: two-level {:.0} tok/s (groups built in {build_s:.1}s); k-means {iters} iters on {n_train} tokens {train_s:.1}s; peak_rss {:.0} MB",
+            assigner.groups(),
+            rayon::current_num_threads(),
+            n_test as f64 / two_s,
+            peak_rss_mb()
+        );
+        return;
+    }
     let t = Instant::now();
     let brute = kmeans::assign(&test, &centroids, dim);
     let brute_s = t.elapsed().as_secs_f64();

@@ -214,7 +214,7 @@ impl TwoLevel {
                         s.chosen.extend(s.top.iter().map(|&(_, g)| g));
                     }
                 }
-                for &g in &s.chosen {
+                for &g in s.chosen.iter().filter(|&&g| g != u32::MAX) {
                     s.start[g as usize + 1] += 1;
                 }
                 for g in 0..g_n {
@@ -224,6 +224,9 @@ impl TwoLevel {
                 s.fill.extend_from_slice(&s.start[..g_n]);
                 s.lists.resize(s.chosen.len(), 0);
                 for (i, &g) in s.chosen.iter().enumerate() {
+                    if g == u32::MAX {
+                        continue;
+                    }
                     let p = &mut s.fill[g as usize];
                     s.lists[*p] = (i / probe) as u32;
                     *p += 1;
@@ -265,19 +268,23 @@ struct Scratch {
     best: Vec<(f32, u32)>,
 }
 
-/// The `probe` best entries of `row` (score, group), best first (ties: lower group first; NaN counts as −∞).
+/// The `probe` best entries of `row` (score, group), best first (ties: lower group first). NaN and −∞ scores are
+/// never chosen; slots left over (fewer than `probe` finite scores) hold the group `u32::MAX`.
 fn top_groups(row: &[f32], probe: usize, top: &mut Vec<(f32, u32)>) {
     top.clear();
+    top.resize(probe, (f32::NEG_INFINITY, u32::MAX));
+    let mut thr = f32::NEG_INFINITY;
     for (g, &v) in row.iter().enumerate() {
-        let v = if v.is_nan() { f32::NEG_INFINITY } else { v };
-        if top.len() == probe && v <= top[probe - 1].0 {
-            continue;
+        // Most scores fall below the current `probe`-th best: one compare (false for NaN too).
+        if v > thr {
+            let mut i = probe - 1;
+            while i > 0 && v > top[i - 1].0 {
+                top[i] = top[i - 1];
+                i -= 1;
+            }
+            top[i] = (v, g as u32);
+            thr = top[probe - 1].0;
         }
-        let pos = top.iter().position(|&(x, _)| v > x).unwrap_or(top.len());
-        if top.len() == probe {
-            top.pop();
-        }
-        top.insert(pos.min(top.len()), (v, g as u32));
     }
 }
 
@@ -599,5 +606,14 @@ mod tests {
         let mut top = Vec::new();
         top_groups(&[0.1, 0.5, f32::NAN, 0.5, 0.9, -1.0], 3, &mut top);
         assert_eq!(top, vec![(0.9, 4), (0.5, 1), (0.5, 3)]);
+        top_groups(&[f32::NAN, 0.2, f32::NEG_INFINITY], 3, &mut top);
+        assert_eq!(
+            top,
+            vec![
+                (0.2, 1),
+                (f32::NEG_INFINITY, u32::MAX),
+                (f32::NEG_INFINITY, u32::MAX)
+            ]
+        );
     }
 }
