@@ -5,14 +5,33 @@
 //! bench build  DOCS.npz IDS.txt DIR [--nbits N] [--centroids K] [--ppc P] [--pool F] [--no-full]
 //! bench search DIR QUERIES.npz TRUTH.txt [--nq N] [--k K] [--probe P] [--thr T] [--ndocs N]
 //!                                        [--resid N] [--rerank N] [--margin M|-1] [--no-full] [--exact]
+//!
+//! Synthetic corpus (SyntheticSource, generated on the fly; the same --docs/--tokens/--topics/--seed must be
+//! given to every command of a run, and so must --rank/--spread/--noise/--iso when changed from the defaults):
+//! bench synth-build  DIR --docs N [--tokens T] [--topics N] [--seed S] [--nbits 2] [--centroids K]
+//!                        [--probe P] [--ppc P] [--no-full]
+//! bench synth-truth  OUT.txt --docs N --queries Q [--tokens T] [--topics N] [--seed S]
+//! bench synth-search DIR TRUTH.txt --docs N --queries Q [search flags as above]
+//!
+//! Two-level vs brute-force nearest-centroid assignment (centroids trained on a sample of the corpus):
+//! bench assign (DOCS.npz | --synth N) [--centroids K] [--probe P] [--ppc P] [--iters I] [--test T] [--skip-brute]
 //! ```
+//! `--probe` is the IVF probe for searches and the assignment probe (`assign_probe`) for builds and `assign`.
 //! Set the thread count with `RAYON_NUM_THREADS`.
 
-use std::time::Instant;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use latte_index::kmeans::{self, Assigner};
 use latte_index::{
-    DocumentSource, EmbRef, ExactIndex, IndexConfig, NpzSource, PlaidIndex, SearchParams,
+    DocumentSource, EmbRef, ExactIndex, Hit, IndexConfig, NpzSource, PlaidIndex, SearchParams,
+    SynthConfig, SyntheticSource,
 };
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rayon::prelude::*;
 
 fn flag<T: std::str::FromStr>(args: &[String], name: &str) -> Option<T> {
     args.iter()
@@ -123,75 +142,338 @@ fn main() {
         "search" => {
             let index = PlaidIndex::open(&args[1]).unwrap();
             let qs = load_queries(&args[2], nq);
-            let truth: Vec<Vec<String>> = std::fs::read_to_string(&args[3])
-                .unwrap()
-                .lines()
-                .map(|l| l.split(' ').map(str::to_string).collect())
-                .collect();
-            let k: usize = flag(&args, "--k").unwrap_or(10);
-            let mut p = SearchParams::for_k(k);
-            if let Some(v) = flag(&args, "--probe") {
-                p.n_ivf_probe = v;
-            }
-            if let Some(v) = flag::<f32>(&args, "--thr") {
-                p.centroid_score_threshold = if v < 0.0 { None } else { Some(v) };
-            }
-            if let Some(v) = flag(&args, "--ndocs") {
-                p.ndocs = v;
-            }
-            if let Some(v) = flag(&args, "--resid") {
-                p.n_residual = v;
-            }
-            if args.iter().any(|a| a == "--no-full") {
-                p.full_precision_rerank = false;
-            }
-            if let Some(v) = flag::<f32>(&args, "--margin") {
-                p.token_margin = if v < 0.0 { None } else { Some(v) };
-            }
-            if let Some(v) = flag(&args, "--rerank") {
-                p.n_rerank = v;
-            }
-            let exact = args.iter().any(|a| a == "--exact");
+            let truth = read_truth(&args[3]);
             let refs: Vec<EmbRef> = qs
                 .iter()
                 .map(|(q, d)| EmbRef::new(q, *d).unwrap())
                 .collect();
-            // Warm-up pass (page cache), then timed single-query latencies.
-            for q in refs.iter().take(20) {
-                let _ = index.search(*q, &p, None).unwrap();
-            }
-            let mut lat = Vec::new();
-            let mut recall = 0.0;
-            let cpu0 = cpu_secs();
-            let n = refs.len().min(truth.len());
-            for (i, q) in refs.iter().take(n).enumerate() {
-                let t = Instant::now();
-                let hits = if exact {
-                    index.search_exact(*q, k, None).unwrap()
-                } else {
-                    index.search(*q, &p, None).unwrap()
-                };
-                lat.push(t.elapsed().as_secs_f64() * 1e3);
-                let want = &truth[i][..truth[i].len().min(k)];
-                recall +=
-                    hits.iter().filter(|h| want.contains(&h.id)).count() as f64 / want.len() as f64;
-            }
-            let cpu_ms = (cpu_secs() - cpu0) * 1e3 / refs.len().min(truth.len()) as f64;
-            lat.sort_by(f64::total_cmp);
-            let t = Instant::now();
-            let _ = index.search_batch(&refs[..n], &p, None).unwrap();
-            let qps = n as f64 / t.elapsed().as_secs_f64();
-            println!(
-                "search: {n} queries threads={} {:?} recall@{k} {:.4} p50 {:.2} ms p95 {:.2} ms cpu {:.2} ms/query batched {:.0} q/s",
-                rayon::current_num_threads(),
-                p,
-                recall / n as f64,
-                lat[n / 2],
-                lat[n * 95 / 100],
-                cpu_ms,
-                qps
-            );
+            measure_search(&index, &refs, &truth, &args);
         }
+        "synth-build" => synth_build(&args),
+        "synth-truth" => synth_truth(&args),
+        "synth-search" => {
+            let index = PlaidIndex::open(&args[1]).unwrap();
+            let truth = read_truth(&args[2]);
+            let src = synth_source(&args);
+            let nq: usize = flag(&args, "--queries").unwrap_or(truth.len());
+            let qs: Vec<Vec<f32>> = (0..nq).map(|q| src.query(q, QUERY_TOKENS).0).collect();
+            let dim = src.config().dim;
+            let refs: Vec<EmbRef> = qs.iter().map(|q| EmbRef::new(q, dim).unwrap()).collect();
+            measure_search(&index, &refs, &truth, &args);
+        }
+        "assign" => assign_bench(&args),
         other => panic!("unknown command {other}"),
     }
+}
+
+/// Query length of the synthetic benchmarks.
+const QUERY_TOKENS: usize = 32;
+
+fn read_truth(path: &str) -> Vec<Vec<String>> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| l.split(' ').map(str::to_string).collect())
+        .collect()
+}
+
+/// Recall@k against `truth`, single-query latencies (after a warm-up), batched throughput and peak RSS.
+fn measure_search(index: &PlaidIndex, refs: &[EmbRef], truth: &[Vec<String>], args: &[String]) {
+    let k: usize = flag(args, "--k").unwrap_or(10);
+    let mut p = SearchParams::for_k(k);
+    if let Some(v) = flag(args, "--probe") {
+        p.n_ivf_probe = v;
+    }
+    if let Some(v) = flag::<f32>(args, "--thr") {
+        p.centroid_score_threshold = if v < 0.0 { None } else { Some(v) };
+    }
+    if let Some(v) = flag(args, "--ndocs") {
+        p.ndocs = v;
+    }
+    if let Some(v) = flag(args, "--resid") {
+        p.n_residual = v;
+    }
+    if args.iter().any(|a| a == "--no-full") {
+        p.full_precision_rerank = false;
+    }
+    if let Some(v) = flag::<f32>(args, "--margin") {
+        p.token_margin = if v < 0.0 { None } else { Some(v) };
+    }
+    if let Some(v) = flag(args, "--rerank") {
+        p.n_rerank = v;
+    }
+    let exact = args.iter().any(|a| a == "--exact");
+    // Warm-up pass (page cache), then timed single-query latencies.
+    for q in refs.iter().take(20) {
+        let _ = index.search(*q, &p, None).unwrap();
+    }
+    let mut lat = Vec::new();
+    let mut recall = 0.0;
+    let cpu0 = cpu_secs();
+    let n = refs.len().min(truth.len());
+    for (i, q) in refs.iter().take(n).enumerate() {
+        let t = Instant::now();
+        let hits = if exact {
+            index.search_exact(*q, k, None).unwrap()
+        } else {
+            index.search(*q, &p, None).unwrap()
+        };
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+        let want = &truth[i][..truth[i].len().min(k)];
+        recall += hits.iter().filter(|h| want.contains(&h.id)).count() as f64 / want.len() as f64;
+    }
+    let cpu_ms = (cpu_secs() - cpu0) * 1e3 / n as f64;
+    lat.sort_by(f64::total_cmp);
+    let t = Instant::now();
+    let _ = index.search_batch(&refs[..n], &p, None).unwrap();
+    let qps = n as f64 / t.elapsed().as_secs_f64();
+    println!(
+        "search: {n} queries threads={} {:?} recall@{k} {:.4} p50 {:.2} ms p95 {:.2} ms cpu {:.2} ms/query batched {:.0} q/s peak_rss {:.0} MB",
+        rayon::current_num_threads(),
+        p,
+        recall / n as f64,
+        lat[n / 2],
+        lat[n * 95 / 100],
+        cpu_ms,
+        qps,
+        peak_rss_mb()
+    );
+}
+
+fn synth_source(args: &[String]) -> SyntheticSource {
+    let d = SynthConfig::default();
+    SyntheticSource::new(SynthConfig {
+        docs: flag(args, "--docs").expect("--docs N"),
+        mean_tokens: flag(args, "--tokens").unwrap_or(d.mean_tokens),
+        topics: flag(args, "--topics").unwrap_or(d.topics),
+        seed: flag(args, "--seed").unwrap_or(d.seed),
+        topic_rank: flag(args, "--rank").unwrap_or(d.topic_rank),
+        doc_spread: flag(args, "--spread").unwrap_or(d.doc_spread),
+        token_noise: flag(args, "--noise").unwrap_or(d.token_noise),
+        iso_noise: flag(args, "--iso").unwrap_or(d.iso_noise),
+        ..d
+    })
+    .unwrap()
+}
+
+/// Builds an index of the synthetic corpus. Phases are timed from outside by watching the files appear: the
+/// codec is written when training (sample, k-means, codec) ends, the chunk's document file when encoding ends,
+/// the metadata when the inverted lists are written and the index committed.
+fn synth_build(args: &[String]) {
+    let dir = args[1].clone();
+    let src = synth_source(args);
+    let config = IndexConfig {
+        nbits: flag(args, "--nbits").unwrap_or(2),
+        num_centroids: flag(args, "--centroids"),
+        kmeans_points_per_centroid: flag(args, "--ppc")
+            .unwrap_or(IndexConfig::default().kmeans_points_per_centroid),
+        store_full: !args.iter().any(|a| a == "--no-full"),
+        assign_probe: flag(args, "--probe"),
+        ..IndexConfig::default()
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    let done = Arc::new(AtomicBool::new(false));
+    let t = Instant::now();
+    let watcher = {
+        let (dir, done) = (dir.clone(), done.clone());
+        std::thread::spawn(move || {
+            let marks = ["codec.lt", "c0.docs.lt", "meta.lt"];
+            let mut seen = [None; 3];
+            while !done.load(Ordering::Relaxed) {
+                for (m, s) in marks.iter().zip(seen.iter_mut()) {
+                    let p = Path::new(&dir).join(m);
+                    if s.is_none() && (p.exists() || p.with_extension("lt.tmp").exists()) {
+                        *s = Some(t.elapsed().as_secs_f64());
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            seen
+        })
+    };
+    let r = PlaidIndex::create(&dir, &src, &config).unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    done.store(true, Ordering::Relaxed);
+    let seen = watcher.join().unwrap();
+    let rss_build = peak_rss_mb();
+    let info = PlaidIndex::open(&dir).unwrap().info();
+    let (tr, enc) = (seen[0].unwrap_or(0.0), seen[1].unwrap_or(secs));
+    println!(
+        "synth-build: {secs:.1}s (train {tr:.1}s, encode {:.1}s, ivf+commit {:.1}s) peak_rss {rss_build:.0} MB, {} docs {} tokens K={} nbits={} assign_probe={:?} outliers {:.3}; disk {:.1} B/token, resident {:.1} B/token, threads={}",
+        enc - tr,
+        secs - enc,
+        r.documents,
+        r.tokens,
+        r.num_centroids,
+        config.nbits,
+        config.assign_probe,
+        r.outlier_fraction,
+        info.disk_bytes as f64 / info.tokens as f64,
+        info.resident_bytes as f64 / info.tokens as f64,
+        rayon::current_num_threads(),
+    );
+}
+
+/// Exact top-10 (brute-force MaxSim) of the synthetic queries over the synthetic corpus, streamed in parallel
+/// blocks of documents (the corpus is never held whole). One line of document ids per query.
+fn synth_truth(args: &[String]) {
+    let out = &args[1];
+    let src = synth_source(args);
+    let nq: usize = flag(args, "--queries").expect("--queries Q");
+    let dim = src.config().dim;
+    let qs: Vec<(Vec<f32>, usize)> = (0..nq).map(|q| src.query(q, QUERY_TOKENS)).collect();
+    let n = src.len();
+    const BLOCK: usize = 256;
+    const K: usize = 10;
+    let t = Instant::now();
+    let merge = |mut a: Vec<Vec<(f32, usize)>>, b: Vec<Vec<(f32, usize)>>| {
+        for (x, y) in a.iter_mut().zip(b) {
+            x.extend(y);
+            x.sort_by(|p, q| q.0.total_cmp(&p.0).then(p.1.cmp(&q.1)));
+            x.truncate(K);
+        }
+        a
+    };
+    let best = (0..n.div_ceil(BLOCK))
+        .into_par_iter()
+        .map(|b| {
+            let mut ex = ExactIndex::new(dim).unwrap();
+            for d in b * BLOCK..((b + 1) * BLOCK).min(n) {
+                ex.add(d.to_string(), EmbRef::new(&src.document(d), dim).unwrap())
+                    .unwrap();
+            }
+            qs.iter()
+                .map(|(q, _)| {
+                    let hits: Vec<Hit> = ex.search(EmbRef::new(q, dim).unwrap(), K).unwrap();
+                    hits.into_iter()
+                        .map(|h| (h.score, h.id.parse::<usize>().unwrap()))
+                        .collect()
+                })
+                .collect::<Vec<Vec<(f32, usize)>>>()
+        })
+        .reduce(|| vec![Vec::new(); nq], merge);
+    let own_top1 = best
+        .iter()
+        .zip(&qs)
+        .filter(|(b, (_, d))| b.first().map(|x| x.1) == Some(*d))
+        .count();
+    let lines: Vec<String> = best
+        .iter()
+        .map(|b| {
+            b.iter()
+                .map(|x| x.1.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    std::fs::write(out, lines.join("\n") + "\n").unwrap();
+    println!(
+        "synth-truth: {nq} queries over {n} docs in {:.1}s; source document ranked first for {own_top1}/{nq}; peak_rss {:.0} MB",
+        t.elapsed().as_secs_f64(),
+        peak_rss_mb()
+    );
+}
+
+/// Two-level assignment against brute force: centroids trained (k-means with the two-level assignment) on a
+/// sample of the corpus, then a disjoint sample of tokens assigned both ways.
+fn assign_bench(args: &[String]) {
+    let src: Box<dyn DocumentSource> = match flag::<usize>(args, "--synth") {
+        Some(docs) => {
+            let mut a = args.to_vec();
+            a.extend(["--docs".to_string(), docs.to_string()]);
+            Box::new(synth_source(&a))
+        }
+        None => Box::new(NpzSource::open(&args[1]).expect("DOCS.npz")),
+    };
+    let n = src.len();
+    let dim = src.dim();
+    let probe: usize = flag(args, "--probe").unwrap_or(kmeans::DEFAULT_PROBE);
+    let ppc: usize = flag(args, "--ppc").unwrap_or(32);
+    let iters: usize = flag(args, "--iters").unwrap_or(4);
+    let n_test: usize = flag(args, "--test").unwrap_or(100_000);
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(7));
+    let probe_docs = &order[..n.min(512)];
+    let avg = probe_docs
+        .iter()
+        .map(|&i| src.embeddings(i).unwrap().len() / dim)
+        .sum::<usize>() as f64
+        / probe_docs.len() as f64;
+    let est = avg * n as f64;
+    let k: usize =
+        flag(args, "--centroids").unwrap_or(1usize << (16.0 * est.sqrt()).log2().floor() as u32);
+    let want_train = k * ppc;
+    let (mut train, mut test) = (Vec::new(), Vec::new());
+    let t = Instant::now();
+    for chunk in order.chunks(1024) {
+        if test.len() >= n_test * dim {
+            break;
+        }
+        let docs: Vec<Vec<f32>> = chunk
+            .par_iter()
+            .map(|&i| src.embeddings(i).unwrap().into_owned())
+            .collect();
+        for d in docs {
+            if train.len() < want_train * dim {
+                train.extend_from_slice(&d);
+            } else if test.len() < n_test * dim {
+                test.extend_from_slice(&d);
+            }
+        }
+    }
+    train.truncate(want_train * dim);
+    test.truncate(n_test * dim);
+    let (n_train, n_test) = (train.len() / dim, test.len() / dim);
+    assert!(n_test > 0, "not enough tokens for a test sample");
+    eprintln!(
+        "~{est:.0} tokens; K={k}; {n_train} training and {n_test} test tokens read in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    let t = Instant::now();
+    let centroids = kmeans::train(&train, dim, k.min(n_train), iters, 42, probe);
+    let train_s = t.elapsed().as_secs_f64();
+    drop(train);
+    let k = centroids.len() / dim;
+    let t = Instant::now();
+    let assigner = Assigner::new(&centroids, dim, probe);
+    let build_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let two = assigner.assign(&test);
+    let two_s = t.elapsed().as_secs_f64();
+    if args.iter().any(|a| a == "--skip-brute") {
+        println!(
+            "assign: K={k} groups={:?} probe={probe} dim={dim} threads={}: two-level {:.0} tok/s (groups built in {build_s:.1}s); k-means {iters} iters on {n_train} tokens {train_s:.1}s; peak_rss {:.0} MB",
+            assigner.groups(),
+            rayon::current_num_threads(),
+            n_test as f64 / two_s,
+            peak_rss_mb()
+        );
+        return;
+    }
+    let t = Instant::now();
+    let brute = kmeans::assign(&test, &centroids, dim);
+    let brute_s = t.elapsed().as_secs_f64();
+    let agree = two.iter().zip(&brute).filter(|(a, b)| a == b).count() as f64 / n_test as f64;
+    let dot = |i: usize, c: u32| -> f32 {
+        let c = c as usize;
+        test[i * dim..(i + 1) * dim]
+            .iter()
+            .zip(&centroids[c * dim..(c + 1) * dim])
+            .map(|(a, b)| a * b)
+            .sum()
+    };
+    let loss: f64 = (0..n_test)
+        .map(|i| (dot(i, brute[i]) - dot(i, two[i])) as f64)
+        .sum::<f64>()
+        / n_test as f64;
+    let best_mean: f64 = (0..n_test).map(|i| dot(i, brute[i]) as f64).sum::<f64>() / n_test as f64;
+    println!(
+        "assign: K={k} groups={:?} probe={probe} dim={dim} threads={}: agreement {agree:.4} (mean best score {best_mean:.4}, mean loss {loss:.5}); brute {:.0} tok/s, two-level {:.0} tok/s ({:.1}x; groups built in {build_s:.1}s); k-means {iters} iters on {n_train} tokens {train_s:.1}s; peak_rss {:.0} MB",
+        assigner.groups(),
+        rayon::current_num_threads(),
+        n_test as f64 / brute_s,
+        n_test as f64 / two_s,
+        brute_s / two_s,
+        peak_rss_mb()
+    );
 }

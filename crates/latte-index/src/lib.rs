@@ -6,10 +6,13 @@
 //! * [`ExactIndex`]: brute-force in-memory index, the ground truth.
 //! * [`PlaidIndex`]: on-disk PLAID index (k-means centroids, residual codec, inverted lists) with add, delete,
 //!   compaction, subset search and a half-precision copy of the embeddings for an exact final rerank.
+//! * [`kmeans`]: spherical k-means and nearest-centroid assignment (brute force, or two-level above 16,384
+//!   centroids through a reusable [`kmeans::Assigner`]).
 //! * [`pool`]: token pooling (Ward hierarchical clustering), matching PyLate's `pool_embeddings_hierarchical`.
 //!
 //! * [`DocumentSource`]: documents to index, read one at a time ([`VecSource`] in memory, [`NpzSource`] lazily
-//!   from a `.npz` archive), so a build never holds the whole corpus.
+//!   from a `.npz` archive, [`SyntheticSource`] generated on the fly for scale benchmarks), so a build never
+//!   holds the whole corpus.
 //!
 //! Embeddings are passed as row-major `f32` matrices (`tokens × dim`) through [`EmbRef`]. The on-disk layout is
 //! documented in FORMAT.md; measured numbers and the benchmark commands are in BENCHMARKS.md.
@@ -25,7 +28,7 @@ mod exact;
 mod half_dot;
 mod ivf;
 mod kernels;
-mod kmeans;
+pub mod kmeans;
 mod linalg;
 mod npz_source;
 mod plaid;
@@ -33,6 +36,7 @@ pub mod pool;
 mod rerank_mod;
 pub mod scores;
 mod storage;
+mod synth;
 
 pub use error::{Error, Result};
 pub use exact::ExactIndex;
@@ -44,6 +48,7 @@ pub use plaid::{
 pub use rerank_mod::{rerank, RerankResult};
 pub use scores::{maxsim, EmbRef};
 pub use storage::FORMAT_VERSION;
+pub use synth::{SynthConfig, SyntheticSource};
 
 /// Reranking (PyLate `rank`).
 pub mod rerank {

@@ -103,6 +103,16 @@ pub struct IndexConfig {
     pub store_full: bool,
     /// The model that produced the embeddings (a name or path), so search can encode queries with it.
     pub model: Option<String>,
+    /// Centroid groups probed by the two-level nearest-centroid assignment (used above 16,384 centroids, in
+    /// k-means training, encoding and later adds); `None` = 16. Absent in older metadata.
+    #[serde(default)]
+    pub assign_probe: Option<usize>,
+}
+
+impl IndexConfig {
+    fn probe(&self) -> usize {
+        self.assign_probe.unwrap_or(kmeans::DEFAULT_PROBE)
+    }
 }
 
 impl Default for IndexConfig {
@@ -116,6 +126,7 @@ impl Default for IndexConfig {
             pool_factor: 1,
             store_full: true,
             model: None,
+            assign_probe: None,
         }
     }
 }
@@ -947,6 +958,11 @@ impl PlaidIndex {
                 "pool_factor must be at least 1".into(),
             ));
         }
+        if config.assign_probe == Some(0) {
+            return Err(Error::InvalidArgument(
+                "assign_probe must be at least 1".into(),
+            ));
+        }
         if config.kmeans_points_per_centroid == 0 {
             return Err(Error::InvalidArgument(
                 "kmeans_points_per_centroid must be at least 1".into(),
@@ -1310,8 +1326,15 @@ fn train(source: &dyn DocumentSource, config: &IndexConfig) -> Result<(Vec<f32>,
     };
     drop(points);
     let k = k_want.min(train_pts.len() / dim);
-    let centroids = kmeans::train(&train_pts, dim, k, config.kmeans_iters, config.seed);
-    let codes = kmeans::assign(&held_pts, &centroids, dim);
+    let centroids = kmeans::train(
+        &train_pts,
+        dim,
+        k,
+        config.kmeans_iters,
+        config.seed,
+        config.probe(),
+    );
+    let codes = kmeans::Assigner::new(&centroids, dim, config.probe()).assign(&held_pts);
     let mut residuals = held_pts;
     for (t, &c) in codes.iter().enumerate() {
         let c = c as usize;
@@ -1353,6 +1376,7 @@ fn write_chunk(
     let mut doclens: Vec<u32> = Vec::with_capacity(source.len());
     let mut outliers = 0u64;
     let thr2 = codec.cluster_threshold * codec.cluster_threshold;
+    let assigner = kmeans::Assigner::new(centroids, dim, meta.config.probe());
     let mut start = 0;
     const BATCH_DOCS: usize = 512;
     while start < source.len() {
@@ -1372,7 +1396,7 @@ fn write_chunk(
             flat.extend_from_slice(d);
         }
         drop(docs);
-        let codes = kmeans::assign(&flat, centroids, dim);
+        let codes = assigner.assign(&flat);
         let mut packed = vec![0u8; codes.len() * bpt];
         outliers += packed
             .par_chunks_mut(bpt.max(1) * 256)

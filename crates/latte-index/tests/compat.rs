@@ -41,6 +41,8 @@ fn file_version(path: &std::path::Path) -> u32 {
 fn check_answers(dir: &std::path::Path, docs: usize) {
     let index = PlaidIndex::open(dir).unwrap();
     assert_eq!(index.len(), docs);
+    // The fixtures were written before `assign_probe` existed: absent from meta.lt, it reads as None.
+    assert_eq!(index.info().config.assign_probe, None);
     assert_eq!(index.dim(), DIM);
     // The query equals document 5's tokens, so document 5 scores highest (ties broken towards documents whose
     // token sets contain it, all of which score the same maximum).

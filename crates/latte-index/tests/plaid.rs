@@ -444,3 +444,71 @@ fn pooling_at_index_time_reduces_tokens() {
         3
     );
 }
+
+#[test]
+fn assign_probe_is_kept_and_used_by_a_two_level_index_and_its_adds() {
+    use latte_index::{SynthConfig, SyntheticSource};
+    let dim = 16;
+    let synth = |docs, seed| {
+        SyntheticSource::new(SynthConfig {
+            docs,
+            dim,
+            mean_tokens: 10,
+            topics: 200,
+            seed,
+            ..SynthConfig::default()
+        })
+        .unwrap()
+    };
+    let src = synth(3000, 1);
+    let dir = tempfile::tempdir().unwrap();
+    // More than 16,384 centroids: assignment is two-level, probing 4 groups.
+    let config = IndexConfig {
+        num_centroids: Some(20_000),
+        kmeans_points_per_centroid: 1,
+        kmeans_iters: 2,
+        assign_probe: Some(4),
+        ..IndexConfig::default()
+    };
+    assert!(matches!(
+        PlaidIndex::create(
+            dir.path(),
+            &src,
+            &IndexConfig {
+                assign_probe: Some(0),
+                ..config.clone()
+            }
+        ),
+        Err(Error::InvalidArgument(_))
+    ));
+    let r = PlaidIndex::create(dir.path(), &src, &config).unwrap();
+    assert_eq!(r.num_centroids, 20_000);
+    let find = |index: &PlaidIndex, doc: &[f32], want: &str| {
+        let q = EmbRef::new(&doc[..4 * dim], dim).unwrap();
+        let hits = index.search(q, &SearchParams::for_k(3), None).unwrap();
+        assert_eq!(hits[0].id, want);
+    };
+    {
+        let index = PlaidIndex::open(dir.path()).unwrap();
+        assert_eq!(index.info().config.assign_probe, Some(4));
+        for d in [0usize, 1234, 2999] {
+            find(&index, &src.document(d), &d.to_string());
+        }
+    }
+    // Re-opened for an add: the new documents are encoded with the stored probe and found.
+    // Documents 3000.. of the same corpus (same topics), under new ids.
+    let extra = synth(3040, 1);
+    let mut add = VecSource::new(dim);
+    for i in 0..40 {
+        add.push(format!("new{i}"), extra.document(3000 + i))
+            .unwrap();
+    }
+    let r = PlaidIndex::add(dir.path(), &add).unwrap();
+    assert_eq!(r.documents, 40);
+    assert!(r.outlier_fraction < 0.5, "outliers {}", r.outlier_fraction);
+    let index = PlaidIndex::open(dir.path()).unwrap();
+    assert_eq!(index.len(), 3040);
+    assert_eq!(index.info().config.assign_probe, Some(4));
+    find(&index, &extra.document(3007), "new7");
+    find(&index, &src.document(5), "5");
+}
