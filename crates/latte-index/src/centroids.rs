@@ -5,7 +5,6 @@ use std::ops::Range;
 
 use half::f16;
 
-use crate::linalg::matmul_abt;
 use crate::storage::{cast, Mapped};
 
 /// Centroids of one index (`k × dim`).
@@ -15,9 +14,6 @@ pub(crate) enum Centroids {
     /// Format 2: f16, in place in the mapped codec file.
     F16 { file: Mapped, range: Range<usize> },
 }
-
-/// Centroids converted per block when scoring half-precision centroids.
-const BLOCK: usize = 512;
 
 impl Centroids {
     fn half(&self) -> Option<&[f16]> {
@@ -70,32 +66,11 @@ impl Centroids {
         stride: usize,
         out: &mut [f32],
     ) {
-        if let Some(h) = self.half() {
-            crate::half_dot::dots(h, dim, qt, stride, q, lq, out);
-            return;
-        }
-        let k = out.len() / stride;
-        let mut conv = Vec::new();
-        let mut block = vec![0f32; BLOCK * lq];
-        for b0 in (0..k).step_by(BLOCK) {
-            let n = BLOCK.min(k - b0);
-            let rows: &[f32] = match self {
-                Centroids::F32(v) => &v[b0 * dim..(b0 + n) * dim],
-                Centroids::F16 { .. } => {
-                    let h = self.half().expect("f16");
-                    conv.resize(n * dim, 0.0);
-                    half::slice::HalfFloatSliceExt::convert_to_f32_slice(
-                        &h[b0 * dim..(b0 + n) * dim],
-                        &mut conv,
-                    );
-                    &conv
-                }
-            };
-            matmul_abt(rows, n, q, lq, dim, &mut block[..n * lq], false);
-            for (i, src) in block[..n * lq].chunks_exact(lq).enumerate() {
-                let dst = &mut out[(b0 + i) * stride..(b0 + i + 1) * stride];
-                dst[..lq].copy_from_slice(src);
-                dst[lq..].fill(0.0);
+        match self {
+            Centroids::F32(v) => crate::half_dot::dots_f32(v, dim, stride, q, lq, out),
+            Centroids::F16 { .. } => {
+                let h = self.half().expect("f16");
+                crate::half_dot::dots(h, dim, qt, stride, q, lq, out);
             }
         }
     }

@@ -44,11 +44,23 @@ pub(crate) fn dots(
 }
 
 fn dots_fallback(rows: &[f16], dim: usize, stride: usize, q: &[f32], lq: usize, out: &mut [f32]) {
-    let n = rows.len() / dim;
     let mut conv = vec![0f32; rows.len()];
     half::slice::HalfFloatSliceExt::convert_to_f32_slice(rows, &mut conv);
+    dots_f32(&conv, dim, stride, q, lq, out);
+}
+
+/// The same product for f32 rows, in the same output layout, through the matmul.
+pub(crate) fn dots_f32(
+    rows: &[f32],
+    dim: usize,
+    stride: usize,
+    q: &[f32],
+    lq: usize,
+    out: &mut [f32],
+) {
+    let n = rows.len() / dim;
     let mut tmp = vec![0f32; n * lq];
-    matmul_abt(&conv, n, q, lq, dim, &mut tmp, false);
+    matmul_abt(rows, n, q, lq, dim, &mut tmp, false);
     for r in 0..n {
         let dst = &mut out[r * stride..(r + 1) * stride];
         dst[..lq].copy_from_slice(&tmp[r * lq..(r + 1) * lq]);

@@ -63,7 +63,7 @@ pub(crate) fn round_i32(x: f32) -> i32 {
 multiversion! {
     /// Centroid-interaction score of one document on i8-quantised centroid scores: `Σ_j max(0, max_t
     /// sq[code_t][j])` in quantisation units, skipping tokens whose centroid scores below `threshold` for every
-    /// query token (`cmax[c] < threshold`). `sq` is padded, `groups` blocks of `LANES` per centroid; i8 rows are
+    /// query token (`cmax[c] < threshold`; an empty `cmax` prunes nothing). `sq` is padded, `groups` blocks of `LANES` per centroid; i8 rows are
     /// a quarter of the memory traffic of f32 scores.
     fn bag_score_i8<C: Code>(codes: &[C], sq: &[i8], groups: usize, cmax: &[f32], threshold: f32) -> i32 {
         let mut total = 0i32;
@@ -72,7 +72,7 @@ multiversion! {
             let mut acc = [0i8; LANES];
             for &c in codes {
                 let c = c.idx();
-                if cmax[c] >= threshold {
+                if cmax.is_empty() || cmax[c] >= threshold {
                     let row: &[i8; LANES] = sq[(c * groups + g) * LANES..][..LANES].try_into().expect("lanes");
                     for i in 0..LANES {
                         acc[i] = acc[i].max(row[i]);

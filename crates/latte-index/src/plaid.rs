@@ -16,7 +16,7 @@ use crate::codec::{check_nbits, Codec};
 use crate::error::IoContext;
 use crate::exact::top_k;
 use crate::ivf::{self, InvertedLists};
-use crate::linalg::maxsim_segments;
+use crate::linalg::{max_rows_into, maxsim_segments};
 use crate::scores::EmbRef;
 use crate::storage::{
     as_bytes, cast, sync_dir, write_sections, Mapped, StreamWriter, WriterLock, FORMAT_VERSION,
@@ -709,12 +709,13 @@ impl PlaidIndex {
         // 3. Approximate scores from centroid codes, first with pruning, then on full bags.
         // Pass A and B read the scores quantised to i8 (a quarter of the memory traffic).
         let (sq, sq_scale) = kernels::quantize_scores(&sp);
+        // Per-centroid best score, only needed for pruning (empty = no pruning).
         let cmax: Vec<f32> = if p.centroid_score_threshold.is_some() {
             sp.chunks_exact(stride)
                 .map(|r| r[..lq].iter().copied().fold(f32::NEG_INFINITY, f32::max))
                 .collect()
         } else {
-            vec![0.0; k_c]
+            Vec::new()
         };
         let (sp, sq) = (&sp, &sq);
         let approx = |docs: &[u32], threshold: Option<f32>| -> Vec<f32> {
@@ -834,33 +835,27 @@ impl PlaidIndex {
     }
 
     /// Token embeddings of `doc` as f32: from the half-precision copy when `full`, else decompressed.
-    fn doc_tokens(&self, doc: usize, full: bool, out: &mut Vec<f32>) {
+    fn decompressed_tokens(&self, doc: usize, out: &mut Vec<f32>) {
         let dim = self.meta.dim;
         let (c, s, e) = self.local_range(doc);
         let start = out.len();
         out.resize(start + (e - s) * dim, 0.0);
         let dst = &mut out[start..];
-        if full {
-            let f = c.full.as_ref().expect("store_full");
-            let h: &[f16] = cast(f.payload(), f.path(), "f16").expect("checked");
-            half::slice::HalfFloatSliceExt::convert_to_f32_slice(&h[s * dim..e * dim], dst);
-        } else {
-            let bpt = self.codec.bytes_per_token();
-            let res = &c.res.payload()[s * bpt..e * bpt];
-            let codes = self.codes_of(doc);
-            let mut centroid = vec![0f32; dim];
-            for t in 0..e - s {
-                let code = match &codes {
-                    Codes::U16(cs) => cs[t] as usize,
-                    Codes::U32(cs) => cs[t] as usize,
-                };
-                self.centroids.row_into(code, &mut centroid);
-                self.codec.decode(
-                    &centroid,
-                    &res[t * bpt..(t + 1) * bpt],
-                    &mut dst[t * dim..(t + 1) * dim],
-                );
-            }
+        let bpt = self.codec.bytes_per_token();
+        let res = &c.res.payload()[s * bpt..e * bpt];
+        let codes = self.codes_of(doc);
+        let mut centroid = vec![0f32; dim];
+        for t in 0..e - s {
+            let code = match &codes {
+                Codes::U16(cs) => cs[t] as usize,
+                Codes::U32(cs) => cs[t] as usize,
+            };
+            self.centroids.row_into(code, &mut centroid);
+            self.codec.decode(
+                &centroid,
+                &res[t * bpt..(t + 1) * bpt],
+                &mut dst[t * dim..(t + 1) * dim],
+            );
         }
     }
 
@@ -892,11 +887,7 @@ impl PlaidIndex {
                             &mut scratch,
                         );
                         acc.fill(f32::NEG_INFINITY);
-                        for row in scratch.chunks_exact(stride) {
-                            for (a, &v) in acc.iter_mut().zip(row) {
-                                *a = a.max(v);
-                            }
-                        }
+                        max_rows_into(&scratch, stride, &mut acc);
                         if e > s {
                             acc.iter().sum()
                         } else {
@@ -908,7 +899,7 @@ impl PlaidIndex {
             let mut buf = Vec::new();
             let mut offs = vec![0usize];
             for &d in ch {
-                self.doc_tokens(d as usize, false, &mut buf);
+                self.decompressed_tokens(d as usize, &mut buf);
                 offs.push(buf.len() / dim);
             }
             maxsim_segments(q.data(), lq, &buf, &offs, dim)
