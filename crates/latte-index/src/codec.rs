@@ -102,42 +102,90 @@ impl Codec {
         }
     }
 
-    /// Lookup table for scoring packed residuals against a query (`lq × dim`) without decompressing them:
-    /// entry `[(p * 256 + byte) * stride + j]` is `Σ_i q_j[p·per + i] · weight(bucket_i(byte))` over the `per = 8 / nbits`
-    /// dimensions stored in byte position `p`. Summing the entries of a token's bytes gives `⟨q_j, residual⟩`.
-    /// Rows are `stride ≥ lq` wide (zero padded).
-    pub(crate) fn query_table(&self, q: &[f32], lq: usize, stride: usize) -> Vec<f32> {
+    /// Per byte position, the partial dot products of the query rows with the reconstruction values of the
+    /// high and of the low nibble (16 rows of `stride` lanes each; field 0 sits in the high bits):
+    /// `out[((p * 2 + half) * 16 + n) * stride + j]`. A table entry is then one addition per lane,
+    /// `table[p][byte][j] = hi[p][byte >> 4][j] + lo[p][byte & 15][j]`.
+    fn nibble_sums(&self, q: &[f32], lq: usize, stride: usize) -> Vec<f32> {
         let per = 8 / self.nbits;
-        let half = per / 2; // fields in each nibble; field 0 sits in the high bits
+        let half = per / 2;
         let positions = self.bytes_per_token();
-        let mut table = vec![0f32; positions * 256 * stride];
-        // Per position, the partial sums of the high and the low nibble (16 rows each); an entry of the table
-        // is then one addition per lane: table[byte] = hi[byte >> 4] + lo[byte & 15].
-        let mut hi = vec![0f32; 16 * stride];
-        let mut lo = vec![0f32; 16 * stride];
+        let mut sums = vec![0f32; positions * 2 * 16 * stride];
         for p in 0..positions {
-            hi.fill(0.0);
-            lo.fill(0.0);
             for n in 0..16usize {
                 // The reconstruction values of the byte whose other nibble is zero.
                 let wh = &self.lut[(n << 4) * per..((n << 4) + 1) * per];
                 let wl = &self.lut[n * per..(n + 1) * per];
+                let (hi, lo) = (((p * 2) * 16 + n) * stride, ((p * 2 + 1) * 16 + n) * stride);
                 for j in 0..lq {
                     let qj = &q[j * self.dim + p * per..j * self.dim + (p + 1) * per];
-                    hi[n * stride + j] = (0..half).map(|i| qj[i] * wh[i]).sum();
-                    lo[n * stride + j] = (half..per).map(|i| qj[i] * wl[i]).sum();
+                    sums[hi + j] = (0..half).map(|i| qj[i] * wh[i]).sum();
+                    sums[lo + j] = (half..per).map(|i| qj[i] * wl[i]).sum();
                 }
             }
+        }
+        sums
+    }
+
+    /// Lookup table for scoring packed residuals against a query (`lq × dim`) without decompressing them:
+    /// entry `[(p * 256 + byte) * stride + j]` is `Σ_i q_j[p·per + i] · weight(bucket_i(byte))` over the `per = 8 / nbits`
+    /// dimensions stored in byte position `p`. Summing the entries of a token's bytes gives `⟨q_j, residual⟩`.
+    /// Rows are `stride ≥ lq` wide (zero padded).
+    #[cfg(test)]
+    pub(crate) fn query_table(&self, q: &[f32], lq: usize, stride: usize) -> Vec<f32> {
+        let positions = self.bytes_per_token();
+        let sums = self.nibble_sums(q, lq, stride);
+        let mut table = vec![0f32; positions * 256 * stride];
+        for p in 0..positions {
             for byte in 0..256usize {
-                let dst = &mut table[(p * 256 + byte) * stride..(p * 256 + byte + 1) * stride];
-                let h = &hi[(byte >> 4) * stride..(byte >> 4) * stride + stride];
-                let l = &lo[(byte & 15) * stride..(byte & 15) * stride + stride];
+                let h = &sums[((p * 2) * 16 + (byte >> 4)) * stride..][..stride];
+                let l = &sums[((p * 2 + 1) * 16 + (byte & 15)) * stride..][..stride];
+                let dst = &mut table[(p * 256 + byte) * stride..][..stride];
                 for ((o, a), b) in dst.iter_mut().zip(h).zip(l) {
                     *o = a + b;
                 }
             }
         }
         table
+    }
+
+    /// [`Self::query_table`] quantised to i16 (`round(entry · scale)`), with the scale chosen so that the sum
+    /// of a token's `bytes_per_token` entries stays within i16: `scale = 32000 / (max |entry| · positions)`.
+    /// Built straight from the nibble sums: the largest entry of a position and lane is the largest high
+    /// plus the largest low partial sum, so the f32 table is never materialised.
+    pub(crate) fn query_table_i16(&self, q: &[f32], lq: usize, stride: usize) -> (Vec<i16>, f32) {
+        let positions = self.bytes_per_token();
+        let sums = self.nibble_sums(q, lq, stride);
+        let sums = &sums[..];
+        let mut max = 0f32;
+        for p in 0..positions {
+            for j in 0..stride {
+                let col =
+                    |h: usize| (0..16).map(move |n| sums[((p * 2 + h) * 16 + n) * stride + j]);
+                let (hmax, hmin) =
+                    col(0).fold((f32::MIN, f32::MAX), |(a, b), v| (a.max(v), b.min(v)));
+                let (lmax, lmin) =
+                    col(1).fold((f32::MIN, f32::MAX), |(a, b), v| (a.max(v), b.min(v)));
+                max = max.max((hmax + lmax).abs()).max((hmin + lmin).abs());
+            }
+        }
+        let scale = if max > 0.0 {
+            32_000.0 / (max * positions as f32)
+        } else {
+            1.0
+        };
+        let mut table = vec![0i16; positions * 256 * stride];
+        for p in 0..positions {
+            for byte in 0..256usize {
+                let h = &sums[((p * 2) * 16 + (byte >> 4)) * stride..][..stride];
+                let l = &sums[((p * 2 + 1) * 16 + (byte & 15)) * stride..][..stride];
+                let dst = &mut table[(p * 256 + byte) * stride..][..stride];
+                for ((o, a), b) in dst.iter_mut().zip(h).zip(l) {
+                    *o = crate::kernels::round_i32((a + b) * scale) as i16;
+                }
+            }
+        }
+        (table, scale)
     }
 
     /// Reconstructs a unit-norm token from its centroid and packed residual.
@@ -205,6 +253,9 @@ mod tests {
                 .collect();
             let table = codec.query_table(&q, lq, stride);
             assert_eq!(table.len(), codec.bytes_per_token() * 256 * stride);
+            // The i16 table is the quantised f32 one, entry for entry.
+            let want = crate::kernels::quantize_table(&table, codec.bytes_per_token());
+            assert_eq!(codec.query_table_i16(&q, lq, stride), want);
             for r in residuals.chunks_exact(dim).take(20) {
                 let mut packed = vec![0u8; codec.bytes_per_token()];
                 codec.encode(r, &mut packed);

@@ -754,13 +754,10 @@ impl PlaidIndex {
         let tables: Vec<(Vec<i16>, f32)> = (0..groups)
             .map(|g| {
                 let rows = (lq - g * LANES).min(LANES);
-                kernels::quantize_table(
-                    &self.codec.query_table(
-                        &q.data()[g * LANES * dim..(g * LANES + rows) * dim],
-                        rows,
-                        LANES,
-                    ),
-                    self.codec.bytes_per_token(),
+                self.codec.query_table_i16(
+                    &q.data()[g * LANES * dim..(g * LANES + rows) * dim],
+                    rows,
+                    LANES,
                 )
             })
             .collect();
@@ -794,38 +791,40 @@ impl PlaidIndex {
         docs: &[u32],
     ) -> Vec<f32> {
         let bpt = self.codec.bytes_per_token();
-        let score = |d: u32, keep: &mut Vec<u32>| -> f32 {
-            let (c, st, e) = self.local_range(d as usize);
-            let res = &c.res.payload()[st * bpt..e * bpt];
-            #[allow(clippy::too_many_arguments)]
-            fn run<C: kernels::Code>(
-                cs: &[C],
-                keep: &mut Vec<u32>,
-                margin: Option<i16>,
-                res: &[u8],
-                bpt: usize,
-                (sp, sq): (&[f32], &[i8]),
-                groups: usize,
-                tables: &[(Vec<i16>, f32)],
-                lq: usize,
-            ) -> f32 {
-                match margin {
-                    Some(m) => kernels::keep_tokens(cs, sq, groups, lq, m, keep),
-                    None => {
-                        keep.clear();
-                        keep.extend(0..cs.len() as u32);
-                    }
-                }
-                kernels::residual_score(cs, keep, res, bpt, sp, groups, tables, lq)
-            }
-            match self.codes_of(d as usize) {
-                Codes::U16(cs) => run(cs, keep, margin, res, bpt, (sp, sq), groups, tables, lq),
-                Codes::U32(cs) => run(cs, keep, margin, res, bpt, (sp, sq), groups, tables, lq),
-            }
-        };
+        // Per block of documents: gather the kept tokens, then score them position-major.
         let block = |ch: &[u32]| -> Vec<f32> {
             let mut keep = Vec::new();
-            ch.iter().map(|&d| score(d, &mut keep)).collect()
+            let mut gath = kernels::Gathered::default();
+            for &d in ch {
+                let (c, st, e) = self.local_range(d as usize);
+                let res = &c.res.payload()[st * bpt..e * bpt];
+                fn push<C: kernels::Code>(
+                    cs: &[C],
+                    gath: &mut kernels::Gathered,
+                    keep: &mut Vec<u32>,
+                    margin: Option<i16>,
+                    res: &[u8],
+                    bpt: usize,
+                    (sq, groups, lq): (&[i8], usize, usize),
+                ) {
+                    match margin {
+                        Some(m) => kernels::keep_tokens(cs, sq, groups, lq, m, keep),
+                        None => {
+                            keep.clear();
+                            keep.extend(0..cs.len() as u32);
+                        }
+                    }
+                    gath.push_doc(cs, keep, res, bpt);
+                }
+                let ctx = (sq, groups, lq);
+                match self.codes_of(d as usize) {
+                    Codes::U16(cs) => push(cs, &mut gath, &mut keep, margin, res, bpt, ctx),
+                    Codes::U32(cs) => push(cs, &mut gath, &mut keep, margin, res, bpt, ctx),
+                }
+            }
+            let mut out = Vec::new();
+            kernels::residual_block(&mut gath, bpt, sp, groups, tables, lq, &mut out);
+            out
         };
         if docs.len() > 64 {
             docs.par_chunks(64).flat_map_iter(block).collect()
