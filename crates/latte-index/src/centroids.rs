@@ -70,7 +70,12 @@ impl Centroids {
             Centroids::F32(v) => crate::half_dot::dots_f32(v, dim, stride, q, lq, out),
             Centroids::F16 { .. } => {
                 let h = self.half().expect("f16");
-                crate::half_dot::dots(h, dim, qt, stride, q, lq, out);
+                // Blocks of rows in parallel: this is the largest serial step of a search otherwise.
+                const ROWS: usize = 1024;
+                use rayon::prelude::*;
+                h.par_chunks(ROWS * dim)
+                    .zip(out.par_chunks_mut(ROWS * stride))
+                    .for_each(|(h, out)| crate::half_dot::dots(h, dim, qt, stride, q, lq, out));
             }
         }
     }

@@ -46,12 +46,40 @@ macro_rules! multiversion {
 
 /// Quantises padded centroid scores to i8: `sq[i] = round(sp[i] · scale)` with `scale = 127 / max |sp|`.
 pub(crate) fn quantize_scores(sp: &[f32]) -> (Vec<i8>, f32) {
-    let max = sp.iter().fold(0f32, |m, v| m.max(v.abs()));
+    #[inline(always)]
+    fn max_abs(sp: &[f32]) -> f32 {
+        // `if` rather than f32::max: no NaN handling, so the loop vectorises.
+        sp.iter()
+            .fold(0f32, |m, v| if v.abs() > m { v.abs() } else { m })
+    }
+    #[inline(always)]
+    fn quantize(sp: &[f32], scale: f32, out: &mut [i8]) {
+        for (o, &v) in out.iter_mut().zip(sp) {
+            *o = round_i32(v * scale) as i8;
+        }
+    }
+    let mut sq = vec![0i8; sp.len()];
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() >= 1 {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn max_abs_avx2(sp: &[f32]) -> f32 {
+            max_abs(sp)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn quantize_avx2(sp: &[f32], scale: f32, out: &mut [i8]) {
+            quantize(sp, scale, out)
+        }
+        // SAFETY: AVX2 and FMA are available (simd_level).
+        let max = unsafe { max_abs_avx2(sp) };
+        let scale = if max > 0.0 { 127.0 / max } else { 1.0 };
+        // SAFETY: as above.
+        unsafe { quantize_avx2(sp, scale, &mut sq) };
+        return (sq, scale);
+    }
+    let max = max_abs(sp);
     let scale = if max > 0.0 { 127.0 / max } else { 1.0 };
-    (
-        sp.iter().map(|&v| round_i32(v * scale) as i8).collect(),
-        scale,
-    )
+    quantize(sp, scale, &mut sq);
+    (sq, scale)
 }
 
 /// Round half away from zero without a libm call (`f32::round` is not inlined on the baseline target).
@@ -63,13 +91,14 @@ pub(crate) fn round_i32(x: f32) -> i32 {
 multiversion! {
     /// Centroid-interaction score of one document on i8-quantised centroid scores: `Σ_j max(0, max_t
     /// sq[code_t][j])` in quantisation units, skipping tokens whose centroid scores below `threshold` for every
-    /// query token (`cmax[c] < threshold`; an empty `cmax` prunes nothing). `sq` is padded, `groups` blocks of `LANES` per centroid; i8 rows are
-    /// a quarter of the memory traffic of f32 scores.
-    fn bag_score_i8<C: Code>(codes: &[C], sq: &[i8], groups: usize, cmax: &[f32], threshold: f32) -> i32 {
+    /// query token (`cmax[c] < threshold`; an empty `cmax` prunes nothing). `sq` is padded, `groups` blocks of
+    /// `LANES` per centroid; i8 rows are a quarter of the memory traffic of f32 scores. When `best` is not
+    /// empty (`groups` rows), it receives the per-lane maxima `max_t sq[code_t][j]` (`i8::MIN` without tokens),
+    /// which [`keep_tokens`] needs.
+    fn bag_score_i8<C: Code>(codes: &[C], sq: &[i8], groups: usize, cmax: &[f32], threshold: f32, best: &mut [[i8; LANES]]) -> i32 {
         let mut total = 0i32;
         for g in 0..groups {
-            // Zero start, as in `bag_score`: a query token no kept token matches contributes 0.
-            let mut acc = [0i8; LANES];
+            let mut acc = [i8::MIN; LANES];
             for &c in codes {
                 let c = c.idx();
                 if cmax.is_empty() || cmax[c] >= threshold {
@@ -79,63 +108,104 @@ multiversion! {
                     }
                 }
             }
-            total += acc.iter().map(|&v| v as i32).sum::<i32>();
+            // A query token no kept token matches positively contributes 0.
+            total += acc.iter().map(|&v| v.max(0) as i32).sum::<i32>();
+            if let Some(b) = best.get_mut(g) {
+                *b = acc;
+            }
         }
         total
     }
 }
 
-multiversion! {
-    /// Token pruning for the residual pass (query of `lq` tokens): the positions of the document tokens whose i8 centroid score comes
-    /// within `margin` (quantisation units) of the document's best centroid score for at least one query
-    /// token. A token further below every maximum can only win a query token if its residual correction
-    /// beats the best token's by more than the margin.
-    fn keep_tokens<C: Code>(codes: &[C], sq: &[i8], groups: usize, lq: usize, margin: i16, out: &mut Vec<u32>) -> () {
-        out.clear();
-        let row = |c: usize, g: usize| -> &[i8; LANES] {
-            sq[(c * groups + g) * LANES..][..LANES].try_into().expect("lanes")
-        };
-        // Per group: max over the document's tokens minus the margin, saturated to i8 (a threshold below -128
-        // keeps every token, as the exact comparison would). Padding lanes get 127, which no padding entry
-        // (always 0) reaches.
-        let mut small = [[0i8; LANES]; 4];
-        let mut big = Vec::new();
-        let thr: &mut [[i8; LANES]] = if groups <= 4 {
-            &mut small[..groups]
-        } else {
-            big.resize(groups, [0i8; LANES]);
-            &mut big
-        };
-        for (g, t) in thr.iter_mut().enumerate() {
-            let mut best = [i8::MIN; LANES];
-            for &c in codes {
-                let r = row(c.idx(), g);
-                for i in 0..LANES {
-                    best[i] = best[i].max(r[i]);
-                }
-            }
-            let real = (lq - g * LANES).min(LANES);
-            for i in 0..LANES {
-                t[i] = if i < real {
-                    (best[i] as i16 - margin).max(i8::MIN as i16) as i8
-                } else {
-                    i8::MAX
-                };
-            }
-        }
-        for (t, &c) in codes.iter().enumerate() {
-            let mut any = 0u8;
-            for (g, th) in thr.iter().enumerate() {
-                let r = row(c.idx(), g);
-                for i in 0..LANES {
-                    any |= (r[i] >= th[i]) as u8;
-                }
-            }
-            if any != 0 {
-                out.push(t as u32);
-            }
+/// Token pruning for the residual pass (query of `lq` tokens): the positions of the document tokens whose i8
+/// centroid score comes within `margin` (quantisation units) of the document's best centroid score `best`
+/// (per group, from [`bag_score_i8`]) for at least one query token. A token further below every maximum can
+/// only win a query token if its residual correction beats the best token's by more than the margin.
+pub(crate) fn keep_tokens<C: Code>(
+    codes: &[C],
+    sq: &[i8],
+    groups: usize,
+    lq: usize,
+    margin: i16,
+    best: &[[i8; LANES]],
+    out: &mut Vec<u32>,
+) {
+    assert_eq!(best.len(), groups);
+    // Per group: max over the document's tokens minus the margin, saturated to i8 (a threshold below -128
+    // keeps every token, as the exact comparison would). Padding lanes get 127, which no padding entry
+    // (always 0) reaches.
+    let mut small = [[0i8; LANES]; 4];
+    let mut big = Vec::new();
+    let thr: &mut [[i8; LANES]] = if groups <= 4 {
+        &mut small[..groups]
+    } else {
+        big.resize(groups, [0i8; LANES]);
+        &mut big
+    };
+    for (g, (t, b)) in thr.iter_mut().zip(best).enumerate() {
+        let real = (lq - g * LANES).min(LANES);
+        for i in 0..LANES {
+            t[i] = if i < real {
+                (b[i] as i16 - margin).max(i8::MIN as i16) as i8
+            } else {
+                i8::MAX
+            };
         }
     }
+    let n_centroids = sq.len() / (LANES * groups);
+    // Branch-free: every position is written, the count advances only for kept tokens.
+    out.clear();
+    out.resize(codes.len(), 0);
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() >= 1 {
+        // SAFETY: AVX2 is available (simd_level); keep_avx2 checks each code against n_centroids.
+        let n = unsafe { keep_avx2(codes, sq, n_centroids, groups, thr, out) };
+        out.truncate(n);
+        return;
+    }
+    let mut n = 0;
+    for (t, &c) in codes.iter().enumerate() {
+        let mut any = false;
+        for (g, th) in thr.iter().enumerate() {
+            let r = &sq[(c.idx() * groups + g) * LANES..][..LANES];
+            any |= r.iter().zip(th).any(|(v, t)| v >= t);
+        }
+        out[n] = t as u32;
+        n += any as usize;
+    }
+    out.truncate(n);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn keep_avx2<C: Code>(
+    codes: &[C],
+    sq: &[i8],
+    n_centroids: usize,
+    groups: usize,
+    thr: &[[i8; LANES]],
+    out: &mut [u32],
+) -> usize {
+    use std::arch::x86_64::*;
+    let mut n = 0;
+    let sp = sq.as_ptr();
+    assert!(sq.len() >= n_centroids * groups * LANES && out.len() >= codes.len());
+    for (t, &c) in codes.iter().enumerate() {
+        assert!(c.idx() < n_centroids, "code out of range");
+        let mut any = _mm256_setzero_si256();
+        for (g, th) in thr.iter().enumerate() {
+            // SAFETY: c < n_centroids (asserted), so its `groups` rows lie inside `sq`.
+            let r = _mm256_loadu_si256(sp.add((c.idx() * groups + g) * LANES) as *const __m256i);
+            let th = _mm256_loadu_si256(th.as_ptr() as *const __m256i);
+            // r ≥ th exactly where max(r, th) = r.
+            any = _mm256_or_si256(any, _mm256_cmpeq_epi8(_mm256_max_epi8(r, th), r));
+        }
+        // SAFETY: n ≤ t < codes.len() = out.len().
+        *out.get_unchecked_mut(n) = t as u32;
+        n += (_mm256_movemask_epi8(any) != 0) as usize;
+    }
+    n
 }
 
 /// The widest SIMD level usable here: 0 portable, 1 AVX2 + FMA, 2 AVX-512 (F, BW). `LATTE_SIMD=portable|avx2`
@@ -180,10 +250,25 @@ pub(crate) struct Gathered {
 impl Gathered {
     /// Appends one document: the tokens at positions `keep` of `codes` / `res` (`bpt` bytes per token).
     pub(crate) fn push_doc<C: Code>(&mut self, codes: &[C], keep: &[u32], res: &[u8], bpt: usize) {
-        for &t in keep {
-            let t = t as usize;
-            self.codes.push(codes[t].idx() as u32);
-            self.res.extend_from_slice(&res[t * bpt..(t + 1) * bpt]);
+        // Fixed-size copies for the usual widths (a memcpy call per 32-byte token costs more than the copy).
+        fn copy<const N: usize>(dst: &mut Vec<u8>, res: &[u8], keep: &[u32]) {
+            let (rows, _) = res.as_chunks::<N>();
+            for &t in keep {
+                dst.extend_from_slice(&rows[t as usize]);
+            }
+        }
+        self.codes
+            .extend(keep.iter().map(|&t| codes[t as usize].idx() as u32));
+        match bpt {
+            16 => copy::<16>(&mut self.res, res, keep),
+            32 => copy::<32>(&mut self.res, res, keep),
+            64 => copy::<64>(&mut self.res, res, keep),
+            _ => {
+                for &t in keep {
+                    let t = t as usize;
+                    self.res.extend_from_slice(&res[t * bpt..(t + 1) * bpt]);
+                }
+            }
         }
         self.ends.push(self.codes.len() as u32);
     }
@@ -450,15 +535,24 @@ mod tests {
                     .max(0)
             })
             .sum();
+        let mut best = vec![[0i8; LANES]; groups];
         assert_eq!(
-            bag_score_i8(&codes, &sq, groups, &cmax, f32::NEG_INFINITY),
+            bag_score_i8(&codes, &sq, groups, &cmax, f32::NEG_INFINITY, &mut best),
             want
         );
+        assert_eq!(
+            bag_score_i8(&codes, &sq, groups, &cmax, f32::NEG_INFINITY, &mut []),
+            want
+        );
+        for j in 0..lq {
+            let m = codes.iter().map(|&c| row(c as usize, j)).max().unwrap();
+            assert_eq!(best[j / LANES][j % LANES], m, "maximum of lane {j}");
+        }
         // Pruning every token's centroid away leaves 0.
-        assert_eq!(bag_score_i8(&codes, &sq, groups, &cmax, 1.0), 0);
+        assert_eq!(bag_score_i8(&codes, &sq, groups, &cmax, 1.0, &mut []), 0);
         for margin in [0i16, 5, 30, 300] {
             let mut keep = Vec::new();
-            keep_tokens(&codes, &sq, groups, lq, margin, &mut keep);
+            keep_tokens(&codes, &sq, groups, lq, margin, &best, &mut keep);
             let naive: Vec<u32> = (0..codes.len())
                 .filter(|&t| {
                     (0..lq).any(|j| {
@@ -476,7 +570,7 @@ mod tests {
             assert!(!keep.is_empty());
         }
         let mut all = Vec::new();
-        keep_tokens(&codes, &sq, groups, lq, 300, &mut all);
+        keep_tokens(&codes, &sq, groups, lq, 300, &best, &mut all);
         assert_eq!(all.len(), codes.len());
     }
 

@@ -718,37 +718,73 @@ impl PlaidIndex {
             Vec::new()
         };
         let (sp, sq) = (&sp, &sq);
-        let approx = |docs: &[u32], threshold: Option<f32>| -> Vec<f32> {
+        // Scores of `docs`, and with `keep_best` each document's per-lane maxima (`groups` rows per document,
+        // for the token pruning of pass C).
+        let approx = |docs: &[u32],
+                      threshold: Option<f32>,
+                      keep_best: bool|
+         -> (Vec<f32>, Vec<[i8; LANES]>) {
             let thr = threshold.unwrap_or(f32::NEG_INFINITY);
-            let score = |d: u32| -> f32 {
-                let units = match self.codes_of(d as usize) {
-                    Codes::U16(cs) => kernels::bag_score_i8(cs, sq, groups, &cmax, thr),
-                    Codes::U32(cs) => kernels::bag_score_i8(cs, sq, groups, &cmax, thr),
-                };
-                units as f32
+            let per = if keep_best { groups } else { 0 };
+            let block = |ch: &[u32]| -> (Vec<f32>, Vec<[i8; LANES]>) {
+                let mut best = vec![[0i8; LANES]; ch.len() * per];
+                let scores = ch
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &d)| {
+                        let b = &mut best[i * per..(i + 1) * per];
+                        let units = match self.codes_of(d as usize) {
+                            Codes::U16(cs) => kernels::bag_score_i8(cs, sq, groups, &cmax, thr, b),
+                            Codes::U32(cs) => kernels::bag_score_i8(cs, sq, groups, &cmax, thr, b),
+                        };
+                        units as f32
+                    })
+                    .collect();
+                (scores, best)
             };
             if docs.len() > 1024 {
-                docs.par_chunks(512)
-                    .flat_map_iter(|ch| ch.iter().map(|&d| score(d)).collect::<Vec<_>>())
-                    .collect()
+                let parts: Vec<_> = docs.par_chunks(512).map(block).collect();
+                let mut scores = Vec::with_capacity(docs.len());
+                let mut best = Vec::with_capacity(docs.len() * per);
+                for (s, b) in parts {
+                    scores.extend(s);
+                    best.extend(b);
+                }
+                (scores, best)
             } else {
-                docs.iter().map(|&d| score(d)).collect()
+                block(docs)
             }
         };
-        let pick = |docs: &[u32], scores: &[f32], n: usize| -> Vec<u32> {
-            top_k(scores, n.max(1))
-                .into_iter()
-                .map(|(i, _)| docs[i])
-                .collect()
+        // The `n` best of `docs` by `scores`, with their rows of `best` (when kept).
+        let pick = |docs: &[u32], scores: &[f32], best: &[[i8; LANES]], n: usize| {
+            let per = best.len() / docs.len().max(1);
+            let top = top_k(scores, n.max(1));
+            let ids: Vec<u32> = top.iter().map(|&(i, _)| docs[i]).collect();
+            let rows: Vec<[i8; LANES]> = top
+                .iter()
+                .flat_map(|&(i, _)| best[i * per..(i + 1) * per].iter().copied())
+                .collect();
+            (ids, rows)
         };
-        let stage1 = approx(&candidates, p.centroid_score_threshold);
-        let cands = if p.centroid_score_threshold.is_some() {
-            let cands = pick(&candidates, &stage1, p.ndocs.max(p.k));
-            let stage2 = approx(&cands, None);
-            pick(&cands, &stage2, p.n_residual.max(p.k))
+        let keep_best = p.token_margin.is_some();
+        let pruned = p.centroid_score_threshold.is_some();
+        let (stage1, best1) = approx(
+            &candidates,
+            p.centroid_score_threshold,
+            keep_best && !pruned,
+        );
+        let (cands, best) = if pruned {
+            let (cands, _) = pick(&candidates, &stage1, &[], p.ndocs.max(p.k));
+            let (stage2, best2) = approx(&cands, None, keep_best);
+            pick(&cands, &stage2, &best2, p.n_residual.max(p.k))
         } else {
             // Without pruning, pass B would repeat pass A.
-            pick(&candidates, &stage1, p.n_residual.min(p.ndocs).max(p.k))
+            pick(
+                &candidates,
+                &stage1,
+                &best1,
+                p.n_residual.min(p.ndocs).max(p.k),
+            )
         };
         // 4. Residual-aware approximate MaxSim through the lookup table.
         let tables: Vec<(Vec<i16>, f32)> = (0..groups)
@@ -764,8 +800,8 @@ impl PlaidIndex {
         let margin = p
             .token_margin
             .map(|m| kernels::round_i32(m * sq_scale).clamp(0, i16::MAX as i32) as i16);
-        let stage3 = self.residual_scores(sp, sq, margin, groups, &tables, lq, &cands);
-        let cands = pick(&cands, &stage3, p.n_rerank.max(p.k));
+        let stage3 = self.residual_scores(sp, sq, margin, &best, groups, &tables, lq, &cands);
+        let (cands, _) = pick(&cands, &stage3, &[], p.n_rerank.max(p.k));
         // 5. Exact MaxSim: half-precision copy, or decompressed residuals.
         let full = p.full_precision_rerank && self.meta.config.store_full;
         let scores = self.score_docs(q, &cands, full);
@@ -778,37 +814,45 @@ impl PlaidIndex {
             .collect()
     }
 
-    /// Pass C: `Σ_j max_t (S[code_t, j] + Σ_p table[p][byte_tp][j])` per document, in parallel blocks.
+    /// Pass C: `Σ_j max_t (S[code_t, j] + Σ_p table[p][byte_tp][j])` per document, in parallel blocks. With
+    /// a `margin`, `best` holds each document's per-lane centroid-score maxima from pass A (`groups` rows per
+    /// document, in the order of `docs`) and only the tokens near them are scored.
     #[allow(clippy::too_many_arguments)]
     fn residual_scores(
         &self,
         sp: &[f32],
         sq: &[i8],
         margin: Option<i16>,
+        best: &[[i8; LANES]],
         groups: usize,
         tables: &[(Vec<i16>, f32)],
         lq: usize,
         docs: &[u32],
     ) -> Vec<f32> {
         let bpt = self.codec.bytes_per_token();
+        if margin.is_some() {
+            assert_eq!(best.len(), docs.len() * groups, "per-document maxima");
+        }
+        const BLOCK: usize = 64;
         // Per block of documents: gather the kept tokens, then score them position-major.
-        let block = |ch: &[u32]| -> Vec<f32> {
+        let block = |(bi, ch): (usize, &[u32])| -> Vec<f32> {
             let mut keep = Vec::new();
             let mut gath = kernels::Gathered::default();
-            for &d in ch {
+            for (i, &d) in ch.iter().enumerate() {
                 let (c, st, e) = self.local_range(d as usize);
                 let res = &c.res.payload()[st * bpt..e * bpt];
+                let at = (bi * BLOCK + i) * groups;
                 fn push<C: kernels::Code>(
                     cs: &[C],
                     gath: &mut kernels::Gathered,
                     keep: &mut Vec<u32>,
-                    margin: Option<i16>,
+                    margin: Option<(i16, &[[i8; LANES]])>,
                     res: &[u8],
                     bpt: usize,
                     (sq, groups, lq): (&[i8], usize, usize),
                 ) {
                     match margin {
-                        Some(m) => kernels::keep_tokens(cs, sq, groups, lq, m, keep),
+                        Some((m, best)) => kernels::keep_tokens(cs, sq, groups, lq, m, best, keep),
                         None => {
                             keep.clear();
                             keep.extend(0..cs.len() as u32);
@@ -816,20 +860,24 @@ impl PlaidIndex {
                     }
                     gath.push_doc(cs, keep, res, bpt);
                 }
+                let m = margin.map(|m| (m, &best[at..at + groups]));
                 let ctx = (sq, groups, lq);
                 match self.codes_of(d as usize) {
-                    Codes::U16(cs) => push(cs, &mut gath, &mut keep, margin, res, bpt, ctx),
-                    Codes::U32(cs) => push(cs, &mut gath, &mut keep, margin, res, bpt, ctx),
+                    Codes::U16(cs) => push(cs, &mut gath, &mut keep, m, res, bpt, ctx),
+                    Codes::U32(cs) => push(cs, &mut gath, &mut keep, m, res, bpt, ctx),
                 }
             }
             let mut out = Vec::new();
             kernels::residual_block(&mut gath, bpt, sp, groups, tables, lq, &mut out);
             out
         };
-        if docs.len() > 64 {
-            docs.par_chunks(64).flat_map_iter(block).collect()
+        if docs.len() > BLOCK {
+            docs.par_chunks(BLOCK)
+                .enumerate()
+                .flat_map_iter(block)
+                .collect()
         } else {
-            block(docs)
+            block((0, docs))
         }
     }
 
