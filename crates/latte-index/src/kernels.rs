@@ -45,7 +45,16 @@ macro_rules! multiversion {
 }
 
 /// Quantises padded centroid scores to i8: `sq[i] = round(sp[i] · scale)` with `scale = 127 / max |sp|`.
+#[cfg(test)]
 pub(crate) fn quantize_scores(sp: &[f32]) -> (Vec<i8>, f32) {
+    let mut sq = Vec::new();
+    let scale = quantize_scores_into(sp, &mut sq);
+    (sq, scale)
+}
+
+/// [`quantize_scores`] into a reused buffer, in parallel blocks; returns the scale.
+pub(crate) fn quantize_scores_into(sp: &[f32], sq: &mut Vec<i8>) -> f32 {
+    use rayon::prelude::*;
     #[inline(always)]
     fn max_abs(sp: &[f32]) -> f32 {
         // `if` rather than f32::max: no NaN handling, so the loop vectorises.
@@ -55,31 +64,55 @@ pub(crate) fn quantize_scores(sp: &[f32]) -> (Vec<i8>, f32) {
     #[inline(always)]
     fn quantize(sp: &[f32], scale: f32, out: &mut [i8]) {
         for (o, &v) in out.iter_mut().zip(sp) {
-            *o = round_i32(v * scale) as i8;
+            *o = round_clamp_i32(v * scale, 127.0) as i8;
         }
     }
-    let mut sq = vec![0i8; sp.len()];
     #[cfg(target_arch = "x86_64")]
-    if simd_level() >= 1 {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn max_abs_avx2(sp: &[f32]) -> f32 {
-            max_abs(sp)
-        }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn quantize_avx2(sp: &[f32], scale: f32, out: &mut [i8]) {
-            quantize(sp, scale, out)
-        }
-        // SAFETY: AVX2 and FMA are available (simd_level).
-        let max = unsafe { max_abs_avx2(sp) };
-        let scale = if max > 0.0 { 127.0 / max } else { 1.0 };
-        // SAFETY: as above.
-        unsafe { quantize_avx2(sp, scale, &mut sq) };
-        return (sq, scale);
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn max_abs_avx2(sp: &[f32]) -> f32 {
+        max_abs(sp)
     }
-    let max = max_abs(sp);
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn quantize_avx2(sp: &[f32], scale: f32, out: &mut [i8]) {
+        quantize(sp, scale, out)
+    }
+    let avx2 = cfg!(target_arch = "x86_64") && simd_level() >= 1;
+    const BLOCK: usize = 1 << 16;
+    let max = sp
+        .par_chunks(BLOCK)
+        .map(|b| {
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: AVX2 and FMA are available (simd_level).
+                return unsafe { max_abs_avx2(b) };
+            }
+            max_abs(b)
+        })
+        .reduce(|| 0f32, f32::max);
     let scale = if max > 0.0 { 127.0 / max } else { 1.0 };
-    quantize(sp, scale, &mut sq);
-    (sq, scale)
+    sq.resize(sp.len(), 0);
+    sp.par_chunks(BLOCK)
+        .zip(sq.par_chunks_mut(BLOCK))
+        .for_each(|(b, o)| {
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: as above.
+                return unsafe { quantize_avx2(b, scale, o) };
+            }
+            quantize(b, scale, o)
+        });
+    scale
+}
+
+/// [`round_i32`] clamped to `±lim` (`lim` well inside i32), written so that loops over it vectorise: the
+/// saturating `as` cast of a float is scalarised by LLVM, an unchecked one on a clamped value is not.
+#[inline(always)]
+pub(crate) fn round_clamp_i32(x: f32, lim: f32) -> i32 {
+    // max / min turn a NaN into a bound, so the value is always finite and in range.
+    let r = (x + 0.5f32.copysign(x)).max(-lim).min(lim);
+    // SAFETY: r is finite and within ±lim ⊂ i32 (see above).
+    unsafe { r.to_int_unchecked::<i32>() }
 }
 
 /// Round half away from zero without a libm call (`f32::round` is not inlined on the baseline target).
