@@ -56,7 +56,7 @@ impl Centroids {
 
     /// Centroid-major scores: `out[c * stride + j] = ⟨centroid c, q_j⟩` for the `lq` query tokens; the
     /// `stride − lq` padding entries of each row are set to 0. `qt` is the query transposed and padded
-    /// ([`crate::half_dot::transpose_query`]).
+    /// ([`crate::half_dot::transpose_query`]). Returns the largest `|score|` (for the i8 quantisation).
     pub(crate) fn scores(
         &self,
         q: &[f32],
@@ -65,17 +65,25 @@ impl Centroids {
         dim: usize,
         stride: usize,
         out: &mut [f32],
-    ) {
+    ) -> f32 {
         match self {
-            Centroids::F32(v) => crate::half_dot::dots_f32(v, dim, stride, q, lq, out),
+            Centroids::F32(v) => {
+                crate::half_dot::dots_f32(v, dim, stride, q, lq, out);
+                crate::kernels::max_abs(out)
+            }
             Centroids::F16 { .. } => {
                 let h = self.half().expect("f16");
                 // Blocks of rows in parallel: this is the largest serial step of a search otherwise.
                 const ROWS: usize = 1024;
                 use rayon::prelude::*;
+                // Each block also returns its largest |score| while its rows are in cache.
                 h.par_chunks(ROWS * dim)
                     .zip(out.par_chunks_mut(ROWS * stride))
-                    .for_each(|(h, out)| crate::half_dot::dots(h, dim, qt, stride, q, lq, out));
+                    .map(|(h, out)| {
+                        crate::half_dot::dots(h, dim, qt, stride, q, lq, out);
+                        crate::kernels::max_abs(out)
+                    })
+                    .reduce(|| 0f32, f32::max)
             }
         }
     }
@@ -113,8 +121,11 @@ mod tests {
         let stride = qstride;
         let mut a = vec![1f32; k * stride];
         let mut b = vec![1f32; k * stride];
-        half.scores(&q, &qt, lq, dim, stride, &mut a);
-        single.scores(&q, &qt, lq, dim, stride, &mut b);
+        let ma = half.scores(&q, &qt, lq, dim, stride, &mut a);
+        let mb = single.scores(&q, &qt, lq, dim, stride, &mut b);
+        // The returned maximum is the largest |score| written.
+        assert_eq!(ma, a.iter().fold(0f32, |m, v| m.max(v.abs())));
+        assert_eq!(mb, b.iter().fold(0f32, |m, v| m.max(v.abs())));
         for (x, y) in a.iter().zip(&b) {
             assert!((x - y).abs() < 1e-5, "{x} vs {y}");
         }

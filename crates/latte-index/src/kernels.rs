@@ -48,19 +48,34 @@ macro_rules! multiversion {
 #[cfg(test)]
 pub(crate) fn quantize_scores(sp: &[f32]) -> (Vec<i8>, f32) {
     let mut sq = Vec::new();
-    let scale = quantize_scores_into(sp, &mut sq);
+    let scale = quantize_scores_into(sp, max_abs(sp), &mut sq);
     (sq, scale)
 }
 
-/// [`quantize_scores`] into a reused buffer, in parallel blocks; returns the scale.
-pub(crate) fn quantize_scores_into(sp: &[f32], sq: &mut Vec<i8>) -> f32 {
-    use rayon::prelude::*;
+/// The largest `|v|` of `v` (vectorised: no NaN handling; AVX2 when available).
+pub(crate) fn max_abs(v: &[f32]) -> f32 {
     #[inline(always)]
-    fn max_abs(sp: &[f32]) -> f32 {
+    fn body(v: &[f32]) -> f32 {
         // `if` rather than f32::max: no NaN handling, so the loop vectorises.
-        sp.iter()
-            .fold(0f32, |m, v| if v.abs() > m { v.abs() } else { m })
+        v.iter()
+            .fold(0f32, |m, x| if x.abs() > m { x.abs() } else { m })
     }
+    #[cfg(target_arch = "x86_64")]
+    if simd_level() >= 1 {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(v: &[f32]) -> f32 {
+            body(v)
+        }
+        // SAFETY: AVX2 and FMA are available (simd_level).
+        return unsafe { avx2(v) };
+    }
+    body(v)
+}
+
+/// [`quantize_scores`] into a reused buffer, in parallel blocks, given `max = max |sp|` (as returned by the
+/// centroid scoring); returns the scale.
+pub(crate) fn quantize_scores_into(sp: &[f32], max: f32, sq: &mut Vec<i8>) -> f32 {
+    use rayon::prelude::*;
     #[inline(always)]
     fn quantize(sp: &[f32], scale: f32, out: &mut [i8]) {
         for (o, &v) in out.iter_mut().zip(sp) {
@@ -69,27 +84,11 @@ pub(crate) fn quantize_scores_into(sp: &[f32], sq: &mut Vec<i8>) -> f32 {
     }
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn max_abs_avx2(sp: &[f32]) -> f32 {
-        max_abs(sp)
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
     unsafe fn quantize_avx2(sp: &[f32], scale: f32, out: &mut [i8]) {
         quantize(sp, scale, out)
     }
     let avx2 = cfg!(target_arch = "x86_64") && simd_level() >= 1;
     const BLOCK: usize = 1 << 16;
-    let max = sp
-        .par_chunks(BLOCK)
-        .map(|b| {
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: AVX2 and FMA are available (simd_level).
-                return unsafe { max_abs_avx2(b) };
-            }
-            max_abs(b)
-        })
-        .reduce(|| 0f32, f32::max);
     let scale = if max > 0.0 { 127.0 / max } else { 1.0 };
     sq.resize(sp.len(), 0);
     sp.par_chunks(BLOCK)
@@ -97,7 +96,7 @@ pub(crate) fn quantize_scores_into(sp: &[f32], sq: &mut Vec<i8>) -> f32 {
         .for_each(|(b, o)| {
             #[cfg(target_arch = "x86_64")]
             if avx2 {
-                // SAFETY: as above.
+                // SAFETY: AVX2 and FMA are available (simd_level).
                 return unsafe { quantize_avx2(b, scale, o) };
             }
             quantize(b, scale, o)

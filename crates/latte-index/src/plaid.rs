@@ -693,7 +693,8 @@ impl PlaidIndex {
         // Every entry is written by the kernel; the buffer is reused across this thread's searches.
         let (sp_buf, sq_buf) = (&mut scratch.0, &mut scratch.1);
         sp_buf.resize(k_c * stride, 0.0);
-        self.centroids
+        let sp_max = self
+            .centroids
             .scores(q.data(), &qt, lq, dim, stride, sp_buf);
         let sp: &[f32] = sp_buf;
         // 2. Candidates.
@@ -729,7 +730,7 @@ impl PlaidIndex {
         }
         // 3. Approximate scores from centroid codes, first with pruning, then on full bags.
         // Pass A and B read the scores quantised to i8 (a quarter of the memory traffic).
-        let sq_scale = kernels::quantize_scores_into(sp, sq_buf);
+        let sq_scale = kernels::quantize_scores_into(sp, sp_max, sq_buf);
         let sq: &[i8] = sq_buf;
         // Per-centroid best score, only needed for pruning (empty = no pruning).
         let cmax: Vec<f32> = if p.centroid_score_threshold.is_some() {
