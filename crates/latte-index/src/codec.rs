@@ -175,36 +175,7 @@ impl Codec {
             1.0
         };
         let mut table = vec![0i16; positions * 256 * stride];
-        #[inline(always)]
-        fn fill(sums: &[f32], table: &mut [i16], positions: usize, stride: usize, scale: f32) {
-            for p in 0..positions {
-                for byte in 0..256usize {
-                    let h = &sums[((p * 2) * 16 + (byte >> 4)) * stride..][..stride];
-                    let l = &sums[((p * 2 + 1) * 16 + (byte & 15)) * stride..][..stride];
-                    let dst = &mut table[(p * 256 + byte) * stride..][..stride];
-                    for ((o, a), b) in dst.iter_mut().zip(h).zip(l) {
-                        *o = crate::kernels::round_clamp_i32((a + b) * scale, 32_767.0) as i16;
-                    }
-                }
-            }
-        }
-        #[cfg(target_arch = "x86_64")]
-        if crate::kernels::simd_level() >= 1 {
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn fill_avx2(
-                s: &[f32],
-                t: &mut [i16],
-                positions: usize,
-                stride: usize,
-                scale: f32,
-            ) {
-                fill(s, t, positions, stride, scale)
-            }
-            // SAFETY: AVX2 and FMA are available (simd_level).
-            unsafe { fill_avx2(sums, &mut table, positions, stride, scale) };
-            return (table, scale);
-        }
-        fill(sums, &mut table, positions, stride, scale);
+        fill_i16(sums, &mut table, positions, stride, scale);
         (table, scale)
     }
 
@@ -224,6 +195,23 @@ impl Codec {
         if n > 0.0 {
             let inv = 1.0 / n;
             out.iter_mut().for_each(|v| *v *= inv);
+        }
+    }
+}
+
+crate::kernels::multiversion! {
+    /// The i16 query table from the nibble sums: `table[p][byte][j] = round((hi[p][byte >> 4][j] +
+    /// lo[p][byte & 15][j]) · scale)` (see [`Codec::query_table_i16`]).
+    fn fill_i16(sums: &[f32], table: &mut [i16], positions: usize, stride: usize, scale: f32) -> () {
+        for p in 0..positions {
+            for byte in 0..256usize {
+                let h = &sums[((p * 2) * 16 + (byte >> 4)) * stride..][..stride];
+                let l = &sums[((p * 2 + 1) * 16 + (byte & 15)) * stride..][..stride];
+                let dst = &mut table[(p * 256 + byte) * stride..][..stride];
+                for ((o, a), b) in dst.iter_mut().zip(h).zip(l) {
+                    *o = crate::kernels::round_clamp_i32((a + b) * scale, 32_767.0) as i16;
+                }
+            }
         }
     }
 }

@@ -42,7 +42,28 @@ macro_rules! multiversion {
             generic($($arg),*)
         }
     };
+    // The same for a non-generic function.
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) -> $ret {
+            #[inline(always)]
+            fn generic($($arg: $ty),*) -> $ret $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) -> $ret {
+                    generic($($arg),*)
+                }
+                if $crate::kernels::simd_level() >= 1 {
+                    // SAFETY: the CPU supports the enabled features (checked by simd_level).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            generic($($arg),*)
+        }
+    };
 }
+pub(crate) use multiversion;
 
 /// Quantises padded centroid scores to i8: `sq[i] = round(sp[i] · scale)` with `scale = 127 / max |sp|`.
 #[cfg(test)]
@@ -52,55 +73,33 @@ pub(crate) fn quantize_scores(sp: &[f32]) -> (Vec<i8>, f32) {
     (sq, scale)
 }
 
-/// The largest `|v|` of `v` (vectorised: no NaN handling; AVX2 when available).
-pub(crate) fn max_abs(v: &[f32]) -> f32 {
-    #[inline(always)]
-    fn body(v: &[f32]) -> f32 {
+multiversion! {
+    /// The largest `|v|` of `v` (vectorised: no NaN handling; AVX2 when available).
+    pub(crate) fn max_abs(v: &[f32]) -> f32 {
         // `if` rather than f32::max: no NaN handling, so the loop vectorises.
-        v.iter()
-            .fold(0f32, |m, x| if x.abs() > m { x.abs() } else { m })
+        v.iter().fold(0f32, |m, x| if x.abs() > m { x.abs() } else { m })
     }
-    #[cfg(target_arch = "x86_64")]
-    if simd_level() >= 1 {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(v: &[f32]) -> f32 {
-            body(v)
+}
+
+multiversion! {
+    /// `out[i] = round(sp[i] · scale)` as i8 (|values| ≤ 127 by the choice of scale).
+    fn quantize_block(sp: &[f32], scale: f32, out: &mut [i8]) -> () {
+        for (o, &v) in out.iter_mut().zip(sp) {
+            *o = round_clamp_i32(v * scale, 127.0) as i8;
         }
-        // SAFETY: AVX2 and FMA are available (simd_level).
-        return unsafe { avx2(v) };
     }
-    body(v)
 }
 
 /// [`quantize_scores`] into a reused buffer, in parallel blocks, given `max = max |sp|` (as returned by the
 /// centroid scoring); returns the scale.
 pub(crate) fn quantize_scores_into(sp: &[f32], max: f32, sq: &mut Vec<i8>) -> f32 {
     use rayon::prelude::*;
-    #[inline(always)]
-    fn quantize(sp: &[f32], scale: f32, out: &mut [i8]) {
-        for (o, &v) in out.iter_mut().zip(sp) {
-            *o = round_clamp_i32(v * scale, 127.0) as i8;
-        }
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn quantize_avx2(sp: &[f32], scale: f32, out: &mut [i8]) {
-        quantize(sp, scale, out)
-    }
-    let avx2 = cfg!(target_arch = "x86_64") && simd_level() >= 1;
     const BLOCK: usize = 1 << 16;
     let scale = if max > 0.0 { 127.0 / max } else { 1.0 };
     sq.resize(sp.len(), 0);
     sp.par_chunks(BLOCK)
         .zip(sq.par_chunks_mut(BLOCK))
-        .for_each(|(b, o)| {
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: AVX2 and FMA are available (simd_level).
-                return unsafe { quantize_avx2(b, scale, o) };
-            }
-            quantize(b, scale, o)
-        });
+        .for_each(|(b, o)| quantize_block(b, scale, o));
     scale
 }
 

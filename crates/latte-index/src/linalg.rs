@@ -54,28 +54,16 @@ pub(crate) fn matmul_abt(
     }
 }
 
-/// For `rows × width` scores, `acc[j] = max(acc[j], row[j])` over the given rows.
-/// Scores are never NaN here, so the comparison skips f32::max's NaN handling and the loop vectorises (AVX2
-/// when available).
-pub(crate) fn max_rows_into(scores: &[f32], width: usize, acc: &mut [f32]) {
-    #[inline(always)]
-    fn body(scores: &[f32], width: usize, acc: &mut [f32]) {
+crate::kernels::multiversion! {
+    /// For `rows × width` scores, `acc[j] = max(acc[j], row[j])` over the given rows. Scores are never NaN
+    /// here, so the comparison skips f32::max's NaN handling and the loop vectorises (AVX2 when available).
+    pub(crate) fn max_rows_into(scores: &[f32], width: usize, acc: &mut [f32]) -> () {
         for row in scores.chunks_exact(width) {
             for (a, &v) in acc.iter_mut().zip(row) {
                 *a = if v > *a { v } else { *a };
             }
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    if crate::kernels::simd_level() >= 1 {
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(scores: &[f32], width: usize, acc: &mut [f32]) {
-            body(scores, width, acc)
-        }
-        // SAFETY: AVX2 and FMA are available (simd_level).
-        return unsafe { avx2(scores, width, acc) };
-    }
-    body(scores, width, acc)
 }
 
 /// Scores of one query (`lq × dim`) against documents stored contiguously (`tokens × dim`), document `i`
