@@ -324,6 +324,100 @@ pub fn gelu(x: &[f32], dst: &mut [MaybeUninit<f32>]) {
     }
 }
 
+/// `GELU′(x) = Φ(x) + x·φ(x)` on 16 lanes, with the erf of [`gelu_ps`].
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn gelu_grad_ps(x: __m512) -> __m512 {
+    let z = _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
+    let sign = _mm512_and_si512(_mm512_castps_si512(z), _mm512_set1_epi32(i32::MIN));
+    let a = _mm512_abs_ps(z);
+    let one = _mm512_set1_ps(1.0);
+    let t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.327_591_1), a, one));
+    let mut p = _mm512_set1_ps(1.061_405_4);
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453_152_1));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421_413_7));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284_496_72));
+    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254_829_6));
+    p = _mm512_mul_ps(p, t);
+    // e = exp(−z²) = exp(−x²/2), shared by erf and the density.
+    let e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a)));
+    let y = _mm512_fnmadd_ps(p, e, one);
+    let erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(y), sign));
+    let cdf = _mm512_mul_ps(_mm512_set1_ps(0.5), _mm512_add_ps(one, erf));
+    let inv_sqrt_2pi = _mm512_set1_ps(0.398_942_3);
+    _mm512_fmadd_ps(x, _mm512_mul_ps(e, inv_sqrt_2pi), cdf)
+}
+
+/// In place: `g[i] ← g[i] · GELU′(x[i])` (the backward pass of exact GELU), single-threaded.
+pub(crate) fn gelu_backward(x: &[f32], g: &mut [f32]) {
+    assert!(available() && x.len() == g.len());
+    let n = x.len();
+    let gp = g.as_mut_ptr();
+    let mut i = 0;
+    while i < n {
+        let m = tail_mask(n - i);
+        // SAFETY: AVX-512F is present (asserted); the masked loads and stores stay inside `x` and `g`.
+        unsafe {
+            let d = gelu_grad_ps(_mm512_maskz_loadu_ps(m, x.as_ptr().add(i)));
+            let v = _mm512_mul_ps(d, _mm512_maskz_loadu_ps(m, gp.add(i)));
+            _mm512_mask_storeu_ps(gp.add(i), m, v);
+        }
+        i += 16;
+    }
+}
+
+/// `out[i, ..n] (+)= Σ_kk a(i)[kk] · B[kk, ..n]` for `i < m`, single-threaded on the register tile: the rows
+/// of A by pointer, B in `ceil(n / NR)` panels (panel `p` at `bp + p·panel_stride`, its row `kk` the `NR`
+/// values at `+ kk·NR`, zero-padded past `n`). With `accumulate` the current contents of `out` are added.
+///
+/// # Safety
+/// AVX-512F must be present; `a(i)` must be readable for `k` values for every `i < m`; every panel for
+/// `k × NR` values; `out` readable and writable for `m` rows of `n` values `ldc` apart.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_tiles(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &dyn Fn(usize) -> *const f32,
+    bp: *const f32,
+    panel_stride: usize,
+    out: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    for p in 0..n.div_ceil(NR) {
+        let cols = NR.min(n - p * NR);
+        let mut mr = 0;
+        while mr < m {
+            let rows = MR.min(m - mr);
+            let ptrs: [*const f32; MR] = std::array::from_fn(|r| a(mr + r.min(rows - 1)));
+            let o = out.add(mr * ldc + p * NR);
+            let resid = if accumulate {
+                o as *const f32
+            } else {
+                std::ptr::null()
+            };
+            kernel::<false>(
+                k,
+                ptrs,
+                bp.add(p * panel_stride),
+                ZEROS.as_ptr(),
+                resid,
+                ldc,
+                o,
+                ldc,
+                rows,
+                cols,
+            );
+            mr += MR;
+        }
+    }
+}
+
 /// A `[b, h, l, d]` operand of [`attention`]: `data[b·s[0] + h·s[1] + i·s[2] + j]`, the last dimension
 /// contiguous.
 #[derive(Clone, Copy)]

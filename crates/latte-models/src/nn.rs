@@ -79,9 +79,9 @@ impl Module for Linear {
 /// Layer normalisation over the last dimension, with an optional bias.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
-    weight: Tensor,
-    bias: Option<Tensor>,
-    eps: f64,
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Option<Tensor>,
+    pub(crate) eps: f64,
 }
 
 impl LayerNorm {
@@ -347,11 +347,21 @@ pub fn dropout_seed() -> Option<u64> {
     DROPOUT.with(|d| d.get().map(|(s, _)| s))
 }
 
-fn splitmix(mut z: u64) -> u64 {
+pub(crate) fn splitmix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// The key of the next dropout site of the enclosing [`with_dropout`] (advancing its counter as
+/// [`dropout`] does), or `None` when dropout is off. Fused ops draw their masks from it.
+pub(crate) fn next_dropout_key() -> Option<u64> {
+    DROPOUT.with(|d| {
+        let (seed, counter) = d.get()?;
+        d.set(Some((seed, counter + 1)));
+        Some(splitmix(seed ^ splitmix(counter)))
+    })
 }
 
 /// Inverted dropout as `torch.nn.Dropout` in training: each element is zeroed with probability `p` and

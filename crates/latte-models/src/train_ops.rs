@@ -383,7 +383,7 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 
 /// Row-major `[rows, cols]` → `[cols, rows]`, in parallel blocks.
 #[cfg(target_arch = "x86_64")]
-fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+pub(crate) fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut dst = vec![0f32; rows * cols];
     const B: usize = 64;
     dst.par_chunks_mut(B * rows)

@@ -239,7 +239,41 @@ impl Bert {
         let heads = self.config.num_attention_heads;
         let d = h / heads;
         let scale = 1.0 / (d as f64).sqrt();
+        #[cfg(target_arch = "x86_64")]
+        let key_bias = if mode == Mode::Train {
+            Some(bias.reshape((b, l))?)
+        } else {
+            None
+        };
         for layer in &self.layers {
+            #[cfg(target_arch = "x86_64")]
+            if let Some(kb) = &key_bias {
+                let params = crate::train_layer::BertLayerParams {
+                    query: &layer.query,
+                    key: &layer.key,
+                    value: &layer.value,
+                    attn_out: &layer.attn_out,
+                    attn_norm: &layer.attn_norm,
+                    inter: &layer.inter,
+                    out: &layer.out,
+                    out_norm: &layer.out_norm,
+                };
+                let dropout = crate::train_layer::LayerDropout {
+                    attention: self.config.attention_probs_dropout_prob,
+                    hidden: hp,
+                };
+                if let Some(y) = crate::train_layer::bert_layer(
+                    &x,
+                    kb,
+                    &params,
+                    heads,
+                    &self.config.hidden_act,
+                    dropout,
+                )? {
+                    x = y;
+                    continue;
+                }
+            }
             let (q, k, v) = qkv_heads(
                 [&layer.query, &layer.key, &layer.value],
                 &layer.qkv_packed,
