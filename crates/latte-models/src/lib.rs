@@ -18,7 +18,6 @@ pub mod nn;
 pub mod save;
 pub mod settings;
 pub mod tokenize;
-#[cfg(target_arch = "x86_64")]
 pub mod train_layer;
 pub mod train_ops;
 pub mod trainable;

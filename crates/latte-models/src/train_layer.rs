@@ -20,10 +20,79 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
 use crate::avx512::{gemm_tiles, MR};
+#[cfg(target_arch = "x86_64")]
 use crate::fused::NR;
 use crate::nn::{LayerNorm, Linear};
 use crate::Result;
+
+/// The kernels an op runs on, chosen when it is built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernels {
+    /// The AVX-512 register tile and vectorised `exp` / erf.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    /// The `gemm` crate (operands read through strides) and scalar element-wise code.
+    Portable,
+}
+
+impl Kernels {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if crate::avx512::available() {
+            return Self::Avx512;
+        }
+        Self::Portable
+    }
+}
+
+fn gemm_threads(par: bool) -> gemm::Parallelism {
+    let n = rayon::current_num_threads();
+    if par && n > 1 {
+        gemm::Parallelism::Rayon(n)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// `C (+)= A · B` through the `gemm` crate, every operand given by its row and column strides.
+///
+/// # Safety
+/// Every pointer must be valid for the `m × k`, `k × n` and `m × n` elements its strides reach.
+#[allow(clippy::too_many_arguments)]
+unsafe fn strided_mm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: (*const f32, usize, usize),
+    b: (*const f32, usize, usize),
+    c: (*mut f32, usize),
+    accumulate: bool,
+    par: bool,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c.0,
+        1,
+        c.1 as isize,
+        accumulate,
+        a.0,
+        a.2 as isize,
+        a.1 as isize,
+        b.0,
+        b.2 as isize,
+        b.1 as isize,
+        1f32,
+        1f32,
+        false,
+        false,
+        false,
+        gemm_threads(par),
+    );
+}
 
 /// Rows of `x` per task in the row-wise passes (layer norm, dropout, residual).
 fn rows_per_task(n: usize) -> usize {
@@ -77,6 +146,7 @@ impl DropSite {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 /// Packs a row-major `B[k, n]` (row stride `ldb`): panels of `k × NR`.
 fn pack_n(b: &[f32], ldb: usize, k: usize, n: usize) -> Vec<f32> {
     let panels = n.div_ceil(NR);
@@ -90,13 +160,15 @@ fn pack_n(b: &[f32], ldb: usize, k: usize, n: usize) -> Vec<f32> {
     out
 }
 
+#[cfg(target_arch = "x86_64")]
 /// Depth of one pass over the panels (a `KC × NR` slice of B stays in L1).
 const KC: usize = 256;
 
-/// `out[m, n] (+)= A[m, k] · B`, A row-major (row stride `lda`), B packed by [`pack_t`] / [`pack_n`]
-/// (`k` rows), in parallel blocks of rows.
+#[cfg(target_arch = "x86_64")]
+/// `out[m, n] (+)= A[m, k] · B`, A row-major (row stride `lda`), B packed by [`pack_n`] (`k` rows), in
+/// parallel blocks of rows.
 #[allow(clippy::too_many_arguments)]
-fn gemm(
+fn tile_gemm(
     a: &[f32],
     lda: usize,
     m: usize,
@@ -386,6 +458,7 @@ struct Saved {
 
 /// The layer as a candle op: `(x [b, l, h], flat weights, key bias [b, l]) → [b, l, h]`.
 struct BertLayerOp {
+    kern: Kernels,
     dims: Dims,
     eps1: f32,
     eps2: f32,
@@ -410,6 +483,7 @@ fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     })
 }
 
+#[cfg(target_arch = "x86_64")]
 /// Transposes an `r × c` block (row stride `lds`) into `dst` (`c × r`, row stride `r`).
 fn transpose_block(src: &[f32], lds: usize, r: usize, c: usize, dst: &mut [f32]) {
     for i in 0..r {
@@ -420,6 +494,7 @@ fn transpose_block(src: &[f32], lds: usize, r: usize, c: usize, dst: &mut [f32])
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 /// Packs `B[kk, j] = src_j[kk]` for `n` rows `src_j` (row stride `lds`) of `k` values: `Bᵀ` given as rows.
 fn pack_rows_into(src: &[f32], lds: usize, n: usize, k: usize, dst: &mut [f32]) {
     dst.fill(0.0);
@@ -431,6 +506,7 @@ fn pack_rows_into(src: &[f32], lds: usize, n: usize, k: usize, dst: &mut [f32]) 
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 /// Packs a row-major `B[k, n]` (row stride `lds`) into `dst`.
 fn pack_cols_into(src: &[f32], lds: usize, k: usize, n: usize, dst: &mut [f32]) {
     for p in 0..n.div_ceil(NR) {
@@ -445,6 +521,181 @@ fn pack_cols_into(src: &[f32], lds: usize, k: usize, n: usize, dst: &mut [f32]) 
 
 impl BertLayerOp {
     fn attention_forward(&self, qkv: &[f32], bias: &[f32], probs: &mut [f32], ctx: &mut [f32]) {
+        match self.kern {
+            #[cfg(target_arch = "x86_64")]
+            Kernels::Avx512 => self.attention_forward_avx512(qkv, bias, probs, ctx),
+            Kernels::Portable => self.attention_forward_portable(qkv, bias, probs, ctx),
+        }
+    }
+
+    /// `dqkv` from `dctx` through the attention of every (sequence, head).
+    fn attention_backward(&self, s: &Saved, dctx: &[f32], dqkv: &mut [f32]) {
+        match self.kern {
+            #[cfg(target_arch = "x86_64")]
+            Kernels::Avx512 => self.attention_backward_avx512(s, dctx, dqkv),
+            Kernels::Portable => self.attention_backward_portable(s, dctx, dqkv),
+        }
+    }
+
+    fn attention_forward_portable(
+        &self,
+        qkv: &[f32],
+        bias: &[f32],
+        probs: &mut [f32],
+        ctx: &mut [f32],
+    ) {
+        let Dims { l, h, heads, .. } = self.dims;
+        let d = self.dims.d();
+        let h3 = 3 * h;
+        assert!(qkv.len() >= self.dims.tokens() * h3 && ctx.len() >= self.dims.tokens() * h);
+        let ctx_ptr = Ptr(ctx.as_mut_ptr());
+        probs.par_chunks_mut(l * l).enumerate().for_each(|(t, p)| {
+            let (bi, hi) = (t / heads, t % heads);
+            let base = bi * l * h3 + hi * d;
+            let (q, k, v) = (&qkv[base..], &qkv[base + h..], &qkv[base + 2 * h..]);
+            // SAFETY (both products): q, k and v rows of this sequence lie inside qkv (asserted
+            // above), kᵀ is read through strides (1, 3h), `p` is l × l, and the ctx rows of this
+            // (sequence, head) lie inside `ctx` and are written by this task only.
+            unsafe {
+                strided_mm(
+                    l,
+                    l,
+                    d,
+                    (q.as_ptr(), h3, 1),
+                    (k.as_ptr(), 1, h3),
+                    (p.as_mut_ptr(), l),
+                    false,
+                    false,
+                );
+            }
+            let brow = &bias[bi * l..][..l];
+            for row in p.chunks_mut(l) {
+                softmax_row(self.kern, row, self.scale, brow);
+            }
+            let mut pd = Vec::new();
+            let src: &[f32] = match self.drop_probs {
+                Some(dr) => {
+                    pd.resize(l * l, 0.0);
+                    for (i, (drow, prow)) in pd.chunks_mut(l).zip(p.chunks(l)).enumerate() {
+                        dr.row(t * l + i, drow);
+                        drow.iter_mut().zip(prow).for_each(|(m, p)| *m *= p);
+                    }
+                    &pd
+                }
+                None => p,
+            };
+            unsafe {
+                strided_mm(
+                    l,
+                    d,
+                    l,
+                    (src.as_ptr(), l, 1),
+                    (v.as_ptr(), h3, 1),
+                    ({ ctx_ptr }.0.add(bi * l * h + hi * d), h),
+                    false,
+                    false,
+                );
+            }
+        });
+    }
+
+    fn attention_backward_portable(&self, s: &Saved, dctx: &[f32], dqkv: &mut [f32]) {
+        let Dims { b, l, h, heads, .. } = self.dims;
+        let d = self.dims.d();
+        let h3 = 3 * h;
+        let t_all = self.dims.tokens();
+        assert!(s.qkv.len() >= t_all * h3 && dctx.len() >= t_all * h && dqkv.len() >= t_all * h3);
+        let out = Ptr(dqkv.as_mut_ptr());
+        (0..b * heads).into_par_iter().for_each(|t| {
+            let (bi, hi) = (t / heads, t % heads);
+            let base = bi * l * h3 + hi * d;
+            let (q, k, v) = (&s.qkv[base..], &s.qkv[base + h..], &s.qkv[base + 2 * h..]);
+            let dc = &dctx[bi * l * h + hi * d..];
+            let p = &s.probs[t * l * l..][..l * l];
+            let mut mask = Vec::new();
+            let mut pd = p.to_vec();
+            if let Some(dr) = self.drop_probs {
+                mask.resize(l * l, 0.0);
+                for (i, m) in mask.chunks_mut(l).enumerate() {
+                    dr.row(t * l + i, m);
+                }
+                pd.iter_mut().zip(&mask).for_each(|(p, m)| *p *= m);
+            }
+            let mut ds = vec![0f32; l * l];
+            let o = { out }.0;
+            // SAFETY (all four products): the operands are rows of this sequence inside qkv, dctx and
+            // the l × l buffers, read through the strides given; the dqkv rows of this (sequence, head)
+            // lie inside dqkv and are written by this task only.
+            unsafe {
+                // dPd = dC · Vᵀ.
+                strided_mm(
+                    l,
+                    l,
+                    d,
+                    (dc.as_ptr(), h, 1),
+                    (v.as_ptr(), 1, h3),
+                    (ds.as_mut_ptr(), l),
+                    false,
+                    false,
+                );
+            }
+            for i in 0..l {
+                let row = &mut ds[i * l..][..l];
+                let prow = &p[i * l..][..l];
+                if !mask.is_empty() {
+                    row.iter_mut()
+                        .zip(&mask[i * l..][..l])
+                        .for_each(|(g, m)| *g *= m);
+                }
+                let dot: f32 = row.iter().zip(prow).map(|(g, p)| g * p).sum();
+                row.iter_mut()
+                    .zip(prow)
+                    .for_each(|(g, p)| *g = self.scale * p * (*g - dot));
+            }
+            unsafe {
+                // dQ = dS · K, dK = dSᵀ · Q, dV = Pdᵀ · dC.
+                strided_mm(
+                    l,
+                    d,
+                    l,
+                    (ds.as_ptr(), l, 1),
+                    (k.as_ptr(), h3, 1),
+                    (o.add(base), h3),
+                    false,
+                    false,
+                );
+                strided_mm(
+                    l,
+                    d,
+                    l,
+                    (ds.as_ptr(), 1, l),
+                    (q.as_ptr(), h3, 1),
+                    (o.add(base + h), h3),
+                    false,
+                    false,
+                );
+                strided_mm(
+                    l,
+                    d,
+                    l,
+                    (pd.as_ptr(), 1, l),
+                    (dc.as_ptr(), h, 1),
+                    (o.add(base + 2 * h), h3),
+                    false,
+                    false,
+                );
+            }
+        });
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn attention_forward_avx512(
+        &self,
+        qkv: &[f32],
+        bias: &[f32],
+        probs: &mut [f32],
+        ctx: &mut [f32],
+    ) {
         let Dims { l, h, heads, .. } = self.dims;
         let d = self.dims.d();
         let h3 = 3 * h;
@@ -514,8 +765,8 @@ impl BertLayerOp {
         });
     }
 
-    /// `dqkv` from `dctx` through the attention of every (sequence, head).
-    fn attention_backward(&self, s: &Saved, dctx: &[f32], dqkv: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    fn attention_backward_avx512(&self, s: &Saved, dctx: &[f32], dqkv: &mut [f32]) {
         let Dims { b, l, h, heads, .. } = self.dims;
         let d = self.dims.d();
         let h3 = 3 * h;
@@ -634,21 +885,177 @@ impl BertLayerOp {
     }
 }
 
-/// `y[m, n] = x[m, k] · Wᵀ + b` on the inference kernel.
-fn linear_fwd(x: &[f32], m: usize, w: &[f32], b: &[f32], n: usize, k: usize) -> Vec<f32> {
-    let p = crate::fused::Packed::from_rows(w, n, k, Some(b));
-    let mut out: Vec<f32> = Vec::with_capacity(m * n);
-    crate::avx512::linear(
-        x,
-        m,
-        &p,
-        None,
-        false,
-        &mut out.spare_capacity_mut()[..m * n],
-    );
-    // SAFETY: the kernel writes every one of the m·n elements.
-    unsafe { out.set_len(m * n) };
+/// `y[m, n] = x[m, k] · Wᵀ + b` (`W` as `n` rows of `k`).
+fn linear_fwd(
+    kern: Kernels,
+    x: &[f32],
+    m: usize,
+    w: &[f32],
+    b: &[f32],
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
+    assert!(x.len() >= m * k && w.len() >= n * k && b.len() >= n);
+    match kern {
+        #[cfg(target_arch = "x86_64")]
+        Kernels::Avx512 => {
+            let p = crate::fused::Packed::from_rows(w, n, k, Some(b));
+            let mut out: Vec<f32> = Vec::with_capacity(m * n);
+            crate::avx512::linear(
+                x,
+                m,
+                &p,
+                None,
+                false,
+                &mut out.spare_capacity_mut()[..m * n],
+            );
+            // SAFETY: the kernel writes every one of the m·n elements.
+            unsafe { out.set_len(m * n) };
+            out
+        }
+        Kernels::Portable => {
+            let mut out = Vec::with_capacity(m * n);
+            for _ in 0..m {
+                out.extend_from_slice(&b[..n]);
+            }
+            // SAFETY: x is m × k (row stride k), Wᵀ is read as k × n through strides (1, k), out is m × n.
+            unsafe {
+                strided_mm(
+                    m,
+                    n,
+                    k,
+                    (x.as_ptr(), k, 1),
+                    (w.as_ptr(), 1, k),
+                    (out.as_mut_ptr(), n),
+                    true,
+                    true,
+                );
+            }
+            out
+        }
+    }
+}
+
+/// `out[n, k] = gᵀ · x` for `g` `[t, n]` and `x` `[t, k]` (a weight gradient).
+fn grad_weight(kern: Kernels, g: &[f32], t: usize, n: usize, x: &[f32], k: usize, out: &mut [f32]) {
+    assert!(g.len() >= t * n && x.len() >= t * k && out.len() >= n * k);
+    match kern {
+        #[cfg(target_arch = "x86_64")]
+        Kernels::Avx512 => {
+            let gt = crate::train_ops::transpose(&g[..t * n], t, n);
+            tile_gemm(&gt, t, n, t, &pack_n(x, k, t, k), k, out, false);
+        }
+        // SAFETY: gᵀ is n × t through strides (1, n), x is t × k (k, 1), out n × k.
+        Kernels::Portable => unsafe {
+            strided_mm(
+                n,
+                k,
+                t,
+                (g.as_ptr(), 1, n),
+                (x.as_ptr(), k, 1),
+                (out.as_mut_ptr(), k),
+                false,
+                true,
+            );
+        },
+    }
+}
+
+/// `out[t, k] (+)= g · w` for `g` `[t, n]` and `w` `[n, k]` (an input gradient).
+#[allow(clippy::too_many_arguments)]
+fn grad_input(
+    kern: Kernels,
+    g: &[f32],
+    t: usize,
+    n: usize,
+    w: &[f32],
+    k: usize,
+    out: &mut [f32],
+    accumulate: bool,
+) {
+    assert!(g.len() >= t * n && w.len() >= n * k && out.len() >= t * k);
+    match kern {
+        #[cfg(target_arch = "x86_64")]
+        Kernels::Avx512 => tile_gemm(g, n, t, n, &pack_n(w, k, n, k), k, out, accumulate),
+        // SAFETY: g is t × n (n, 1), w is n × k (k, 1), out t × k.
+        Kernels::Portable => unsafe {
+            strided_mm(
+                t,
+                k,
+                n,
+                (g.as_ptr(), n, 1),
+                (w.as_ptr(), k, 1),
+                (out.as_mut_ptr(), k),
+                accumulate,
+                true,
+            );
+        },
+    }
+}
+
+/// In place: `row ← softmax(row · scale + bias)`.
+fn softmax_row(kern: Kernels, row: &mut [f32], scale: f32, bias: &[f32]) {
+    match kern {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX-512F is present (the op was built for it).
+        Kernels::Avx512 => unsafe { crate::avx512::softmax_row(row, scale, Some(bias)) },
+        Kernels::Portable => {
+            let mut max = f32::NEG_INFINITY;
+            for (v, &b) in row.iter_mut().zip(bias) {
+                *v = *v * scale + b;
+                max = max.max(*v);
+            }
+            let mut sum = 0f32;
+            for v in row.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            row.iter_mut().for_each(|v| *v *= inv);
+        }
+    }
+}
+
+fn phi_cdf(x: f32) -> f32 {
+    0.5 * (1.0 + crate::fused::erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// Exact GELU of every element.
+fn gelu_fwd(kern: Kernels, x: &[f32]) -> Vec<f32> {
+    let mut out: Vec<f32> = Vec::with_capacity(x.len());
+    match kern {
+        #[cfg(target_arch = "x86_64")]
+        Kernels::Avx512 => {
+            crate::avx512::gelu(x, &mut out.spare_capacity_mut()[..x.len()]);
+            // SAFETY: `gelu` writes every element.
+            unsafe { out.set_len(x.len()) };
+        }
+        Kernels::Portable => {
+            out.resize(x.len(), 0.0);
+            out.par_chunks_mut(1 << 14)
+                .zip(x.par_chunks(1 << 14))
+                .for_each(|(o, x)| {
+                    o.iter_mut().zip(x).for_each(|(o, &x)| *o = x * phi_cdf(x));
+                });
+        }
+    }
     out
+}
+
+/// In place: `g ← g ⊙ GELU′(x)`.
+fn gelu_bwd(kern: Kernels, x: &[f32], g: &mut [f32]) {
+    let inv_sqrt_2pi = 1.0 / (2.0 * std::f32::consts::PI).sqrt();
+    g.par_chunks_mut(1 << 14)
+        .zip(x.par_chunks(1 << 14))
+        .for_each(|(g, x)| match kern {
+            #[cfg(target_arch = "x86_64")]
+            Kernels::Avx512 => crate::avx512::gelu_backward(x, g),
+            Kernels::Portable => {
+                for (g, &x) in g.iter_mut().zip(x) {
+                    *g *= phi_cdf(x) + x * (-0.5 * x * x).exp() * inv_sqrt_2pi;
+                }
+            }
+        });
 }
 
 fn storage_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
@@ -695,11 +1102,11 @@ impl CustomOp3 for BertLayerOp {
             );
         }
         let w = Weights::new(flat, &dims);
-        let qkv = linear_fwd(x, t, w.wqkv, w.bqkv, 3 * h, h);
+        let qkv = linear_fwd(self.kern, x, t, w.wqkv, w.bqkv, 3 * h, h);
         let mut probs = vec![0f32; b * heads * l * l];
         let mut ctx = vec![0f32; t * h];
         self.attention_forward(&qkv, bias, &mut probs, &mut ctx);
-        let ao = linear_fwd(&ctx, t, w.wo, w.bo, h, h);
+        let ao = linear_fwd(self.kern, &ctx, t, w.wo, w.bo, h, h);
         let mut a = vec![0f32; t * h];
         let mut xhat1 = vec![0f32; t * h];
         let mut rstd1 = vec![0f32; t];
@@ -715,12 +1122,9 @@ impl CustomOp3 for BertLayerOp {
             &mut rstd1,
         );
         drop(ao);
-        let inter = linear_fwd(&a, t, w.wi, w.bi, f, h);
-        let mut gelu: Vec<f32> = Vec::with_capacity(t * f);
-        crate::avx512::gelu(&inter, &mut gelu.spare_capacity_mut()[..t * f]);
-        // SAFETY: `gelu` writes every element.
-        unsafe { gelu.set_len(t * f) };
-        let o = linear_fwd(&gelu, t, w.wout, w.bout, h, f);
+        let inter = linear_fwd(self.kern, &a, t, w.wi, w.bi, f, h);
+        let gelu = gelu_fwd(self.kern, &inter);
+        let o = linear_fwd(self.kern, &gelu, t, w.wout, w.bout, h, f);
         let mut y = vec![0f32; t * h];
         let mut xhat2 = vec![0f32; t * h];
         let mut rstd2 = vec![0f32; t];
@@ -792,25 +1196,20 @@ impl CustomOp3 for BertLayerOp {
         let mut d_o = dr2.clone();
         apply_drop(&mut d_o, h, self.drop_out);
         dbout.copy_from_slice(&col_sums(&d_o, h));
+        let k = self.kern;
         // dWout [h, f] = d_oᵀ · gelu.
-        let d_ot = crate::train_ops::transpose(&d_o, t, h);
-        gemm(&d_ot, t, h, t, &pack_n(&s.gelu, f, t, f), f, dwout, false);
-        drop(d_ot);
+        grad_weight(k, &d_o, t, h, &s.gelu, f, dwout);
         // d(gelu) = d_o · Wout, then through GELU.
         let mut di = vec![0f32; t * f];
-        gemm(&d_o, h, t, h, &pack_n(w.wout, f, h, f), f, &mut di, false);
+        grad_input(k, &d_o, t, h, w.wout, f, &mut di, false);
         drop(d_o);
-        di.par_chunks_mut(1 << 14)
-            .zip(s.inter.par_chunks(1 << 14))
-            .for_each(|(g, x)| crate::avx512::gelu_backward(x, g));
+        gelu_bwd(k, &s.inter, &mut di);
         dbi.copy_from_slice(&col_sums(&di, f));
         // dWi [f, h] = diᵀ · a.
-        let dit = crate::train_ops::transpose(&di, t, f);
-        gemm(&dit, t, f, t, &pack_n(&s.a, h, t, h), h, dwi, false);
-        drop(dit);
+        grad_weight(k, &di, t, f, &s.a, h, dwi);
         // da = dr2 + di · Wi.
         let mut da = dr2;
-        gemm(&di, f, t, f, &pack_n(w.wi, h, f, h), h, &mut da, true);
+        grad_input(k, &di, t, f, w.wi, h, &mut da, true);
         drop(di);
         // First layer norm, then the attention-output dropout.
         let mut dr1 = vec![0f32; t * h];
@@ -821,32 +1220,19 @@ impl CustomOp3 for BertLayerOp {
         let mut dao = dr1.clone();
         apply_drop(&mut dao, h, self.drop_attn);
         dbo.copy_from_slice(&col_sums(&dao, h));
-        let daot = crate::train_ops::transpose(&dao, t, h);
-        gemm(&daot, t, h, t, &pack_n(&s.ctx, h, t, h), h, dwo, false);
-        drop(daot);
+        grad_weight(k, &dao, t, h, &s.ctx, h, dwo);
         let mut dctx = vec![0f32; t * h];
-        gemm(&dao, h, t, h, &pack_n(w.wo, h, h, h), h, &mut dctx, false);
+        grad_input(k, &dao, t, h, w.wo, h, &mut dctx, false);
         drop(dao);
         // Attention.
         let mut dqkv = vec![0f32; t * 3 * h];
         self.attention_backward(s, &dctx, &mut dqkv);
         drop(dctx);
         dbqkv.copy_from_slice(&col_sums(&dqkv, 3 * h));
-        let dqkvt = crate::train_ops::transpose(&dqkv, t, 3 * h);
-        gemm(&dqkvt, t, 3 * h, t, &pack_n(&xs, h, t, h), h, dwqkv, false);
-        drop(dqkvt);
+        grad_weight(k, &dqkv, t, 3 * h, &xs, h, dwqkv);
         // dx = dr1 + dqkv · Wqkv.
         let mut dx = dr1;
-        gemm(
-            &dqkv,
-            3 * h,
-            t,
-            3 * h,
-            &pack_n(w.wqkv, h, 3 * h, h),
-            h,
-            &mut dx,
-            true,
-        );
+        grad_input(k, &dqkv, t, 3 * h, w.wqkv, h, &mut dx, true);
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
@@ -886,9 +1272,10 @@ pub struct LayerDropout {
 }
 
 /// One BERT encoder layer in training, forward here and backward by hand (see the module docs):
-/// `x [b, l, h]`, `key_bias [b, l]` (0 where attended, a large negative number elsewhere). `None` where
-/// the fused op does not apply (not float32 on a CPU with AVX-512F, a layer without biases, another
-/// activation than exact GELU); the caller runs the elementary ops.
+/// `x [b, l, h]`, `key_bias [b, l]` (0 where attended, a large negative number elsewhere). On the
+/// AVX-512 kernels where the CPU has AVX-512F, else on the `gemm` crate. `None` where the fused op does
+/// not apply (not float32 on the CPU, a layer without biases, another activation than exact GELU); the
+/// caller runs the elementary ops.
 pub fn bert_layer(
     x: &Tensor,
     key_bias: &Tensor,
@@ -897,8 +1284,23 @@ pub fn bert_layer(
     act: &str,
     dropout: LayerDropout,
 ) -> Result<Option<Tensor>> {
+    bert_layer_on(Kernels::detect(), x, key_bias, p, heads, act, dropout)
+}
+
+fn bert_layer_on(
+    kern: Kernels,
+    x: &Tensor,
+    key_bias: &Tensor,
+    p: &BertLayerParams,
+    heads: usize,
+    act: &str,
+    dropout: LayerDropout,
+) -> Result<Option<Tensor>> {
     {
-        if !crate::fused::fast(x) || !matches!(act, "gelu" | "gelu_python") {
+        if !(x.device().is_cpu() && x.dtype() == DType::F32)
+            || key_bias.dtype() != DType::F32
+            || !matches!(act, "gelu" | "gelu_python")
+        {
             return Ok(None);
         }
         let linears = [p.query, p.key, p.value, p.attn_out, p.inter, p.out];
@@ -949,6 +1351,7 @@ pub fn bert_layer(
         let drop_attn = DropSite::next(dropout.hidden);
         let drop_out = DropSite::next(dropout.hidden);
         let op = BertLayerOp {
+            kern,
             dims: Dims { b, l, h, heads, f },
             eps1: p.attn_norm.eps as f32,
             eps2: p.out_norm.eps as f32,
@@ -1080,6 +1483,16 @@ mod tests {
         (d, m)
     }
 
+    /// Every kernel set this CPU runs.
+    fn kernels() -> Vec<Kernels> {
+        let mut k = vec![Kernels::Portable];
+        #[cfg(target_arch = "x86_64")]
+        if crate::avx512::available() {
+            k.push(Kernels::Avx512);
+        }
+        k
+    }
+
     const NO_DROPOUT: LayerDropout = LayerDropout {
         attention: 0.0,
         hidden: 0.0,
@@ -1093,36 +1506,45 @@ mod tests {
         f: usize,
         lens: &[usize],
     ) {
-        if !crate::avx512::available() {
-            eprintln!("no AVX-512F: the fused layer does not run here");
-            return;
-        }
         let l = layer(h, f, 11);
         let (x, bias, r) = inputs(b, n, h, lens);
-        let fused = bert_layer(x.as_tensor(), &bias, &params(&l), heads, "gelu", NO_DROPOUT)
+        let want = reference(&l, x.as_tensor(), &bias, heads);
+        let g_want = (&want * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for kern in kernels() {
+            let fused = bert_layer_on(
+                kern,
+                x.as_tensor(),
+                &bias,
+                &params(&l),
+                heads,
+                "gelu",
+                NO_DROPOUT,
+            )
             .unwrap()
             .expect("the fused op applies");
-        let want = reference(&l, x.as_tensor(), &bias, heads);
-        let (d, m) = max_diff(&fused, &want);
-        assert!(d <= 1e-4 * m.max(1.0), "output differs by {d} (max {m})");
-        let g_fused = (&fused * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g_want = (&want * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let mut all = vec![x.clone()];
-        all.extend(l.vars.iter().cloned());
-        for (i, v) in all.iter().enumerate() {
-            let gf = g_fused.get(v.as_tensor()).expect("fused gradient");
-            let gw = g_want.get(v.as_tensor()).expect("reference gradient");
-            let (d, m) = max_diff(gf, gw);
+            let (d, m) = max_diff(&fused, &want);
             assert!(
-                d <= 2e-4 * m.max(1.0),
-                "gradient of tensor {i} {:?} differs by {d} (max {m})",
-                v.dims()
+                d <= 1e-4 * m.max(1.0),
+                "{kern:?}: output differs by {d} (max {m})"
             );
+            let g_fused = (&fused * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let mut all = vec![x.clone()];
+            all.extend(l.vars.iter().cloned());
+            for (i, v) in all.iter().enumerate() {
+                let gf = g_fused.get(v.as_tensor()).expect("fused gradient");
+                let gw = g_want.get(v.as_tensor()).expect("reference gradient");
+                let (d, m) = max_diff(gf, gw);
+                assert!(
+                    d <= 2e-4 * m.max(1.0),
+                    "{kern:?}: gradient of tensor {i} {:?} differs by {d} (max {m})",
+                    v.dims()
+                );
+            }
         }
     }
 
@@ -1141,10 +1563,12 @@ mod tests {
 
     #[test]
     fn dropout_is_deterministic_and_differentiated_through() {
-        if !crate::avx512::available() {
-            eprintln!("no AVX-512F: the fused layer does not run here");
-            return;
+        for kern in kernels() {
+            dropout_case(kern);
         }
+    }
+
+    fn dropout_case(kern: Kernels) {
         let (h, heads, f) = (16, 2, 24);
         let l = layer(h, f, 3);
         let (x, bias, r) = inputs(2, 6, h, &[6, 4]);
@@ -1154,7 +1578,7 @@ mod tests {
         };
         let loss = |seed: u64| -> Tensor {
             with_dropout(Some(seed), || {
-                let y = bert_layer(x.as_tensor(), &bias, &params(&l), heads, "gelu", drop)
+                let y = bert_layer_on(kern, x.as_tensor(), &bias, &params(&l), heads, "gelu", drop)
                     .unwrap()
                     .unwrap();
                 (y * &r).unwrap().sum_all().unwrap()
@@ -1164,7 +1588,7 @@ mod tests {
         let l7 = loss(7);
         assert_eq!(value(&l7), value(&loss(7)), "same seed, same masks");
         assert_ne!(value(&l7), value(&loss(8)), "another seed, other masks");
-        let no_drop = bert_layer(x.as_tensor(), &bias, &params(&l), heads, "gelu", drop)
+        let no_drop = bert_layer_on(kern, x.as_tensor(), &bias, &params(&l), heads, "gelu", drop)
             .unwrap()
             .unwrap();
         let plain = value(&(no_drop * &r).unwrap().sum_all().unwrap());

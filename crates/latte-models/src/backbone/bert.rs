@@ -239,14 +239,12 @@ impl Bert {
         let heads = self.config.num_attention_heads;
         let d = h / heads;
         let scale = 1.0 / (d as f64).sqrt();
-        #[cfg(target_arch = "x86_64")]
         let key_bias = if mode == Mode::Train {
             Some(bias.reshape((b, l))?)
         } else {
             None
         };
         for layer in &self.layers {
-            #[cfg(target_arch = "x86_64")]
             if let Some(kb) = &key_bias {
                 let params = crate::train_layer::BertLayerParams {
                     query: &layer.query,
