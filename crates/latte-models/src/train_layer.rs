@@ -460,10 +460,9 @@ struct Saved {
 struct BertLayerOp {
     kern: Kernels,
     dims: Dims,
+    attn: Attn,
     eps1: f32,
     eps2: f32,
-    scale: f32,
-    drop_probs: Option<DropSite>,
     drop_attn: Option<DropSite>,
     drop_out: Option<DropSite>,
     saved: Mutex<Option<Saved>>,
@@ -519,31 +518,54 @@ fn pack_cols_into(src: &[f32], lds: usize, k: usize, n: usize, dst: &mut [f32]) 
     }
 }
 
-impl BertLayerOp {
-    fn attention_forward(&self, qkv: &[f32], bias: &[f32], probs: &mut [f32], ctx: &mut [f32]) {
+/// Scaled dot-product attention over the packed q/k/v of a layer, with dropout on the probabilities.
+struct Attn {
+    kern: Kernels,
+    /// Sizes (`f` unused).
+    dims: Dims,
+    scale: f32,
+    drop_probs: Option<DropSite>,
+    /// Sliding window: keys at most this many positions from the query (ModernBERT's local layers).
+    window: Option<usize>,
+}
+
+impl Attn {
+    /// The additive bias of query row `i`: the key bias, plus the sliding window where there is one
+    /// (keys more than `half` positions away masked, as ModernBERT's local layers do).
+    fn row_bias<'a>(&self, key: &'a [f32], i: usize, tmp: &'a mut Vec<f32>) -> &'a [f32] {
+        let Some(half) = self.window else { return key };
+        tmp.clear();
+        tmp.extend(key.iter().enumerate().map(
+            |(j, &b)| {
+                if i.abs_diff(j) <= half {
+                    b
+                } else {
+                    b - 1e30
+                }
+            },
+        ));
+        tmp
+    }
+
+    /// Probabilities and `ctx` of every (sequence, head) from the packed q/k/v.
+    fn forward(&self, qkv: &[f32], bias: &[f32], probs: &mut [f32], ctx: &mut [f32]) {
         match self.kern {
             #[cfg(target_arch = "x86_64")]
-            Kernels::Avx512 => self.attention_forward_avx512(qkv, bias, probs, ctx),
-            Kernels::Portable => self.attention_forward_portable(qkv, bias, probs, ctx),
+            Kernels::Avx512 => self.forward_avx512(qkv, bias, probs, ctx),
+            Kernels::Portable => self.forward_portable(qkv, bias, probs, ctx),
         }
     }
 
     /// `dqkv` from `dctx` through the attention of every (sequence, head).
-    fn attention_backward(&self, s: &Saved, dctx: &[f32], dqkv: &mut [f32]) {
+    fn backward(&self, qkv: &[f32], probs: &[f32], dctx: &[f32], dqkv: &mut [f32]) {
         match self.kern {
             #[cfg(target_arch = "x86_64")]
-            Kernels::Avx512 => self.attention_backward_avx512(s, dctx, dqkv),
-            Kernels::Portable => self.attention_backward_portable(s, dctx, dqkv),
+            Kernels::Avx512 => self.backward_avx512(qkv, probs, dctx, dqkv),
+            Kernels::Portable => self.backward_portable(qkv, probs, dctx, dqkv),
         }
     }
 
-    fn attention_forward_portable(
-        &self,
-        qkv: &[f32],
-        bias: &[f32],
-        probs: &mut [f32],
-        ctx: &mut [f32],
-    ) {
+    fn forward_portable(&self, qkv: &[f32], bias: &[f32], probs: &mut [f32], ctx: &mut [f32]) {
         let Dims { l, h, heads, .. } = self.dims;
         let d = self.dims.d();
         let h3 = 3 * h;
@@ -568,8 +590,9 @@ impl BertLayerOp {
                     false,
                 );
             }
-            let brow = &bias[bi * l..][..l];
-            for row in p.chunks_mut(l) {
+            let mut tmp = Vec::new();
+            for (i, row) in p.chunks_mut(l).enumerate() {
+                let brow = self.row_bias(&bias[bi * l..][..l], i, &mut tmp);
                 softmax_row(self.kern, row, self.scale, brow);
             }
             let mut pd = Vec::new();
@@ -599,19 +622,19 @@ impl BertLayerOp {
         });
     }
 
-    fn attention_backward_portable(&self, s: &Saved, dctx: &[f32], dqkv: &mut [f32]) {
+    fn backward_portable(&self, qkv: &[f32], probs: &[f32], dctx: &[f32], dqkv: &mut [f32]) {
         let Dims { b, l, h, heads, .. } = self.dims;
         let d = self.dims.d();
         let h3 = 3 * h;
         let t_all = self.dims.tokens();
-        assert!(s.qkv.len() >= t_all * h3 && dctx.len() >= t_all * h && dqkv.len() >= t_all * h3);
+        assert!(qkv.len() >= t_all * h3 && dctx.len() >= t_all * h && dqkv.len() >= t_all * h3);
         let out = Ptr(dqkv.as_mut_ptr());
         (0..b * heads).into_par_iter().for_each(|t| {
             let (bi, hi) = (t / heads, t % heads);
             let base = bi * l * h3 + hi * d;
-            let (q, k, v) = (&s.qkv[base..], &s.qkv[base + h..], &s.qkv[base + 2 * h..]);
+            let (q, k, v) = (&qkv[base..], &qkv[base + h..], &qkv[base + 2 * h..]);
             let dc = &dctx[bi * l * h + hi * d..];
-            let p = &s.probs[t * l * l..][..l * l];
+            let p = &probs[t * l * l..][..l * l];
             let mut mask = Vec::new();
             let mut pd = p.to_vec();
             if let Some(dr) = self.drop_probs {
@@ -689,13 +712,7 @@ impl BertLayerOp {
     }
 
     #[cfg(target_arch = "x86_64")]
-    fn attention_forward_avx512(
-        &self,
-        qkv: &[f32],
-        bias: &[f32],
-        probs: &mut [f32],
-        ctx: &mut [f32],
-    ) {
+    fn forward_avx512(&self, qkv: &[f32], bias: &[f32], probs: &mut [f32], ctx: &mut [f32]) {
         let Dims { l, h, heads, .. } = self.dims;
         let d = self.dims.d();
         let h3 = 3 * h;
@@ -729,8 +746,9 @@ impl BertLayerOp {
                         false,
                     );
                 }
-                let brow = &bias[bi * l..][..l];
-                for row in p.chunks_mut(l) {
+                let mut tmp = Vec::new();
+                for (i, row) in p.chunks_mut(l).enumerate() {
+                    let brow = self.row_bias(&bias[bi * l..][..l], i, &mut tmp);
                     // SAFETY: AVX-512F is present.
                     unsafe { crate::avx512::softmax_row(row, self.scale, Some(brow)) };
                 }
@@ -766,7 +784,7 @@ impl BertLayerOp {
     }
 
     #[cfg(target_arch = "x86_64")]
-    fn attention_backward_avx512(&self, s: &Saved, dctx: &[f32], dqkv: &mut [f32]) {
+    fn backward_avx512(&self, qkv: &[f32], probs: &[f32], dctx: &[f32], dqkv: &mut [f32]) {
         let Dims { b, l, h, heads, .. } = self.dims;
         let d = self.dims.d();
         let h3 = 3 * h;
@@ -776,9 +794,9 @@ impl BertLayerOp {
         (0..b * heads).into_par_iter().for_each(|t| {
             let (bi, hi) = (t / heads, t % heads);
             let base = bi * l * h3 + hi * d;
-            let (q, k, v) = (&s.qkv[base..], &s.qkv[base + h..], &s.qkv[base + 2 * h..]);
+            let (q, k, v) = (&qkv[base..], &qkv[base + h..], &qkv[base + 2 * h..]);
             let dc = &dctx[bi * l * h + hi * d..];
-            let p = &s.probs[t * l * l..][..l * l];
+            let p = &probs[t * l * l..][..l * l];
             with_scratch(kp_len + dp_len + 4 * l * l, |buf| {
                 let (bp_l, rest) = buf.split_at_mut(kp_len);
                 let (bp_d, rest) = rest.split_at_mut(dp_len);
@@ -1068,8 +1086,16 @@ fn storage_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::
     Ok(&v[a..b])
 }
 
-fn tensor_vec(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.contiguous()?.flatten_all()?.to_vec1::<f32>()
+/// The float32 elements of a contiguous CPU tensor's storage, borrowed.
+fn cpu_slice<'a>(
+    st: &'a candle_core::Storage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match st {
+        candle_core::Storage::Cpu(cs) => storage_slice(cs, l, what),
+        _ => candle_core::bail!("{what}: CPU tensors only"),
+    }
 }
 
 impl CustomOp3 for BertLayerOp {
@@ -1105,7 +1131,7 @@ impl CustomOp3 for BertLayerOp {
         let qkv = linear_fwd(self.kern, x, t, w.wqkv, w.bqkv, 3 * h, h);
         let mut probs = vec![0f32; b * heads * l * l];
         let mut ctx = vec![0f32; t * h];
-        self.attention_forward(&qkv, bias, &mut probs, &mut ctx);
+        self.attn.forward(&qkv, bias, &mut probs, &mut ctx);
         let ao = linear_fwd(self.kern, &ctx, t, w.wo, w.bo, h, h);
         let mut a = vec![0f32; t * h];
         let mut xhat1 = vec![0f32; t * h];
@@ -1169,11 +1195,24 @@ impl CustomOp3 for BertLayerOp {
         let dims = self.dims;
         let Dims { h, f, .. } = dims;
         let t = dims.tokens();
-        let xs = tensor_vec(x)?;
-        let flat_v = tensor_vec(flat)?;
-        let w = Weights::new(&flat_v, &dims);
-        let dy = tensor_vec(grad)?;
+        let (xc, fc, gc) = (x.contiguous()?, flat.contiguous()?, grad.contiguous()?);
+        let (xg, xl) = xc.storage_and_layout();
+        let (fg, fl) = fc.storage_and_layout();
+        let (gg, gl) = gc.storage_and_layout();
+        let xs = cpu_slice(&xg, xl, self.name())?;
+        let flat_v = cpu_slice(&fg, fl, self.name())?;
+        let dy = cpu_slice(&gg, gl, self.name())?;
         let (off, len) = dims.offsets();
+        if xs.len() != t * h || dy.len() != t * h || flat_v.len() != len {
+            candle_core::bail!(
+                "{}: backward inputs {:?}, {:?}, {:?} do not fit the layer {dims:?}",
+                self.name(),
+                x.dims(),
+                flat.dims(),
+                grad.dims()
+            );
+        }
+        let w = Weights::new(flat_v, &dims);
         let mut dflat = vec![0f32; len];
         let (dwqkv, rest) = dflat.split_at_mut(off[1]);
         let (dbqkv, rest) = rest.split_at_mut(off[2] - off[1]);
@@ -1189,10 +1228,9 @@ impl CustomOp3 for BertLayerOp {
 
         // Second layer norm, then the output dropout.
         let mut dr2 = vec![0f32; t * h];
-        let (gw, gb) = ln_backward(&dy, &s.xhat2, &s.rstd2, w.g2, &mut dr2);
+        let (gw, gb) = ln_backward(dy, &s.xhat2, &s.rstd2, w.g2, &mut dr2);
         dg2.copy_from_slice(&gw);
         db2.copy_from_slice(&gb);
-        drop(dy);
         let mut d_o = dr2.clone();
         apply_drop(&mut d_o, h, self.drop_out);
         dbout.copy_from_slice(&col_sums(&d_o, h));
@@ -1226,10 +1264,10 @@ impl CustomOp3 for BertLayerOp {
         drop(dao);
         // Attention.
         let mut dqkv = vec![0f32; t * 3 * h];
-        self.attention_backward(s, &dctx, &mut dqkv);
+        self.attn.backward(&s.qkv, &s.probs, &dctx, &mut dqkv);
         drop(dctx);
         dbqkv.copy_from_slice(&col_sums(&dqkv, 3 * h));
-        grad_weight(k, &dqkv, t, 3 * h, &xs, h, dwqkv);
+        grad_weight(k, &dqkv, t, 3 * h, xs, h, dwqkv);
         // dx = dr1 + dqkv · Wqkv.
         let mut dx = dr1;
         grad_input(k, &dqkv, t, 3 * h, w.wqkv, h, &mut dx, true);
@@ -1350,13 +1388,19 @@ fn bert_layer_on(
         let drop_probs = DropSite::next(dropout.attention);
         let drop_attn = DropSite::next(dropout.hidden);
         let drop_out = DropSite::next(dropout.hidden);
+        let dims = Dims { b, l, h, heads, f };
         let op = BertLayerOp {
             kern,
-            dims: Dims { b, l, h, heads, f },
+            dims,
+            attn: Attn {
+                kern,
+                dims,
+                scale: 1.0 / (d as f32).sqrt(),
+                drop_probs,
+                window: None,
+            },
             eps1: p.attn_norm.eps as f32,
             eps2: p.out_norm.eps as f32,
-            scale: 1.0 / (d as f32).sqrt(),
-            drop_probs,
             drop_attn,
             drop_out,
             saved: Mutex::new(None),
