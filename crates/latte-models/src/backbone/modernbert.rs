@@ -260,7 +260,47 @@ impl ModernBert {
         let (cos_g, sin_g) = rope_tables(self.theta_global, 1.0, d, l, dev)?;
         let (cos_l, sin_l) = rope_tables(self.theta_local, 1.0, d, l, dev)?;
         let scale = 1.0 / (d as f64).sqrt();
+        let fused = if mode == Mode::Train {
+            Some((key_bias.reshape((b, l))?, local_rows.reshape((b, l))?))
+        } else {
+            None
+        };
         for layer in &self.layers {
+            if let Some((kb, rows)) = &fused {
+                let (cos, sin) = if layer.global {
+                    (&cos_g, &sin_g)
+                } else {
+                    (&cos_l, &sin_l)
+                };
+                let params = crate::train_layer::ModernBertLayerParams {
+                    attn_norm: layer.attn_norm.as_ref(),
+                    wqkv: &layer.wqkv,
+                    wo: &layer.wo,
+                    mlp_norm: &layer.mlp_norm,
+                    wi: &layer.wi,
+                    mlp_wo: &layer.mlp_wo,
+                };
+                let attn = crate::train_layer::ModernBertAttention {
+                    heads,
+                    cos,
+                    sin,
+                    window: (!layer.global).then_some(half as usize),
+                    row_mask: (!layer.global && !all_local_rows).then_some(rows),
+                    dropout: self.config.attention_dropout,
+                };
+                if let Some(y) = crate::train_layer::modernbert_layer(
+                    &x,
+                    kb,
+                    &params,
+                    &attn,
+                    &self.config.hidden_activation,
+                    self.config.norm_eps,
+                    self.config.mlp_dropout,
+                )? {
+                    x = y;
+                    continue;
+                }
+            }
             let y = match &layer.attn_norm {
                 Some(n) => n.forward(&x, mode)?,
                 None => x.clone(),
