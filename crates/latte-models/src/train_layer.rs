@@ -473,6 +473,8 @@ struct BertLayerOp {
     attn: Attn,
     eps1: f32,
     eps2: f32,
+    /// The third input holds rotary `cos` and `sin` (`[l, d]` each) after the key bias.
+    rotary: bool,
     drop_attn: Option<DropSite>,
     drop_out: Option<DropSite>,
     saved: Mutex<Option<Saved>>,
@@ -1124,11 +1126,12 @@ impl CustomOp3 for BertLayerOp {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = storage_slice(s1, l1, self.name())?;
         let flat = storage_slice(s2, l2, self.name())?;
-        let bias = storage_slice(s3, l3, self.name())?;
+        let aux = storage_slice(s3, l3, self.name())?;
         let dims = self.dims;
         let Dims { b, l, h, heads, f } = dims;
         let t = dims.tokens();
-        if x.len() != t * h || bias.len() != b * l || flat.len() != dims.offsets().1 {
+        let rot_len = if self.rotary { 2 * l * dims.d() } else { 0 };
+        if x.len() != t * h || aux.len() != b * l + rot_len || flat.len() != dims.offsets().1 {
             candle_core::bail!(
                 "{}: inputs {:?}, {:?}, {:?} do not fit the layer {dims:?}",
                 self.name(),
@@ -1138,7 +1141,12 @@ impl CustomOp3 for BertLayerOp {
             );
         }
         let w = Weights::new(flat, &dims);
-        let qkv = linear_fwd(self.kern, x, t, w.wqkv, w.bqkv, 3 * h, h);
+        let (bias, rot) = aux.split_at(b * l);
+        let mut qkv = linear_fwd(self.kern, x, t, w.wqkv, w.bqkv, 3 * h, h);
+        if self.rotary {
+            let (cos, sin) = rot.split_at(l * dims.d());
+            rotary_qk(&mut qkv, l, h, heads, cos, sin, false);
+        }
         let mut probs = vec![0f32; b * heads * l * l];
         let mut ctx = vec![0f32; t * h];
         self.attn.forward(&qkv, bias, &mut probs, &mut ctx);
@@ -1194,7 +1202,7 @@ impl CustomOp3 for BertLayerOp {
         &self,
         x: &Tensor,
         flat: &Tensor,
-        _bias: &Tensor,
+        aux: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -1276,6 +1284,18 @@ impl CustomOp3 for BertLayerOp {
         let mut dqkv = vec![0f32; t * 3 * h];
         self.attn.backward(&s.qkv, &s.probs, &dctx, &mut dqkv);
         drop(dctx);
+        if self.rotary {
+            let ac = aux.contiguous()?;
+            let (ag, al) = ac.storage_and_layout();
+            let av = cpu_slice(&ag, al, self.name())?;
+            let Dims { b, l, heads, .. } = dims;
+            let d = dims.d();
+            if av.len() != b * l + 2 * l * d {
+                candle_core::bail!("{}: rotary tables do not fit {dims:?}", self.name());
+            }
+            let (cos, sin) = av[b * l..].split_at(l * d);
+            rotary_qk(&mut dqkv, l, h, heads, cos, sin, true);
+        }
         dbqkv.copy_from_slice(&col_sums(&dqkv, 3 * h));
         grad_weight(k, &dqkv, t, 3 * h, xs, h, dwqkv);
         // dx = dr1 + dqkv · Wqkv.
@@ -1290,14 +1310,26 @@ impl CustomOp3 for BertLayerOp {
     }
 }
 
+/// The q, k and v projections of a BERT layer.
+#[derive(Clone, Copy)]
+pub enum QkvParams<'a> {
+    /// Three `[h, h]` layers.
+    Separate {
+        /// Query projection.
+        query: &'a Linear,
+        /// Key projection.
+        key: &'a Linear,
+        /// Value projection.
+        value: &'a Linear,
+    },
+    /// One `[3h, h]` layer, q then k then v (jina's flash XLM-RoBERTa).
+    Packed(&'a Linear),
+}
+
 /// The parameters of one BERT layer, in the order [`bert_layer`] flattens them.
 pub struct BertLayerParams<'a> {
     /// Self-attention projections.
-    pub query: &'a Linear,
-    /// Key projection.
-    pub key: &'a Linear,
-    /// Value projection.
-    pub value: &'a Linear,
+    pub qkv: QkvParams<'a>,
     /// Attention output projection.
     pub attn_out: &'a Linear,
     /// Layer norm after attention.
@@ -1308,6 +1340,8 @@ pub struct BertLayerParams<'a> {
     pub out: &'a Linear,
     /// Layer norm after the feed-forward block.
     pub out_norm: &'a LayerNorm,
+    /// Rotary tables (`cos`, `sin`, each `[l, d]`) applied to q and k, for encoders with rotary positions.
+    pub rotary: Option<(&'a Tensor, &'a Tensor)>,
 }
 
 /// Probabilities of a layer's dropout sites.
@@ -1353,37 +1387,51 @@ fn bert_layer_on(
         if !applies {
             return Ok(None);
         }
-        let linears = [p.query, p.key, p.value, p.attn_out, p.inter, p.out];
+        let (b, l, h) = x.dims3()?;
+        let qkv_layers: Vec<&Linear> = match p.qkv {
+            QkvParams::Separate { query, key, value } => vec![query, key, value],
+            QkvParams::Packed(w) => vec![w],
+        };
+        let mut linears = qkv_layers.clone();
+        linears.extend([p.attn_out, p.inter, p.out]);
         if linears
             .iter()
             .any(|l| l.bias.is_none() || l.weight.dtype() != DType::F32)
             || p.attn_norm.bias.is_none()
             || p.out_norm.bias.is_none()
+            || heads == 0
         {
             return Ok(None);
         }
-        let (b, l, h) = x.dims3()?;
         let f = p.inter.out_dim();
+        let qkv_ok = match p.qkv {
+            QkvParams::Separate { .. } => qkv_layers.iter().all(|w| w.weight.dims() == [h, h]),
+            QkvParams::Packed(w) => w.weight.dims() == [3 * h, h],
+        };
+        let d = h / heads;
+        let rotary_ok = p
+            .rotary
+            .is_none_or(|(c, s)| d.is_multiple_of(2) && c.dims() == [l, d] && s.dims() == [l, d]);
         if !h.is_multiple_of(heads)
-            || [p.query, p.key, p.value, p.attn_out]
-                .iter()
-                .any(|w| w.weight.dims() != [h, h])
+            || !qkv_ok
+            || !rotary_ok
+            || p.attn_out.weight.dims() != [h, h]
             || p.inter.weight.dims() != [f, h]
             || p.out.weight.dims() != [h, f]
             || key_bias.dims() != [b, l]
         {
             return Ok(None);
         }
-        let d = h / heads;
         let bias = |l: &Linear| l.bias.clone().expect("checked above");
         let nb = |n: &LayerNorm| n.bias.clone().expect("checked above");
-        let parts = [
-            p.query.weight.flatten_all()?,
-            p.key.weight.flatten_all()?,
-            p.value.weight.flatten_all()?,
-            bias(p.query),
-            bias(p.key),
-            bias(p.value),
+        let mut parts = Vec::with_capacity(16);
+        for w in &qkv_layers {
+            parts.push(w.weight.flatten_all()?);
+        }
+        for w in &qkv_layers {
+            parts.push(bias(w));
+        }
+        parts.extend([
             p.attn_out.weight.flatten_all()?,
             bias(p.attn_out),
             p.attn_norm.weight.clone(),
@@ -1394,7 +1442,7 @@ fn bert_layer_on(
             bias(p.out),
             p.out_norm.weight.clone(),
             nb(p.out_norm),
-        ];
+        ]);
         let flat = Tensor::cat(&parts, 0)?;
         // The dropout sites in the order the elementary path draws them.
         let drop_probs = DropSite::next(dropout.attention);
@@ -1413,13 +1461,25 @@ fn bert_layer_on(
             },
             eps1: p.attn_norm.eps as f32,
             eps2: p.out_norm.eps as f32,
+            rotary: p.rotary.is_some(),
             drop_attn,
             drop_out,
             saved: Mutex::new(None),
         };
+        let aux = match p.rotary {
+            Some((c, sn)) => Tensor::cat(
+                &[
+                    key_bias.flatten_all()?,
+                    c.to_dtype(DType::F32)?.flatten_all()?,
+                    sn.to_dtype(DType::F32)?.flatten_all()?,
+                ],
+                0,
+            )?,
+            None => key_bias.flatten_all()?,
+        };
         let y = x
             .contiguous()?
-            .apply_op3(&flat, &key_bias.detach().contiguous()?, op)?;
+            .apply_op3(&flat, &aux.detach().contiguous()?, op)?;
         Ok(Some(y))
     }
 }
@@ -2100,14 +2160,17 @@ mod tests {
 
     fn params(l: &Layer) -> BertLayerParams<'_> {
         BertLayerParams {
-            query: &l.lin[0],
-            key: &l.lin[1],
-            value: &l.lin[2],
+            qkv: QkvParams::Separate {
+                query: &l.lin[0],
+                key: &l.lin[1],
+                value: &l.lin[2],
+            },
             attn_out: &l.lin[3],
             attn_norm: &l.norms[0],
             inter: &l.lin[4],
             out: &l.lin[5],
             out_norm: &l.norms[1],
+            rotary: None,
         }
     }
 
@@ -2448,6 +2511,77 @@ mod tests {
         for portable in [false, true] {
             FORCE_PORTABLE.with(|c| c.set(portable));
             modernbert_case(false, 0.2);
+        }
+        FORCE_PORTABLE.with(|c| c.set(false));
+    }
+
+    #[test]
+    fn jina_flash_layers_with_rotary_match_the_elementary_ops() {
+        use crate::backbone::xlm_roberta::{XlmRobertaFlash, XlmRobertaFlashConfig};
+        let dev = Device::Cpu;
+        for portable in [false, true] {
+            FORCE_PORTABLE.with(|c| c.set(portable));
+            let config: XlmRobertaFlashConfig = serde_json::from_value(serde_json::json!({
+                "vocab_size": 40, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "intermediate_size": 20, "max_position_embeddings": 64
+            }))
+            .unwrap();
+            let varmap = candle_nn::VarMap::new();
+            let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+            let model = XlmRobertaFlash::load(vb, &config).unwrap();
+            let mut names: Vec<(String, Var)> = varmap
+                .data()
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            names.sort_by(|a, b| a.0.cmp(&b.0));
+            for (i, (name, v)) in names.iter().enumerate() {
+                let offset = if name.contains("norm") || name.contains("ln") {
+                    if name.ends_with("weight") {
+                        1.0
+                    } else {
+                        0.0
+                    }
+                } else {
+                    0.0
+                };
+                let vals: Vec<f32> = values(v.elem_count(), 700 + i as u64, 1.0)
+                    .into_iter()
+                    .map(|x| x + offset)
+                    .collect();
+                v.set(&Tensor::from_vec(vals, v.shape(), &dev).unwrap())
+                    .unwrap();
+            }
+            let (b, l) = (2, 9);
+            let ids: Vec<u32> = (0..b * l).map(|i| ((i * 5 + 2) % 40) as u32).collect();
+            let ids = Tensor::from_vec(ids, (b, l), &dev).unwrap();
+            let mask: Vec<u32> = (0..b * l).map(|i| u32::from(i < l || i % l < 4)).collect();
+            let mask = Tensor::from_vec(mask, (b, l), &dev).unwrap();
+            let r = Tensor::from_vec(values(b * l * 16, 31, 2.0), (b, l, 16), &dev).unwrap();
+            let run = |fused: bool| {
+                with_fused_layers(fused, || {
+                    let y = model.forward(&ids, &mask, Mode::Train).unwrap();
+                    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                    (y, g)
+                })
+            };
+            let (y_f, g_f) = run(true);
+            let (y_e, g_e) = run(false);
+            let (d, m) = max_diff(&y_f, &y_e);
+            assert!(d <= 1e-4 * m.max(1.0), "output differs by {d} (max {m})");
+            for (name, v) in &names {
+                let gf = g_f
+                    .get(v.as_tensor())
+                    .unwrap_or_else(|| panic!("no fused gradient for {name}"));
+                let ge = g_e.get(v.as_tensor()).expect("reference gradient");
+                let (d, m) = max_diff(gf, ge);
+                assert!(
+                    d <= 2e-4 * m.max(1.0),
+                    "gradient of {name} differs by {d} (max {m})"
+                );
+            }
         }
         FORCE_PORTABLE.with(|c| c.set(false));
     }

@@ -247,14 +247,17 @@ impl Bert {
         for layer in &self.layers {
             if let Some(kb) = &key_bias {
                 let params = crate::train_layer::BertLayerParams {
-                    query: &layer.query,
-                    key: &layer.key,
-                    value: &layer.value,
+                    qkv: crate::train_layer::QkvParams::Separate {
+                        query: &layer.query,
+                        key: &layer.key,
+                        value: &layer.value,
+                    },
                     attn_out: &layer.attn_out,
                     attn_norm: &layer.attn_norm,
                     inter: &layer.inter,
                     out: &layer.out,
                     out_norm: &layer.out_norm,
+                    rotary: None,
                 };
                 let dropout = crate::train_layer::LayerDropout {
                     attention: self.config.attention_probs_dropout_prob,

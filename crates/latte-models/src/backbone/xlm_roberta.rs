@@ -268,7 +268,39 @@ impl XlmRobertaFlash {
             Some(_) => None,
         };
         let scale = 1.0 / (d as f64).sqrt();
+        let key_bias = if mode == Mode::Train {
+            Some(bias.reshape((b, l))?)
+        } else {
+            None
+        };
         for block in &self.blocks {
+            if let Some(kb) = &key_bias {
+                let params = crate::train_layer::BertLayerParams {
+                    qkv: crate::train_layer::QkvParams::Packed(&block.wqkv),
+                    attn_out: &block.out_proj,
+                    attn_norm: &block.norm1,
+                    inter: &block.fc1,
+                    out: &block.fc2,
+                    out_norm: &block.norm2,
+                    rotary: rope.as_ref().map(|(c, s)| (c, s)),
+                };
+                // jina's flash layout runs no dropout.
+                let no_dropout = crate::train_layer::LayerDropout {
+                    attention: 0.0,
+                    hidden: 0.0,
+                };
+                if let Some(y) = crate::train_layer::bert_layer(
+                    &x,
+                    kb,
+                    &params,
+                    heads,
+                    &self.config.hidden_act,
+                    no_dropout,
+                )? {
+                    x = y;
+                    continue;
+                }
+            }
             let qkv = block.wqkv.run(&x, mode)?.reshape((b, l, 3, heads, d))?;
             let take = |i: usize| -> Result<Tensor> {
                 Ok(qkv
