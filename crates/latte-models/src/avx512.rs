@@ -65,13 +65,13 @@ fn exp_ps(x: __m512) -> __m512 {
     _mm512_scalef_ps(y, n)
 }
 
-/// `0.5·x·(1 + erf(x/√2))` on 16 lanes, with the erf of `fused` (Abramowitz & Stegun 7.1.26).
+/// `(erf(x/√2), exp(−x²/2))` on 16 lanes: Abramowitz & Stegun 7.1.26 (the erf of `fused`), whose
+/// `exp(−z²)` is also the unnormalised normal density.
 #[inline]
 #[target_feature(enable = "avx512f")]
-fn gelu_ps(x: __m512) -> __m512 {
+fn erf_and_density(x: __m512) -> (__m512, __m512) {
     let z = _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
-    let sign = _mm512_castps_si512(z);
-    let sign = _mm512_and_si512(sign, _mm512_set1_epi32(i32::MIN));
+    let sign = _mm512_and_si512(_mm512_castps_si512(z), _mm512_set1_epi32(i32::MIN));
     let a = _mm512_abs_ps(z);
     let one = _mm512_set1_ps(1.0);
     let t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.327_591_1), a, one));
@@ -84,9 +84,17 @@ fn gelu_ps(x: __m512) -> __m512 {
     let e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a)));
     let y = _mm512_fnmadd_ps(p, e, one);
     let erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(y), sign));
+    (erf, e)
+}
+
+/// `0.5·x·(1 + erf(x/√2))` on 16 lanes.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn gelu_ps(x: __m512) -> __m512 {
+    let (erf, _) = erf_and_density(x);
     _mm512_mul_ps(
         _mm512_mul_ps(_mm512_set1_ps(0.5), x),
-        _mm512_add_ps(one, erf),
+        _mm512_add_ps(_mm512_set1_ps(1.0), erf),
     )
 }
 
@@ -328,24 +336,9 @@ pub fn gelu(x: &[f32], dst: &mut [MaybeUninit<f32>]) {
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn gelu_grad_ps(x: __m512) -> __m512 {
-    let z = _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
-    let sign = _mm512_and_si512(_mm512_castps_si512(z), _mm512_set1_epi32(i32::MIN));
-    let a = _mm512_abs_ps(z);
-    let one = _mm512_set1_ps(1.0);
-    let t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.327_591_1), a, one));
-    let mut p = _mm512_set1_ps(1.061_405_4);
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453_152_1));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421_413_7));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284_496_72));
-    p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254_829_6));
-    p = _mm512_mul_ps(p, t);
-    // e = exp(−z²) = exp(−x²/2), shared by erf and the density.
-    let e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a)));
-    let y = _mm512_fnmadd_ps(p, e, one);
-    let erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(y), sign));
-    let cdf = _mm512_mul_ps(_mm512_set1_ps(0.5), _mm512_add_ps(one, erf));
-    let inv_sqrt_2pi = _mm512_set1_ps(0.398_942_3);
-    _mm512_fmadd_ps(x, _mm512_mul_ps(e, inv_sqrt_2pi), cdf)
+    let (erf, e) = erf_and_density(x);
+    let cdf = _mm512_mul_ps(_mm512_set1_ps(0.5), _mm512_add_ps(_mm512_set1_ps(1.0), erf));
+    _mm512_fmadd_ps(x, _mm512_mul_ps(e, _mm512_set1_ps(0.398_942_3)), cdf)
 }
 
 /// In place: `g[i] ← g[i] · GELU′(x[i])` (the backward pass of exact GELU), single-threaded.

@@ -1088,16 +1088,6 @@ fn gelu_bwd(kern: Kernels, x: &[f32], g: &mut [f32]) {
         });
 }
 
-fn storage_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("{what}: float32 only");
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("{what}: input must be contiguous");
-    };
-    Ok(&v[a..b])
-}
-
 /// The float32 elements of a contiguous CPU tensor's storage, borrowed.
 fn cpu_slice<'a>(
     st: &'a candle_core::Storage,
@@ -1105,7 +1095,7 @@ fn cpu_slice<'a>(
     what: &str,
 ) -> candle_core::Result<&'a [f32]> {
     match st {
-        candle_core::Storage::Cpu(cs) => storage_slice(cs, l, what),
+        candle_core::Storage::Cpu(cs) => crate::train_ops::slice(cs, l, what),
         _ => candle_core::bail!("{what}: CPU tensors only"),
     }
 }
@@ -1124,9 +1114,9 @@ impl CustomOp3 for BertLayerOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = storage_slice(s1, l1, self.name())?;
-        let flat = storage_slice(s2, l2, self.name())?;
-        let aux = storage_slice(s3, l3, self.name())?;
+        let x = crate::train_ops::slice(s1, l1, self.name())?;
+        let flat = crate::train_ops::slice(s2, l2, self.name())?;
+        let aux = crate::train_ops::slice(s3, l3, self.name())?;
         let dims = self.dims;
         let Dims { b, l, h, heads, f } = dims;
         let t = dims.tokens();
@@ -1733,9 +1723,9 @@ impl CustomOp3 for ModernBertLayerOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = storage_slice(s1, l1, self.name())?;
-        let flat = storage_slice(s2, l2, self.name())?;
-        let aux = storage_slice(s3, l3, self.name())?;
+        let x = crate::train_ops::slice(s1, l1, self.name())?;
+        let flat = crate::train_ops::slice(s2, l2, self.name())?;
+        let aux = crate::train_ops::slice(s3, l3, self.name())?;
         let dims = self.dims;
         let Dims { l, h, heads, f, .. } = dims;
         let t = dims.tokens();

@@ -10,7 +10,12 @@ use rayon::prelude::*;
 
 use crate::Result;
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+/// The float32 elements of a contiguous CPU storage (the op `what` names it in errors).
+pub(crate) fn slice<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         candle_core::bail!("{what}: float32 only");
     };
