@@ -216,6 +216,7 @@ impl DocStore {
             let err = sql_err(&path);
             conn.pragma_update(None, "application_id", APPLICATION_ID)
                 .map_err(&err)?;
+            Self::configure(&conn, &path)?;
             let tx = conn.transaction().map_err(&err)?;
             tx.execute_batch(SCHEMA).map_err(&err)?;
             write_meta(&tx, &path, "schema_version", SCHEMA_VERSION as u64)?;
@@ -242,6 +243,7 @@ impl DocStore {
                 detail: format!("SQLite application_id is {app:#x}, expected {APPLICATION_ID:#x}"),
             });
         }
+        Self::configure(&conn, &path)?;
         let version = read_meta(&conn, &path, "schema_version")?;
         if version != SCHEMA_VERSION as u64 {
             return Err(StoreError::UnsupportedSchema {
@@ -255,20 +257,25 @@ impl DocStore {
         Ok(DocStore { conn, path })
     }
 
-    /// Opens a connection: WAL journal (readers keep a consistent snapshot while a writer commits, and a
-    /// commit is one append to the log), `synchronous = FULL` (the log is fsynced at every commit, so a
-    /// committed generation survives power loss), a busy timeout for a concurrent writer.
+    /// Opens a connection, with a busy timeout for a concurrent writer.
     fn connect(path: &Path) -> Result<Connection, StoreError> {
-        let err = sql_err(path);
         let conn = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
-        .map_err(&err)?;
-        conn.busy_timeout(Duration::from_secs(10)).map_err(&err)?;
+        .map_err(sql_err(path))?;
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(sql_err(path))?;
+        Ok(conn)
+    }
+
+    /// WAL journal (readers keep a consistent snapshot while a writer commits, and a commit is one append
+    /// to the log) with `synchronous = FULL` (the log is fsynced at every commit, so a committed generation
+    /// survives power loss). Called only once the file is known to be a store.
+    fn configure(conn: &Connection, path: &Path) -> Result<(), StoreError> {
         let mode: String = conn
             .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
-            .map_err(&err)?;
+            .map_err(sql_err(path))?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError::NotADocStore {
                 path: path.to_path_buf(),
@@ -276,8 +283,8 @@ impl DocStore {
             });
         }
         conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(&err)?;
-        Ok(conn)
+            .map_err(sql_err(path))?;
+        Ok(())
     }
 
     /// The file.
