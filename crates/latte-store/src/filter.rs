@@ -25,7 +25,7 @@
 //! * `$exists: true` matches any present value, `null` included; `$exists: false` only missing fields.
 //!
 //! Limits: filters nest at most [`MAX_DEPTH`] levels; `$and`, `$or`, `$in` and `$nin` lists hold at most
-//! [`MAX_LIST`] entries. Errors name the position in the filter as a JSON pointer
+//! [`MAX_LIST`] entries; a whole filter binds at most [`MAX_PARAMS`] values. Errors name the position in the filter as a JSON pointer
 //! (`/$and/1/year/$gtx: unknown operator "$gtx"`).
 //!
 //! Nothing in a filter becomes SQL text: every value and every JSON path (built from the validated key
@@ -42,6 +42,8 @@ pub const MAX_DEPTH: usize = 32;
 pub const MAX_LIST: usize = 1024;
 /// Longest field key, in bytes.
 pub const MAX_KEY_LEN: usize = 1024;
+/// Most bound values (values and paths) in a whole filter; SQLite allows 32,766 per statement.
+pub const MAX_PARAMS: usize = 30_000;
 
 /// A malformed filter: where (a JSON pointer into the filter) and what.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -118,8 +120,18 @@ impl Filter {
     /// Parses and validates a filter given as a JSON value.
     pub fn parse(value: &Value) -> Result<Filter, FilterError> {
         let mut at = Pointer::default();
-        let root = parse_filter(value, &mut at, 1)?;
-        Ok(Filter { root })
+        let filter = Filter {
+            root: parse_filter(value, &mut at, 1)?,
+        };
+        let (mut sql, mut params) = (String::new(), Vec::new());
+        filter.to_sql("metadata", &mut sql, &mut params);
+        if params.len() > MAX_PARAMS {
+            return Err(at.err(format!(
+                "filter is too large: it needs {} values and paths; at most {MAX_PARAMS} are allowed",
+                params.len()
+            )));
+        }
+        Ok(filter)
     }
 
     /// Appends the SQL boolean expression of this filter over the metadata column `column` to `sql`, and
@@ -413,14 +425,9 @@ fn node_sql(node: &Node, column: &'static str, sql: &mut String, params: &mut Ve
             } else {
                 " OR "
             };
-            sql.push('(');
-            for (i, n) in nodes.iter().enumerate() {
-                if i > 0 {
-                    sql.push_str(joiner);
-                }
-                node_sql(n, column, sql, params);
-            }
-            sql.push(')');
+            join_balanced(0, nodes.len(), joiner, sql, &mut |i, sql| {
+                node_sql(&nodes[i], column, sql, params)
+            });
         }
         Node::Not(inner) => {
             sql.push_str("(NOT ");
@@ -485,12 +492,9 @@ fn in_sql(
     }
     let mut body = String::new();
     let mut body_params = Vec::new();
-    for (i, v) in values.iter().enumerate() {
-        if i > 0 {
-            body.push_str(" OR ");
-        }
-        eq_body(v, &mut body, &mut body_params);
-    }
+    join_balanced(0, values.len(), " OR ", &mut body, &mut |i, body| {
+        eq_body(&values[i], body, &mut body_params)
+    });
     sql.push('(');
     if values.contains(&Scalar::Null) {
         // null also matches a missing field
@@ -554,17 +558,32 @@ fn cond_sql(
             cond_sql(inner, column, path, sql, params);
             sql.push(')');
         }
-        Cond::All(conds) => {
-            sql.push('(');
-            for (i, c) in conds.iter().enumerate() {
-                if i > 0 {
-                    sql.push_str(" AND ");
-                }
-                cond_sql(c, column, path, sql, params);
-            }
-            sql.push(')');
-        }
+        Cond::All(conds) => join_balanced(0, conds.len(), " AND ", sql, &mut |i, sql| {
+            cond_sql(&conds[i], column, path, sql, params)
+        }),
     }
+}
+
+/// Emits items `lo..hi` joined by `joiner` as a balanced tree of parentheses, in order (so parameters stay
+/// in the order of their placeholders): SQLite limits expression depth to 1,000, and a flat `a OR b OR …`
+/// of a long list is a chain as deep as the list.
+fn join_balanced(
+    lo: usize,
+    hi: usize,
+    joiner: &str,
+    sql: &mut String,
+    item: &mut dyn FnMut(usize, &mut String),
+) {
+    if hi - lo == 1 {
+        item(lo, sql);
+        return;
+    }
+    let mid = lo + (hi - lo) / 2;
+    sql.push('(');
+    join_balanced(lo, mid, joiner, sql, item);
+    sql.push_str(joiner);
+    join_balanced(mid, hi, joiner, sql, item);
+    sql.push(')');
 }
 
 #[cfg(test)]
@@ -638,6 +657,12 @@ mod tests {
         let e = Filter::parse(&json!({"a": {"$in": long}})).unwrap_err();
         assert_eq!(e.pointer, "/a/$in");
         assert!(e.message.contains("at most 1024"));
+        let big: Vec<Value> = (0..40)
+            .map(|_| json!({"a": {"$in": long[..1000]}}))
+            .collect();
+        let e = Filter::parse(&json!({ "$or": big })).unwrap_err();
+        assert_eq!(e.pointer, "");
+        assert!(e.message.starts_with("filter is too large"), "{e}");
         let e = Filter::parse(&json!({ "k".repeat(MAX_KEY_LEN + 1): 1 })).unwrap_err();
         assert!(e.message.contains("at most 1024"));
     }

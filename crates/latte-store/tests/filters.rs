@@ -221,3 +221,41 @@ fn malformed_filters_are_errors_with_positions() {
         "invalid filter: /$and/1/year/$gtx: unknown operator \"$gtx\""
     );
 }
+
+#[test]
+fn the_largest_allowed_filters_run() {
+    let (_dir, s) = store();
+    let many: Vec<Value> = (0..latte_store::filter::MAX_LIST)
+        .map(|i| json!(format!("v{i}")))
+        .collect();
+    let mut with_rust = many.clone();
+    with_rust[700] = json!("rust");
+    check(&s, json!({"lang": {"$in": with_rust}}), &["a", "c"]);
+    check(
+        &s,
+        json!({"lang": {"$nin": many.clone()}}),
+        &["a", "b", "c", "d", "e"],
+    );
+    let branches: Vec<Value> = (0..latte_store::filter::MAX_LIST)
+        .map(|i| json!({"year": i + 3000}))
+        .collect();
+    check(&s, json!({"$or": branches.clone()}), &[]);
+    check(
+        &s,
+        json!({"$and": [{"$or": branches}, {"lang": {"$in": many}}]}),
+        &[],
+    );
+    // the deepest filter allowed: 29 levels of $and / $or around a field with a $not operator
+    let mut deep = json!({"lang": {"$not": {"$ne": "python"}}});
+    for level in 0..latte_store::filter::MAX_DEPTH - 3 {
+        deep = match level % 3 {
+            0 => json!({"$and": [deep, {}]}),
+            1 => json!({"$or": [{"lang": "none"}, deep]}),
+            _ => json!({"$not": {"lang": "none"}, "$and": [deep]}),
+        };
+    }
+    let too_deep = json!({"$and": [deep.clone()]});
+    check(&s, deep, &["b"]);
+    let e = Filter::parse(&too_deep).unwrap_err();
+    assert!(e.message.contains("deeper than 32"), "{e}");
+}
