@@ -214,10 +214,11 @@ impl DocStore {
         let mut conn = Self::connect(&path)?;
         {
             let err = sql_err(&path);
-            conn.pragma_update(None, "application_id", APPLICATION_ID)
-                .map_err(&err)?;
             Self::configure(&conn, &path)?;
+            // the application id is in the header page, written in the same transaction as the schema
             let tx = conn.transaction().map_err(&err)?;
+            tx.pragma_update(None, "application_id", APPLICATION_ID)
+                .map_err(&err)?;
             tx.execute_batch(SCHEMA).map_err(&err)?;
             write_meta(&tx, &path, "schema_version", SCHEMA_VERSION as u64)?;
             write_meta(&tx, &path, "generation", 0)?;
