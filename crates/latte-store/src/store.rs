@@ -616,10 +616,10 @@ impl DocStore {
              WHERE documents_fts MATCH ? AND ",
         );
         let mut params: Vec<SqlValue> = vec![SqlValue::Text(fts_query)];
-        filter
-            .cloned()
-            .unwrap_or_else(Filter::all)
-            .to_sql("d.metadata", &mut sql, &mut params);
+        match filter {
+            Some(f) => f.to_sql("d.metadata", &mut sql, &mut params),
+            None => sql.push('1'),
+        }
         sql.push_str(" ORDER BY score DESC, d.id LIMIT ?");
         params.push(SqlValue::Integer(i64::try_from(k).unwrap_or(i64::MAX)));
         let path = &self.path;
