@@ -88,8 +88,12 @@ pub struct Cpu {
 impl Cpu {
     /// Detects the features of this CPU, capped at `cap`.
     pub fn detect(cap: Level) -> Cpu {
-        let found = Self::detect_uncapped();
-        found.capped(cap)
+        let found = Self::detect_uncapped().capped(cap);
+        if found.level == Level::Amx && !amx_permission() {
+            // The tile instructions would fault without the tile state: stay at AVX-512.
+            return found.capped(Level::Avx512);
+        }
+        found
     }
 
     /// This CPU as it is, ignoring the environment.
@@ -167,8 +171,8 @@ impl fmt::Display for Cpu {
 
 /// AMX as CPUID reports it (leaf 7, EDX bits 22 BF16, 24 TILE, 25 INT8) and only when the OS saves the
 /// tile state (XCR0 bits 17 and 18). The standard library's feature macro does not know AMX on stable Rust.
-/// Linux still wants the tile data requested per process (`arch_prctl`); the AMX kernels do that on first
-/// use and fall back when it is refused.
+/// Linux still wants the tile data requested per process: [`Cpu::detect`] asks ([`amx_permission`]) and
+/// stays at AVX-512 when it is refused.
 #[cfg(target_arch = "x86_64")]
 fn amx_cpuid() -> (bool, bool, bool) {
     use std::arch::x86_64::{__cpuid, __cpuid_count};
@@ -195,6 +199,35 @@ fn amx_cpuid() -> (bool, bool, bool) {
 #[target_feature(enable = "xsave")]
 unsafe fn xgetbv0() -> u64 {
     std::arch::x86_64::_xgetbv(0)
+}
+
+/// Asks Linux once per process for the AMX tile data state (`arch_prctl(ARCH_REQ_XCOMP_PERM,
+/// XFEATURE_XTILEDATA)`), without which the first tile instruction raises SIGILL; the answer is cached.
+/// False where the kernel refuses, predates the request (Linux < 5.16), or on other systems.
+pub fn amx_permission() -> bool {
+    static GRANTED: OnceLock<bool> = OnceLock::new();
+    *GRANTED.get_or_init(request_amx)
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn request_amx() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: arch_prctl with ARCH_REQ_XCOMP_PERM takes two integer arguments and touches no memory of
+    // ours; it only extends the set of register state this process may use.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    };
+    rc == 0
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn request_amx() -> bool {
+    false
 }
 
 /// The cap the environment sets: `LATTE_SIMD`, and `LATTE_NO_AVX512` as an alias of `avx2`.

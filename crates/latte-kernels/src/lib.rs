@@ -10,5 +10,6 @@
 #![warn(missing_docs)]
 
 pub mod cpu;
+pub mod lowp;
 
 pub use cpu::{cpu, level, Cpu, Level};

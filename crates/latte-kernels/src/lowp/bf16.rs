@@ -1,0 +1,296 @@
+//! bf16 linear layers: weights packed once, activations rounded once per call, f32 accumulation.
+
+use rayon::prelude::*;
+
+use super::{
+    check_len, checked_len, for_each_block, round_up, Epilogue, LowpError, OutPtr, BLOCK, PANEL,
+};
+use crate::cpu::{cpu, Level};
+
+/// k is padded to this (the depth of one AMX bf16 tile row: 32 values, 64 bytes).
+pub(crate) const K_ALIGN: usize = 32;
+
+/// Rounds an f32 to bf16, to nearest with ties to even; NaN stays NaN (made quiet), infinities stay.
+#[inline(always)]
+pub fn f32_to_bf16(v: f32) -> u16 {
+    let b = v.to_bits();
+    if v.is_nan() {
+        ((b >> 16) | 0x0040) as u16
+    } else {
+        // The carry out of the low half rounds up, ties going to the even upper half; an overflow lands on
+        // the infinity of the right sign.
+        (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
+    }
+}
+
+/// The f32 a bf16 stands for (exact).
+#[inline(always)]
+pub fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits(u32::from(h) << 16)
+}
+
+/// Weights of a linear layer rounded to bf16 and laid out for the bf16 kernels (see the module docs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedBf16 {
+    n: usize,
+    k: usize,
+    /// k padded to [`K_ALIGN`].
+    kp: usize,
+    /// Panels of [`PANEL`] columns, `kp / 2` rows of `2 × PANEL` values each.
+    data: Vec<u16>,
+}
+
+impl PackedBf16 {
+    /// Packs `w`, `n` outputs × `k` inputs, row-major (PyTorch's `Linear.weight`).
+    pub fn pack(w: &[f32], n: usize, k: usize) -> Result<PackedBf16, LowpError> {
+        if n == 0 || k == 0 {
+            return Err(LowpError::Empty {
+                what: "bf16 weights",
+                n,
+                k,
+            });
+        }
+        check_len("bf16 weights", checked_len("bf16 weights", n, k)?, w.len())?;
+        let kp = round_up(k, K_ALIGN);
+        let np = round_up(n, BLOCK);
+        let panel_len = kp * PANEL;
+        let mut data = vec![0u16; checked_len("bf16 weights", np, kp)?];
+        data.par_chunks_mut(panel_len)
+            .enumerate()
+            .for_each(|(jp, panel)| {
+                for c in 0..PANEL {
+                    let j = jp * PANEL + c;
+                    if j >= n {
+                        break;
+                    }
+                    for (kk, &v) in w[j * k..(j + 1) * k].iter().enumerate() {
+                        panel[(kk / 2) * 2 * PANEL + c * 2 + kk % 2] = f32_to_bf16(v);
+                    }
+                }
+            });
+        Ok(PackedBf16 { n, k, kp, data })
+    }
+
+    /// Outputs (rows of W).
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Inputs (columns of W).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// k as padded in the layout (tests).
+    #[cfg(test)]
+    pub(crate) fn kp(&self) -> usize {
+        self.kp
+    }
+
+    /// Panel `jp` (columns `16 jp .. 16 jp + 16`).
+    pub(crate) fn panel(&self, jp: usize) -> &[u16] {
+        let len = self.kp * PANEL;
+        &self.data[jp * len..(jp + 1) * len]
+    }
+
+    /// The packed value standing for `w[j][kk]` (tests).
+    #[cfg(test)]
+    pub(crate) fn get(&self, j: usize, kk: usize) -> u16 {
+        self.panel(j / PANEL)[(kk / 2) * 2 * PANEL + (j % PANEL) * 2 + kk % 2]
+    }
+}
+
+/// The level [`linear_bf16`] runs at in this process: [`Level::Amx`], [`Level::Avx512`] (with AVX512_BF16)
+/// or [`Level::Portable`].
+pub fn bf16_level() -> Level {
+    effective(cpu().level)
+}
+
+/// The kernel a requested level gets on this CPU.
+pub(crate) fn effective(level: Level) -> Level {
+    let c = cpu();
+    if level >= Level::Amx && c.level >= Level::Amx {
+        Level::Amx
+    } else if level >= Level::Avx512 && c.avx512_bf16 {
+        Level::Avx512
+    } else {
+        Level::Portable
+    }
+}
+
+/// `out = act(x · Wᵀ + bias + residual)` with `x` (`m × k`, row-major) rounded to bf16, bf16 products and
+/// f32 accumulation; `bias` has `n` values, `residual` and `out` `m × n`; `gelu` applies the exact GELU.
+pub fn linear_bf16(
+    x: &[f32],
+    m: usize,
+    w: &PackedBf16,
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    gelu: bool,
+    out: &mut [f32],
+) -> Result<(), LowpError> {
+    linear_bf16_at(cpu().level, x, m, w, bias, residual, gelu, out).map(|_| ())
+}
+
+/// [`linear_bf16`] at `level` or the best level below it this CPU has; returns the level that ran.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear_bf16_at(
+    level: Level,
+    x: &[f32],
+    m: usize,
+    w: &PackedBf16,
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+    gelu: bool,
+    out: &mut [f32],
+) -> Result<Level, LowpError> {
+    let (n, k, kp) = (w.n, w.k, w.kp);
+    check_len("bf16 input x", checked_len("bf16 input x", m, k)?, x.len())?;
+    let mn = checked_len("bf16 output", m, n)?;
+    check_len("bf16 output", mn, out.len())?;
+    if let Some(b) = bias {
+        check_len("bf16 bias", n, b.len())?;
+    }
+    if let Some(r) = residual {
+        check_len("bf16 residual", mn, r.len())?;
+    }
+    let level = effective(level);
+    if m == 0 {
+        return Ok(level);
+    }
+    // The activations in bf16, rows padded to a whole block and k to the packed depth, with zeros.
+    let mut a = vec![0u16; checked_len("bf16 input x", round_up(m, BLOCK), kp)?];
+    a.par_chunks_mut(kp)
+        .zip(x.par_chunks(k))
+        .for_each(|(dst, src)| {
+            for (d, &s) in dst.iter_mut().zip(src) {
+                *d = f32_to_bf16(s);
+            }
+        });
+    let epi = Epilogue {
+        n,
+        bias,
+        residual,
+        gelu,
+    };
+    let outp = OutPtr::new(out, n);
+    for_each_block(m, n, k, |i0, rows, j0, cols| {
+        let mut acc = [0f32; BLOCK * BLOCK];
+        let a_blk = &a[i0 * kp..(i0 + BLOCK) * kp];
+        let (p0, p1) = (w.panel(j0 / PANEL), w.panel(j0 / PANEL + 1));
+        match level {
+            Level::Amx => super::amx::block_bf16(a_blk, kp, p0, p1, &mut acc),
+            Level::Avx512 => avx512_block(a_blk, kp, rows, p0, p1, &mut acc),
+            _ => portable_block(a_blk, kp, rows, p0, p1, &mut acc),
+        }
+        for r in 0..rows {
+            // SAFETY: this block (rows i0.., columns j0..j0 + cols) belongs to this call of the closure
+            // alone: `for_each_block` hands out every block once.
+            let row = unsafe { outp.row(i0 + r, j0, cols) };
+            for (c, o) in row.iter_mut().enumerate() {
+                *o = epi.apply(acc[r * BLOCK + c], i0 + r, j0 + c);
+            }
+        }
+    });
+    Ok(level)
+}
+
+/// The portable kernel: `acc[r][c] = Σ_p a[r][2p+1] w[2p+1][c] + a[r][2p] w[2p][c]`, in the order
+/// `vdpbf16ps` adds (odd element first), products exact in f32.
+fn portable_block(a: &[u16], kp: usize, rows: usize, p0: &[u16], p1: &[u16], acc: &mut [f32]) {
+    for r in 0..rows {
+        let ar = &a[r * kp..(r + 1) * kp];
+        let mut s = [0f32; BLOCK];
+        for p in 0..kp / 2 {
+            let (a0, a1) = (bf16_to_f32(ar[2 * p]), bf16_to_f32(ar[2 * p + 1]));
+            if a0 == 0.0 && a1 == 0.0 {
+                continue;
+            }
+            for (half, panel) in [p0, p1].into_iter().enumerate() {
+                let wrow = &panel[p * 2 * PANEL..(p + 1) * 2 * PANEL];
+                for c in 0..PANEL {
+                    let v = &mut s[half * PANEL + c];
+                    *v += a1 * bf16_to_f32(wrow[2 * c + 1]);
+                    *v += a0 * bf16_to_f32(wrow[2 * c]);
+                }
+            }
+        }
+        acc[r * BLOCK..(r + 1) * BLOCK].copy_from_slice(&s);
+    }
+}
+
+/// The AVX-512 BF16 kernel for one block: `rows` rows in register tiles of up to 8 × 32.
+fn avx512_block(a: &[u16], kp: usize, rows: usize, p0: &[u16], p1: &[u16], acc: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(cpu().avx512_bf16 && a.len() >= BLOCK * kp && p0.len() >= kp * PANEL);
+        assert!(p1.len() >= kp * PANEL && acc.len() >= BLOCK * BLOCK);
+        let mut r0 = 0;
+        while r0 < rows {
+            let left = rows - r0;
+            let ap = a[r0 * kp..].as_ptr();
+            let cp = acc[r0 * BLOCK..].as_mut_ptr();
+            // SAFETY: the CPU has AVX512F + AVX512_BF16 (asserted above, from `cpu()`); the kernel reads
+            // `mr` rows of `kp` values from `ap` (r0 + mr <= BLOCK rows of `a`, asserted), `kp / 2` rows of
+            // 32 values from each panel (asserted), and writes `mr` rows of 32 to `cp` inside `acc`.
+            unsafe {
+                match left {
+                    1 => x86::bf16_tile::<1>(ap, kp, p0.as_ptr(), p1.as_ptr(), cp),
+                    2 => x86::bf16_tile::<2>(ap, kp, p0.as_ptr(), p1.as_ptr(), cp),
+                    3 | 4 => x86::bf16_tile::<4>(ap, kp, p0.as_ptr(), p1.as_ptr(), cp),
+                    _ => x86::bf16_tile::<8>(ap, kp, p0.as_ptr(), p1.as_ptr(), cp),
+                }
+            }
+            r0 += 8;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    portable_block(a, kp, rows, p0, p1, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{BLOCK, PANEL};
+    use std::arch::x86_64::*;
+
+    /// `MR` rows × 32 columns: `c[r][..] = Σ_p dpbf16(a[r] pair p, panel0 / panel1 row p)`.
+    ///
+    /// # Safety
+    /// AVX512F and AVX512_BF16 available; `a` readable for `MR` rows of `kp` u16 (row stride `kp`), `b0` and
+    /// `b1` for `kp * 16` u16, `c` writable for `MR` rows of [`BLOCK`] f32.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn bf16_tile<const MR: usize>(
+        a: *const u16,
+        kp: usize,
+        b0: *const u16,
+        b1: *const u16,
+        c: *mut f32,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        for p in 0..kp / 2 {
+            // SAFETY: row p < kp / 2 of panel 0, inside the caller's bounds; both types are 64 bytes.
+            let w0: __m512bh = unsafe {
+                std::mem::transmute(_mm512_loadu_si512(b0.add(p * 2 * PANEL) as *const _))
+            };
+            // SAFETY: as above, panel 1.
+            let w1: __m512bh = unsafe {
+                std::mem::transmute(_mm512_loadu_si512(b1.add(p * 2 * PANEL) as *const _))
+            };
+            for (r, accr) in acc.iter_mut().enumerate() {
+                // SAFETY: values 2p, 2p + 1 < kp of row r < MR, inside the caller's bounds.
+                let pair = unsafe { (a.add(r * kp + 2 * p) as *const i32).read_unaligned() };
+                // SAFETY: a bit-cast between two 64-byte vector types.
+                let av: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(pair)) };
+                accr[0] = _mm512_dpbf16_ps(accr[0], av, w0);
+                accr[1] = _mm512_dpbf16_ps(accr[1], av, w1);
+            }
+        }
+        for (r, accr) in acc.iter().enumerate() {
+            // SAFETY: row r < MR of `c`, 32 values, inside the caller's bounds.
+            unsafe {
+                _mm512_storeu_ps(c.add(r * BLOCK), accr[0]);
+                _mm512_storeu_ps(c.add(r * BLOCK + PANEL), accr[1]);
+            }
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! Reduced-precision linear layers: bf16 (bf16 products, f32 accumulation) and int8 (dynamically quantised
+//! activations, per-channel quantised weights, i32 accumulation), for `--dtype bf16|int8` encoding.
+//!
+//! Both compute `out = act(x · Wᵀ + bias + residual)` for `x` of `m × k` (row-major f32), `W` of `n × k` as
+//! PyTorch's `Linear` stores it, and `act` either the identity or the exact (erf) GELU, in f32.
+//!
+//! * [`PackedBf16::pack`] rounds the weights to bf16 (round to nearest even, NaN kept) and lays them out in
+//!   panels of 16 output columns, each k-pair of a panel one 64-byte row: `(w[j][2p], w[j][2p + 1])` for the
+//!   16 columns `j` of the panel. That is the "VNNI" layout both `vdpbf16ps` and AMX `tdpbf16ps` read. k is
+//!   padded with zeros to a multiple of 32 (the AMX tile depth), n to a multiple of 32.
+//! * [`PackedI8::pack`] quantises each output channel symmetrically (`scale = max |w| / 127`) and lays the
+//!   bytes out the same way in groups of 4 along k (k padded to 64); it keeps each channel's sum of
+//!   quantised weights for the unsigned × signed `vpdpbusd` path.
+//!
+//! Kernels, chosen at run time from [`crate::cpu()`]: AMX tiles (`tdpbf16ps`, `tdpbssd`; 2 × 2 accumulator
+//! tiles of 16 × 16, k streamed, written with `asm!` since the AMX intrinsics are unstable), AVX-512
+//! (`vdpbf16ps`, `vpdpbusd` with 8 × 32 register tiles), and a portable path doing the same arithmetic in
+//! plain Rust. The int8 levels agree bit for bit; the bf16 levels agree up to the order of f32 additions.
+//! Work is split over rayon in blocks of 64 rows × 256 columns.
+
+mod amx;
+mod bf16;
+mod int8;
+#[cfg(test)]
+mod tests;
+
+pub use bf16::{bf16_level, bf16_to_f32, f32_to_bf16, linear_bf16, PackedBf16};
+pub use int8::{i8_level, linear_i8, PackedI8};
+
+use rayon::prelude::*;
+
+/// A bad argument to a reduced-precision kernel.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LowpError {
+    /// A slice of the wrong length.
+    #[error("{what}: expected {expected} values, got {got}")]
+    Length {
+        /// Which argument.
+        what: &'static str,
+        /// The length the shapes call for.
+        expected: usize,
+        /// The length given.
+        got: usize,
+    },
+    /// A weight matrix with no rows or no columns.
+    #[error(
+        "{what}: a weight matrix needs n >= 1 outputs and k >= 1 inputs, got n = {n}, k = {k}"
+    )]
+    Empty {
+        /// Which argument.
+        what: &'static str,
+        /// Outputs.
+        n: usize,
+        /// Inputs.
+        k: usize,
+    },
+    /// Shapes whose product does not fit in memory.
+    #[error("{what}: the shape {rows} × {cols} is too large")]
+    TooLarge {
+        /// Which argument.
+        what: &'static str,
+        /// Rows.
+        rows: usize,
+        /// Columns.
+        cols: usize,
+    },
+    /// A weight that cannot be quantised to int8.
+    #[error(
+        "int8 weights: output channel {channel}, input {input} is {value}; expected a finite value"
+    )]
+    NonFinite {
+        /// The output channel (row of W).
+        channel: usize,
+        /// The input (column of W).
+        input: usize,
+        /// The value found.
+        value: f32,
+    },
+}
+
+/// Rows and columns of the blocks one micro-kernel call produces.
+pub(crate) const BLOCK: usize = 32;
+/// Output columns of one weight panel (one 64-byte row per k-group).
+pub(crate) const PANEL: usize = 16;
+/// Rows and columns of one parallel task.
+const TASK_ROWS: usize = 64;
+const TASK_COLS: usize = 256;
+
+pub(crate) fn round_up(v: usize, to: usize) -> usize {
+    v.div_ceil(to) * to
+}
+
+pub(crate) fn checked_len(
+    what: &'static str,
+    rows: usize,
+    cols: usize,
+) -> Result<usize, LowpError> {
+    rows.checked_mul(cols)
+        .ok_or(LowpError::TooLarge { what, rows, cols })
+}
+
+pub(crate) fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), LowpError> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(LowpError::Length {
+            what,
+            expected,
+            got,
+        })
+    }
+}
+
+/// The exact GELU, `x Φ(x) = x (1 + erf(x / √2)) / 2`, in f32.
+pub fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// The error function to f32 accuracy (Abramowitz & Stegun 7.1.26, absolute error below 1.5e-7, evaluated
+/// in f64).
+pub fn erf(x: f32) -> f32 {
+    if x.is_nan() {
+        return x;
+    }
+    let z = f64::from(x).abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * z);
+    let poly = t
+        * (0.254_829_592
+            + t * (-0.284_496_736
+                + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let y = 1.0 - poly * (-z * z).exp();
+    (if x < 0.0 { -y } else { y }) as f32
+}
+
+/// What follows the product: bias, residual and activation, for an output of `n` columns.
+#[derive(Clone, Copy)]
+pub(crate) struct Epilogue<'a> {
+    pub n: usize,
+    pub bias: Option<&'a [f32]>,
+    pub residual: Option<&'a [f32]>,
+    pub gelu: bool,
+}
+
+impl Epilogue<'_> {
+    #[inline(always)]
+    pub fn apply(&self, v: f32, i: usize, j: usize) -> f32 {
+        let mut v = v;
+        if let Some(b) = self.bias {
+            v += b[j];
+        }
+        if let Some(r) = self.residual {
+            v += r[i * self.n + j];
+        }
+        if self.gelu {
+            gelu(v)
+        } else {
+            v
+        }
+    }
+}
+
+/// The output matrix, shared by the tasks of one call; each task writes a disjoint block of it.
+#[derive(Clone, Copy)]
+pub(crate) struct OutPtr {
+    ptr: *mut f32,
+    len: usize,
+    n: usize,
+}
+
+// SAFETY: the pointer comes from a `&mut [f32]` that outlives the parallel section (`for_each_block` does
+// not return before every task has finished), and the tasks write disjoint blocks of it (see `row`).
+unsafe impl Send for OutPtr {}
+// SAFETY: as for `Send`: shared between tasks that write disjoint blocks only.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    pub fn new(out: &mut [f32], n: usize) -> Self {
+        OutPtr {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+            n,
+        }
+    }
+
+    /// Columns `j0 .. j0 + cols` of row `i`.
+    ///
+    /// # Safety
+    /// No other live reference may overlap the returned one: the callers are the tasks of
+    /// [`for_each_block`], each of which owns the rows and columns of its own block.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn row(&self, i: usize, j0: usize, cols: usize) -> &mut [f32] {
+        let start = i * self.n + j0;
+        assert!(j0 + cols <= self.n && start + cols <= self.len);
+        // SAFETY: in bounds (asserted above); exclusive by the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), cols) }
+    }
+}
+
+/// Calls `block(i0, rows, j0, cols)` for every [`BLOCK`] × [`BLOCK`] block of an `m × n` output (`i0`, `j0`
+/// multiples of [`BLOCK`]), grouped into tasks of [`TASK_ROWS`] × [`TASK_COLS`] run on rayon when the
+/// product is large enough to pay for it. Within a task the blocks of one column strip run together, so a
+/// weight panel is reused across the task's rows.
+pub(crate) fn for_each_block<F>(m: usize, n: usize, k: usize, block: F)
+where
+    F: Fn(usize, usize, usize, usize) + Sync,
+{
+    let row_tasks = m.div_ceil(TASK_ROWS);
+    let col_tasks = n.div_ceil(TASK_COLS);
+    let task = |t: usize| {
+        let (ti, tj) = (t / col_tasks, t % col_tasks);
+        let (r0, r1) = (ti * TASK_ROWS, ((ti + 1) * TASK_ROWS).min(m));
+        let (c0, c1) = (tj * TASK_COLS, ((tj + 1) * TASK_COLS).min(n));
+        for j0 in (c0..c1).step_by(BLOCK) {
+            for i0 in (r0..r1).step_by(BLOCK) {
+                block(i0, BLOCK.min(r1 - i0), j0, BLOCK.min(c1 - j0));
+            }
+        }
+    };
+    let tasks = row_tasks * col_tasks;
+    let flops = 2.0 * m as f64 * n as f64 * k as f64;
+    if tasks <= 1 || flops < 4.0e6 {
+        (0..tasks).for_each(task);
+    } else {
+        (0..tasks).into_par_iter().for_each(task);
+    }
+}
