@@ -222,7 +222,7 @@ pub(crate) fn linear_i8_at(
         gelu,
     };
     let outp = OutPtr::new(out, n);
-    for_each_block(m, n, k, |i0, rows, j0, cols| {
+    for_each_block(m, n, k, kp, |i0, rows, j0, cols| {
         let mut acc = [0i32; BLOCK * BLOCK];
         let a_blk = &a[i0 * kp..(i0 + BLOCK) * kp];
         let (p0, p1) = (w.panel(j0 / PANEL), w.panel(j0 / PANEL + 1));

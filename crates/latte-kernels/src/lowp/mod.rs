@@ -16,7 +16,7 @@
 //! tiles of 16 × 16, k streamed, written with `asm!` since the AMX intrinsics are unstable), AVX-512
 //! (`vdpbf16ps`, `vpdpbusd` with 8 × 32 register tiles), and a portable path doing the same arithmetic in
 //! plain Rust. The int8 levels agree bit for bit; the bf16 levels agree up to the order of f32 additions.
-//! Work is split over rayon in blocks of 64 rows × 256 columns.
+//! Work is split over rayon in blocks of 64 rows × up to 512 columns.
 
 mod amx;
 mod bf16;
@@ -82,9 +82,9 @@ pub enum LowpError {
 pub(crate) const BLOCK: usize = 32;
 /// Output columns of one weight panel (one 64-byte row per k-group).
 pub(crate) const PANEL: usize = 16;
-/// Rows and columns of one parallel task.
+/// Rows of one parallel task, and the most columns.
 const TASK_ROWS: usize = 64;
-const TASK_COLS: usize = 256;
+const MAX_TASK_COLS: usize = 512;
 
 pub(crate) fn round_up(v: usize, to: usize) -> usize {
     v.div_ceil(to) * to
@@ -197,19 +197,22 @@ impl OutPtr {
 }
 
 /// Calls `block(i0, rows, j0, cols)` for every [`BLOCK`] × [`BLOCK`] block of an `m × n` output (`i0`, `j0`
-/// multiples of [`BLOCK`]), grouped into tasks of [`TASK_ROWS`] × [`TASK_COLS`] run on rayon when the
-/// product is large enough to pay for it. Within a task the blocks of one column strip run together, so a
-/// weight panel is reused across the task's rows.
-pub(crate) fn for_each_block<F>(m: usize, n: usize, k: usize, block: F)
+/// multiples of [`BLOCK`]), grouped into tasks of [`TASK_ROWS`] rows × a strip of columns whose packed
+/// weights (`k_bytes` per column) fit in about half of a 1 MB L2, run on rayon when the product is large
+/// enough to pay for it. Tasks are ordered column strip by column strip, so consecutive tasks reuse one
+/// strip of weights from L2 while the activation rows stream; within a task the blocks of one 32-column
+/// strip run together, so its weight panels are reused across the task's rows.
+pub(crate) fn for_each_block<F>(m: usize, n: usize, k: usize, k_bytes: usize, block: F)
 where
     F: Fn(usize, usize, usize, usize) + Sync,
 {
+    let task_cols = ((512 << 10) / k_bytes.max(1) / BLOCK * BLOCK).clamp(BLOCK, MAX_TASK_COLS);
     let row_tasks = m.div_ceil(TASK_ROWS);
-    let col_tasks = n.div_ceil(TASK_COLS);
+    let col_tasks = n.div_ceil(task_cols);
     let task = |t: usize| {
-        let (ti, tj) = (t / col_tasks, t % col_tasks);
+        let (ti, tj) = (t % row_tasks, t / row_tasks);
         let (r0, r1) = (ti * TASK_ROWS, ((ti + 1) * TASK_ROWS).min(m));
-        let (c0, c1) = (tj * TASK_COLS, ((tj + 1) * TASK_COLS).min(n));
+        let (c0, c1) = (tj * task_cols, ((tj + 1) * task_cols).min(n));
         for j0 in (c0..c1).step_by(BLOCK) {
             for i0 in (r0..r1).step_by(BLOCK) {
                 block(i0, BLOCK.min(r1 - i0), j0, BLOCK.min(c1 - j0));
