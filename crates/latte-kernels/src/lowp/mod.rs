@@ -25,7 +25,7 @@ mod int8;
 mod tests;
 
 pub use bf16::{bf16_level, bf16_to_f32, f32_to_bf16, linear_bf16, PackedBf16};
-pub use int8::{i8_level, linear_i8, PackedI8};
+pub use int8::{i8_level, linear_i8, PackedI8, MAX_K_I8};
 
 use rayon::prelude::*;
 

@@ -504,3 +504,42 @@ fn gelu_and_erf_match_known_values() {
     assert_eq!(gelu(0.0), 0.0);
     assert!(erf(f32::NAN).is_nan());
 }
+
+#[test]
+fn non_finite_values_propagate_or_stay_contained_without_panics() {
+    let (m, k, n) = (3, 5, 4);
+    let mut w = Rng(9).vec(n * k, 1.0);
+    w[2 * k + 1] = f32::NAN; // channel 2
+    let x = Rng(10).vec(m * k, 1.0);
+    let pb = PackedBf16::pack(&w, n, k).unwrap();
+    for level in levels_here() {
+        let mut out = vec![0f32; m * n];
+        let ran = linear_bf16_at(level, &x, m, &pb, None, None, true, &mut out).unwrap();
+        for i in 0..m {
+            for j in 0..n {
+                assert_eq!(out[i * n + j].is_nan(), j == 2, "bf16 at {ran}: [{i}][{j}]");
+            }
+        }
+    }
+    // int8: a NaN activation quantises to 0 within its row; the other rows are untouched.
+    let w8 = Rng(11).vec(n * k, 1.0);
+    let pi = PackedI8::pack(&w8, n, k).unwrap();
+    let mut xs = x.clone();
+    xs[k + 2] = f32::NAN; // row 1
+    let (mut clean, mut dirty) = (vec![0f32; m * n], vec![0f32; m * n]);
+    for level in levels_here() {
+        let ran = linear_i8_at(level, &x, m, &pi, None, None, false, &mut clean).unwrap();
+        linear_i8_at(level, &xs, m, &pi, None, None, false, &mut dirty).unwrap();
+        for i in [0, 2] {
+            assert_eq!(
+                clean[i * n..(i + 1) * n],
+                dirty[i * n..(i + 1) * n],
+                "int8 at {ran}, row {i}"
+            );
+        }
+        assert!(
+            dirty[n..2 * n].iter().all(|v| v.is_finite()),
+            "int8 at {ran}: row 1"
+        );
+    }
+}
