@@ -187,9 +187,8 @@ pub(crate) fn linear_bf16_at(
             // SAFETY: this block (rows i0.., columns j0..j0 + cols) belongs to this call of the closure
             // alone: `for_each_block` hands out every block once.
             let row = unsafe { outp.row(i0 + r, j0, cols) };
-            for (c, o) in row.iter_mut().enumerate() {
-                *o = epi.apply(acc[r * BLOCK + c], i0 + r, j0 + c);
-            }
+            row.copy_from_slice(&acc[r * BLOCK..r * BLOCK + cols]);
+            epi.finish_row(row, i0 + r, j0);
         }
     });
     Ok(level)

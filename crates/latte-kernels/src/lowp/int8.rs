@@ -243,9 +243,9 @@ pub(crate) fn linear_i8_at(
                     // Undo the +128 on the activations: Σ (q + 128) w = Σ q w + 128 Σ w.
                     s -= 128 * w.col_sums[j];
                 }
-                let v = s as f32 * (rs * w.scales[j]);
-                *o = epi.apply(v, i0 + r, j);
+                *o = s as f32 * (rs * w.scales[j]);
             }
+            epi.finish_row(row, i0 + r, j0);
         }
     });
     Ok(level)
