@@ -162,11 +162,7 @@ pub(crate) fn linear_bf16_at(
     let mut a = vec![0u16; checked_len("bf16 input x", round_up(m, BLOCK), kp)?];
     a.par_chunks_mut(kp)
         .zip(x.par_chunks(k))
-        .for_each(|(dst, src)| {
-            for (d, &s) in dst.iter_mut().zip(src) {
-                *d = f32_to_bf16(s);
-            }
-        });
+        .for_each(|(dst, src)| to_bf16_row(src, dst));
     let epi = Epilogue {
         n,
         bias,
@@ -192,6 +188,42 @@ pub(crate) fn linear_bf16_at(
         }
     });
     Ok(level)
+}
+
+/// Rounds `src` to bf16 into `dst`: the same code compiled for the widest vector level here.
+fn to_bf16_row(src: &[f32], dst: &mut [u16]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let c = cpu();
+        if c.avx512() {
+            // SAFETY: the CPU has AVX512F and AVX512BW (`Level::Avx512`, from `cpu()`).
+            return unsafe { to_bf16_row_avx512(src, dst) };
+        }
+        if c.avx2() {
+            // SAFETY: the CPU has AVX2 and FMA (`Level::Avx2`, from `cpu()`).
+            return unsafe { to_bf16_row_avx2(src, dst) };
+        }
+    }
+    to_bf16_row_plain(src, dst)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn to_bf16_row_avx512(src: &[f32], dst: &mut [u16]) {
+    to_bf16_row_plain(src, dst)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn to_bf16_row_avx2(src: &[f32], dst: &mut [u16]) {
+    to_bf16_row_plain(src, dst)
+}
+
+#[inline(always)]
+fn to_bf16_row_plain(src: &[f32], dst: &mut [u16]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = f32_to_bf16(s);
+    }
 }
 
 /// The portable kernel: `acc[r][c] = Σ_p a[r][2p+1] w[2p+1][c] + a[r][2p] w[2p][c]`, in the order

@@ -153,9 +153,44 @@ pub(crate) fn effective(level: Level) -> Level {
 }
 
 /// Quantises row `src` into `dst` (padded with zeros); returns the row's scale. With `shift` each byte is
-/// stored plus 128, as an unsigned value (for `vpdpbusd`).
+/// stored plus 128, as an unsigned value (for `vpdpbusd`). A row holding a NaN or an infinity gets scale 0
+/// (all its products 0). The same code compiled for the widest vector level here: the same results.
 fn quantise_row(src: &[f32], dst: &mut [u8], shift: bool) -> f32 {
-    let (scale, inv) = scale_of(max_abs(src));
+    #[cfg(target_arch = "x86_64")]
+    {
+        let c = cpu();
+        if c.avx512() {
+            // SAFETY: the CPU has AVX512F and AVX512BW (`Level::Avx512`, from `cpu()`).
+            return unsafe { quantise_row_avx512(src, dst, shift) };
+        }
+        if c.avx2() {
+            // SAFETY: the CPU has AVX2 and FMA (`Level::Avx2`, from `cpu()`).
+            return unsafe { quantise_row_avx2(src, dst, shift) };
+        }
+    }
+    quantise_row_plain(src, dst, shift)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn quantise_row_avx512(src: &[f32], dst: &mut [u8], shift: bool) -> f32 {
+    quantise_row_plain(src, dst, shift)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn quantise_row_avx2(src: &[f32], dst: &mut [u8], shift: bool) -> f32 {
+    quantise_row_plain(src, dst, shift)
+}
+
+#[inline(always)]
+fn quantise_row_plain(src: &[f32], dst: &mut [u8], shift: bool) -> f32 {
+    // The largest magnitude through the bits: for non-NaN values |a| < |b| exactly when the bits of |a|
+    // are below those of |b|, and a NaN lands above infinity, so either makes the row non-finite.
+    let top = src
+        .iter()
+        .fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff));
+    let (scale, inv) = scale_of(f32::from_bits(top));
     let flip = if shift { 0x80 } else { 0 };
     for (d, &s) in dst.iter_mut().zip(src) {
         *d = (quantise(s, inv) as u8) ^ flip;

@@ -590,7 +590,7 @@ fn non_finite_values_propagate_or_stay_contained_without_panics() {
             }
         }
     }
-    // int8: a NaN activation quantises to 0 within its row; the other rows are untouched.
+    // int8: a row with a NaN activation quantises to 0 (finite outputs); the other rows are untouched.
     let w8 = Rng(11).vec(n * k, 1.0);
     let pi = PackedI8::pack(&w8, n, k).unwrap();
     let mut xs = x.clone();
