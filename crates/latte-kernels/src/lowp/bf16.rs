@@ -174,6 +174,7 @@ pub(crate) fn linear_bf16_at(
         let mut acc = [0f32; BLOCK * BLOCK];
         let a_blk = &a[i0 * kp..(i0 + BLOCK) * kp];
         let (p0, p1) = (w.panel(j0 / PANEL), w.panel(j0 / PANEL + 1));
+        outp.prefetch(i0, rows, j0, cols);
         match level {
             Level::Amx => super::amx::block_bf16(a_blk, kp, p0, p1, &mut acc),
             Level::Avx512 => avx512_block(a_blk, kp, rows, p0, p1, &mut acc),
@@ -183,8 +184,7 @@ pub(crate) fn linear_bf16_at(
             // SAFETY: this block (rows i0.., columns j0..j0 + cols) belongs to this call of the closure
             // alone: `for_each_block` hands out every block once.
             let row = unsafe { outp.row(i0 + r, j0, cols) };
-            row.copy_from_slice(&acc[r * BLOCK..r * BLOCK + cols]);
-            epi.finish_row(row, i0 + r, j0);
+            epi.finish_row(&acc[r * BLOCK..(r + 1) * BLOCK], row, i0 + r, j0);
         }
     });
     Ok(level)

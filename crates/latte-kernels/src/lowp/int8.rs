@@ -261,6 +261,7 @@ pub(crate) fn linear_i8_at(
         let mut acc = [0i32; BLOCK * BLOCK];
         let a_blk = &a[i0 * kp..(i0 + BLOCK) * kp];
         let (p0, p1) = (w.panel(j0 / PANEL), w.panel(j0 / PANEL + 1));
+        outp.prefetch(i0, rows, j0, cols);
         match level {
             Level::Amx => super::amx::block_i8(a_blk, kp, p0, p1, &mut acc),
             Level::Avx512 => avx512_block(a_blk, kp, rows, p0, p1, &mut acc),
@@ -271,7 +272,8 @@ pub(crate) fn linear_i8_at(
             // SAFETY: this block (rows i0.., columns j0..j0 + cols) belongs to this call of the closure
             // alone: `for_each_block` hands out every block once.
             let row = unsafe { outp.row(i0 + r, j0, cols) };
-            for (c, o) in row.iter_mut().enumerate() {
+            let mut v = [0f32; BLOCK];
+            for (c, o) in v[..cols].iter_mut().enumerate() {
                 let j = j0 + c;
                 let mut s = acc[r * BLOCK + c];
                 if shift {
@@ -280,7 +282,7 @@ pub(crate) fn linear_i8_at(
                 }
                 *o = s as f32 * (rs * w.scales[j]);
             }
-            epi.finish_row(row, i0 + r, j0);
+            epi.finish_row(&v, row, i0 + r, j0);
         }
     });
     Ok(level)

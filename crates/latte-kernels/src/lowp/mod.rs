@@ -211,18 +211,32 @@ pub(crate) struct Epilogue<'a> {
 }
 
 impl Epilogue<'_> {
-    /// Finishes columns `j0 ..` of output row `i`, which hold the products: adds the bias and the residual,
-    /// then applies the activation.
+    /// Writes columns `j0 .. j0 + row.len()` of output row `i` from the products in `src`: adds the bias
+    /// and the residual, then applies the activation. One pass that reads `src` and writes `row` (not a copy
+    /// then an update of `row`, which makes narrow loads wait on the wide stores just made).
     #[inline(always)]
-    pub fn finish_row(&self, row: &mut [f32], i: usize, j0: usize) {
-        if let Some(b) = self.bias {
-            for (o, b) in row.iter_mut().zip(&b[j0..]) {
-                *o += b;
+    pub fn finish_row(&self, src: &[f32], row: &mut [f32], i: usize, j0: usize) {
+        let cols = row.len();
+        let src = &src[..cols];
+        let bias = self.bias.map(|b| &b[j0..j0 + cols]);
+        let start = i * self.n + j0;
+        let residual = self.residual.map(|r| &r[start..start + cols]);
+        match (bias, residual) {
+            (None, None) => row.copy_from_slice(src),
+            (Some(b), None) => {
+                for ((o, s), b) in row.iter_mut().zip(src).zip(b) {
+                    *o = s + b;
+                }
             }
-        }
-        if let Some(r) = self.residual {
-            for (o, r) in row.iter_mut().zip(&r[i * self.n + j0..]) {
-                *o += r;
+            (None, Some(r)) => {
+                for ((o, s), r) in row.iter_mut().zip(src).zip(r) {
+                    *o = s + r;
+                }
+            }
+            (Some(b), Some(r)) => {
+                for (((o, s), b), r) in row.iter_mut().zip(src).zip(b).zip(r) {
+                    *o = s + b + r;
+                }
             }
         }
         if self.gelu {
@@ -252,6 +266,25 @@ impl OutPtr {
             len: out.len(),
             n,
         }
+    }
+
+    /// Asks the cache for the output lines of rows `i0 .. i0 + rows`, columns `j0 .. j0 + cols`, so that
+    /// the epilogue after the product does not wait on them (the output rarely fits in cache).
+    pub fn prefetch(&self, i0: usize, rows: usize, j0: usize, cols: usize) {
+        #[cfg(target_arch = "x86_64")]
+        for i in i0..i0 + rows {
+            for c in (0..cols).step_by(16) {
+                let p = self.ptr.wrapping_add(i * self.n + j0 + c);
+                // SAFETY: a prefetch is a hint: it never faults and changes no memory, whatever the address.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                        p as *const i8,
+                    )
+                };
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (i0, rows, j0, cols);
     }
 
     /// Columns `j0 .. j0 + cols` of row `i`.
