@@ -15,7 +15,9 @@
 //! Kernels, chosen at run time from [`crate::cpu()`]: AMX tiles (`tdpbf16ps`, `tdpbssd`; 2 × 2 accumulator
 //! tiles of 16 × 16, k streamed, written with `asm!` since the AMX intrinsics are unstable), AVX-512
 //! (`vdpbf16ps`, `vpdpbusd` with 8 × 32 register tiles), and a portable path doing the same arithmetic in
-//! plain Rust. The int8 levels agree bit for bit; the bf16 levels agree up to the order of f32 additions.
+//! plain Rust (also what AVX2-only CPUs run). The int8 levels agree bit for bit; the bf16 levels agree up to
+//! the order of f32 additions (on Zen 4 `vdpbf16ps` matches the portable order exactly). The AMX kernels are
+//! untested on hardware so far.
 //! Work is split over rayon in blocks of 64 rows × up to 512 columns.
 
 mod amx;
