@@ -324,8 +324,9 @@ fn kill_9_during_add_delete_and_compaction_leaves_the_state_before_or_after() {
     );
 }
 
-/// The writer after a killed writer must succeed without anyone removing anything. Expected to FAIL until the
-/// pid-file `LOCK` (which survives a killed writer) is replaced by an OS file lock (task A2).
+/// The writer after a killed writer must succeed without anyone removing anything, and clean up the killed
+/// writer's temporary files. Expected to FAIL until the pid-file `LOCK` (which survives a killed writer) is
+/// replaced by an OS file lock (task A2): today the next writer gets `Error::Locked`.
 #[test]
 fn next_writer_after_kill_succeeds() {
     let tmp = tempfile::tempdir().unwrap();
@@ -352,6 +353,16 @@ fn next_writer_after_kill_succeeds() {
                     let index = PlaidIndex::open(&dir).unwrap();
                     let ok_len =
                         index.len() == before.documents + 1 || index.len() == after.documents + 1;
+                    let leftovers: Vec<String> = std::fs::read_dir(&dir)
+                        .unwrap()
+                        .map(|e| e.unwrap().file_name().into_string().unwrap())
+                        .filter(|n| n.ends_with(".tmp"))
+                        .collect();
+                    if !leftovers.is_empty() {
+                        failures.push(format!(
+                            "{case}: the next writer left the killed writer's {leftovers:?}"
+                        ));
+                    }
                     if !index.contains("next") || !ok_len {
                         failures.push(format!(
                             "{case}: after the next add: {} documents (want {} or {}), next present: {}",

@@ -367,6 +367,8 @@ fn ids_with_newlines_or_empty_are_refused_other_ids_round_trip() {
     assert_eq!(index.len(), 40);
 }
 
+type SearchFn<'a> = dyn Fn() -> Result<Vec<latte_index::Hit>> + 'a;
+
 #[test]
 fn non_finite_values_never_panic() {
     let tmp = tempfile::tempdir().unwrap();
@@ -435,7 +437,7 @@ fn non_finite_values_never_panic() {
         let mut q = docs.embs[9].clone();
         q[1] = v;
         let q = EmbRef::new(&q, DIM).unwrap();
-        let runs: [(&str, Box<dyn Fn() -> Result<Vec<latte_index::Hit>>>); 2] = [
+        let runs: [(&str, Box<SearchFn>); 2] = [
             (
                 "search",
                 Box::new(|| index.search(q, &SearchParams::for_k(3), None)),
