@@ -38,6 +38,8 @@ enum Op {
     DeleteCompacting,
     /// Compacts the 30 deleted documents away.
     Compact,
+    /// Builds the template's 200 documents in an empty folder (its own test).
+    Create,
 }
 
 const OPS: [Op; 4] = [Op::Add, Op::Delete, Op::DeleteCompacting, Op::Compact];
@@ -49,11 +51,13 @@ impl Op {
             Op::Delete => "delete",
             Op::DeleteCompacting => "delete-compacting",
             Op::Compact => "compact",
+            Op::Create => "create",
         }
     }
 
     fn parse(s: &str) -> Op {
         *OPS.iter()
+            .chain(&[Op::Create])
             .find(|o| o.name() == s)
             .unwrap_or_else(|| panic!("unknown {CHILD_ENV} {s:?}"))
     }
@@ -71,6 +75,9 @@ impl Op {
                 assert!(r.compacted);
             }
             Op::Compact => PlaidIndex::compact(dir).unwrap(),
+            Op::Create => {
+                PlaidIndex::create(dir, &base().source(), &config()).unwrap();
+            }
         }
     }
 }
@@ -228,6 +235,7 @@ fn expected_after(op: Op, before: &State) -> BTreeSet<String> {
             .iter()
             .for_each(|d| assert!(ids.remove(d))),
         Op::Compact => {}
+        Op::Create => unreachable!("create has its own test"),
     }
     ids
 }
@@ -324,6 +332,52 @@ fn kill_9_during_add_delete_and_compaction_leaves_the_state_before_or_after() {
     );
 }
 
+#[test]
+fn kill_9_during_create_leaves_no_index_or_the_whole_index() {
+    let seed = seed() ^ 0xC0FFEE;
+    println!("create crash seed {seed}");
+    let mut rng = Rng(seed | 1);
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let docs = all_docs();
+    let (after, t) = reference(Op::Create, &empty, &tmp.path().join("ref"));
+    assert_eq!(after.ids, base().ids.into_iter().collect());
+    let runs = 12;
+    let (mut n_none, mut n_whole) = (0, 0);
+    let mut failures = Vec::new();
+    for run in 0..runs {
+        let delay = t.mul_f64(1.2 * (run as f64 + rng.unit()) / runs as f64);
+        let dir = tmp.path().join(format!("create-{run}"));
+        std::fs::create_dir(&dir).unwrap();
+        let mut child = spawn_child(Op::Create, &dir);
+        assert!(wait_for_go(&mut child));
+        std::thread::sleep(delay);
+        let _ = child.kill();
+        child.wait().unwrap();
+        let case = format!("create run {run}, kill after {delay:?} (seed {seed})");
+        match PlaidIndex::open(&dir) {
+            Err(latte_index::Error::NotAnIndex(_)) => {
+                n_none += 1;
+                // The folder is not taken for an index by a writer either.
+                match PlaidIndex::compact(&dir) {
+                    Err(latte_index::Error::NotAnIndex(_)) => {}
+                    other => failures.push(format!("{case}: compact on no index: {other:?}")),
+                }
+            }
+            Err(e) => failures.push(format!("{case}: open: {e}")),
+            Ok(_) => match observe(&dir, &docs) {
+                Ok(s) if s == after => n_whole += 1,
+                Ok(s) => failures.push(format!("{case}: a partial index: {s:?}")),
+                Err(e) => failures.push(format!("{case}: {e}")),
+            },
+        }
+    }
+    println!("create: {n_none} runs left no index, {n_whole} the whole index");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_eq!(n_none + n_whole, runs);
+}
+
 /// The writer after a killed writer must succeed without anyone removing anything, and clean up the killed
 /// writer's temporary files. Expected to FAIL until the pid-file `LOCK` (which survives a killed writer) is
 /// replaced by an OS file lock (task A2): today the next writer gets `Error::Locked`.
@@ -374,6 +428,26 @@ fn next_writer_after_kill_succeeds() {
                     }
                 }
                 Err(e) => failures.push(format!("{case}: the next writer failed: {e}")),
+            }
+        }
+    }
+    // A killed create that left no index: creating it again succeeds.
+    for frac in [0.2, 0.5] {
+        let dir = tmp.path().join(format!("create-{frac}"));
+        std::fs::create_dir(&dir).unwrap();
+        let mut child = spawn_child(Op::Create, &dir);
+        assert!(wait_for_go(&mut child));
+        std::thread::sleep(Duration::from_millis(15).mul_f64(frac * 2.0));
+        let _ = child.kill();
+        child.wait().unwrap();
+        if matches!(
+            PlaidIndex::open(&dir),
+            Err(latte_index::Error::NotAnIndex(_))
+        ) {
+            if let Err(e) = PlaidIndex::create(&dir, &base().source(), &config()) {
+                failures.push(format!(
+                    "create killed at {frac}: creating again failed: {e}"
+                ));
             }
         }
     }

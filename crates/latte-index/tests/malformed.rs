@@ -632,3 +632,41 @@ fn odd_settings_are_refused_or_clamped() {
         .is_empty());
     assert!(index.search_batch(&[], &base, None).unwrap().is_empty());
 }
+
+#[test]
+fn edge_operations_keep_the_index_usable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let docs = build(dir);
+    // Compacting with nothing deleted changes no answer.
+    let q = EmbRef::new(&docs.embs[11], DIM).unwrap();
+    let before = PlaidIndex::open(dir)
+        .unwrap()
+        .search_exact(q, 5, None)
+        .unwrap();
+    PlaidIndex::compact(dir).unwrap();
+    PlaidIndex::compact(dir).unwrap();
+    let index = PlaidIndex::open(dir).unwrap();
+    assert_eq!(index.search_exact(q, 5, None).unwrap(), before);
+    assert_eq!((index.len(), index.info().deleted), (60, 0));
+    // Deleting every document (which compacts) leaves an empty index that refuses searches and takes adds.
+    let r = PlaidIndex::delete(dir, &docs.ids).unwrap();
+    assert!(r.compacted && r.remaining == 0, "{r:?}");
+    let index = PlaidIndex::open(dir).unwrap();
+    assert!(index.is_empty());
+    assert_eq!(index.info().tokens, 0);
+    assert!(matches!(
+        index.search(q, &SearchParams::for_k(3), None),
+        Err(Error::EmptyIndex)
+    ));
+    PlaidIndex::compact(dir).unwrap();
+    PlaidIndex::add(dir, &one("back", docs.embs[11].clone())).unwrap();
+    let index = PlaidIndex::open(dir).unwrap();
+    assert_eq!(index.len(), 1);
+    let hits = index.search(q, &SearchParams::for_k(3), None).unwrap();
+    assert_eq!(hits.len(), 1);
+    assert_eq!(hits[0].id, "back");
+    // The old ids can be used again after the compaction.
+    PlaidIndex::add(dir, &docs.source()).unwrap();
+    assert_eq!(PlaidIndex::open(dir).unwrap().len(), 61);
+}
