@@ -66,7 +66,7 @@ fn answers(dir: &Path, queries: &[Vec<f32>]) -> latte_index::Result<Vec<Vec<Hit>
     };
     let mut out = vec![vec![counts]];
     for q in queries {
-        let q = EmbRef::new(q, DIM)?;
+        let q = EmbRef::new(q, index.dim())?;
         out.push(index.search(q, &SearchParams::for_k(5), None)?);
         out.push(index.search_exact(q, 5, None)?);
     }
@@ -113,8 +113,30 @@ const KNOWN_FILE_DEFECTS: &[&str] = &["length field all 0xFF: PANIC"];
 #[test]
 fn every_file_flipped_truncated_or_removed_is_an_error_naming_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let (_, queries) = build(dir);
+    let (_, queries) = build(tmp.path());
+    corrupt_every_file(tmp.path(), &queries);
+}
+
+/// The same on a copy of the committed format-version-1 index (f32 centroids, u32 inverted lists).
+#[test]
+fn every_file_of_a_version_1_index_corrupted_is_an_error_naming_it() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/index_v1");
+    let tmp = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(&fixture).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
+    }
+    let dim = PlaidIndex::open(tmp.path()).unwrap().dim();
+    let mut rng = Rng(99);
+    let queries: Vec<Vec<f32>> = (0..3)
+        .map(|_| (0..2 * dim).map(|_| rng.sym()).collect())
+        .collect();
+    corrupt_every_file(tmp.path(), &queries);
+}
+
+/// Every corruption case on every file of the index in `dir` (restored after each case).
+fn corrupt_every_file(dir: &Path, queries: &[Vec<f32>]) {
+    let queries = queries.to_vec();
     let good = answers(dir, &queries).unwrap();
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
