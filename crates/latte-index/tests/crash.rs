@@ -378,6 +378,41 @@ fn kill_9_during_create_leaves_no_index_or_the_whole_index() {
     assert_eq!(n_none + n_whole, runs);
 }
 
+/// Readers opening the index while another process writes it (the writer's commit removes the files it
+/// supersedes; a reader that races with that retries) always see the state before or after.
+#[test]
+fn readers_during_a_write_see_the_state_before_or_after() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tpl = tmp.path().join("template");
+    template(&tpl);
+    let docs = all_docs();
+    let before = observe(&tpl, &docs).unwrap();
+    let mut failures = Vec::new();
+    let (mut n_before, mut n_after) = (0, 0);
+    for op in OPS {
+        for run in 0..2 {
+            let dir = tmp.path().join(format!("{}-{run}", op.name()));
+            copy_dir(&tpl, &dir);
+            let after_ids = expected_after(op, &before);
+            let mut child = spawn_child(op, &dir);
+            assert!(wait_for_go(&mut child));
+            let mut exited = false;
+            while !exited {
+                exited = child.try_wait().unwrap().is_some();
+                match observe(&dir, &docs) {
+                    Ok(s) if s == before => n_before += 1,
+                    Ok(s) if s.ids == after_ids => n_after += 1,
+                    Ok(s) => failures.push(format!("{} run {run}: a reader saw {s:?}", op.name())),
+                    Err(e) => failures.push(format!("{} run {run}: a reader got {e}", op.name())),
+                }
+            }
+            assert!(child.wait().unwrap().success(), "{}", op.name());
+        }
+    }
+    println!("readers saw the state before {n_before} times, after {n_after} times");
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
 /// The writer after a killed writer must succeed without anyone removing anything, and clean up the killed
 /// writer's temporary files. Expected to FAIL until the pid-file `LOCK` (which survives a killed writer) is
 /// replaced by an OS file lock (task A2): today the next writer gets `Error::Locked`.
