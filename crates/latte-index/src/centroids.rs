@@ -8,6 +8,7 @@ use half::f16;
 use crate::storage::{cast, Mapped};
 
 /// Centroids of one index (`k × dim`).
+#[derive(Clone)]
 pub(crate) enum Centroids {
     /// Format 1: f32, copied out of the file.
     F32(Vec<f32>),

@@ -42,8 +42,8 @@ pub use error::{Error, Result};
 pub use exact::ExactIndex;
 pub use npz_source::NpzSource;
 pub use plaid::{
-    AddReport, DeleteReport, DocumentSource, IndexConfig, IndexInfo, PlaidIndex, SearchParams,
-    VecSource,
+    AddReport, DeleteReport, DocumentSource, IndexConfig, IndexInfo, IndexWriter, PlaidIndex,
+    SearchParams, VecSource,
 };
 pub use rerank_mod::{rerank, RerankResult};
 pub use scores::{maxsim, EmbRef};
