@@ -17,6 +17,8 @@
 //! Embeddings are passed as row-major `f32` matrices (`tokens × dim`) through [`EmbRef`]. The on-disk layout is
 //! documented in FORMAT.md; measured numbers and the benchmark commands are in BENCHMARKS.md.
 #![warn(missing_docs)]
+// Every SIMD and unsafe hot loop lives in latte-kernels; only the memory maps (storage.rs) need unsafe here.
+#![deny(unsafe_code)]
 
 #[cfg(target_endian = "big")]
 compile_error!("latte-index stores little-endian data and memory-maps it; big-endian targets are not supported");
@@ -25,16 +27,15 @@ mod centroids;
 mod codec;
 mod error;
 mod exact;
-mod half_dot;
 mod ivf;
-mod kernels;
 pub mod kmeans;
-mod linalg;
 mod npz_source;
 mod plaid;
 pub mod pool;
 mod rerank_mod;
 pub mod scores;
+// Memory-mapping the index files, and viewing their mapped bytes as plain numbers.
+#[allow(unsafe_code)]
 mod storage;
 mod synth;
 

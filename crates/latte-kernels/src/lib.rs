@@ -10,5 +10,9 @@
 #![warn(missing_docs)]
 
 pub mod cpu;
+pub mod dot;
+pub mod half;
+pub mod prefetch;
+pub mod search;
 
 pub use cpu::{cpu, level, Cpu, Level};

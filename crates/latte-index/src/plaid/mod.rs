@@ -346,10 +346,10 @@ impl PlaidIndex {
     fn prefetch_doc(&self, doc: usize, residuals: bool) {
         let (c, s, e) = self.local_range(doc);
         let w = self.meta.code_width();
-        search::prefetch_lines(&c.codes.payload()[s * w..e * w]);
+        latte_kernels::prefetch::prefetch_lines(&c.codes.payload()[s * w..e * w]);
         if residuals {
             let bpt = self.codec.bytes_per_token();
-            search::prefetch_lines(&c.res.payload()[s * bpt..e * bpt]);
+            latte_kernels::prefetch::prefetch_lines(&c.res.payload()[s * bpt..e * bpt]);
         }
     }
 

@@ -6,11 +6,11 @@ use rayon::prelude::*;
 
 use super::{Codes, PlaidIndex, SearchParams};
 use crate::exact::top_k;
-use crate::kernels::{self, LANES};
-use crate::linalg::{max_rows_into, maxsim_segments};
 use crate::scores::EmbRef;
 use crate::storage::cast;
 use crate::{Error, Hit, Result};
+use latte_kernels::dot::{max_rows_into, maxsim_segments};
+use latte_kernels::search::{self as kernels, LANES};
 
 impl PlaidIndex {
     fn check_query(&self, query: EmbRef<'_>, k: usize) -> Result<()> {
@@ -106,7 +106,7 @@ impl PlaidIndex {
         //    sp[(c * groups + g) * LANES + i] = <centroid c, query token g·LANES + i> (0 in the padding).
         let groups = lq.div_ceil(LANES);
         let stride = groups * LANES;
-        let (qt, qstride) = crate::half_dot::transpose_query(q.data(), lq, dim);
+        let (qt, qstride) = latte_kernels::half::transpose_query(q.data(), lq, dim);
         debug_assert_eq!(qstride, stride);
         // Every entry is written by the kernel; the buffer is reused across this thread's searches.
         let (sp_buf, sq_buf) = (&mut scratch.0, &mut scratch.1);
@@ -358,7 +358,7 @@ impl PlaidIndex {
         let dim = self.meta.dim;
         let lq = q.rows();
         // The half-precision copy is scored in place (no f32 copy of the documents).
-        let (qt, stride) = crate::half_dot::transpose_query(q.data(), lq, dim);
+        let (qt, stride) = latte_kernels::half::transpose_query(q.data(), lq, dim);
         let score_block = |ch: &[u32]| -> Vec<f32> {
             if full {
                 let mut scratch = Vec::new();
@@ -370,7 +370,7 @@ impl PlaidIndex {
                         let f = c.full.as_ref().expect("store_full");
                         let h: &[f16] = cast(f.payload(), f.path(), "f16").expect("checked");
                         scratch.resize((e - s) * stride, 0.0);
-                        crate::half_dot::dots(
+                        latte_kernels::half::dots(
                             &h[s * dim..e * dim],
                             dim,
                             &qt,
@@ -428,22 +428,6 @@ impl PlaidIndex {
             })
             .collect())
     }
-}
-
-/// Prefetches every cache line of `bytes` into L1 (a hint; no effect off x86-64).
-#[inline]
-pub(super) fn prefetch_lines(bytes: &[u8]) {
-    #[cfg(target_arch = "x86_64")]
-    for off in (0..bytes.len()).step_by(64) {
-        // SAFETY: prefetching is a hint with no memory effect; the address is inside `bytes`.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                bytes.as_ptr().add(off) as *const i8,
-            )
-        };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = bytes;
 }
 
 /// The union of every query token's `probe` best centroids, ascending. `sp` is centroid-major with rows of
