@@ -6,6 +6,8 @@
 //! * [`ExactIndex`]: brute-force in-memory index, the ground truth.
 //! * [`PlaidIndex`]: on-disk PLAID index (k-means centroids, residual codec, inverted lists) with add, delete,
 //!   compaction, subset search and a half-precision copy of the embeddings for an exact final rerank.
+//! * [`IndexWriter`]: the one writer of a [`PlaidIndex`] ([`PlaidIndex::writer`]), holding an OS lock on the
+//!   index's `LOCK` file; add, delete and compact, then [`IndexWriter::commit`].
 //! * [`kmeans`]: spherical k-means and nearest-centroid assignment (brute force, or two-level above 16,384
 //!   centroids through a reusable [`kmeans::Assigner`]).
 //! * [`pool`]: token pooling (Ward hierarchical clustering), matching PyLate's `pool_embeddings_hierarchical`.
