@@ -375,4 +375,23 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn normalize_rows_gives_unit_rows_and_keeps_zero_rows() {
+        let dim = 7;
+        let mut v: Vec<f32> = (0..3 * dim).map(|i| (i % 5) as f32 - 2.0).collect();
+        v[dim..2 * dim].fill(0.0);
+        let orig = v.clone();
+        normalize_rows(&mut v, dim);
+        for (r, (row, o)) in v.chunks_exact(dim).zip(orig.chunks_exact(dim)).enumerate() {
+            let n = o.iter().map(|x| x * x).sum::<f32>().sqrt();
+            if n == 0.0 {
+                assert_eq!(row, o, "row {r}");
+            } else {
+                for (a, b) in row.iter().zip(o) {
+                    assert!((a - b / n).abs() < 1e-6, "row {r}");
+                }
+            }
+        }
+    }
 }
