@@ -8,6 +8,7 @@ use half::f16;
 use crate::storage::{cast, Mapped};
 
 /// Centroids of one index (`k × dim`).
+#[derive(Clone)]
 pub(crate) enum Centroids {
     /// Format 1: f32, copied out of the file.
     F32(Vec<f32>),
@@ -56,7 +57,7 @@ impl Centroids {
 
     /// Centroid-major scores: `out[c * stride + j] = ⟨centroid c, q_j⟩` for the `lq` query tokens; the
     /// `stride − lq` padding entries of each row are set to 0. `qt` is the query transposed and padded
-    /// ([`crate::half_dot::transpose_query`]). Returns the largest `|score|` (for the i8 quantisation).
+    /// ([`latte_kernels::half::transpose_query`]). Returns the largest `|score|` (for the i8 quantisation).
     pub(crate) fn scores(
         &self,
         q: &[f32],
@@ -68,8 +69,8 @@ impl Centroids {
     ) -> f32 {
         match self {
             Centroids::F32(v) => {
-                crate::half_dot::dots_f32(v, dim, stride, q, lq, out);
-                crate::kernels::max_abs(out)
+                latte_kernels::half::dots_f32(v, dim, stride, q, lq, out);
+                latte_kernels::search::max_abs(out)
             }
             Centroids::F16 { .. } => {
                 let h = self.half().expect("f16");
@@ -78,13 +79,13 @@ impl Centroids {
                 use rayon::prelude::*;
                 // Centroid scores only rank cells and seed the approximate passes: bf16 products where the
                 // CPU has them. Each block also returns its largest |score| while its rows are in cache.
-                let pairs = crate::half_dot::bf16_query(qt, dim, stride);
+                let pairs = latte_kernels::half::bf16_query(qt, dim, stride);
                 let pairs = pairs.as_deref();
                 h.par_chunks(ROWS * dim)
                     .zip(out.par_chunks_mut(ROWS * stride))
                     .map(|(h, out)| {
-                        crate::half_dot::approx_dots(h, dim, qt, pairs, stride, q, lq, out);
-                        crate::kernels::max_abs(out)
+                        latte_kernels::half::approx_dots(h, dim, qt, pairs, stride, q, lq, out);
+                        latte_kernels::search::max_abs(out)
                     })
                     .reduce(|| 0f32, f32::max)
             }
@@ -119,7 +120,7 @@ mod tests {
         let single = Centroids::F32(rounded.clone());
         assert_eq!(half.to_f32(), rounded);
         let q: Vec<f32> = (0..lq * dim).map(|i| (i % 7) as f32 * 0.1).collect();
-        let (qt, qstride) = crate::half_dot::transpose_query(&q, lq, dim);
+        let (qt, qstride) = latte_kernels::half::transpose_query(&q, lq, dim);
         assert_eq!(qstride, 32);
         let stride = qstride;
         let mut a = vec![1f32; k * stride];

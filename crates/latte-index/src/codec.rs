@@ -175,7 +175,7 @@ impl Codec {
             1.0
         };
         let mut table = vec![0i16; positions * 256 * stride];
-        fill_i16(sums, &mut table, positions, stride, scale);
+        latte_kernels::search::fill_i16_table(sums, &mut table, positions, stride, scale);
         (table, scale)
     }
 
@@ -195,23 +195,6 @@ impl Codec {
         if n > 0.0 {
             let inv = 1.0 / n;
             out.iter_mut().for_each(|v| *v *= inv);
-        }
-    }
-}
-
-crate::kernels::multiversion! {
-    /// The i16 query table from the nibble sums: `table[p][byte][j] = round((hi[p][byte >> 4][j] +
-    /// lo[p][byte & 15][j]) · scale)` (see [`Codec::query_table_i16`]).
-    fn fill_i16(sums: &[f32], table: &mut [i16], positions: usize, stride: usize, scale: f32) -> () {
-        for p in 0..positions {
-            for byte in 0..256usize {
-                let h = &sums[((p * 2) * 16 + (byte >> 4)) * stride..][..stride];
-                let l = &sums[((p * 2 + 1) * 16 + (byte & 15)) * stride..][..stride];
-                let dst = &mut table[(p * 256 + byte) * stride..][..stride];
-                for ((o, a), b) in dst.iter_mut().zip(h).zip(l) {
-                    *o = crate::kernels::round_clamp_i32((a + b) * scale, 32_767.0) as i16;
-                }
-            }
         }
     }
 }
@@ -262,7 +245,7 @@ mod tests {
             let table = codec.query_table(&q, lq, stride);
             assert_eq!(table.len(), codec.bytes_per_token() * 256 * stride);
             // The i16 table is the quantised f32 one, entry for entry.
-            let want = crate::kernels::quantize_table(&table, codec.bytes_per_token());
+            let want = latte_kernels::search::quantize_table(&table, codec.bytes_per_token());
             assert_eq!(codec.query_table_i16(&q, lq, stride), want);
             for r in residuals.chunks_exact(dim).take(20) {
                 let mut packed = vec![0u8; codec.bytes_per_token()];

@@ -39,19 +39,19 @@ pub enum Error {
     /// The directory holds no latte index.
     #[error("{} is not a latte index (no meta.lt in it)", .0.display())]
     NotAnIndex(PathBuf),
-    /// Another writer holds the index lock.
+    /// Another writer (in this or another process) holds the OS lock on the index's `LOCK` file.
     #[error(
-        "the index at {} is being written by another process ({holder}); \
-         if no writer is running, remove {}",
-        path.display(), lock.display()
+        "the index at {} is being written by another process ({}), which holds the lock on {}; \
+         wait for it to finish",
+        path.display(), holder(*.pid), lock.display()
     )]
     Locked {
         /// Index directory.
         path: PathBuf,
         /// Lock file.
         lock: PathBuf,
-        /// What the lock file says about its holder.
-        holder: String,
+        /// The holder's process id, as it wrote it into the lock file (`None` if not readable yet).
+        pid: Option<u32>,
     },
     /// An embedding dimension does not match.
     #[error("dimension mismatch in {what}: expected {expected}, got {got}")]
@@ -84,6 +84,13 @@ pub enum Error {
     /// A [`crate::DocumentSource`] failed.
     #[error("reading documents: {0}")]
     Source(String),
+}
+
+fn holder(pid: Option<u32>) -> String {
+    match pid {
+        Some(p) => format!("pid {p}"),
+        None => "pid unknown".into(),
+    }
 }
 
 /// `Result` with [`Error`].

@@ -5,9 +5,9 @@ use std::collections::HashMap;
 
 use rayon::prelude::*;
 
-use crate::linalg::maxsim_segments;
 use crate::scores::EmbRef;
 use crate::{Error, Hit, Result};
+use latte_kernels::dot::maxsim_segments;
 
 /// An in-memory exhaustive MaxSim index over `f32` token embeddings.
 #[derive(Debug, Clone)]

@@ -10,7 +10,8 @@ use rand::seq::index::sample;
 use rand::SeedableRng;
 use rayon::prelude::*;
 
-use crate::linalg::{matmul_abt, normalize_rows};
+use latte_kernels::dot::{matmul_abt, normalize_rows, scan_tiles_at, TILE};
+use latte_kernels::Level;
 
 const ASSIGN_BLOCK: usize = 1024;
 
@@ -19,8 +20,6 @@ pub const TWO_LEVEL_MIN_CENTROIDS: usize = 16_384;
 /// Default number of centroid groups each point is compared with in the two-level search.
 pub const DEFAULT_PROBE: usize = 16;
 
-/// Centroids per tile in the two-level search's member layout (one tile = `dim × TILE` values, dimension-major).
-const TILE: usize = 16;
 /// Points per block of the two-level search (they share one group-score matmul and one pass over the groups).
 const TWO_LEVEL_BLOCK: usize = 2048;
 /// Lloyd iterations and seed of the k-means that groups the centroids.
@@ -130,7 +129,7 @@ impl<'a> Assigner<'a> {
     pub fn assign(&self, points: &[f32]) -> Vec<u32> {
         match &self.two {
             None => assign(points, self.centroids, self.dim),
-            Some(t) => t.assign(points, self.dim, Kernel::detect()),
+            Some(t) => t.assign(points, self.dim, latte_kernels::level()),
         }
     }
 }
@@ -190,7 +189,7 @@ impl TwoLevel {
         }
     }
 
-    fn assign(&self, points: &[f32], dim: usize, kernel: Kernel) -> Vec<u32> {
+    fn assign(&self, points: &[f32], dim: usize, level: Level) -> Vec<u32> {
         let g_n = self.groups;
         let probe = self.probe;
         let mut codes = vec![0u32; points.len() / dim];
@@ -239,7 +238,8 @@ impl TwoLevel {
                         continue;
                     }
                     let (t0, t1) = (self.tile_start[g], self.tile_start[g + 1]);
-                    kernel.scan(
+                    scan_tiles_at(
+                        level,
                         &self.tiles[t0 * dim * TILE..t1 * dim * TILE],
                         &self.ids[t0 * TILE..t1 * TILE],
                         dim,
@@ -284,149 +284,6 @@ fn top_groups(row: &[f32], probe: usize, top: &mut Vec<(f32, u32)>) {
             }
             top[i] = (v, g as u32);
             thr = top[probe - 1].0;
-        }
-    }
-}
-
-/// The member-scoring kernel, chosen once per call by the CPU's features so that its rounding matches the
-/// matmul's (fused multiply-adds where gemm uses them).
-#[derive(Clone, Copy)]
-enum Kernel {
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-    #[cfg(target_arch = "x86_64")]
-    Avx2Fma,
-    Portable,
-}
-
-impl Kernel {
-    fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return Kernel::Avx512;
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return Kernel::Avx2Fma;
-            }
-        }
-        Kernel::Portable
-    }
-
-    /// The kernels this CPU runs whose rounding is the matmul's (for tests).
-    #[cfg(test)]
-    fn all_matching_gemm() -> Vec<Self> {
-        let mut v = Vec::new();
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                v.push(Kernel::Avx512);
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                v.push(Kernel::Avx2Fma);
-            }
-        }
-        if v.is_empty() {
-            v.push(Kernel::Portable);
-        }
-        v
-    }
-
-    fn scan(
-        self,
-        tiles: &[f32],
-        ids: &[u32],
-        dim: usize,
-        pts: &[u32],
-        rows: &[f32],
-        best: &mut [(f32, u32)],
-    ) {
-        match self {
-            // SAFETY: the variant was chosen by `detect` only when the CPU has these features.
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512 => unsafe { scan_avx512(tiles, ids, dim, pts, rows, best) },
-            // SAFETY: as above.
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2Fma => unsafe { scan_avx2(tiles, ids, dim, pts, rows, best) },
-            // gemm's portable kernel fuses on aarch64 (native FMA) and multiplies then adds elsewhere.
-            Kernel::Portable => {
-                scan_group::<{ cfg!(target_arch = "aarch64") }, 4>(tiles, ids, dim, pts, rows, best)
-            }
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn scan_avx512(
-    tiles: &[f32],
-    ids: &[u32],
-    dim: usize,
-    pts: &[u32],
-    rows: &[f32],
-    best: &mut [(f32, u32)],
-) {
-    scan_group::<true, 8>(tiles, ids, dim, pts, rows, best)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn scan_avx2(
-    tiles: &[f32],
-    ids: &[u32],
-    dim: usize,
-    pts: &[u32],
-    rows: &[f32],
-    best: &mut [(f32, u32)],
-) {
-    scan_group::<true, 6>(tiles, ids, dim, pts, rows, best)
-}
-
-/// Scores the points `pts` (indices into `rows`, `dim` values each) against every centroid of one group's tiles
-/// and keeps, per point, the best (score, original index) in `best` (ties: lower index). `M` points at a time
-/// against one tile: `M × TILE` accumulators, one fused multiply-add per dimension each, in dimension order
-/// (the same rounding as the matmul). The last group of points is padded by repeating its last point.
-#[inline(always)]
-fn scan_group<const FUSED: bool, const M: usize>(
-    tiles: &[f32],
-    ids: &[u32],
-    dim: usize,
-    pts: &[u32],
-    rows: &[f32],
-    best: &mut [(f32, u32)],
-) {
-    for chunk in pts.chunks(M) {
-        let x: [&[f32]; M] = std::array::from_fn(|i| {
-            let p = chunk[i.min(chunk.len() - 1)] as usize;
-            &rows[p * dim..(p + 1) * dim]
-        });
-        for (tile, tid) in tiles.chunks_exact(dim * TILE).zip(ids.chunks_exact(TILE)) {
-            let mut acc = [[0f32; TILE]; M];
-            for (l, t) in tile.chunks_exact(TILE).enumerate() {
-                let t: &[f32; TILE] = t.try_into().unwrap();
-                for (a, xr) in acc.iter_mut().zip(&x) {
-                    let xv = xr[l];
-                    for (av, &tv) in a.iter_mut().zip(t) {
-                        *av = if FUSED {
-                            xv.mul_add(tv, *av)
-                        } else {
-                            xv * tv + *av
-                        };
-                    }
-                }
-            }
-            for (a, &p) in acc.iter().zip(chunk) {
-                let b = &mut best[p as usize];
-                for (&v, &id) in a.iter().zip(tid) {
-                    if v > b.0 || (v == b.0 && id < b.1) {
-                        *b = (v, id);
-                    }
-                }
-            }
         }
     }
 }
@@ -546,10 +403,14 @@ mod tests {
             );
             let want = assign(&points, &centroids, dim);
             assert_eq!(a.assign(&points), want, "dim {dim}");
-            // Every kernel this CPU can run whose rounding matches the matmul's.
+            // The scan at every level this process can run rounds as the matmul does.
             let two = a.two.as_ref().unwrap();
-            for kernel in Kernel::all_matching_gemm() {
-                assert_eq!(two.assign(&points, dim, kernel), want, "dim {dim}");
+            for level in latte_kernels::cpu::levels_here() {
+                assert_eq!(
+                    two.assign(&points, dim, level),
+                    want,
+                    "dim {dim} at {level}"
+                );
             }
             assert_eq!(want[0], 3);
             // A reused assigner gives the same answer batch by batch.

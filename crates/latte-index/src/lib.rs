@@ -6,6 +6,8 @@
 //! * [`ExactIndex`]: brute-force in-memory index, the ground truth.
 //! * [`PlaidIndex`]: on-disk PLAID index (k-means centroids, residual codec, inverted lists) with add, delete,
 //!   compaction, subset search and a half-precision copy of the embeddings for an exact final rerank.
+//! * [`IndexWriter`]: the one writer of a [`PlaidIndex`] ([`PlaidIndex::writer`]), holding an OS lock on the
+//!   index's `LOCK` file; add, delete and compact, then [`IndexWriter::commit`].
 //! * [`kmeans`]: spherical k-means and nearest-centroid assignment (brute force, or two-level above 16,384
 //!   centroids through a reusable [`kmeans::Assigner`]).
 //! * [`pool`]: token pooling (Ward hierarchical clustering), matching PyLate's `pool_embeddings_hierarchical`.
@@ -17,6 +19,8 @@
 //! Embeddings are passed as row-major `f32` matrices (`tokens × dim`) through [`EmbRef`]. The on-disk layout is
 //! documented in FORMAT.md; measured numbers and the benchmark commands are in BENCHMARKS.md.
 #![warn(missing_docs)]
+// Every SIMD and unsafe hot loop lives in latte-kernels; only the memory maps (storage.rs) need unsafe here.
+#![deny(unsafe_code)]
 
 #[cfg(target_endian = "big")]
 compile_error!("latte-index stores little-endian data and memory-maps it; big-endian targets are not supported");
@@ -25,16 +29,15 @@ mod centroids;
 mod codec;
 mod error;
 mod exact;
-mod half_dot;
 mod ivf;
-mod kernels;
 pub mod kmeans;
-mod linalg;
 mod npz_source;
 mod plaid;
 pub mod pool;
 mod rerank_mod;
 pub mod scores;
+// Memory-mapping the index files, and viewing their mapped bytes as plain numbers.
+#[allow(unsafe_code)]
 mod storage;
 mod synth;
 
@@ -42,8 +45,8 @@ pub use error::{Error, Result};
 pub use exact::ExactIndex;
 pub use npz_source::NpzSource;
 pub use plaid::{
-    AddReport, DeleteReport, DocumentSource, IndexConfig, IndexInfo, PlaidIndex, SearchParams,
-    VecSource,
+    AddReport, DeleteReport, DocumentSource, IndexConfig, IndexInfo, IndexWriter, PlaidIndex,
+    SearchParams, VecSource,
 };
 pub use rerank_mod::{rerank, RerankResult};
 pub use scores::{maxsim, EmbRef};

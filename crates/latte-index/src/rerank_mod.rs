@@ -2,9 +2,9 @@
 
 use rayon::prelude::*;
 
-use crate::linalg::{matmul_abt, max_rows_into};
 use crate::scores::EmbRef;
 use crate::{Error, Result};
+use latte_kernels::dot::{matmul_abt, max_rows_into};
 
 /// A reranked candidate.
 #[derive(Debug, Clone, PartialEq)]

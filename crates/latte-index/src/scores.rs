@@ -8,8 +8,8 @@
 
 use rayon::prelude::*;
 
-use crate::linalg::{matmul_abt, max_rows_into};
 use crate::{Error, Result};
+use latte_kernels::dot::{matmul_abt, max_rows_into};
 
 /// A borrowed row-major `rows × dim` matrix of token embeddings.
 #[derive(Debug, Clone, Copy, PartialEq)]

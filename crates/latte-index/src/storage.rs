@@ -1,12 +1,13 @@
-//! Checksummed, versioned files; memory-mapped reads; atomic writes; the writer lock.
+//! Checksummed, versioned files; memory-mapped reads; atomic writes.
 //!
 //! Every file is `header (32 bytes) | payload | footer (8 bytes)`, little-endian (see FORMAT.md):
 //! header = magic `LATTEIX\0`, format version (u32), kind (4 ASCII bytes), payload length (u64), 8 zero bytes;
 //! footer = crc32 (IEEE) of the payload (u32) and `LEND`. Sectioned payloads start with a section table.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::IoContext;
 use crate::{Error, Result};
@@ -120,9 +121,10 @@ pub(crate) fn write_sections(path: &Path, kind: &[u8; 4], sections: &[&[u8]]) ->
     w.finish()
 }
 
-/// A verified, memory-mapped file.
+/// A verified, memory-mapped file (clones share the mapping).
+#[derive(Clone)]
 pub(crate) struct Mapped {
-    map: memmap2::Mmap,
+    map: Arc<memmap2::Mmap>,
     path: PathBuf,
     payload_len: usize,
     version: u32,
@@ -199,7 +201,7 @@ impl Mapped {
             return Err(corrupt("file changed while it was being opened".into()));
         }
         Ok(Self {
-            map,
+            map: Arc::new(map),
             path: path.to_path_buf(),
             payload_len,
             version,
@@ -286,42 +288,6 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|f| f.sync_all()).at(dir)
 }
 
-/// An exclusive writer lock: `LOCK` created with `create_new`, removed on drop.
-pub(crate) struct WriterLock {
-    path: PathBuf,
-}
-
-impl WriterLock {
-    pub(crate) fn acquire(dir: &Path) -> Result<Self> {
-        let path = dir.join("LOCK");
-        match OpenOptions::new().write(true).create_new(true).open(&path) {
-            Ok(mut f) => {
-                let _ = writeln!(f, "pid {}", std::process::id());
-                let _ = f.sync_all();
-                Ok(Self { path })
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let holder = std::fs::read_to_string(&path)
-                    .unwrap_or_default()
-                    .trim()
-                    .to_string();
-                Err(Error::Locked {
-                    path: dir.to_path_buf(),
-                    lock: path,
-                    holder,
-                })
-            }
-            Err(e) => Err(Error::Io { path, source: e }),
-        }
-    }
-}
-
-impl Drop for WriterLock {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,17 +321,5 @@ mod tests {
             Mapped::open(&p, b"TEST"),
             Err(Error::Corrupt { .. })
         ));
-    }
-
-    #[test]
-    fn lock_is_exclusive() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = WriterLock::acquire(dir.path()).unwrap();
-        assert!(matches!(
-            WriterLock::acquire(dir.path()),
-            Err(Error::Locked { .. })
-        ));
-        drop(a);
-        WriterLock::acquire(dir.path()).unwrap();
     }
 }

@@ -517,17 +517,20 @@ fn odd_settings_are_refused_or_clamped() {
         assert!(matches!(err, Error::InvalidArgument(_)), "{what}: {err}");
         assert!(!other.path().join("meta.lt").exists(), "{what}");
     }
-    // Documented acceptance: centroid counts are clamped to what the data supports (0 → 1; more centroids
-    // than tokens → at most one per token); 0 k-means iterations keep the initial centroids.
+    // Zero centroids is refused, naming the parameter (it used to be turned into 1 silently).
+    let other = tempfile::tempdir().unwrap();
+    let zero = IndexConfig {
+        num_centroids: Some(0),
+        ..config()
+    };
+    match PlaidIndex::create(other.path(), &src, &zero) {
+        Err(Error::InvalidArgument(m)) => assert!(m.contains("num_centroids"), "{m}"),
+        other => panic!("num_centroids 0: expected InvalidArgument, got {other:?}"),
+    }
+    // Documented acceptance: centroid counts are clamped to what the data supports (more centroids than
+    // tokens → at most one per token); 0 k-means iterations keep the initial centroids.
     let tokens = docs.tokens() as usize;
     for (what, cfg) in [
-        (
-            "num_centroids 0",
-            IndexConfig {
-                num_centroids: Some(0),
-                ..config()
-            },
-        ),
         (
             "num_centroids 10^6",
             IndexConfig {
@@ -565,23 +568,19 @@ fn odd_settings_are_refused_or_clamped() {
         Err(Error::InvalidArgument(_))
     ));
     let base = SearchParams::for_k(3);
-    for (what, p) in [
+    // Zero depths and NaN thresholds are refused, naming the parameter; huge ones are clamped.
+    for (what, name, p) in [
         (
             "n_ivf_probe 0",
+            "n_ivf_probe",
             SearchParams {
                 n_ivf_probe: 0,
                 ..base.clone()
             },
         ),
         (
-            "n_ivf_probe 10^9",
-            SearchParams {
-                n_ivf_probe: 1_000_000_000,
-                ..base.clone()
-            },
-        ),
-        (
             "ndocs 0",
+            "ndocs",
             SearchParams {
                 ndocs: 0,
                 ..base.clone()
@@ -589,6 +588,7 @@ fn odd_settings_are_refused_or_clamped() {
         ),
         (
             "n_residual 0",
+            "n_residual",
             SearchParams {
                 n_residual: 0,
                 ..base.clone()
@@ -596,6 +596,7 @@ fn odd_settings_are_refused_or_clamped() {
         ),
         (
             "n_rerank 0",
+            "n_rerank",
             SearchParams {
                 n_rerank: 0,
                 ..base.clone()
@@ -603,6 +604,7 @@ fn odd_settings_are_refused_or_clamped() {
         ),
         (
             "NaN threshold",
+            "centroid_score_threshold",
             SearchParams {
                 centroid_score_threshold: Some(f32::NAN),
                 ..base.clone()
@@ -610,12 +612,25 @@ fn odd_settings_are_refused_or_clamped() {
         ),
         (
             "NaN token margin",
+            "token_margin",
             SearchParams {
                 token_margin: Some(f32::NAN),
                 ..base.clone()
             },
         ),
     ] {
+        match index.search(q, &p, None) {
+            Err(Error::InvalidArgument(m)) => assert!(m.contains(name), "{what}: {m}"),
+            other => panic!("{what}: expected InvalidArgument, got {other:?}"),
+        }
+    }
+    for (what, p) in [(
+        "n_ivf_probe 10^9",
+        SearchParams {
+            n_ivf_probe: 1_000_000_000,
+            ..base.clone()
+        },
+    )] {
         let hits = index.search(q, &p, None).unwrap();
         assert!(!hits.is_empty() && hits.len() <= 3, "{what}: {hits:?}");
         assert_eq!(hits[0].id, "d6", "{what}");

@@ -390,12 +390,12 @@ fn interrupted_writes_and_concurrent_writers() {
     );
 
     // A second writer is refused while the lock is held, and nothing changes.
-    std::fs::write(dir.path().join("LOCK"), b"pid 1").unwrap();
+    let holder = PlaidIndex::writer(dir.path()).unwrap();
     let (more, _) = corpus(5, 42, "e");
     let err = PlaidIndex::add(dir.path(), &more).unwrap_err();
     assert!(matches!(err, Error::Locked { .. }), "{err}");
     assert!(err.to_string().contains("LOCK"), "{err}");
-    std::fs::remove_file(dir.path().join("LOCK")).unwrap();
+    drop(holder);
 
     PlaidIndex::add(dir.path(), &more).unwrap();
     let names: Vec<String> = snapshot(dir.path()).into_iter().map(|(n, _)| n).collect();

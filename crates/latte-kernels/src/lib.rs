@@ -10,6 +10,10 @@
 #![warn(missing_docs)]
 
 pub mod cpu;
+pub mod dot;
+pub mod half;
 pub mod lowp;
+pub mod prefetch;
+pub mod search;
 
 pub use cpu::{cpu, level, Cpu, Level};

@@ -1,12 +1,19 @@
-//! Hot loops of the approximate search passes, compiled twice: portable, and with AVX2 + FMA selected at run
-//! time (the default x86-64 target has only SSE2).
+//! The search kernels of latte-index: the i8 centroid-interaction pass (which also keeps each document's
+//! per-lane maxima), token pruning against them, the residual lookup-table pass run position-major over
+//! blocks of gathered tokens ([`Gathered`], [`residual_block`]), and the i16 query-table fill.
+//!
+//! Each runs at the process's level ([`crate::cpu()`]); the `*_at` forms take a level (capped at the
+//! process's, so they are safe) for tests that compare every level in one process.
 #![allow(clippy::too_many_arguments)] // kernels take their operands explicitly
 
+use crate::cpu::{self, Level};
+
 /// Query tokens processed together (fixed width, so the loops vectorise).
-pub(crate) const LANES: usize = 32;
+pub const LANES: usize = 32;
 
 /// A centroid code as stored (u16 or u32).
-pub(crate) trait Code: Copy + Send + Sync {
+pub trait Code: Copy + Send + Sync {
+    /// The code as an index.
     fn idx(self) -> usize;
 }
 impl Code for u16 {
@@ -22,10 +29,16 @@ impl Code for u32 {
     }
 }
 
+/// Compiles a function twice, portable and with AVX2 + FMA enabled, and defines `name` (at the process's level)
+/// and `name_at` (at a given level, capped at the process's).
 macro_rules! multiversion {
-    ($(#[$m:meta])* fn $name:ident<C: Code>($($arg:ident : $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident / $at:ident <C: Code>($($arg:ident : $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
         $(#[$m])*
-        pub(crate) fn $name<C: Code>($($arg: $ty),*) -> $ret {
+        $vis fn $name<C: Code>($($arg: $ty),*) -> $ret {
+            $at($crate::cpu::level(), $($arg),*)
+        }
+        /// The same at `level` (capped at this process's level).
+        $vis fn $at<C: Code>(level: $crate::cpu::Level, $($arg: $ty),*) -> $ret {
             #[inline(always)]
             fn generic<C: Code>($($arg: $ty),*) -> $ret $body
             #[cfg(target_arch = "x86_64")]
@@ -34,18 +47,23 @@ macro_rules! multiversion {
                 unsafe fn avx2<C: Code>($($arg: $ty),*) -> $ret {
                     generic($($arg),*)
                 }
-                if simd_level() >= 1 {
-                    // SAFETY: the CPU supports the enabled features (checked by simd_level).
+                if level.min($crate::cpu::level()) >= $crate::cpu::Level::Avx2 {
+                    // SAFETY: the process's level (detected, then capped) includes AVX2 and FMA.
                     return unsafe { avx2($($arg),*) };
                 }
             }
+            let _ = level;
             generic($($arg),*)
         }
     };
     // The same for a non-generic function.
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident / $at:ident ($($arg:ident : $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
         $(#[$m])*
         $vis fn $name($($arg: $ty),*) -> $ret {
+            $at($crate::cpu::level(), $($arg),*)
+        }
+        /// The same at `level` (capped at this process's level).
+        $vis fn $at(level: $crate::cpu::Level, $($arg: $ty),*) -> $ret {
             #[inline(always)]
             fn generic($($arg: $ty),*) -> $ret $body
             #[cfg(target_arch = "x86_64")]
@@ -54,11 +72,12 @@ macro_rules! multiversion {
                 unsafe fn avx2($($arg: $ty),*) -> $ret {
                     generic($($arg),*)
                 }
-                if $crate::kernels::simd_level() >= 1 {
-                    // SAFETY: the CPU supports the enabled features (checked by simd_level).
+                if level.min($crate::cpu::level()) >= $crate::cpu::Level::Avx2 {
+                    // SAFETY: the process's level (detected, then capped) includes AVX2 and FMA.
                     return unsafe { avx2($($arg),*) };
                 }
             }
+            let _ = level;
             generic($($arg),*)
         }
     };
@@ -66,8 +85,7 @@ macro_rules! multiversion {
 pub(crate) use multiversion;
 
 /// Quantises padded centroid scores to i8: `sq[i] = round(sp[i] · scale)` with `scale = 127 / max |sp|`.
-#[cfg(test)]
-pub(crate) fn quantize_scores(sp: &[f32]) -> (Vec<i8>, f32) {
+pub fn quantize_scores(sp: &[f32]) -> (Vec<i8>, f32) {
     let mut sq = Vec::new();
     let scale = quantize_scores_into(sp, max_abs(sp), &mut sq);
     (sq, scale)
@@ -75,7 +93,7 @@ pub(crate) fn quantize_scores(sp: &[f32]) -> (Vec<i8>, f32) {
 
 multiversion! {
     /// The largest `|v|` of `v` (vectorised: no NaN handling; AVX2 when available).
-    pub(crate) fn max_abs(v: &[f32]) -> f32 {
+    pub fn max_abs / max_abs_at(v: &[f32]) -> f32 {
         // `if` rather than f32::max: no NaN handling, so the loop vectorises.
         v.iter().fold(0f32, |m, x| if x.abs() > m { x.abs() } else { m })
     }
@@ -83,7 +101,7 @@ multiversion! {
 
 multiversion! {
     /// `out[i] = round(sp[i] · scale)` as i8 (|values| ≤ 127 by the choice of scale).
-    fn quantize_block(sp: &[f32], scale: f32, out: &mut [i8]) -> () {
+    fn quantize_block / quantize_block_at(sp: &[f32], scale: f32, out: &mut [i8]) -> () {
         for (o, &v) in out.iter_mut().zip(sp) {
             *o = round_clamp_i32(v * scale, 127.0) as i8;
         }
@@ -92,7 +110,7 @@ multiversion! {
 
 /// [`quantize_scores`] into a reused buffer, in parallel blocks, given `max = max |sp|` (as returned by the
 /// centroid scoring); returns the scale.
-pub(crate) fn quantize_scores_into(sp: &[f32], max: f32, sq: &mut Vec<i8>) -> f32 {
+pub fn quantize_scores_into(sp: &[f32], max: f32, sq: &mut Vec<i8>) -> f32 {
     use rayon::prelude::*;
     const BLOCK: usize = 1 << 16;
     let scale = if max > 0.0 { 127.0 / max } else { 1.0 };
@@ -106,7 +124,7 @@ pub(crate) fn quantize_scores_into(sp: &[f32], max: f32, sq: &mut Vec<i8>) -> f3
 /// [`round_i32`] clamped to `±lim` (`lim` well inside i32), written so that loops over it vectorise: the
 /// saturating `as` cast of a float is scalarised by LLVM, an unchecked one on a clamped value is not.
 #[inline(always)]
-pub(crate) fn round_clamp_i32(x: f32, lim: f32) -> i32 {
+pub fn round_clamp_i32(x: f32, lim: f32) -> i32 {
     // max / min turn a NaN into a bound, so the value is always finite and in range.
     let r = (x + 0.5f32.copysign(x)).max(-lim).min(lim);
     // SAFETY: r is finite and within ±lim ⊂ i32 (see above).
@@ -115,7 +133,7 @@ pub(crate) fn round_clamp_i32(x: f32, lim: f32) -> i32 {
 
 /// Round half away from zero without a libm call (`f32::round` is not inlined on the baseline target).
 #[inline(always)]
-pub(crate) fn round_i32(x: f32) -> i32 {
+pub fn round_i32(x: f32) -> i32 {
     (x + 0.5f32.copysign(x)) as i32
 }
 
@@ -126,7 +144,7 @@ multiversion! {
     /// `LANES` per centroid; i8 rows are a quarter of the memory traffic of f32 scores. When `best` is not
     /// empty (`groups` rows), it receives the per-lane maxima `max_t sq[code_t][j]` (`i8::MIN` without tokens),
     /// which [`keep_tokens`] needs.
-    fn bag_score_i8<C: Code>(codes: &[C], sq: &[i8], groups: usize, cmax: &[f32], threshold: f32, best: &mut [[i8; LANES]]) -> i32 {
+    pub fn bag_score_i8 / bag_score_i8_at<C: Code>(codes: &[C], sq: &[i8], groups: usize, cmax: &[f32], threshold: f32, best: &mut [[i8; LANES]]) -> i32 {
         let mut total = 0i32;
         for g in 0..groups {
             let mut acc = [i8::MIN; LANES];
@@ -153,7 +171,21 @@ multiversion! {
 /// centroid score comes within `margin` (quantisation units) of the document's best centroid score `best`
 /// (per group, from [`bag_score_i8`]) for at least one query token. A token further below every maximum can
 /// only win a query token if its residual correction beats the best token's by more than the margin.
-pub(crate) fn keep_tokens<C: Code>(
+pub fn keep_tokens<C: Code>(
+    codes: &[C],
+    sq: &[i8],
+    groups: usize,
+    lq: usize,
+    margin: i16,
+    best: &[[i8; LANES]],
+    out: &mut Vec<u32>,
+) {
+    keep_tokens_at(cpu::level(), codes, sq, groups, lq, margin, best, out)
+}
+
+/// [`keep_tokens`] at `level` (capped at this process's level).
+pub fn keep_tokens_at<C: Code>(
+    level: Level,
     codes: &[C],
     sq: &[i8],
     groups: usize,
@@ -189,12 +221,13 @@ pub(crate) fn keep_tokens<C: Code>(
     out.clear();
     out.resize(codes.len(), 0);
     #[cfg(target_arch = "x86_64")]
-    if simd_level() >= 1 {
-        // SAFETY: AVX2 is available (simd_level); keep_avx2 checks each code against n_centroids.
+    if level.min(cpu::level()) >= Level::Avx2 {
+        // SAFETY: the process's level includes AVX2; keep_avx2 checks each code against n_centroids.
         let n = unsafe { keep_avx2(codes, sq, n_centroids, groups, thr, out) };
         out.truncate(n);
         return;
     }
+    let _ = level;
     let mut n = 0;
     for (t, &c) in codes.iter().enumerate() {
         let mut any = false;
@@ -239,48 +272,20 @@ unsafe fn keep_avx2<C: Code>(
     n
 }
 
-/// The widest SIMD level usable here: 0 portable, 1 AVX2 + FMA, 2 AVX-512 (F, BW). `LATTE_SIMD=portable|avx2`
-/// caps it (to test every level on one machine).
-pub(crate) fn simd_level() -> u8 {
-    static LEVEL: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        let cap = match std::env::var("LATTE_SIMD").as_deref() {
-            Ok("portable") => 0,
-            Ok("avx2") => 1,
-            _ => 2,
-        };
-        #[cfg(target_arch = "x86_64")]
-        let found = if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-        {
-            2
-        } else if std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-        {
-            1
-        } else {
-            0
-        };
-        #[cfg(not(target_arch = "x86_64"))]
-        let found = 0;
-        found.min(cap)
-    })
-}
-
 /// The kept tokens of a block of documents, gathered for [`residual_block`]: each token's centroid code and
 /// packed residual bytes, and per document the end of its tokens. The scratch buffers are reused.
 #[derive(Default)]
-pub(crate) struct Gathered {
-    pub codes: Vec<u32>,
-    pub res: Vec<u8>,
-    pub ends: Vec<u32>,
+pub struct Gathered {
+    codes: Vec<u32>,
+    res: Vec<u8>,
+    ends: Vec<u32>,
     acc: Vec<[i16; LANES]>,
     best: Vec<[f32; LANES]>,
 }
 
 impl Gathered {
     /// Appends one document: the tokens at positions `keep` of `codes` / `res` (`bpt` bytes per token).
-    pub(crate) fn push_doc<C: Code>(&mut self, codes: &[C], keep: &[u32], res: &[u8], bpt: usize) {
+    pub fn push_doc<C: Code>(&mut self, codes: &[C], keep: &[u32], res: &[u8], bpt: usize) {
         // Fixed-size copies for the usual widths (a memcpy call per 32-byte token costs more than the copy).
         fn copy<const N: usize>(dst: &mut Vec<u8>, res: &[u8], keep: &[u32]) {
             let (rows, _) = res.as_chunks::<N>();
@@ -312,7 +317,21 @@ const SWEEP: usize = 128;
 /// [`residual_score`] for every document of a [`Gathered`] block, position-major: for each packed byte
 /// position the block's tokens read the same 256-row slice of the table (L1-resident), instead of each token
 /// reading rows all over the table. `out[d]` is document `d`'s score (`-inf` for one without tokens).
-pub(crate) fn residual_block(
+pub fn residual_block(
+    gath: &mut Gathered,
+    bpt: usize,
+    sp: &[f32],
+    groups: usize,
+    tables: &[(Vec<i16>, f32)],
+    lq: usize,
+    out: &mut Vec<f32>,
+) {
+    residual_block_at(cpu::level(), gath, bpt, sp, groups, tables, lq, out)
+}
+
+/// [`residual_block`] at `level` (capped at this process's level).
+pub fn residual_block_at(
+    level: Level,
     gath: &mut Gathered,
     bpt: usize,
     sp: &[f32],
@@ -334,17 +353,19 @@ pub(crate) fn residual_block(
     for (table, _) in tables {
         assert_eq!(table.len(), bpt * 256 * LANES);
     }
+    let level = level.min(cpu::level());
     #[cfg(target_arch = "x86_64")]
     {
-        if simd_level() >= 2 {
-            // SAFETY: the CPU supports AVX-512 F and BW (checked by simd_level).
+        if level >= Level::Avx512 {
+            // SAFETY: the process's level includes AVX-512 F and BW.
             return unsafe { residual_block_avx512(gath, bpt, sp, groups, tables, lq, out) };
         }
-        if simd_level() >= 1 {
-            // SAFETY: the CPU supports AVX2 and FMA (checked by simd_level).
+        if level >= Level::Avx2 {
+            // SAFETY: the process's level includes AVX2 and FMA.
             return unsafe { residual_block_avx2(gath, bpt, sp, groups, tables, lq, out) };
         }
     }
+    let _ = level;
     residual_block_generic(gath, bpt, sp, groups, tables, lq, out, sweep_portable)
 }
 
@@ -518,9 +539,9 @@ fn residual_block_generic(
     }
 }
 
-/// Quantises a lookup table to i16 so that the sum of `positions` entries stays within i16.
-#[cfg(test)]
-pub(crate) fn quantize_table(table: &[f32], positions: usize) -> (Vec<i16>, f32) {
+/// Quantises a lookup table to i16 so that the sum of `positions` entries stays within i16 (a plain reference
+/// for tests).
+pub fn quantize_table(table: &[f32], positions: usize) -> (Vec<i16>, f32) {
     let max = table.iter().fold(0f32, |m, v| m.max(v.abs()));
     let scale = if max > 0.0 {
         32_000.0 / (max * positions as f32)
@@ -531,6 +552,24 @@ pub(crate) fn quantize_table(table: &[f32], positions: usize) -> (Vec<i16>, f32)
         table.iter().map(|&v| round_i32(v * scale) as i16).collect(),
         scale,
     )
+}
+
+multiversion! {
+    /// The i16 query table from per-nibble partial sums: `table[p][byte][j] = round((hi[p][byte >> 4][j] +
+    /// lo[p][byte & 15][j]) · scale)`, `sums` holding for each byte position `p` the 16 high-nibble rows then
+    /// the 16 low-nibble rows, each `stride` wide.
+    pub fn fill_i16_table / fill_i16_table_at(sums: &[f32], table: &mut [i16], positions: usize, stride: usize, scale: f32) -> () {
+        for p in 0..positions {
+            for byte in 0..256usize {
+                let h = &sums[((p * 2) * 16 + (byte >> 4)) * stride..][..stride];
+                let l = &sums[((p * 2 + 1) * 16 + (byte & 15)) * stride..][..stride];
+                let dst = &mut table[(p * 256 + byte) * stride..][..stride];
+                for ((o, a), b) in dst.iter_mut().zip(h).zip(l) {
+                    *o = round_clamp_i32((a + b) * scale, 32_767.0) as i16;
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -566,24 +605,62 @@ mod tests {
                     .max(0)
             })
             .sum();
-        let mut best = vec![[0i8; LANES]; groups];
-        assert_eq!(
-            bag_score_i8(&codes, &sq, groups, &cmax, f32::NEG_INFINITY, &mut best),
-            want
-        );
-        assert_eq!(
-            bag_score_i8(&codes, &sq, groups, &cmax, f32::NEG_INFINITY, &mut []),
-            want
-        );
+        for level in cpu::levels_here() {
+            eprintln!("bag_score_i8 / keep_tokens at {level}");
+            let mut best = vec![[0i8; LANES]; groups];
+            assert_eq!(
+                bag_score_i8_at(
+                    level,
+                    &codes,
+                    &sq,
+                    groups,
+                    &cmax,
+                    f32::NEG_INFINITY,
+                    &mut best
+                ),
+                want,
+                "{level}"
+            );
+            assert_eq!(
+                bag_score_i8_at(
+                    level,
+                    &codes,
+                    &sq,
+                    groups,
+                    &cmax,
+                    f32::NEG_INFINITY,
+                    &mut []
+                ),
+                want,
+                "{level}"
+            );
+            check_maxima_and_pruning(level, &codes, &sq, groups, lq, &cmax, &best, row);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_maxima_and_pruning(
+        level: Level,
+        codes: &[u16],
+        sq: &[i8],
+        groups: usize,
+        lq: usize,
+        cmax: &[f32],
+        best: &[[i8; LANES]],
+        row: impl Fn(usize, usize) -> i8,
+    ) {
         for j in 0..lq {
             let m = codes.iter().map(|&c| row(c as usize, j)).max().unwrap();
             assert_eq!(best[j / LANES][j % LANES], m, "maximum of lane {j}");
         }
         // Pruning every token's centroid away leaves 0.
-        assert_eq!(bag_score_i8(&codes, &sq, groups, &cmax, 1.0, &mut []), 0);
+        assert_eq!(
+            bag_score_i8_at(level, codes, sq, groups, cmax, 1.0, &mut []),
+            0
+        );
         for margin in [0i16, 5, 30, 300] {
             let mut keep = Vec::new();
-            keep_tokens(&codes, &sq, groups, lq, margin, &best, &mut keep);
+            keep_tokens_at(level, codes, sq, groups, lq, margin, best, &mut keep);
             let naive: Vec<u32> = (0..codes.len())
                 .filter(|&t| {
                     (0..lq).any(|j| {
@@ -597,16 +674,16 @@ mod tests {
                 })
                 .map(|t| t as u32)
                 .collect();
-            assert_eq!(keep, naive, "margin {margin}");
+            assert_eq!(keep, naive, "{level}: margin {margin}");
             assert!(!keep.is_empty());
         }
         let mut all = Vec::new();
-        keep_tokens(&codes, &sq, groups, lq, 300, &best, &mut all);
+        keep_tokens_at(level, codes, sq, groups, lq, 300, best, &mut all);
         assert_eq!(all.len(), codes.len());
     }
 
     #[test]
-    fn residual_block_matches_naive_code_at_every_simd_level() {
+    fn residual_block_matches_naive_code_at_every_level() {
         let (k, groups, lq) = (5usize, 2usize, 40usize);
         let mut x = 12345u32;
         let mut next = || {
@@ -669,40 +746,13 @@ mod tests {
                 }
             };
             let mut out = Vec::new();
-            residual_block_generic(
-                &mut gath,
-                bpt,
-                &sp,
-                groups,
-                &tables,
-                lq,
-                &mut out,
-                sweep_portable,
-            );
-            check(&out, "portable");
+            for level in cpu::levels_here() {
+                eprintln!("residual_block at {level}, bpt {bpt}");
+                residual_block_at(level, &mut gath, bpt, &sp, groups, &tables, lq, &mut out);
+                check(&out, level.name());
+            }
             residual_block(&mut gath, bpt, &sp, groups, &tables, lq, &mut out);
             check(&out, "dispatched");
-            #[cfg(target_arch = "x86_64")]
-            {
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: features checked just above.
-                    unsafe {
-                        residual_block_avx2(&mut gath, bpt, &sp, groups, &tables, lq, &mut out)
-                    };
-                    check(&out, "avx2");
-                }
-                if std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx512bw")
-                {
-                    // SAFETY: features checked just above.
-                    unsafe {
-                        residual_block_avx512(&mut gath, bpt, &sp, groups, &tables, lq, &mut out)
-                    };
-                    check(&out, "avx512");
-                }
-            }
         }
         // Quantisation keeps the table sums close to the float ones.
         let t: Vec<f32> = (0..4 * 256 * LANES).map(|_| next() * 0.1).collect();
@@ -710,5 +760,52 @@ mod tests {
         for j in [0usize, 77, 4 * 256 * LANES - 1] {
             assert!((q[j] as f32 / scale - t[j]).abs() <= 0.5 / scale + 1e-6);
         }
+    }
+}
+
+#[cfg(test)]
+mod more_tests {
+    use super::*;
+
+    #[test]
+    fn max_abs_quantisation_and_table_fill_match_plain_code_at_every_level() {
+        let v: Vec<f32> = (0..1037)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let want = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let (positions, stride) = (3usize, LANES);
+        let sums: Vec<f32> = (0..positions * 2 * 16 * stride)
+            .map(|i| ((i * 13 % 29) as f32 - 14.0) / 30.0)
+            .collect();
+        let scale = 1000.0;
+        let mut plain = vec![0i16; positions * 256 * stride];
+        for p in 0..positions {
+            for byte in 0..256 {
+                for j in 0..stride {
+                    let h = sums[((p * 2) * 16 + (byte >> 4)) * stride + j];
+                    let l = sums[((p * 2 + 1) * 16 + (byte & 15)) * stride + j];
+                    plain[(p * 256 + byte) * stride + j] = ((h + l) * scale).round() as i16;
+                }
+            }
+        }
+        for level in cpu::levels_here() {
+            eprintln!("max_abs / fill_i16_table at {level}");
+            assert_eq!(max_abs_at(level, &v), want, "{level}");
+            assert_eq!(
+                max_abs_at(level, &v[..5]),
+                v[..5].iter().fold(0f32, |m, x| m.max(x.abs()))
+            );
+            let mut table = vec![0i16; plain.len()];
+            fill_i16_table_at(level, &sums, &mut table, positions, stride, scale);
+            assert_eq!(table, plain, "{level}");
+        }
+        let (sq, s) = quantize_scores(&v);
+        for (q, x) in sq.iter().zip(&v) {
+            assert!((*q as f32 / s - x).abs() <= 0.5 / s + 1e-6);
+        }
+        assert_eq!(round_i32(2.5), 3);
+        assert_eq!(round_i32(-2.5), -3);
+        assert_eq!(round_clamp_i32(1e9, 127.0), 127);
+        assert_eq!(round_clamp_i32(f32::NAN, 127.0).abs(), 127);
     }
 }

@@ -4,13 +4,18 @@
 //! The query is passed transposed and padded, `qt[d * stride + j]` = query token `j`'s dimension `d` (`stride`
 //! a multiple of [`LANES`], zero past the query's tokens), and scores come out row-major with the same stride.
 
+//!
+//! Each runs at the process's level ([`crate::cpu()`]); the `*_at` forms take a level (capped at the
+//! process's, so they are safe) for tests that compare every level in one process.
+
 use half::f16;
 
-use crate::kernels::{simd_level, LANES};
-use crate::linalg::matmul_abt;
+use crate::cpu::{self, Level};
+use crate::dot::matmul_abt;
+use crate::search::LANES;
 
 /// Transposes a query (`lq × dim`) into the padded layout above.
-pub(crate) fn transpose_query(q: &[f32], lq: usize, dim: usize) -> (Vec<f32>, usize) {
+pub fn transpose_query(q: &[f32], lq: usize, dim: usize) -> (Vec<f32>, usize) {
     let stride = lq.div_ceil(LANES).max(1) * LANES;
     let mut qt = vec![0f32; dim * stride];
     for j in 0..lq {
@@ -23,7 +28,22 @@ pub(crate) fn transpose_query(q: &[f32], lq: usize, dim: usize) -> (Vec<f32>, us
 
 /// `out[r * stride + j] = Σ_d rows[r][d] · qt[d * stride + j]` for the `rows.len() / dim` rows.
 /// `q` is the same query untransposed (`lq × dim`), used by the fallback.
-pub(crate) fn dots(
+pub fn dots(
+    rows: &[f16],
+    dim: usize,
+    qt: &[f32],
+    stride: usize,
+    q: &[f32],
+    lq: usize,
+    out: &mut [f32],
+) {
+    dots_at(cpu::level(), rows, dim, qt, stride, q, lq, out)
+}
+
+/// [`dots`] at `level` (capped at this process's level).
+#[allow(clippy::too_many_arguments)]
+pub fn dots_at(
+    level: Level,
     rows: &[f16],
     dim: usize,
     qt: &[f32],
@@ -35,11 +55,12 @@ pub(crate) fn dots(
     let n = rows.len() / dim;
     assert!(qt.len() >= dim * stride && out.len() >= n * stride && stride.is_multiple_of(LANES));
     #[cfg(target_arch = "x86_64")]
-    if simd_level() >= 2 {
-        // SAFETY: AVX-512 F is available (simd_level); the buffer sizes are asserted above.
+    if level.min(cpu::level()) >= Level::Avx512 {
+        // SAFETY: the process's level includes AVX-512 F; the buffer sizes are asserted above.
         unsafe { dots_avx512(rows, n, dim, qt, stride, out) };
         return;
     }
+    let _ = level;
     dots_fallback(rows, dim, stride, q, lq, out)
 }
 
@@ -50,14 +71,7 @@ fn dots_fallback(rows: &[f16], dim: usize, stride: usize, q: &[f32], lq: usize, 
 }
 
 /// The same product for f32 rows, in the same output layout, through the matmul.
-pub(crate) fn dots_f32(
-    rows: &[f32],
-    dim: usize,
-    stride: usize,
-    q: &[f32],
-    lq: usize,
-    out: &mut [f32],
-) {
+pub fn dots_f32(rows: &[f32], dim: usize, stride: usize, q: &[f32], lq: usize, out: &mut [f32]) {
     let n = rows.len() / dim;
     let mut tmp = vec![0f32; n * lq];
     matmul_abt(rows, n, q, lq, dim, &mut tmp, false);
@@ -71,12 +85,20 @@ pub(crate) fn dots_f32(
 /// The query for [`approx_dots`]: pairs of dimensions as bf16 (`pairs[p * stride + j]` holds token `j`'s
 /// dimensions `2p` (low half) and `2p + 1`, rounded to nearest even), or `None` where the bf16 kernel cannot
 /// run (no AVX-512 BF16, `LATTE_SIMD` below AVX-512, or an odd dimension).
-pub(crate) fn bf16_query(qt: &[f32], dim: usize, stride: usize) -> Option<Vec<u32>> {
+pub fn bf16_query(qt: &[f32], dim: usize, stride: usize) -> Option<Vec<u32>> {
+    bf16_query_at(cpu::level(), qt, dim, stride)
+}
+
+/// Whether the bf16 kernel may run at `level`.
+fn bf16_here(level: Level) -> bool {
+    cpu::cpu().avx512_bf16 && level.min(cpu::level()) >= Level::Avx512
+}
+
+/// [`bf16_query`] at `level` (capped at this process's level).
+pub fn bf16_query_at(level: Level, qt: &[f32], dim: usize, stride: usize) -> Option<Vec<u32>> {
     #[cfg(target_arch = "x86_64")]
     {
-        static BF16: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let ok = *BF16.get_or_init(|| std::arch::is_x86_feature_detected!("avx512bf16"));
-        if ok && simd_level() >= 2 && dim.is_multiple_of(2) {
+        if bf16_here(level) && dim.is_multiple_of(2) {
             let bits = |v: f32| half::bf16::from_f32(v).to_bits() as u32;
             let mut pairs = vec![0u32; dim / 2 * stride];
             for p in 0..dim / 2 {
@@ -88,7 +110,7 @@ pub(crate) fn bf16_query(qt: &[f32], dim: usize, stride: usize) -> Option<Vec<u3
             return Some(pairs);
         }
     }
-    let _ = (qt, dim, stride);
+    let _ = (level, qt, dim, stride);
     None
 }
 
@@ -96,7 +118,7 @@ pub(crate) fn bf16_query(qt: &[f32], dim: usize, stride: usize) -> Option<Vec<u3
 /// rounded to bf16 and multiplied pairwise (`vdpbf16ps`, twice the products per instruction of f32 FMAs;
 /// each score is within about `2⁻⁸ · Σ_d |row_d · q_d|` of the exact one); otherwise exactly [`dots`].
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn approx_dots(
+pub fn approx_dots(
     rows: &[f16],
     dim: usize,
     qt: &[f32],
@@ -107,7 +129,7 @@ pub(crate) fn approx_dots(
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if let Some(pairs) = pairs {
+    if let Some(pairs) = pairs.filter(|_| bf16_here(cpu::level())) {
         let n = rows.len() / dim;
         assert!(
             pairs.len() >= dim / 2 * stride
@@ -115,13 +137,13 @@ pub(crate) fn approx_dots(
                 && stride.is_multiple_of(LANES)
                 && dim.is_multiple_of(2)
         );
-        // SAFETY: a bf16 query exists only where AVX-512 F and BF16 are available (bf16_query); sizes are
-        // asserted above.
+        // SAFETY: the process's level includes AVX-512 F and the CPU has AVX-512 BF16 (checked just above);
+        // sizes are asserted above.
         unsafe { dots_bf16(rows, n, dim, pairs, stride, out) };
         return;
     }
     let _ = pairs;
-    dots(rows, dim, qt, stride, q, lq, out)
+    dots_at(cpu::level(), rows, dim, qt, stride, q, lq, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -273,27 +295,30 @@ mod tests {
                 .map(|i| ((i * 17 % 53) as f32 / 53.0) - 0.5)
                 .collect();
             let (qt, stride) = transpose_query(&q, lq, dim);
-            let mut out = vec![f32::NAN; n * stride];
-            dots(&rows, dim, &qt, stride, &q, lq, &mut out);
             let mut fallback = vec![f32::NAN; n * stride];
             dots_fallback(&rows, dim, stride, &q, lq, &mut fallback);
-            for (a, b) in out.iter().zip(&fallback) {
-                assert!((a - b).abs() < 1e-4, "kernel {a} vs fallback {b}");
-            }
-            for r in 0..n {
-                for j in 0..stride {
-                    let want: f32 = if j < lq {
-                        (0..dim)
-                            .map(|d| rows[r * dim + d].to_f32() * q[j * dim + d])
-                            .sum()
-                    } else {
-                        0.0
-                    };
-                    let got = out[r * stride + j];
-                    assert!(
-                        (got - want).abs() < 1e-4,
-                        "n {n} dim {dim} r {r} j {j}: {got} vs {want}"
-                    );
+            for level in cpu::levels_here() {
+                eprintln!("half::dots at {level}, n {n} dim {dim} lq {lq}");
+                let mut out = vec![f32::NAN; n * stride];
+                dots_at(level, &rows, dim, &qt, stride, &q, lq, &mut out);
+                for (a, b) in out.iter().zip(&fallback) {
+                    assert!((a - b).abs() < 1e-4, "{level}: kernel {a} vs fallback {b}");
+                }
+                for r in 0..n {
+                    for j in 0..stride {
+                        let want: f32 = if j < lq {
+                            (0..dim)
+                                .map(|d| rows[r * dim + d].to_f32() * q[j * dim + d])
+                                .sum()
+                        } else {
+                            0.0
+                        };
+                        let got = out[r * stride + j];
+                        assert!(
+                            (got - want).abs() < 1e-4,
+                            "{level}: n {n} dim {dim} r {r} j {j}: {got} vs {want}"
+                        );
+                    }
                 }
             }
         }
@@ -314,26 +339,33 @@ mod tests {
                 .map(|i| ((i * 17 % 53) as f32 / 53.0) - 0.5)
                 .collect();
             let (qt, stride) = transpose_query(&q, lq, dim);
-            let pairs = bf16_query(&qt, dim, stride);
-            let mut out = vec![f32::NAN; n * stride];
-            approx_dots(&rows, dim, &qt, pairs.as_deref(), stride, &q, lq, &mut out);
-            for r in 0..n {
-                for j in 0..stride {
-                    let (want, bound) = if j < lq {
-                        let terms = (0..dim).map(|d| rows[r * dim + d].to_f32() * q[j * dim + d]);
-                        (
-                            terms.clone().sum::<f32>(),
-                            terms.map(f32::abs).sum::<f32>() / 256.0,
-                        )
-                    } else {
-                        (0.0, 0.0)
-                    };
-                    let got = out[r * stride + j];
-                    assert!(
-                        (got - want).abs() <= bound + 1e-5,
-                        "n {n} dim {dim} r {r} j {j}: {got} vs {want} (bf16 {})",
-                        pairs.is_some()
-                    );
+            for level in cpu::levels_here() {
+                let pairs = bf16_query_at(level, &qt, dim, stride);
+                eprintln!(
+                    "half::approx_dots at {level} (bf16 {}), n {n} dim {dim}",
+                    pairs.is_some()
+                );
+                let mut out = vec![f32::NAN; n * stride];
+                approx_dots(&rows, dim, &qt, pairs.as_deref(), stride, &q, lq, &mut out);
+                for r in 0..n {
+                    for j in 0..stride {
+                        let (want, bound) = if j < lq {
+                            let terms =
+                                (0..dim).map(|d| rows[r * dim + d].to_f32() * q[j * dim + d]);
+                            (
+                                terms.clone().sum::<f32>(),
+                                terms.map(f32::abs).sum::<f32>() / 256.0,
+                            )
+                        } else {
+                            (0.0, 0.0)
+                        };
+                        let got = out[r * stride + j];
+                        assert!(
+                            (got - want).abs() <= bound + 1e-5,
+                            "{level}: n {n} dim {dim} r {r} j {j}: {got} vs {want} (bf16 {})",
+                            pairs.is_some()
+                        );
+                    }
                 }
             }
         }

@@ -1,0 +1,488 @@
+//! The one writer of an index ([`IndexWriter`], in the manner of tantivy's `IndexWriter`) and its lock.
+//!
+//! A writer holds an exclusive OS file lock on `<dir>/LOCK` ([`std::fs::File::try_lock`]): the operating system
+//! releases it when the holder exits, however it exits, so a `LOCK` file left by a killed writer (or by an
+//! older version of latte, which used the file's existence as the lock) blocks nobody. The holder writes its
+//! pid into the file after locking, for the error a second writer gets ([`Error::Locked`]).
+//!
+//! The writer opens the index once (every checksum verified then). Each operation writes new files and
+//! verifies only those; [`IndexWriter::commit`] makes the changes visible by replacing `meta.lt`. Readers
+//! opened earlier keep their view until they reopen. Dropping a writer without committing discards its
+//! uncommitted changes (their files are removed) and releases the lock.
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use half::f16;
+
+use super::build::{compact_into, train, validate_ids, write_chunk, write_ivf};
+use super::config::IndexConfig;
+use super::layout::{collect_garbage, commit, Meta, CODEC, LOCK, META};
+use super::{DocumentSource, PlaidIndex};
+use crate::error::IoContext;
+use crate::storage::{as_bytes, write_sections, FORMAT_VERSION};
+use crate::{Error, Result};
+
+/// What an add (or the initial build) did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AddReport {
+    /// Documents added.
+    pub documents: usize,
+    /// Token vectors stored (after pooling).
+    pub tokens: u64,
+    /// Whether the centroids and codec were trained by this call (first build).
+    pub trained: bool,
+    /// Number of centroids.
+    pub num_centroids: usize,
+    /// Fraction of the new tokens whose residual norm exceeds the codec's 0.75-quantile threshold. About
+    /// 0.25 when the new documents look like the training data; much higher means the centroids have
+    /// drifted from the corpus and a rebuild would improve quality.
+    pub outlier_fraction: f64,
+}
+
+/// What a delete did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeleteReport {
+    /// Documents deleted.
+    pub deleted: usize,
+    /// Live documents left.
+    pub remaining: usize,
+    /// Whether the index was compacted (deleted documents physically removed).
+    pub compacted: bool,
+    /// Ids asked for that the index holds no live document for (unknown or already deleted), in the order
+    /// given. [`IndexWriter::delete`] deletes the others; [`PlaidIndex::delete`] refuses the whole call.
+    pub not_found: Vec<String>,
+}
+
+/// An exclusive OS lock on `<dir>/LOCK`, released (and the file removed) on drop, or by the OS when the
+/// process dies.
+#[derive(Debug)]
+pub(super) struct WriterLock {
+    path: PathBuf,
+    _file: File,
+}
+
+impl WriterLock {
+    pub(super) fn acquire(dir: &Path) -> Result<Self> {
+        let path = dir.join(LOCK);
+        loop {
+            let mut file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .at(&path)?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(TryLockError::WouldBlock) => {
+                    return Err(Error::Locked {
+                        path: dir.to_path_buf(),
+                        pid: read_pid(&path),
+                        lock: path,
+                    })
+                }
+                Err(TryLockError::Error(source)) => return Err(Error::Io { path, source }),
+            }
+            // A holder removes LOCK when it releases the lock: if that happened between our open and our lock,
+            // we hold the lock of a removed file. Open the path again.
+            if !still_at(&file, &path) {
+                continue;
+            }
+            file.set_len(0).at(&path)?;
+            writeln!(file, "pid {}", std::process::id()).at(&path)?;
+            file.sync_all().at(&path)?;
+            return Ok(Self { path, _file: file });
+        }
+    }
+}
+
+impl Drop for WriterLock {
+    fn drop(&mut self) {
+        // Removed while still locked (the file closes after this), so nobody locks a removed file for long.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The pid a lock holder wrote into its lock file (`pid N`).
+fn read_pid(path: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.trim().strip_prefix("pid ")?.trim().parse().ok()
+}
+
+/// Whether `path` still names the open `file`.
+#[cfg(unix)]
+fn still_at(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn still_at(_file: &File, path: &Path) -> bool {
+    path.exists()
+}
+
+/// The writer of one index: [`PlaidIndex::writer`] opens it. It holds the index's lock until dropped.
+///
+/// ```no_run
+/// # fn main() -> latte_index::Result<()> {
+/// use latte_index::{PlaidIndex, VecSource};
+/// let mut more = VecSource::new(128);
+/// more.push("doc-9", vec![0.1; 128])?;
+/// let mut writer = PlaidIndex::writer("my-index")?;
+/// writer.add(&more)?;
+/// let report = writer.delete(&["doc-3".to_string()])?;
+/// assert!(report.not_found.is_empty());
+/// writer.commit()?; // nothing is visible to readers before this
+/// # Ok(())
+/// # }
+/// ```
+pub struct IndexWriter {
+    dir: PathBuf,
+    /// The index as this writer has written it, committed or not.
+    index: PlaidIndex,
+    /// The metadata in `meta.lt` now.
+    committed: Meta,
+    dirty: bool,
+    _lock: WriterLock,
+}
+
+impl std::fmt::Debug for IndexWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IndexWriter")
+            .field("dir", &self.dir)
+            .field("documents", &self.index.len())
+            .field("uncommitted", &self.dirty)
+            .finish()
+    }
+}
+
+impl PlaidIndex {
+    /// The writer of the index in `dir`: takes the index's lock (a second writer, in this process or
+    /// another, gets [`Error::Locked`] naming the holder's pid) and opens the index once.
+    pub fn writer(dir: impl AsRef<Path>) -> Result<IndexWriter> {
+        IndexWriter::open(dir.as_ref())
+    }
+
+    /// Builds a new index in `dir` (created if missing) from `source`. Fails if `dir` already holds an index;
+    /// a folder left by an interrupted creation (no committed `meta.lt`) is cleared and built again.
+    pub fn create(
+        dir: impl AsRef<Path>,
+        source: &dyn DocumentSource,
+        config: &IndexConfig,
+    ) -> Result<AddReport> {
+        let dir = dir.as_ref();
+        config.validate()?;
+        if source.dim() == 0 || !source.dim().is_multiple_of(8) {
+            return Err(Error::InvalidArgument(format!(
+                "embedding dimension must be a positive multiple of 8, got {}",
+                source.dim()
+            )));
+        }
+        if source.is_empty() {
+            return Err(Error::InvalidArgument("no documents to index".into()));
+        }
+        std::fs::create_dir_all(dir).at(dir)?;
+        let _lock = WriterLock::acquire(dir)?;
+        if dir.join(META).exists() {
+            return Err(Error::InvalidArgument(format!(
+                "{} already holds an index",
+                dir.display()
+            )));
+        }
+        // Leftovers of an interrupted creation.
+        collect_garbage(dir, None);
+        let ids = validate_ids(source, &Default::default())?;
+        let (centroids, codec) = train(source, config)?;
+        let k = centroids.len() / source.dim();
+        // Centroids are stored in half precision; documents are encoded against the rounded values.
+        let half: Vec<f16> = centroids.iter().map(|&v| f16::from_f32(v)).collect();
+        let centroids: Vec<f32> = half.iter().map(|v| v.to_f32()).collect();
+        let written = (|| -> Result<(u64, u64)> {
+            write_sections(
+                &dir.join(CODEC),
+                b"CODC",
+                &[
+                    as_bytes(&half),
+                    as_bytes(&codec.cutoffs),
+                    as_bytes(&codec.weights),
+                    as_bytes(&[codec.cluster_threshold]),
+                ],
+            )?;
+            let mut meta = Meta {
+                format_version: FORMAT_VERSION,
+                dim: source.dim(),
+                num_centroids: k,
+                config: config.clone(),
+                generation: 1,
+                next_chunk: 0,
+                chunks: Vec::new(),
+                deleted: Vec::new(),
+            };
+            let (chunk, codes, outliers) =
+                write_chunk(dir, &mut meta, &centroids, &codec, source, &ids)?;
+            let tokens = chunk.tokens;
+            meta.chunks.push(chunk);
+            write_ivf(dir, &meta, None, &codes)?;
+            commit(dir, &meta)?;
+            Ok((tokens, outliers))
+        })();
+        let (tokens, outliers) = written.inspect_err(|_| collect_garbage(dir, None))?;
+        Ok(AddReport {
+            documents: source.len(),
+            tokens,
+            trained: true,
+            num_centroids: k,
+            outlier_fraction: outliers as f64 / tokens.max(1) as f64,
+        })
+    }
+
+    /// Adds documents to the index in `dir` with its existing centroids and commits: a writer's
+    /// [`IndexWriter::add`] + [`IndexWriter::commit`]. Nothing changes unless every document is valid
+    /// (dimension, unique new ids, at least one token).
+    pub fn add(dir: impl AsRef<Path>, source: &dyn DocumentSource) -> Result<AddReport> {
+        let mut w = Self::writer(dir)?;
+        let report = w.add(source)?;
+        w.commit()?;
+        Ok(report)
+    }
+
+    /// Deletes documents by external id and commits. Fails with [`Error::UnknownIds`], deleting nothing, if
+    /// any id is unknown (or already deleted); [`IndexWriter::delete`] instead deletes the known ones and
+    /// reports the others. Ids of the other documents never change. When more than a fifth of the stored
+    /// documents are deleted, the index is compacted (their space reclaimed).
+    pub fn delete(dir: impl AsRef<Path>, ids: &[String]) -> Result<DeleteReport> {
+        let mut w = Self::writer(dir)?;
+        let unknown: Vec<&str> = ids
+            .iter()
+            .filter(|id| !w.index.contains(id))
+            .map(String::as_str)
+            .collect();
+        if !unknown.is_empty() {
+            let shown: Vec<&str> = unknown.iter().take(10).copied().collect();
+            let more = if unknown.len() > 10 {
+                format!(" and {} more", unknown.len() - 10)
+            } else {
+                String::new()
+            };
+            return Err(Error::UnknownIds(format!("{shown:?}{more}")));
+        }
+        let report = w.delete(ids)?;
+        w.commit()?;
+        Ok(report)
+    }
+
+    /// Rewrites the index without its deleted documents and commits. External ids are unchanged.
+    pub fn compact(dir: impl AsRef<Path>) -> Result<()> {
+        let mut w = Self::writer(dir)?;
+        w.compact()?;
+        w.commit()
+    }
+}
+
+impl IndexWriter {
+    fn open(dir: &Path) -> Result<Self> {
+        if !dir.join(META).exists() {
+            return Err(Error::NotAnIndex(dir.to_path_buf()));
+        }
+        let lock = WriterLock::acquire(dir)?;
+        let index = PlaidIndex::open(dir)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            committed: index.meta.clone(),
+            index,
+            dirty: false,
+            _lock: lock,
+        })
+    }
+
+    /// The index directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The index as this writer sees it, uncommitted changes included (readers see it after
+    /// [`IndexWriter::commit`]).
+    pub fn index(&self) -> &PlaidIndex {
+        &self.index
+    }
+
+    /// Whether there are changes not yet committed.
+    pub fn has_uncommitted_changes(&self) -> bool {
+        self.dirty
+    }
+
+    /// Moves the writer's view to `meta` (whose new files were just written): unchanged chunks are kept as
+    /// they are, only the new files are opened and verified.
+    fn advance(&mut self, meta: Meta) -> Result<()> {
+        let old = &self.index;
+        self.index = PlaidIndex::assemble(
+            &self.dir,
+            meta,
+            old.centroids.clone(),
+            old.codec.clone(),
+            old.chunks.clone(),
+        )?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// The next metadata generation.
+    fn next_meta(&self) -> Meta {
+        let mut meta = self.index.meta.clone();
+        meta.format_version = FORMAT_VERSION;
+        meta.generation += 1;
+        meta
+    }
+
+    /// Adds documents with the index's existing centroids (visible after [`IndexWriter::commit`]). Nothing
+    /// changes unless every document is valid (dimension, unique new ids, at least one token).
+    pub fn add(&mut self, source: &dyn DocumentSource) -> Result<AddReport> {
+        let current = &self.index;
+        if source.dim() != current.meta.dim {
+            return Err(Error::DimensionMismatch {
+                what: "documents to add".into(),
+                expected: current.meta.dim,
+                got: source.dim(),
+            });
+        }
+        if source.is_empty() {
+            return Err(Error::InvalidArgument("no documents to add".into()));
+        }
+        let ids = validate_ids(source, &current.by_id)?;
+        let mut meta = self.next_meta();
+        let (chunk, codes, outliers) = write_chunk(
+            &self.dir,
+            &mut meta,
+            &current.centroids.to_f32(),
+            &current.codec,
+            source,
+            &ids,
+        )?;
+        let tokens = chunk.tokens;
+        meta.chunks.push(chunk);
+        write_ivf(&self.dir, &meta, Some(current), &codes)?;
+        let num_centroids = meta.num_centroids;
+        self.advance(meta)?;
+        Ok(AddReport {
+            documents: source.len(),
+            tokens,
+            trained: false,
+            num_centroids,
+            outlier_fraction: outliers as f64 / tokens.max(1) as f64,
+        })
+    }
+
+    /// Deletes the live documents with these external ids (visible after [`IndexWriter::commit`]); the
+    /// others are listed in [`DeleteReport::not_found`]. Ids of the other documents never change. When more
+    /// than a fifth of the stored documents are deleted, the index is compacted.
+    pub fn delete(&mut self, ids: &[String]) -> Result<DeleteReport> {
+        let current = &self.index;
+        let mut del: Vec<u32> = current.meta.deleted.clone();
+        let mut seen = HashSet::new();
+        let mut not_found = Vec::new();
+        for id in ids {
+            match current.by_id.get(id) {
+                Some(&d) if !current.deleted[d as usize] => {
+                    if seen.insert(d) {
+                        del.push(d);
+                    }
+                }
+                _ => not_found.push(id.clone()),
+            }
+        }
+        if seen.is_empty() {
+            return Ok(DeleteReport {
+                deleted: 0,
+                remaining: current.live,
+                compacted: false,
+                not_found,
+            });
+        }
+        del.sort_unstable();
+        let mut meta = self.next_meta();
+        meta.deleted = del;
+        let compacted = meta.deleted.len() * 5 > current.ids.len();
+        let meta = if compacted {
+            compact_into(&self.dir, current, meta)?
+        } else {
+            // Same inverted lists, new generation name (search skips deleted documents).
+            write_ivf(&self.dir, &meta, Some(current), &[])?;
+            meta
+        };
+        let remaining = current.live - seen.len();
+        self.advance(meta)?;
+        Ok(DeleteReport {
+            deleted: seen.len(),
+            remaining,
+            compacted,
+            not_found,
+        })
+    }
+
+    /// Rewrites the index without its deleted documents (visible after [`IndexWriter::commit`]). External
+    /// ids are unchanged.
+    pub fn compact(&mut self) -> Result<()> {
+        let meta = self.next_meta();
+        let meta = compact_into(&self.dir, &self.index, meta)?;
+        self.advance(meta)
+    }
+
+    /// Makes every change since the last commit visible: `meta.lt` is replaced atomically, then the files it
+    /// no longer references are removed. Readers opened earlier keep their view until they reopen.
+    pub fn commit(&mut self) -> Result<()> {
+        if !self.dirty {
+            return Ok(());
+        }
+        commit(&self.dir, &self.index.meta)?;
+        self.committed = self.index.meta.clone();
+        self.dirty = false;
+        Ok(())
+    }
+}
+
+impl Drop for IndexWriter {
+    fn drop(&mut self) {
+        // Files written since the last commit (or by a failed operation) are not referenced by meta.lt.
+        collect_garbage(&self.dir, Some(&self.committed));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_is_exclusive_names_the_pid_and_is_released_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = WriterLock::acquire(dir.path()).unwrap();
+        let err = WriterLock::acquire(dir.path()).unwrap_err();
+        match &err {
+            Error::Locked { pid, .. } => assert_eq!(*pid, Some(std::process::id())),
+            other => panic!("expected Locked, got {other}"),
+        }
+        assert!(
+            err.to_string()
+                .contains(&format!("pid {}", std::process::id())),
+            "{err}"
+        );
+        drop(a);
+        assert!(!dir.path().join(LOCK).exists());
+        WriterLock::acquire(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn a_stale_lock_file_does_not_block() {
+        let dir = tempfile::tempdir().unwrap();
+        // Left by an older version or a killed writer: a pid that is not running.
+        std::fs::write(dir.path().join(LOCK), "pid 4294967\n").unwrap();
+        let lock = WriterLock::acquire(dir.path()).unwrap();
+        assert_eq!(read_pid(&dir.path().join(LOCK)), Some(std::process::id()));
+        drop(lock);
+    }
+}
