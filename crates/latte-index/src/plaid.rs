@@ -103,6 +103,11 @@ pub struct IndexConfig {
     pub store_full: bool,
     /// The model that produced the embeddings (a name or path), so search can encode queries with it.
     pub model: Option<String>,
+    /// The options the model was loaded with when they change the embeddings (JSON object written by the
+    /// `latte` CLI: truncate_dim, lengths, prefixes, …), so search can encode queries the same way. Absent in
+    /// older metadata.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_options: Option<serde_json::Value>,
     /// Centroid groups probed by the two-level nearest-centroid assignment (used above 16,384 centroids, in
     /// k-means training, encoding and later adds); `None` = 16. Absent in older metadata.
     #[serde(default)]
@@ -126,6 +131,7 @@ impl Default for IndexConfig {
             pool_factor: 1,
             store_full: true,
             model: None,
+            model_options: None,
             assign_probe: None,
         }
     }
@@ -535,6 +541,11 @@ impl PlaidIndex {
     /// The model recorded at build time, if any.
     pub fn model(&self) -> Option<&str> {
         self.meta.config.model.as_deref()
+    }
+
+    /// The model options recorded at build time ([`IndexConfig::model_options`]), if any.
+    pub fn model_options(&self) -> Option<&serde_json::Value> {
+        self.meta.config.model_options.as_ref()
     }
 
     /// Whether a live document with this external id exists.
