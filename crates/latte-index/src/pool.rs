@@ -190,6 +190,32 @@ pub fn fcluster_maxclust(z: &[Merge], n: usize, max_clusters: usize) -> Vec<usiz
     labels
 }
 
+/// Pools every document of `source` exactly once (in parallel, the first token of each kept as it is, as the
+/// index's own pooling does) into an in-memory source. Index the result with `pool_factor: 1`: the index then
+/// reads each pooled document as often as it needs (training sample, encoding) without pooling it again.
+pub fn pool_source(
+    source: &dyn crate::DocumentSource,
+    pool_factor: usize,
+) -> Result<crate::VecSource> {
+    use rayon::prelude::*;
+    let dim = source.dim();
+    let pooled: Vec<Vec<f32>> = (0..source.len())
+        .into_par_iter()
+        .map(|i| {
+            let e = source.embeddings(i)?;
+            pool_embeddings_hierarchical(&e, dim, pool_factor, 1).map_err(|err| match err {
+                Error::Shape(m) => Error::Shape(format!("document {:?}: {m}", source.id(i))),
+                other => other,
+            })
+        })
+        .collect::<Result<_>>()?;
+    let mut out = crate::VecSource::new(dim);
+    for (i, doc) in pooled.into_iter().enumerate() {
+        out.push(source.id(i), doc)?;
+    }
+    Ok(out)
+}
+
 /// Pools one document (`rows × dim`, row-major), PyLate `pool_embeddings_hierarchical` semantics.
 pub fn pool_embeddings_hierarchical(
     emb: &[f32],
@@ -277,5 +303,54 @@ mod tests {
         let out = pool_embeddings_hierarchical(&emb, dim, 2, 1).unwrap();
         assert_eq!(out.len(), 3 * dim);
         assert_eq!(&out[..2], &[1.0, 0.0]);
+    }
+
+    /// A source that counts how often each document is read.
+    struct Counting {
+        docs: Vec<Vec<f32>>,
+        reads: Vec<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl crate::DocumentSource for Counting {
+        fn len(&self) -> usize {
+            self.docs.len()
+        }
+        fn dim(&self) -> usize {
+            2
+        }
+        fn id(&self, i: usize) -> String {
+            format!("d{i}")
+        }
+        fn embeddings(&self, i: usize) -> Result<std::borrow::Cow<'_, [f32]>> {
+            self.reads[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(std::borrow::Cow::Borrowed(&self.docs[i]))
+        }
+    }
+
+    #[test]
+    fn pool_source_pools_each_document_once() {
+        use crate::DocumentSource;
+        let docs: Vec<Vec<f32>> = (0..5)
+            .map(|d| {
+                (0..2 * (3 + d))
+                    .map(|v| ((v * 7 + d * 3) % 11) as f32 / 11.0 + 0.05)
+                    .collect()
+            })
+            .collect();
+        let src = Counting {
+            reads: docs.iter().map(|_| Default::default()).collect(),
+            docs: docs.clone(),
+        };
+        let pooled = pool_source(&src, 2).unwrap();
+        assert_eq!(pooled.len(), 5);
+        for (i, d) in docs.iter().enumerate() {
+            assert_eq!(src.reads[i].load(std::sync::atomic::Ordering::Relaxed), 1);
+            let want = pool_embeddings_hierarchical(d, 2, 2, 1).unwrap();
+            // One pooling: the protected first token plus (n - 1) / 2 clusters.
+            let n = d.len() / 2;
+            assert_eq!(want.len() / 2, 1 + ((n - 1) / 2).max(1));
+            assert_eq!(pooled.id(i), format!("d{i}"));
+            assert_eq!(pooled.embeddings(i).unwrap().as_ref(), want.as_slice());
+        }
     }
 }

@@ -110,3 +110,28 @@ fn format_v1_index_accepts_adds_and_deletes() {
     PlaidIndex::compact(dir).unwrap();
     assert_eq!(PlaidIndex::open(dir).unwrap().len(), 29);
 }
+
+/// `model_options` (added without a format bump): indexes written before it open with none recorded, and a
+/// new index keeps what it was given.
+#[test]
+fn model_options_are_optional_and_round_trip() {
+    for version in 1..=FORMAT_VERSION {
+        let dir = fixture(version);
+        if dir.join("meta.lt").exists() {
+            let index = PlaidIndex::open(&dir).unwrap();
+            assert_eq!(index.model_options(), None, "index_v{version}");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let options = serde_json::json!({"truncate_dim": 64, "query_length": 16});
+    let config = IndexConfig {
+        num_centroids: Some(4),
+        model: Some("some/model".into()),
+        model_options: Some(options.clone()),
+        ..IndexConfig::default()
+    };
+    PlaidIndex::create(dir.path(), &source(0..24), &config).unwrap();
+    let index = PlaidIndex::open(dir.path()).unwrap();
+    assert_eq!(index.model(), Some("some/model"));
+    assert_eq!(index.model_options(), Some(&options));
+}

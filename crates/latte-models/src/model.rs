@@ -175,6 +175,7 @@ impl ColBERT {
             })?;
             (transformer, denses, Origin::Modules)
         } else {
+            refuse_modules_without_list(dir)?;
             (
                 Transformer::load(dir, &device)?,
                 Vec::new(),
@@ -287,10 +288,23 @@ impl ColBERT {
             .or_else(|| id(&sp.eos))
             .or_else(|| id(&sp.pad))
             .ok_or_else(|| {
-                Error::Invalid(
-                    "the tokenizer has no mask, EOS or pad token to pad and expand queries with"
-                        .into(),
-                )
+                let config = transformer.source.join("tokenizer_config.json");
+                if config.is_file() {
+                    Error::bad(
+                        config,
+                        "the tokenizer has no mask, EOS or pad token to pad and expand queries with",
+                    )
+                } else {
+                    Error::MissingFile {
+                        path: config,
+                        expected: format!(
+                            "the tokenizer's special tokens (mask_token, eos_token or pad_token) to pad and \
+                             expand queries with: {} has no tokenizer_config.json and its model type has no \
+                             default ones",
+                            transformer.source.display()
+                        ),
+                    }
+                }
             })?;
         let tokenizer = ColbertTokenizer {
             tokenizer: transformer.tokenizer.clone(),
@@ -726,6 +740,45 @@ fn stanford_linear(dir: &Path, device: &Device) -> Result<Dense> {
         use_residual: false,
     };
     Dense::load(crate::backbone::var_builder(map, device), &cfg)
+}
+
+/// A folder without `modules.json` is loaded as a bare encoder with a new random projection; refuses that
+/// when the folder holds what only a sentence-transformers / PyLate folder has (`config_sentence_transformers.json`,
+/// an `N_Dense/` module folder), since its `modules.json` was most likely lost and the result would silently
+/// be another model.
+fn refuse_modules_without_list(dir: &Path) -> Result<()> {
+    let mut found: Vec<String> = Vec::new();
+    if dir.join("config_sentence_transformers.json").is_file() {
+        found.push("config_sentence_transformers.json".into());
+    }
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        let mut dense: Vec<String> = entries
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .filter(|n| {
+                n.split_once('_').is_some_and(|(i, rest)| {
+                    rest == "Dense" && !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit())
+                })
+            })
+            .map(|n| format!("{n}/"))
+            .collect();
+        dense.sort();
+        found.extend(dense);
+    }
+    if found.is_empty() {
+        return Ok(());
+    }
+    Err(Error::MissingFile {
+        path: dir.join("modules.json"),
+        expected: format!(
+            "the module list of a sentence-transformers / PyLate folder, since {} holds {}; without it the \
+             folder would load as a bare encoder with a new random projection (restore modules.json, or \
+             remove those files to use the bare encoder)",
+            dir.display(),
+            found.join(" and ")
+        ),
+    })
 }
 
 /// Reads `artifact.metadata` of a stanford-nlp checkpoint; without it the prefixes are `[unused0]` and

@@ -53,6 +53,27 @@ impl SpecialTokens {
             out.pad = token_field(&v, "pad_token").or(out.pad);
             out.unk = token_field(&v, "unk_token").or(out.unk);
         }
+        if class.is_empty() && !dir.join("tokenizer_config.json").is_file() {
+            // No tokenizer_config.json: transformers' AutoTokenizer then picks the tokenizer class from
+            // config.json's `model_type` and that class's default special tokens, and PyLate loads the model.
+            // Do the same rather than refuse; model types without class defaults (ModernBERT, Gemma …) end
+            // in the loader's error naming the missing tokenizer_config.json.
+            class = std::fs::read_to_string(dir.join("config.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .and_then(|v| v.get("model_type")?.as_str().map(str::to_string))
+                .map(|t| match t.as_str() {
+                    "bert" => "BertTokenizerFast",
+                    "distilbert" => "DistilBertTokenizerFast",
+                    "electra" => "ElectraTokenizerFast",
+                    "roberta" => "RobertaTokenizerFast",
+                    "xlm-roberta" => "XLMRobertaTokenizerFast",
+                    "camembert" => "CamembertTokenizerFast",
+                    _ => "",
+                })
+                .unwrap_or_default()
+                .to_string();
+        }
         let defaults: Option<(&str, Option<&str>, &str, &str)> = if class.starts_with("Bert")
             || class.starts_with("DistilBert")
             || class.starts_with("Electra")

@@ -446,3 +446,92 @@ fn xlmr_flash_and_gemma_train_mode_matches_and_has_gradients() {
         }
     }
 }
+
+/// A PyLate folder that lost its `modules.json` must not load as a bare encoder with a random projection.
+#[test]
+fn lost_modules_json_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixture("bert_pylate"), dir.path());
+    std::fs::remove_file(dir.path().join("modules.json")).unwrap();
+    let err = ColBERT::load_dir(dir.path(), &LoadOptions::default()).unwrap_err();
+    match &err {
+        Error::MissingFile { path, .. } => assert_eq!(path, &dir.path().join("modules.json")),
+        other => panic!("expected MissingFile, got {other:?}"),
+    }
+    let msg = err.to_string();
+    assert!(msg.contains("modules.json"), "{msg}");
+    assert!(msg.contains("config_sentence_transformers.json"), "{msg}");
+    assert!(msg.contains("1_Dense/"), "{msg}");
+
+    // A Dense folder alone is enough to refuse.
+    std::fs::remove_file(dir.path().join("config_sentence_transformers.json")).unwrap();
+    let msg = ColBERT::load_dir(dir.path(), &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("modules.json") && msg.contains("1_Dense/"),
+        "{msg}"
+    );
+    assert!(!msg.contains("config_sentence_transformers.json"), "{msg}");
+
+    // The config alone too.
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixture("bert_plain_hf"), dir.path());
+    std::fs::write(dir.path().join("config_sentence_transformers.json"), "{}").unwrap();
+    let msg = ColBERT::load_dir(dir.path(), &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("modules.json") && msg.contains("config_sentence_transformers.json"),
+        "{msg}"
+    );
+
+    // A bare encoder (no sentence-transformers files) still loads with a new projection.
+    let model = ColBERT::load_dir(&fixture("bert_plain_hf"), &LoadOptions::default()).unwrap();
+    assert_eq!(model.embedding_dim(), 128);
+}
+
+/// Without tokenizer_config.json a BERT model gets BertTokenizerFast's special tokens, as transformers'
+/// AutoTokenizer gives it (so PyLate loads it): same embeddings as with the file.
+#[test]
+fn missing_tokenizer_config_uses_the_model_types_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixture("bert_pylate"), dir.path());
+    std::fs::remove_file(dir.path().join("tokenizer_config.json")).unwrap();
+    let want = ColBERT::load_dir(&fixture("bert_pylate"), &LoadOptions::default()).unwrap();
+    let got = ColBERT::load_dir(dir.path(), &LoadOptions::default()).unwrap();
+    for is_query in [true, false] {
+        let a = want.encode(&docs(), is_query, &quiet()).unwrap();
+        let b = got.encode(&docs(), is_query, &quiet()).unwrap();
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!((x.rows, x.cols), (y.rows, y.cols));
+            let diff = x
+                .data
+                .iter()
+                .zip(&y.data)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
+            assert!(diff < 1e-6, "max abs diff {diff}");
+        }
+    }
+}
+
+/// A model type without default special tokens (ModernBERT) and no tokenizer_config.json: an error
+/// naming that file and its folder.
+#[test]
+fn missing_tokenizer_config_without_defaults_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixture("modernbert_pylate"), dir.path());
+    std::fs::remove_file(dir.path().join("tokenizer_config.json")).unwrap();
+    let err = ColBERT::load_dir(dir.path(), &LoadOptions::default()).unwrap_err();
+    match &err {
+        Error::MissingFile { path, .. } => {
+            assert_eq!(path, &dir.path().join("tokenizer_config.json"))
+        }
+        other => panic!("expected MissingFile, got {other:?}"),
+    }
+    let msg = err.to_string();
+    assert!(msg.contains("tokenizer_config.json"), "{msg}");
+    assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
+}

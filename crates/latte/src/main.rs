@@ -92,3 +92,15 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap's own consistency checks (unique argument names across the flattened flag groups, …) for every
+    /// subcommand.
+    #[test]
+    fn command_line_definition_is_valid() {
+        super::Cli::command().debug_assert();
+    }
+}

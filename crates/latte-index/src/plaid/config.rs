@@ -24,6 +24,11 @@ pub struct IndexConfig {
     pub store_full: bool,
     /// The model that produced the embeddings (a name or path), so search can encode queries with it.
     pub model: Option<String>,
+    /// The options the model was loaded with when they change the embeddings (JSON object written by the
+    /// `latte` CLI: truncate_dim, lengths, prefixes, …), so search can encode queries the same way. Absent in
+    /// older metadata.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_options: Option<serde_json::Value>,
     /// Centroid groups probed by the two-level nearest-centroid assignment (used above 16,384 centroids, in
     /// k-means training, encoding and later adds); `None` = 16. Absent in older metadata.
     #[serde(default)]
@@ -73,6 +78,7 @@ impl Default for IndexConfig {
             pool_factor: 1,
             store_full: true,
             model: None,
+            model_options: None,
             assign_probe: None,
         }
     }

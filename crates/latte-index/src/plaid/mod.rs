@@ -292,6 +292,11 @@ impl PlaidIndex {
         self.meta.config.model.as_deref()
     }
 
+    /// The model options recorded at build time ([`IndexConfig::model_options`]), if any.
+    pub fn model_options(&self) -> Option<&serde_json::Value> {
+        self.meta.config.model_options.as_ref()
+    }
+
     /// Whether a live document with this external id exists.
     pub fn contains(&self, id: &str) -> bool {
         self.by_id

@@ -10,7 +10,7 @@ use latte_eval::{evaluate, BeirDataset, Metric, Run, TieBreak};
 use latte_index::{EmbRef, ExactIndex, IndexConfig, PlaidIndex, SearchParams, VecSource};
 use latte_models::EncodeOptions;
 
-use super::model_args::ModelArgs;
+use super::model_args::{ModelArgs, ModelOptions};
 use latte::npz::{read_npz, write_npz, Matrix};
 
 /// Which index answers the queries.
@@ -190,6 +190,35 @@ fn evaluate_one(
         IndexKind::Exact => dir.join("docs.npz").is_file() && dir.join("docs_ids.txt").is_file(),
     };
     let mut doc_embs: Option<Vec<Matrix>> = None;
+    if reuse && args.index == IndexKind::Plaid {
+        // The reused index must hold what this model, with these options, gives.
+        let index = PlaidIndex::open(&dir)?;
+        if let Some(m) = index.model() {
+            if m != args.model.model {
+                bail!(
+                    "the index in {} was built with model {m:?}, not {:?}: delete it or pass another --index-dir",
+                    dir.display(),
+                    args.model.model
+                );
+            }
+        }
+        if index.model_options().is_some() {
+            ModelOptions::from_index(&index)?
+                .check_same(&args.model.model_options(), &dir.display().to_string())
+                .context("delete the index or pass another --index-dir to rebuild it")?;
+        }
+        if index.dim() != model.output_dim() {
+            bail!(
+                "the index in {} holds {}-dimensional embeddings, the model gives {} (expected {}, got {}): \
+                 delete it or pass another --index-dir",
+                dir.display(),
+                index.dim(),
+                model.output_dim(),
+                index.dim(),
+                model.output_dim()
+            );
+        }
+    }
     if reuse {
         eprintln!(
             "reusing the index in {} (corpus not re-encoded)",
@@ -203,13 +232,14 @@ fn evaluate_one(
         let t = Instant::now();
         match args.index {
             IndexKind::Plaid => {
-                let mut src = VecSource::new(model.embedding_dim());
+                let mut src = VecSource::new(model.output_dim());
                 for (id, e) in doc_ids.iter().zip(embs) {
                     src.push(id.clone(), e.data)?;
                 }
                 let config = IndexConfig {
                     nbits: args.nbits,
                     model: Some(args.model.model.clone()),
+                    model_options: Some(args.model.model_options().to_json()),
                     ..Default::default()
                 };
                 PlaidIndex::create(&dir, &src, &config)?;
@@ -253,10 +283,7 @@ fn evaluate_one(
                 Some(m) => (m, doc_ids),
                 None => load_exact(&dir)?,
             };
-            let dim = mats
-                .first()
-                .map(|m| m.cols)
-                .unwrap_or(model.embedding_dim());
+            let dim = mats.first().map(|m| m.cols).unwrap_or(model.output_dim());
             let mut index = ExactIndex::new(dim)?;
             for (id, m) in ids.iter().zip(&mats) {
                 index.add(id.clone(), EmbRef::new(&m.data, m.cols)?)?;

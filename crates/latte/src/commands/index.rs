@@ -6,8 +6,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use latte_index::{IndexConfig, PlaidIndex, VecSource};
 
-use super::encoder;
+use super::encoder::{self, IndexModel};
 use super::index_io::{embeddings_source, read_ids, read_jsonl};
+use super::model_args::{IndexModelArgs, ModelOptions};
 
 /// Index a corpus (encoding it with a model) or precomputed embeddings. On an existing index, adds documents.
 #[derive(Args, Debug)]
@@ -15,9 +16,10 @@ pub struct IndexArgs {
     /// Index directory (created if missing; an existing index gets the documents added).
     #[arg(long)]
     pub index: PathBuf,
-    /// ColBERT model (hub id or local path) to encode `--corpus` with; remembered by the index.
-    #[arg(long)]
-    pub model: Option<String>,
+    /// The model that encodes `--corpus` (remembered by the index with the options that change embeddings)
+    /// and its flags; on an existing index, flags that are given must match the recorded ones.
+    #[command(flatten)]
+    pub model: IndexModelArgs,
     /// Corpus JSONL (`{"_id", "title"?, "text"}` per line), encoded with `--model`.
     #[arg(long, conflicts_with = "embeddings", requires = "model")]
     pub corpus: Option<PathBuf>,
@@ -30,9 +32,10 @@ pub struct IndexArgs {
     /// Residual bits per dimension: 1, 2 or 4 (new index only).
     #[arg(long, default_value_t = 2)]
     pub nbits: usize,
-    /// Token pooling factor (1 = no pooling; new index only).
-    #[arg(long, default_value_t = 1)]
-    pub pool_factor: usize,
+    /// Token pooling factor (default 1 = no pooling; new index only, later adds use the index's): each
+    /// document is pooled once, before indexing.
+    #[arg(long)]
+    pub pool_factor: Option<usize>,
     /// Number of centroids (default 2^floor(log2(16·sqrt(tokens)))).
     #[arg(long)]
     pub centroids: Option<usize>,
@@ -52,25 +55,49 @@ pub struct IndexArgs {
 
 pub fn run(args: IndexArgs) -> Result<()> {
     let exists = args.index.join("meta.lt").exists();
-    let (source, model): (Box<dyn latte_index::DocumentSource>, Option<String>) =
+    let current = if exists {
+        Some(PlaidIndex::open(&args.index)?)
+    } else {
+        None
+    };
+    let where_ = args.index.display().to_string();
+    // Pooling happens here, once per document; the index itself is given pool_factor 1.
+    let pool_factor = match &current {
+        None => args.pool_factor.unwrap_or(1),
+        Some(index) => {
+            let recorded = ModelOptions::from_index(index)?.pool_factor;
+            let effective = recorded.unwrap_or(index.info().config.pool_factor);
+            if let Some(p) = args.pool_factor {
+                if p != effective {
+                    bail!(
+                        "--pool-factor: the index {where_} was built with --pool-factor {effective}; got {p} \
+                         (leave it out when adding)"
+                    );
+                }
+            }
+            recorded.unwrap_or(1)
+        }
+    };
+    if pool_factor == 0 {
+        bail!("--pool-factor must be at least 1, got 0");
+    }
+    let (source, model, options): (Box<dyn latte_index::DocumentSource>, Option<String>, _) =
         match (&args.embeddings, &args.corpus) {
             (Some(npz), None) => {
                 let ids = read_ids(args.ids.as_ref().expect("clap requires --ids"))?;
-                (embeddings_source(npz, ids)?, args.model.clone())
+                let options = args.model.model.as_ref().map(|_| args.model.given());
+                (
+                    embeddings_source(npz, ids)?,
+                    args.model.model.clone(),
+                    options,
+                )
             }
             (None, Some(corpus)) => {
-                let model = args.model.clone().expect("clap requires --model");
-                if exists {
-                    let current = PlaidIndex::open(&args.index)?;
-                    if let Some(m) = current.model() {
-                        if m != model {
-                            bail!("the index was built with model {m:?}, not {model:?}");
-                        }
-                    }
-                }
+                let name = args.model.model.clone().expect("clap requires --model");
+                let m = IndexModel::for_documents(&args.model, name, current.as_ref(), &where_)?;
                 let (ids, texts) = read_jsonl(corpus)?;
-                eprintln!("encoding {} documents with {model}", texts.len());
-                let encoded = encoder::encode_texts(&model, &texts, false, args.batch_size)?;
+                eprintln!("encoding {} documents with {}", texts.len(), m.name);
+                let encoded = m.encode(&texts, false, args.batch_size)?;
                 let dim = encoded.first().map_or(0, |e| e.cols);
                 let mut src = VecSource::new(dim);
                 if encoded.len() != ids.len() {
@@ -86,10 +113,12 @@ pub fn run(args: IndexArgs) -> Result<()> {
                     }
                     src.push(id, e.data)?;
                 }
-                (Box::new(src), Some(model))
+                (Box::new(src), Some(m.name), Some(m.options))
             }
             _ => bail!("give either --embeddings with --ids, or --corpus with --model"),
         };
+    drop(current);
+    let source = encoder::pool_documents(source, pool_factor)?;
     let started = std::time::Instant::now();
     let report = if exists {
         PlaidIndex::add(&args.index, source.as_ref())
@@ -100,8 +129,9 @@ pub fn run(args: IndexArgs) -> Result<()> {
             num_centroids: args.centroids,
             kmeans_iters: args.kmeans_iters,
             seed: args.seed,
-            pool_factor: args.pool_factor,
+            pool_factor: 1,
             store_full: !args.no_full,
+            model_options: recorded_options(options, pool_factor),
             model,
             ..IndexConfig::default()
         };
@@ -124,4 +154,17 @@ pub fn run(args: IndexArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// What the index records in `model_options`: the model's options, and the pooling applied here.
+fn recorded_options(
+    options: Option<ModelOptions>,
+    pool_factor: usize,
+) -> Option<serde_json::Value> {
+    if options.is_none() && pool_factor == 1 {
+        return None;
+    }
+    let mut options = options.unwrap_or_default();
+    options.pool_factor = (pool_factor > 1).then_some(pool_factor);
+    Some(options.to_json())
 }

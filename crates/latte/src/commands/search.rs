@@ -7,8 +7,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use latte_index::{EmbRef, PlaidIndex, SearchParams};
 
-use super::encoder;
+use super::encoder::IndexModel;
 use super::index_io::{embeddings_source, read_ids, read_jsonl};
+use super::model_args::IndexModelArgs;
 
 /// Search an index; writes `qid Q0 docid rank score latte` lines.
 #[derive(Args, Debug)]
@@ -25,9 +26,10 @@ pub struct SearchArgs {
     /// Query ids, one per line, in the order of `--query-embeddings`.
     #[arg(long)]
     pub query_ids: Option<PathBuf>,
-    /// Model for `--queries` (default: the model the index was built with).
-    #[arg(long)]
-    pub model: Option<String>,
+    /// Model for `--queries` and its flags (default: the model and options the index was built with; flags
+    /// given override them, and must give the index's dimension).
+    #[command(flatten)]
+    pub model: IndexModelArgs,
     /// Results per query.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     pub k: u64,
@@ -69,15 +71,9 @@ pub fn run(args: SearchArgs) -> Result<()> {
                 (ids, qs)
             }
             (Some(path), None) => {
-                let model = match (&args.model, index.model()) {
-                    (Some(m), _) => m.clone(),
-                    (None, Some(m)) => m.to_string(),
-                    (None, None) => bail!(
-                        "the index does not record a model: pass --model or --query-embeddings"
-                    ),
-                };
+                let model = IndexModel::for_queries(&args.model, &index)?;
                 let (ids, texts) = read_jsonl(path)?;
-                let enc = encoder::encode_texts(&model, &texts, true, args.batch_size)?;
+                let enc = model.encode(&texts, true, args.batch_size)?;
                 if enc.len() != ids.len() || enc.iter().any(|e| e.data.len() != e.rows * e.cols) {
                     bail!("the model returned malformed embeddings for the queries");
                 }
