@@ -1,0 +1,807 @@
+//! `latte._latte`: the native module behind the `latte` Python package (PyLate's API on latte's engine).
+//!
+//! This module is thin: it exposes latte's models, scoring, indexes and evaluation with plain arguments
+//! (lists, numpy arrays, strings); the pure-Python package in `python/latte/` gives them PyLate's names,
+//! keywords and return types. Every long computation runs with the GIL released (`Python::detach`), and
+//! every object here is safe to use from several Python threads at once (models and indexes sit behind
+//! read-write locks: encoding and searching share them, mutations take them alone).
+//!
+//! Arrays cross without copies where the layout allows: inputs are read in place from C-contiguous float32
+//! numpy arrays (the Python layer converts other layouts once), outputs hand their Rust buffer to numpy.
+
+use std::path::{Path, PathBuf};
+use std::sync::{PoisonError, RwLock};
+
+use latte_index::{EmbRef, ExactIndex, IndexConfig, PlaidIndex, SearchParams, VecSource};
+use latte_models::{ColBERT, EncodeOptions, LoadOptions, PartialSettings};
+use numpy::ndarray::{Array2, Array3};
+use numpy::{PyArray2, PyArray3, PyReadonlyArray2, PyReadonlyArray3, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyException, PyFileNotFoundError, PyIndexError, PyValueError};
+use pyo3::prelude::*;
+
+pyo3::create_exception!(
+    _latte,
+    LatteError,
+    PyException,
+    "Base class of the errors latte raises that are neither FileNotFoundError nor ValueError."
+);
+
+fn latte_error(msg: String) -> PyErr {
+    LatteError::new_err(msg)
+}
+
+fn lock_poisoned<T>(_: PoisonError<T>) -> PyErr {
+    latte_error("a previous call panicked while holding this object; recreate it".into())
+}
+
+/// Maps a model error to the Python exception a PyLate user expects.
+fn model_err(e: latte_models::Error) -> PyErr {
+    use latte_models::Error as E;
+    let msg = e.to_string();
+    match &e {
+        E::MissingFile { .. } => PyFileNotFoundError::new_err(msg),
+        E::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            PyFileNotFoundError::new_err(msg)
+        }
+        E::Resolve { reason, .. } if reason.starts_with("no such folder") => {
+            PyFileNotFoundError::new_err(msg)
+        }
+        E::Shape { .. } | E::Invalid(_) | E::UnknownActivation(..) => PyValueError::new_err(msg),
+        _ => latte_error(msg),
+    }
+}
+
+/// Maps an index error to a Python exception.
+fn index_err(e: latte_index::Error) -> PyErr {
+    use latte_index::Error as E;
+    let msg = e.to_string();
+    match &e {
+        E::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            PyFileNotFoundError::new_err(msg)
+        }
+        E::NotAnIndex(_) => PyFileNotFoundError::new_err(msg),
+        E::DimensionMismatch { .. }
+        | E::Shape(_)
+        | E::InvalidArgument(_)
+        | E::EmptyIndex
+        | E::UnknownIds(_)
+        | E::DuplicateId(_)
+        | E::EmptyDocument(_) => PyValueError::new_err(msg),
+        _ => latte_error(msg),
+    }
+}
+
+/// Maps an evaluation error to a Python exception.
+fn eval_err(e: latte_eval::EvalError) -> PyErr {
+    use latte_eval::EvalError as E;
+    let msg = e.to_string();
+    match &e {
+        E::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            PyFileNotFoundError::new_err(msg)
+        }
+        E::MissingSplit { .. } => PyFileNotFoundError::new_err(msg),
+        E::InvalidMetric { .. } | E::Invalid { .. } => PyValueError::new_err(msg),
+        _ => latte_error(msg),
+    }
+}
+
+/// A C-contiguous `tokens × dim` float32 matrix as a slice, or a `ValueError` naming `what`.
+fn matrix<'a>(a: &'a PyReadonlyArray2<'_, f32>, what: &str) -> PyResult<(&'a [f32], usize)> {
+    let dim = a.shape()[1];
+    let data = a.as_slice().map_err(|_| {
+        PyValueError::new_err(format!(
+            "{what}: expected a C-contiguous float32 array, got a strided one"
+        ))
+    })?;
+    Ok((data, dim))
+}
+
+fn emb<'a>(data: &'a [f32], dim: usize, what: &str) -> PyResult<EmbRef<'a>> {
+    EmbRef::new(data, dim).map_err(|e| PyValueError::new_err(format!("{what}: {e}")))
+}
+
+/// Hands a `rows × cols` buffer to numpy without copying it.
+fn to_numpy2(
+    py: Python<'_>,
+    rows: usize,
+    cols: usize,
+    data: Vec<f32>,
+) -> PyResult<Py<PyArray2<f32>>> {
+    let arr = Array2::from_shape_vec((rows, cols), data)
+        .map_err(|e| latte_error(format!("internal shape error: {e}")))?;
+    Ok(PyArray2::from_owned_array(py, arr).unbind())
+}
+
+// ------------------------------------------------------------------------------------------------
+// Models
+
+/// A loaded ColBERT model (latte_models::ColBERT).
+#[pyclass(frozen, module = "latte._latte")]
+struct Model {
+    inner: RwLock<ColBERT>,
+}
+
+#[pymethods]
+impl Model {
+    /// Loads a model from a folder or a Hugging Face Hub id; explicit settings win over the model's config.
+    #[staticmethod]
+    #[pyo3(signature = (model, query_prefix=None, document_prefix=None, query_length=None,
+        document_length=None, attend_to_expansion_tokens=None, do_query_expansion=None,
+        skiplist_words=None, truncate_dim=None, embedding_size=None, bias=false,
+        local_files_only=false, cache_folder=None, revision=None, token=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn load(
+        py: Python<'_>,
+        model: String,
+        query_prefix: Option<String>,
+        document_prefix: Option<String>,
+        query_length: Option<usize>,
+        document_length: Option<usize>,
+        attend_to_expansion_tokens: Option<bool>,
+        do_query_expansion: Option<bool>,
+        skiplist_words: Option<Vec<String>>,
+        truncate_dim: Option<usize>,
+        embedding_size: Option<usize>,
+        bias: bool,
+        local_files_only: bool,
+        cache_folder: Option<PathBuf>,
+        revision: Option<String>,
+        token: Option<String>,
+    ) -> PyResult<Self> {
+        let mut opts = LoadOptions {
+            settings: PartialSettings {
+                query_prefix,
+                document_prefix,
+                query_length,
+                document_length,
+                do_query_expansion,
+                attend_to_expansion_tokens,
+                skiplist_words,
+            },
+            embedding_size,
+            bias,
+            truncate_dim,
+            ..LoadOptions::default()
+        };
+        opts.hub.cache_dir = cache_folder;
+        opts.hub.revision = revision;
+        opts.hub.token = token;
+        if local_files_only {
+            opts.hub.offline = Some(true);
+        }
+        let inner = py
+            .detach(|| ColBERT::load(&model, &opts))
+            .map_err(model_err)?;
+        Ok(Self {
+            inner: RwLock::new(inner),
+        })
+    }
+
+    /// Encodes texts; returns one float32 `tokens × dim` array per text, in input order.
+    #[pyo3(signature = (texts, is_query, batch_size=32, show_progress=None, prompt_name=None,
+        prompt=None, normalize=true, pool_factor=1, protected_tokens=1))]
+    #[allow(clippy::too_many_arguments)]
+    fn encode(
+        &self,
+        py: Python<'_>,
+        texts: Vec<String>,
+        is_query: bool,
+        batch_size: usize,
+        show_progress: Option<bool>,
+        prompt_name: Option<String>,
+        prompt: Option<String>,
+        normalize: bool,
+        pool_factor: usize,
+        protected_tokens: usize,
+    ) -> PyResult<Vec<Py<PyArray2<f32>>>> {
+        if pool_factor == 0 {
+            return Err(PyValueError::new_err("pool_factor must be at least 1"));
+        }
+        let opts = EncodeOptions {
+            batch_size,
+            normalize,
+            prompt,
+            prompt_name,
+            show_progress,
+        };
+        let out = py.detach(|| -> PyResult<Vec<(usize, usize, Vec<f32>)>> {
+            let model = self.inner.read().map_err(lock_poisoned)?;
+            let embs = model.encode(&texts, is_query, &opts).map_err(model_err)?;
+            embs.into_iter()
+                .map(|e| {
+                    if pool_factor > 1 && !is_query {
+                        let pooled = latte_index::pool::pool_embeddings_hierarchical(
+                            &e.data,
+                            e.cols,
+                            pool_factor,
+                            protected_tokens,
+                        )
+                        .map_err(index_err)?;
+                        Ok((pooled.len() / e.cols.max(1), e.cols, pooled))
+                    } else {
+                        Ok((e.rows, e.cols, e.data))
+                    }
+                })
+                .collect()
+        })?;
+        out.into_iter()
+            .map(|(r, c, d)| to_numpy2(py, r, c, d))
+            .collect()
+    }
+
+    /// Saves the model as a PyLate folder.
+    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        py.detach(|| {
+            let model = self.inner.read().map_err(lock_poisoned)?;
+            model.save(&path).map_err(model_err)
+        })
+    }
+
+    /// Number of modules (the Transformer counts as one).
+    fn __len__(&self) -> PyResult<usize> {
+        Ok(self.inner.read().map_err(lock_poisoned)?.len())
+    }
+
+    /// PyLate's module listing.
+    fn __str__(&self) -> PyResult<String> {
+        Ok(self.inner.read().map_err(lock_poisoned)?.to_string())
+    }
+
+    /// Removes module `index` (1 is the first Dense; the Transformer cannot be removed).
+    fn remove_module(&self, index: usize) -> PyResult<()> {
+        let mut model = self.inner.write().map_err(lock_poisoned)?;
+        if index >= model.len() {
+            return Err(PyIndexError::new_err(format!(
+                "module index {index} out of range: the model has {} modules",
+                model.len()
+            )));
+        }
+        model.remove_module(index).map(|_| ()).map_err(model_err)
+    }
+
+    /// Output dimension of the token embeddings.
+    fn output_dim(&self) -> PyResult<usize> {
+        Ok(self.inner.read().map_err(lock_poisoned)?.output_dim())
+    }
+
+    /// The resolved ColBERT settings as a dict.
+    fn settings<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+        let model = self.inner.read().map_err(lock_poisoned)?;
+        let s = model.settings();
+        let d = pyo3::types::PyDict::new(py);
+        d.set_item("query_prefix", &s.query_prefix)?;
+        d.set_item("document_prefix", &s.document_prefix)?;
+        d.set_item("query_length", s.query_length)?;
+        d.set_item("document_length", s.document_length)?;
+        d.set_item("do_query_expansion", s.do_query_expansion)?;
+        d.set_item("attend_to_expansion_tokens", s.attend_to_expansion_tokens)?;
+        d.set_item("skiplist_words", &s.skiplist_words)?;
+        d.set_item("truncate_dim", model.truncate_dim())?;
+        Ok(d)
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Scores and reranking
+
+/// PyLate `colbert_scores`: `[n_q, l_q, h]` × `[n_d, l_d, h]` → `[n_q, n_d]`, with optional multiplicative masks.
+#[pyfunction]
+#[pyo3(signature = (queries, documents, queries_mask=None, documents_mask=None))]
+fn colbert_scores(
+    py: Python<'_>,
+    queries: PyReadonlyArray3<'_, f32>,
+    documents: PyReadonlyArray3<'_, f32>,
+    queries_mask: Option<PyReadonlyArray2<'_, f32>>,
+    documents_mask: Option<PyReadonlyArray2<'_, f32>>,
+) -> PyResult<Py<PyArray2<f32>>> {
+    let contiguous = |what: &str| {
+        PyValueError::new_err(format!("{what}: expected a C-contiguous float32 array"))
+    };
+    let qs = queries.shape();
+    let q_shape = [qs[0], qs[1], qs[2]];
+    let ds = documents.shape();
+    let d_shape = [ds[0], ds[1], ds[2]];
+    let q = queries.as_slice().map_err(|_| contiguous("queries"))?;
+    let d = documents.as_slice().map_err(|_| contiguous("documents"))?;
+    let qm = match &queries_mask {
+        Some(m) => Some(m.as_slice().map_err(|_| contiguous("queries_mask"))?),
+        None => None,
+    };
+    let dm = match &documents_mask {
+        Some(m) => Some(m.as_slice().map_err(|_| contiguous("documents_mask"))?),
+        None => None,
+    };
+    let scores = py
+        .detach(|| latte_index::scores::colbert_scores(q, q_shape, d, d_shape, qm, dm))
+        .map_err(index_err)?;
+    to_numpy2(py, q_shape[0], d_shape[0], scores)
+}
+
+/// PyLate `rank.rerank` on positions: per query, `(candidate position, score)` best first.
+#[pyfunction]
+fn rerank(
+    py: Python<'_>,
+    queries: Vec<PyReadonlyArray2<'_, f32>>,
+    documents: Vec<Vec<PyReadonlyArray2<'_, f32>>>,
+) -> PyResult<Vec<Vec<(usize, f32)>>> {
+    let q: Vec<EmbRef<'_>> = queries
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let what = format!("queries_embeddings[{i}]");
+            let (data, dim) = matrix(a, &what)?;
+            emb(data, dim, &what)
+        })
+        .collect::<PyResult<_>>()?;
+    let d: Vec<Vec<EmbRef<'_>>> = documents
+        .iter()
+        .enumerate()
+        .map(|(i, docs)| {
+            docs.iter()
+                .enumerate()
+                .map(|(j, a)| {
+                    let what = format!("documents_embeddings[{i}][{j}]");
+                    let (data, dim) = matrix(a, &what)?;
+                    emb(data, dim, &what)
+                })
+                .collect::<PyResult<Vec<_>>>()
+        })
+        .collect::<PyResult<_>>()?;
+    let ids: Vec<Vec<usize>> = d.iter().map(|docs| (0..docs.len()).collect()).collect();
+    let out = py
+        .detach(|| latte_index::rerank(&ids, &q, &d))
+        .map_err(index_err)?;
+    Ok(out
+        .into_iter()
+        .map(|r| r.into_iter().map(|x| (x.id, x.score)).collect())
+        .collect())
+}
+
+// ------------------------------------------------------------------------------------------------
+// Indexes
+
+fn vec_source(ids: Vec<String>, embeddings: &[PyReadonlyArray2<'_, f32>]) -> PyResult<VecSource> {
+    if ids.len() != embeddings.len() {
+        return Err(PyValueError::new_err(format!(
+            "documents_ids has {} ids but documents_embeddings has {} documents: they must match",
+            ids.len(),
+            embeddings.len()
+        )));
+    }
+    let dim = embeddings.first().map_or(0, |a| a.shape()[1]);
+    let mut source = VecSource::new(dim);
+    for (i, (id, a)) in ids.into_iter().zip(embeddings).enumerate() {
+        let what = format!("documents_embeddings[{i}]");
+        let (data, d) = matrix(a, &what)?;
+        if d != dim {
+            return Err(PyValueError::new_err(format!(
+                "{what}: expected dimension {dim} (that of the first document), got {d}"
+            )));
+        }
+        source.push(id, data.to_vec()).map_err(index_err)?;
+    }
+    Ok(source)
+}
+
+/// Creates a PLAID index in `path` from documents (fails if one exists there).
+#[pyfunction]
+#[pyo3(signature = (path, ids, embeddings, nbits=2, kmeans_niters=4, kmeans_points_per_centroid=32,
+    seed=42, num_centroids=None, pool_factor=1))]
+#[allow(clippy::too_many_arguments)]
+fn plaid_create(
+    py: Python<'_>,
+    path: PathBuf,
+    ids: Vec<String>,
+    embeddings: Vec<PyReadonlyArray2<'_, f32>>,
+    nbits: usize,
+    kmeans_niters: usize,
+    kmeans_points_per_centroid: usize,
+    seed: u64,
+    num_centroids: Option<usize>,
+    pool_factor: usize,
+) -> PyResult<usize> {
+    let source = vec_source(ids, &embeddings)?;
+    let config = IndexConfig {
+        nbits,
+        num_centroids,
+        kmeans_iters: kmeans_niters,
+        kmeans_points_per_centroid,
+        seed,
+        pool_factor,
+        ..IndexConfig::default()
+    };
+    let report = py
+        .detach(|| PlaidIndex::create(&path, &source, &config))
+        .map_err(index_err)?;
+    Ok(report.documents)
+}
+
+/// Adds documents to the PLAID index in `path` (its centroids are kept).
+#[pyfunction]
+fn plaid_add(
+    py: Python<'_>,
+    path: PathBuf,
+    ids: Vec<String>,
+    embeddings: Vec<PyReadonlyArray2<'_, f32>>,
+) -> PyResult<usize> {
+    let source = vec_source(ids, &embeddings)?;
+    let report = py
+        .detach(|| PlaidIndex::add(&path, &source))
+        .map_err(index_err)?;
+    Ok(report.documents)
+}
+
+/// Deletes documents by id from the PLAID index in `path` (fails, deleting nothing, on an unknown id).
+#[pyfunction]
+fn plaid_delete(py: Python<'_>, path: PathBuf, ids: Vec<String>) -> PyResult<usize> {
+    let report = py
+        .detach(|| PlaidIndex::delete(&path, &ids))
+        .map_err(index_err)?;
+    Ok(report.deleted)
+}
+
+/// Rewrites the PLAID index in `path` without its deleted documents (their ids become free again).
+#[pyfunction]
+fn plaid_compact(py: Python<'_>, path: PathBuf) -> PyResult<()> {
+    py.detach(|| PlaidIndex::compact(&path)).map_err(index_err)
+}
+
+/// Whether `path` holds a latte index.
+#[pyfunction]
+fn plaid_exists(path: PathBuf) -> bool {
+    Path::new(&path).join("meta.lt").exists()
+}
+
+/// A PLAID index opened for search (a snapshot: reopen after writes).
+#[pyclass(frozen, module = "latte._latte")]
+struct Plaid {
+    index: PlaidIndex,
+}
+
+#[pymethods]
+impl Plaid {
+    /// Opens the index in `path`.
+    #[new]
+    fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let index = py.detach(|| PlaidIndex::open(&path)).map_err(index_err)?;
+        Ok(Self { index })
+    }
+
+    /// Number of live documents.
+    fn __len__(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Whether the index holds document `id`.
+    fn __contains__(&self, id: &str) -> bool {
+        self.index.contains(id)
+    }
+
+    /// Embedding dimension.
+    fn dim(&self) -> usize {
+        self.index.dim()
+    }
+
+    /// Searches queries; `subset` is one id list for all queries or one per query. Returns, per query,
+    /// `(id, score)` pairs best first.
+    #[pyo3(signature = (queries, k=10, subset=None, n_ivf_probe=None, n_full_scores=None, exact=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn search(
+        &self,
+        py: Python<'_>,
+        queries: Vec<PyReadonlyArray2<'_, f32>>,
+        k: usize,
+        subset: Option<Vec<Vec<String>>>,
+        n_ivf_probe: Option<usize>,
+        n_full_scores: Option<usize>,
+        exact: bool,
+    ) -> PyResult<Vec<Vec<(String, f32)>>> {
+        let q: Vec<EmbRef<'_>> = queries
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let what = format!("queries_embeddings[{i}]");
+                let (data, dim) = matrix(a, &what)?;
+                emb(data, dim, &what)
+            })
+            .collect::<PyResult<_>>()?;
+        if let Some(s) = &subset {
+            if s.len() != 1 && s.len() != q.len() {
+                return Err(PyValueError::new_err(format!(
+                    "subset: expected one id list for all queries or one per query ({}), got {}",
+                    q.len(),
+                    s.len()
+                )));
+            }
+        }
+        let mut params = SearchParams::for_k(k);
+        if let Some(p) = n_ivf_probe {
+            params.n_ivf_probe = p;
+        }
+        if let Some(n) = n_full_scores {
+            params.ndocs = n;
+        }
+        let index = &self.index;
+        let hits = py
+            .detach(|| -> latte_index::Result<Vec<Vec<latte_index::Hit>>> {
+                match &subset {
+                    Some(s) if s.len() == q.len() && (s.len() > 1 || exact) => q
+                        .iter()
+                        .zip(s)
+                        .map(|(query, ids)| {
+                            if exact {
+                                index.search_exact(*query, k, Some(ids))
+                            } else {
+                                index.search(*query, &params, Some(ids))
+                            }
+                        })
+                        .collect(),
+                    _ => {
+                        let one = subset.as_ref().map(|s| s[0].as_slice());
+                        if exact {
+                            q.iter()
+                                .map(|query| index.search_exact(*query, k, one))
+                                .collect()
+                        } else {
+                            index.search_batch(&q, &params, one)
+                        }
+                    }
+                }
+            })
+            .map_err(index_err)?;
+        Ok(hits
+            .into_iter()
+            .map(|h| h.into_iter().map(|x| (x.id, x.score)).collect())
+            .collect())
+    }
+}
+
+/// An in-memory exact (brute-force MaxSim) index.
+#[pyclass(frozen, module = "latte._latte")]
+struct Exact {
+    inner: RwLock<Option<ExactIndex>>,
+}
+
+#[pymethods]
+impl Exact {
+    /// An empty index (its dimension is set by the first documents).
+    #[new]
+    fn new() -> Self {
+        Self {
+            inner: RwLock::new(None),
+        }
+    }
+
+    /// Adds documents (nothing is added unless all are valid).
+    fn add(
+        &self,
+        py: Python<'_>,
+        ids: Vec<String>,
+        embeddings: Vec<PyReadonlyArray2<'_, f32>>,
+    ) -> PyResult<()> {
+        let source = vec_source(ids, &embeddings)?;
+        let docs: Vec<(String, &[f32], usize)> = embeddings
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let (data, dim) = matrix(a, "documents_embeddings")?;
+                Ok((latte_index::DocumentSource::id(&source, i), data, dim))
+            })
+            .collect::<PyResult<_>>()?;
+        py.detach(|| {
+            let mut guard = self.inner.write().map_err(lock_poisoned)?;
+            let dim = match (&*guard, docs.first()) {
+                (Some(ix), _) => ix.dim(),
+                (None, Some(d)) => d.2,
+                (None, None) => return Ok(()),
+            };
+            let mut next = match guard.take() {
+                Some(ix) => ix,
+                None => ExactIndex::new(dim).map_err(index_err)?,
+            };
+            let backup = next.clone();
+            for (id, data, d) in &docs {
+                let r = EmbRef::new(data, *d).and_then(|e| next.add(id.clone(), e));
+                if let Err(e) = r {
+                    *guard = (!backup.is_empty()).then_some(backup);
+                    return Err(index_err(e));
+                }
+            }
+            *guard = Some(next);
+            Ok(())
+        })
+    }
+
+    /// Removes documents by id (fails, removing nothing, on an unknown id).
+    fn remove(&self, py: Python<'_>, ids: Vec<String>) -> PyResult<()> {
+        py.detach(|| {
+            let mut guard = self.inner.write().map_err(lock_poisoned)?;
+            match guard.as_mut() {
+                Some(ix) => ix.remove(&ids).map_err(index_err),
+                None if ids.is_empty() => Ok(()),
+                None => Err(index_err(latte_index::Error::UnknownIds(format!(
+                    "{ids:?}"
+                )))),
+            }
+        })
+    }
+
+    /// Number of documents.
+    fn __len__(&self) -> PyResult<usize> {
+        Ok(self
+            .inner
+            .read()
+            .map_err(lock_poisoned)?
+            .as_ref()
+            .map_or(0, |ix| ix.len()))
+    }
+
+    /// Exact MaxSim of each query against every document, in insertion order: `[n_queries, n_documents]`.
+    fn scores(
+        &self,
+        py: Python<'_>,
+        queries: Vec<PyReadonlyArray2<'_, f32>>,
+    ) -> PyResult<Py<PyArray2<f32>>> {
+        let q: Vec<EmbRef<'_>> = queries
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let what = format!("queries_embeddings[{i}]");
+                let (data, dim) = matrix(a, &what)?;
+                emb(data, dim, &what)
+            })
+            .collect::<PyResult<_>>()?;
+        let (n, flat) = py.detach(|| -> PyResult<(usize, Vec<f32>)> {
+            let guard = self.inner.read().map_err(lock_poisoned)?;
+            let ix = guard
+                .as_ref()
+                .ok_or_else(|| index_err(latte_index::Error::EmptyIndex))?;
+            let mut flat = Vec::with_capacity(q.len() * ix.len());
+            for query in &q {
+                flat.extend(ix.scores(*query).map_err(index_err)?);
+            }
+            Ok((ix.len(), flat))
+        })?;
+        to_numpy2(py, q.len(), n, flat)
+    }
+
+    /// Top-`k` per query: `(id, score)` pairs best first.
+    fn search(
+        &self,
+        py: Python<'_>,
+        queries: Vec<PyReadonlyArray2<'_, f32>>,
+        k: usize,
+    ) -> PyResult<Vec<Vec<(String, f32)>>> {
+        let q: Vec<EmbRef<'_>> = queries
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let what = format!("queries_embeddings[{i}]");
+                let (data, dim) = matrix(a, &what)?;
+                emb(data, dim, &what)
+            })
+            .collect::<PyResult<_>>()?;
+        let hits = py.detach(|| -> PyResult<Vec<Vec<latte_index::Hit>>> {
+            let guard = self.inner.read().map_err(lock_poisoned)?;
+            let ix = guard
+                .as_ref()
+                .ok_or_else(|| index_err(latte_index::Error::EmptyIndex))?;
+            ix.search_batch(&q, k).map_err(index_err)
+        })?;
+        Ok(hits
+            .into_iter()
+            .map(|h| h.into_iter().map(|x| (x.id, x.score)).collect())
+            .collect())
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Evaluation
+
+type Ranked = Vec<(String, Vec<(String, f64)>)>;
+type Judged = Vec<(String, Vec<(String, i32)>)>;
+
+/// IR metrics (ranx definitions, `make_comparable=True`): run and qrels as ordered `(query, [(doc, value)])`
+/// lists. Returns the mean of each metric, keyed by the metric's name as given.
+#[pyfunction]
+fn evaluate(
+    py: Python<'_>,
+    run: Ranked,
+    qrels: Judged,
+    metrics: Vec<String>,
+) -> PyResult<Vec<(String, f64)>> {
+    let parsed: Vec<latte_eval::Metric> = metrics
+        .iter()
+        .map(|m| m.parse::<latte_eval::Metric>().map_err(eval_err))
+        .collect::<PyResult<_>>()?;
+    py.detach(|| {
+        let mut q = latte_eval::Qrels::new();
+        for (query, docs) in &qrels {
+            for (doc, rel) in docs {
+                q.insert(query, doc, *rel).map_err(eval_err)?;
+            }
+        }
+        let mut r = latte_eval::Run::new();
+        for (query, docs) in &run {
+            if docs.is_empty() {
+                r.insert_empty_query(query);
+            }
+            for (doc, score) in docs {
+                r.insert(query, doc, *score).map_err(eval_err)?;
+            }
+        }
+        let report = latte_eval::evaluate(&r, &q, &parsed);
+        Ok(metrics
+            .iter()
+            .zip(&parsed)
+            .map(|(name, m)| (name.clone(), report.mean(m).unwrap_or(0.0)))
+            .collect())
+    })
+}
+
+type Beir = (Vec<(String, String)>, Vec<(String, String)>, Judged);
+
+/// Reads one split of a BEIR folder: `(documents, queries, qrels)` as `(id, text)` lists and judgments.
+#[pyfunction]
+#[pyo3(signature = (path, split="test"))]
+fn load_beir(py: Python<'_>, path: PathBuf, split: &str) -> PyResult<Beir> {
+    let ds = py
+        .detach(|| latte_eval::BeirDataset::load(&path, split))
+        .map_err(eval_err)?;
+    let documents = ds.corpus.into_iter().map(|d| (d.id, d.text)).collect();
+    let queries = ds.queries.into_iter().map(|q| (q.id, q.text)).collect();
+    let qrels = ds
+        .qrels
+        .iter()
+        .map(|(q, docs)| {
+            (
+                q.to_string(),
+                docs.iter().map(|(d, r)| (d.clone(), *r)).collect(),
+            )
+        })
+        .collect();
+    Ok((documents, queries, qrels))
+}
+
+/// Stacks equally shaped matrices into one `[n, rows, dim]` array (used by tests and helpers).
+#[pyfunction]
+fn stack(py: Python<'_>, arrays: Vec<PyReadonlyArray2<'_, f32>>) -> PyResult<Py<PyArray3<f32>>> {
+    let first = arrays
+        .first()
+        .map(|a| [a.shape()[0], a.shape()[1]])
+        .unwrap_or([0, 0]);
+    let mut flat = Vec::with_capacity(arrays.len() * first[0] * first[1]);
+    for (i, a) in arrays.iter().enumerate() {
+        if a.shape() != first {
+            return Err(PyValueError::new_err(format!(
+                "arrays[{i}]: expected shape {first:?}, got {:?}",
+                a.shape()
+            )));
+        }
+        flat.extend_from_slice(matrix(a, "arrays")?.0);
+    }
+    let arr = Array3::from_shape_vec((arrays.len(), first[0], first[1]), flat)
+        .map_err(|e| latte_error(format!("internal shape error: {e}")))?;
+    Ok(PyArray3::from_owned_array(py, arr).unbind())
+}
+
+/// The native module.
+#[pymodule]
+fn _latte(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("LatteError", m.py().get_type::<LatteError>())?;
+    m.add_class::<Model>()?;
+    m.add_class::<Plaid>()?;
+    m.add_class::<Exact>()?;
+    m.add_function(wrap_pyfunction!(colbert_scores, m)?)?;
+    m.add_function(wrap_pyfunction!(rerank, m)?)?;
+    m.add_function(wrap_pyfunction!(plaid_create, m)?)?;
+    m.add_function(wrap_pyfunction!(plaid_add, m)?)?;
+    m.add_function(wrap_pyfunction!(plaid_delete, m)?)?;
+    m.add_function(wrap_pyfunction!(plaid_exists, m)?)?;
+    m.add_function(wrap_pyfunction!(plaid_compact, m)?)?;
+    m.add_function(wrap_pyfunction!(evaluate, m)?)?;
+    m.add_function(wrap_pyfunction!(load_beir, m)?)?;
+    m.add_function(wrap_pyfunction!(stack, m)?)?;
+    Ok(())
+}

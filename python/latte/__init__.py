@@ -1,0 +1,21 @@
+"""latte: PyLate's API (ColBERT late-interaction retrieval) on latte's Rust engine.
+
+Modules mirror PyLate 1.6's: :mod:`latte.models` (``ColBERT``), :mod:`latte.indexes` (``PLAID``, ``Exact``
+and PyLate's other index names on latte's engine), :mod:`latte.retrieve` (``ColBERT``), :mod:`latte.rank`
+(``rerank``), :mod:`latte.evaluation` (``evaluate``, ``load_beir_folder``) and :mod:`latte.scores`
+(``colbert_scores``). Errors are ``FileNotFoundError``, ``ValueError`` or :class:`LatteError`.
+"""
+
+from latte._latte import LatteError, __version__
+from latte import evaluation, indexes, models, rank, retrieve, scores
+
+__all__ = [
+    "LatteError",
+    "__version__",
+    "evaluation",
+    "indexes",
+    "models",
+    "rank",
+    "retrieve",
+    "scores",
+]

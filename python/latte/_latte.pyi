@@ -1,0 +1,142 @@
+"""Type stubs of the native module ``latte._latte`` (see crates/latte-py/src/lib.rs)."""
+
+from typing import Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+_F32 = npt.NDArray[np.float32]
+
+class LatteError(Exception):
+    """Base class of the errors latte raises that are neither FileNotFoundError nor ValueError."""
+
+class Model:
+    """A loaded ColBERT model (latte_models::ColBERT)."""
+
+    @staticmethod
+    def load(
+        model: str,
+        query_prefix: Optional[str] = None,
+        document_prefix: Optional[str] = None,
+        query_length: Optional[int] = None,
+        document_length: Optional[int] = None,
+        attend_to_expansion_tokens: Optional[bool] = None,
+        do_query_expansion: Optional[bool] = None,
+        skiplist_words: Optional[List[str]] = None,
+        truncate_dim: Optional[int] = None,
+        embedding_size: Optional[int] = None,
+        bias: bool = False,
+        local_files_only: bool = False,
+        cache_folder: Optional[str] = None,
+        revision: Optional[str] = None,
+        token: Optional[str] = None,
+    ) -> "Model":
+        """Loads a model from a folder or a Hugging Face Hub id."""
+    def encode(
+        self,
+        texts: List[str],
+        is_query: bool,
+        batch_size: int = 32,
+        show_progress: Optional[bool] = None,
+        prompt_name: Optional[str] = None,
+        prompt: Optional[str] = None,
+        normalize: bool = True,
+        pool_factor: int = 1,
+        protected_tokens: int = 1,
+    ) -> List[_F32]:
+        """One float32 ``tokens × dim`` array per text, in input order (GIL released)."""
+    def save(self, path: str) -> None:
+        """Saves the model as a PyLate folder."""
+    def __len__(self) -> int: ...
+    def remove_module(self, index: int) -> None:
+        """Removes module ``index`` (1 is the first Dense)."""
+    def output_dim(self) -> int:
+        """Output dimension of the token embeddings."""
+    def settings(self) -> Dict[str, Union[str, int, bool, List[str], None]]:
+        """The resolved ColBERT settings."""
+
+class Plaid:
+    """A PLAID index opened for search (a snapshot: reopen after writes)."""
+
+    def __init__(self, path: str) -> None: ...
+    def __len__(self) -> int: ...
+    def __contains__(self, id: str) -> bool: ...
+    def dim(self) -> int:
+        """Embedding dimension."""
+    def search(
+        self,
+        queries: List[_F32],
+        k: int = 10,
+        subset: Optional[List[List[str]]] = None,
+        n_ivf_probe: Optional[int] = None,
+        n_full_scores: Optional[int] = None,
+        exact: bool = False,
+    ) -> List[List[Tuple[str, float]]]:
+        """Per query, ``(id, score)`` pairs best first (GIL released)."""
+
+class Exact:
+    """An in-memory exact (brute-force MaxSim) index."""
+
+    def __init__(self) -> None: ...
+    def add(self, ids: List[str], embeddings: List[_F32]) -> None:
+        """Adds documents (all or none)."""
+    def remove(self, ids: List[str]) -> None:
+        """Removes documents (fails on an unknown id)."""
+    def __len__(self) -> int: ...
+    def scores(self, queries: List[_F32]) -> _F32:
+        """``[n_queries, n_documents]`` MaxSim scores, documents in insertion order."""
+    def search(self, queries: List[_F32], k: int) -> List[List[Tuple[str, float]]]:
+        """Per query, ``(id, score)`` pairs best first."""
+
+def colbert_scores(
+    queries: _F32,
+    documents: _F32,
+    queries_mask: Optional[_F32] = None,
+    documents_mask: Optional[_F32] = None,
+) -> _F32:
+    """PyLate ``colbert_scores`` on ``[n, tokens, dim]`` arrays."""
+
+def rerank(queries: List[_F32], documents: List[List[_F32]]) -> List[List[Tuple[int, float]]]:
+    """Per query, ``(candidate position, score)`` best first."""
+
+def plaid_create(
+    path: str,
+    ids: List[str],
+    embeddings: List[_F32],
+    nbits: int = 2,
+    kmeans_niters: int = 4,
+    kmeans_points_per_centroid: int = 32,
+    seed: int = 42,
+    num_centroids: Optional[int] = None,
+    pool_factor: int = 1,
+) -> int:
+    """Creates a PLAID index; returns the number of documents indexed."""
+
+def plaid_add(path: str, ids: List[str], embeddings: List[_F32]) -> int:
+    """Adds documents; returns how many."""
+
+def plaid_delete(path: str, ids: List[str]) -> int:
+    """Deletes documents; returns how many."""
+
+def plaid_compact(path: str) -> None:
+    """Rewrites the index without its deleted documents."""
+
+def plaid_exists(path: str) -> bool:
+    """Whether ``path`` holds a latte index."""
+
+def evaluate(
+    run: List[Tuple[str, List[Tuple[str, float]]]],
+    qrels: List[Tuple[str, List[Tuple[str, int]]]],
+    metrics: List[str],
+) -> List[Tuple[str, float]]:
+    """Metric means (ranx definitions)."""
+
+def load_beir(
+    path: str, split: str = "test"
+) -> Tuple[List[Tuple[str, str]], List[Tuple[str, str]], List[Tuple[str, List[Tuple[str, int]]]]]:
+    """One split of a BEIR folder: documents, judged queries and judgments."""
+
+def stack(arrays: List[_F32]) -> _F32:
+    """Stacks equally shaped matrices into ``[n, rows, dim]``."""
