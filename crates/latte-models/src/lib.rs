@@ -5,23 +5,28 @@
 //! Model code is written against candle's `VarBuilder`, so the same layers run frozen weights for
 //! inference and trainable `Var`s for training (see [`Transformer::to_trainable`]).
 
-#[cfg(target_arch = "x86_64")]
-pub mod avx512;
+//!
+//! Layering (imports point one way): the model (`model`, `settings`, `tokenize`, `hub`, `io`, `save`,
+//! `transformer`, `trainable`) → the layers (`backbone`, `dense`, `layers::nn`) → the ops (`ops::infer`,
+//! `ops::train`: candle custom ops) → the kernels of `latte_kernels`. This crate has no `unsafe` code.
+#![forbid(unsafe_code)]
+
 pub mod backbone;
 pub mod dense;
 mod error;
-pub mod fused;
 pub mod hub;
 pub mod io;
+pub(crate) mod layers;
 pub mod model;
-pub mod nn;
+pub(crate) mod ops;
 pub mod save;
 pub mod settings;
 pub mod tokenize;
-pub mod train_layer;
-pub mod train_ops;
 pub mod trainable;
 pub mod transformer;
+
+pub use layers::nn;
+pub use ops::train::with_fused_layers;
 
 pub use dense::{Activation, Dense, DenseConfig};
 pub use error::{Error, Result};

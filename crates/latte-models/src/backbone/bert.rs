@@ -75,7 +75,7 @@ struct Layer {
     out: Linear,
     out_norm: LayerNorm,
     /// `query`, `key` and `value` packed as one layer for the inference kernel, made on first use.
-    qkv_packed: std::sync::Arc<std::sync::OnceLock<crate::fused::Packed>>,
+    qkv_packed: std::sync::Arc<std::sync::OnceLock<latte_kernels::gemm::Packed>>,
 }
 
 /// A BERT encoder (also RoBERTa / XLM-RoBERTa, whose positions start after the padding id).
@@ -246,8 +246,8 @@ impl Bert {
         };
         for layer in &self.layers {
             if let Some(kb) = &key_bias {
-                let params = crate::train_layer::BertLayerParams {
-                    qkv: crate::train_layer::QkvParams::Separate {
+                let params = crate::ops::train::BertLayerParams {
+                    qkv: crate::ops::train::QkvParams::Separate {
                         query: &layer.query,
                         key: &layer.key,
                         value: &layer.value,
@@ -259,11 +259,11 @@ impl Bert {
                     out_norm: &layer.out_norm,
                     rotary: None,
                 };
-                let dropout = crate::train_layer::LayerDropout {
+                let dropout = crate::ops::train::LayerDropout {
                     attention: self.config.attention_probs_dropout_prob,
                     hidden: hp,
                 };
-                if let Some(y) = crate::train_layer::bert_layer(
+                if let Some(y) = crate::ops::train::bert_layer(
                     &x,
                     kb,
                     &params,

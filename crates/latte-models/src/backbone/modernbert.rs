@@ -272,7 +272,7 @@ impl ModernBert {
                 } else {
                     (&cos_l, &sin_l)
                 };
-                let params = crate::train_layer::ModernBertLayerParams {
+                let params = crate::ops::train::ModernBertLayerParams {
                     attn_norm: layer.attn_norm.as_ref(),
                     wqkv: &layer.wqkv,
                     wo: &layer.wo,
@@ -280,7 +280,7 @@ impl ModernBert {
                     wi: &layer.wi,
                     mlp_wo: &layer.mlp_wo,
                 };
-                let attn = crate::train_layer::ModernBertAttention {
+                let attn = crate::ops::train::ModernBertAttention {
                     heads,
                     cos,
                     sin,
@@ -288,7 +288,7 @@ impl ModernBert {
                     row_mask: (!layer.global && !all_local_rows).then_some(rows),
                     dropout: self.config.attention_dropout,
                 };
-                if let Some(y) = crate::train_layer::modernbert_layer(
+                if let Some(y) = crate::ops::train::modernbert_layer(
                     &x,
                     kb,
                     &params,

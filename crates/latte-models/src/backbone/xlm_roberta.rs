@@ -275,8 +275,8 @@ impl XlmRobertaFlash {
         };
         for block in &self.blocks {
             if let Some(kb) = &key_bias {
-                let params = crate::train_layer::BertLayerParams {
-                    qkv: crate::train_layer::QkvParams::Packed(&block.wqkv),
+                let params = crate::ops::train::BertLayerParams {
+                    qkv: crate::ops::train::QkvParams::Packed(&block.wqkv),
                     attn_out: &block.out_proj,
                     attn_norm: &block.norm1,
                     inter: &block.fc1,
@@ -285,11 +285,11 @@ impl XlmRobertaFlash {
                     rotary: rope.as_ref().map(|(c, s)| (c, s)),
                 };
                 // jina's flash layout runs no dropout.
-                let no_dropout = crate::train_layer::LayerDropout {
+                let no_dropout = crate::ops::train::LayerDropout {
                     attention: 0.0,
                     hidden: 0.0,
                 };
-                if let Some(y) = crate::train_layer::bert_layer(
+                if let Some(y) = crate::ops::train::bert_layer(
                     &x,
                     kb,
                     &params,

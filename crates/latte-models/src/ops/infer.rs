@@ -1,151 +1,61 @@
-//! Fused CPU kernels for inference, on float32 CPU tensors in [`Mode::Infer`](crate::Mode) only;
-//! everywhere else (training, accelerators, other dtypes) the plain candle ops are used, which have
-//! backward passes.
+//! Fused CPU ops for inference, on float32 CPU tensors in [`Mode::Infer`](crate::Mode) only, as candle
+//! custom ops (no backward pass) over the kernels of [`latte_kernels`]; everywhere else (training,
+//! accelerators, other dtypes) the plain candle ops are used, which have backward passes.
 //!
-//! With AVX-512F (detected at run time, see [`crate::avx512`]): linear layers as `act(x Wᵀ + b + residual)`
-//! in one pass over weights packed once per layer ([`Packed`]; q, k and v can share one), attention fused
-//! per (sequence, head), softmax and GELU with a vectorised `exp`. Without it: one `gemm` call per linear
-//! layer with the bias as the initial output, GELU with a fast erf, candle's attention and softmax.
+//! From AVX-512 up ([`super::fast`]): linear layers as `act(x Wᵀ + b + residual)` in one pass over weights
+//! packed once per layer ([`Packed`]; q, k and v can share one), attention fused per (sequence, head),
+//! softmax. Below: one `gemm` call per linear layer with the bias as the initial output, candle's attention
+//! and softmax. GELU runs on [`latte_kernels::math`] at every level.
 
-use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Module, Shape, Tensor,
 };
-use rayon::prelude::*;
+use latte_kernels::attention::{AttnDims, Bias, Strided};
+use latte_kernels::gemm::{self, Packed};
+use latte_kernels::{math, Level};
 
-use crate::nn::Linear;
+use super::fast;
+use crate::ops::params::Linear;
 use crate::Result;
 
-/// Columns of the packed weight panels (and of the AVX-512 register tile).
-pub const NR: usize = 32;
-
-/// One or more linear layers' weights, stacked along the outputs, packed for the AVX-512 kernel:
-/// `ceil(n / NR)` panels of `k × NR` values (zero-padded), and the biases padded to whole panels.
-#[derive(Default)]
-pub struct Packed {
-    /// The panels.
-    pub data: Vec<f32>,
-    /// `n` biases (0 for a layer without one), then zeros up to a whole panel.
-    pub bias: Vec<f32>,
-    /// Outputs.
-    pub n: usize,
-    /// Inputs.
-    pub k: usize,
-}
-
-impl std::fmt::Debug for Packed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Packed {{ n: {}, k: {} }}", self.n, self.k)
-    }
-}
-
-impl Packed {
-    /// Packs these layers (same input width) as one with their outputs concatenated.
-    pub fn new(layers: &[&Linear]) -> Result<Self> {
-        let k = layers.first().map_or(0, |l| l.in_dim());
-        let n: usize = layers.iter().map(|l| l.out_dim()).sum();
-        let panels = n.div_ceil(NR);
-        let mut data = vec![0f32; panels * k * NR];
-        let mut bias = vec![0f32; panels * NR];
-        let mut j0 = 0;
-        for l in layers {
-            if l.in_dim() != k {
-                return Err(crate::Error::Invalid(format!(
-                    "cannot pack layers of input widths {k} and {}",
-                    l.in_dim()
-                )));
-            }
-            let w: Vec<f32> = l.weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-            for (j, row) in w.chunks(k.max(1)).enumerate().take(l.out_dim()) {
-                let jj = j0 + j;
-                let base = (jj / NR) * k * NR + jj % NR;
-                for (kk, &v) in row.iter().enumerate() {
-                    data[base + kk * NR] = v;
-                }
-            }
-            if let Some(b) = &l.bias {
-                let b: Vec<f32> = b.to_dtype(DType::F32)?.to_vec1()?;
-                bias[j0..j0 + l.out_dim()].copy_from_slice(&b);
-            }
-            j0 += l.out_dim();
+/// Packs these layers (same input width) as one with their outputs concatenated.
+pub(crate) fn pack(layers: &[&Linear]) -> Result<Packed> {
+    let k = layers.first().map_or(0, |l| l.in_dim());
+    let mut owned = Vec::with_capacity(layers.len());
+    for l in layers {
+        if l.in_dim() != k {
+            return Err(crate::Error::Invalid(format!(
+                "cannot pack layers of input widths {k} and {}",
+                l.in_dim()
+            )));
         }
-        Ok(Self { data, bias, n, k })
+        let w: Vec<f32> = l.weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let b: Option<Vec<f32>> = match &l.bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1()?),
+            None => None,
+        };
+        owned.push((w, l.out_dim(), b));
     }
-
-    /// Packs a row-major `[n, k]` weight given as a slice, with an optional bias.
-    pub fn from_rows(w: &[f32], n: usize, k: usize, bias: Option<&[f32]>) -> Self {
-        let panels = n.div_ceil(NR);
-        let mut data = vec![0f32; panels * k * NR];
-        let mut b = vec![0f32; panels * NR];
-        data.par_chunks_mut(k * NR)
-            .enumerate()
-            .for_each(|(panel, out)| {
-                for c in 0..NR.min(n.saturating_sub(panel * NR)) {
-                    let row = &w[(panel * NR + c) * k..(panel * NR + c + 1) * k];
-                    for (kk, &v) in row.iter().enumerate() {
-                        out[kk * NR + c] = v;
-                    }
-                }
-            });
-        if let Some(bias) = bias {
-            b[..n].copy_from_slice(&bias[..n]);
-        }
-        Self {
-            data,
-            bias: b,
-            n,
-            k,
-        }
-    }
-
-    /// The cached packing of `layers`, made on first use.
-    pub fn cached<'a>(cache: &'a OnceLock<Packed>, layers: &[&Linear]) -> Result<&'a Packed> {
-        if let Some(p) = cache.get() {
-            return Ok(p);
-        }
-        let p = Self::new(layers)?;
-        let _ = cache.set(p);
-        Ok(cache.get().expect("set above"))
-    }
+    let rows: Vec<gemm::LayerRows> = owned
+        .iter()
+        .map(|(w, n, b)| (&w[..], *n, b.as_deref()))
+        .collect();
+    Ok(Packed::stacked(k, &rows))
 }
 
-/// The AVX-512 kernels apply to `x`: a float32 CPU tensor on a CPU with AVX-512F.
-pub fn fast(x: &Tensor) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        x.device().is_cpu() && x.dtype() == DType::F32 && crate::avx512::available()
+/// The cached packing of `layers`, made on first use.
+pub(crate) fn cached<'a>(cache: &'a OnceLock<Packed>, layers: &[&Linear]) -> Result<&'a Packed> {
+    if let Some(p) = cache.get() {
+        return Ok(p);
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = x;
-        false
-    }
+    let p = pack(layers)?;
+    let _ = cache.set(p);
+    Ok(cache.get().expect("set above"))
 }
 
-/// A vector of `len` values all written by `f`.
-///
-/// # Safety
-/// `f` must write every element of the slice it is given.
-unsafe fn filled(len: usize, f: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
-    let mut v = Vec::with_capacity(len);
-    f(&mut v.spare_capacity_mut()[..len]);
-    // SAFETY: `f` wrote every element (the caller's contract).
-    unsafe { v.set_len(len) };
-    v
-}
-
-fn threads() -> gemm::Parallelism {
-    let n = candle_core::utils::get_num_threads();
-    if n > 1 {
-        gemm::Parallelism::Rayon(n)
-    } else {
-        gemm::Parallelism::None
-    }
-}
-
-/// `x Wᵀ + b` through the `gemm` crate (CPUs without AVX-512).
+/// `x Wᵀ + b` through the `gemm` crate (below AVX-512).
 struct LinearOp {
     has_bias: bool,
 }
@@ -178,40 +88,14 @@ impl CustomOp3 for LinearOp {
         };
         let x = &x[xo..xo + m * k];
         let w = &w[wo..wo + n * k];
-        let mut dst = Vec::with_capacity(m * n);
-        if self.has_bias {
+        let bias = if self.has_bias {
             let bo = l3.start_offset();
-            let b = &b[bo..bo + n];
-            for _ in 0..m {
-                dst.extend_from_slice(b);
-            }
+            Some(&b[bo..bo + n])
         } else {
-            dst.resize(m * n, 0f32);
-        }
-        // dst[m, n] = 1·dst + 1·x[m, k] · wᵀ[k, n]; wᵀ is read through strides (row i of w = column i).
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                dst.as_mut_ptr(),
-                1,
-                n as isize,
-                self.has_bias,
-                x.as_ptr(),
-                1,
-                k as isize,
-                w.as_ptr(),
-                k as isize,
-                1,
-                1f32,
-                1f32,
-                false,
-                false,
-                false,
-                threads(),
-            );
-        }
+            None
+        };
+        let mut dst = vec![0f32; m * n];
+        gemm::linear_rows_at(Level::Portable, x, m, w, bias, n, k, &mut dst);
         Ok((CpuStorage::F32(dst), Shape::from((m, n))))
     }
 }
@@ -224,15 +108,13 @@ fn rows(x: &Tensor) -> Result<(Tensor, usize, Vec<usize>)> {
     Ok((x.contiguous()?.reshape((m, k))?, m, dims))
 }
 
-/// `act(x Wᵀ + b + residual)` through the AVX-512 kernel: a unary op on `x` or a binary one on
+/// `act(x Wᵀ + b + residual)` through the register tile: a unary op on `x` or a binary one on
 /// `(x, residual)`.
-#[cfg(target_arch = "x86_64")]
 struct PackedLinearOp<'a> {
     packed: &'a Packed,
     gelu: bool,
 }
 
-#[cfg(target_arch = "x86_64")]
 impl PackedLinearOp<'_> {
     fn run(
         &self,
@@ -245,40 +127,36 @@ impl PackedLinearOp<'_> {
         };
         let (m, k) = lx.shape().dims2()?;
         let p = self.packed;
-        if k != p.k {
-            candle_core::bail!("latte-linear: input width {k}, weights take {}", p.k);
+        if k != p.k() {
+            candle_core::bail!("latte-linear: input width {k}, weights take {}", p.k());
         }
         let Some((xo, _)) = lx.contiguous_offsets() else {
             candle_core::bail!("latte-linear: input must be contiguous");
         };
+        let n = p.n();
         let res = match residual {
             None => None,
             Some((CpuStorage::F32(r), lr)) => {
-                if lr.shape().dims() != [m, p.n] {
+                if lr.shape().dims() != [m, n] {
                     candle_core::bail!("latte-linear: residual shape {:?}", lr.shape());
                 }
                 let Some((ro, _)) = lr.contiguous_offsets() else {
                     candle_core::bail!("latte-linear: residual must be contiguous");
                 };
-                Some(&r[ro..ro + m * p.n])
+                Some(&r[ro..ro + m * n])
             }
             Some(_) => candle_core::bail!("latte-linear: float32 only"),
         };
         let x = &x[xo..xo + m * k];
-        // SAFETY: `avx512::linear` writes every element of its output.
-        let dst = unsafe {
-            filled(m * p.n, |d| {
-                crate::avx512::linear(x, m, p, res, self.gelu, d)
-            })
-        };
-        Ok((CpuStorage::F32(dst), Shape::from((m, p.n))))
+        let mut dst = vec![0f32; m * n];
+        gemm::linear(x, m, p, res, self.gelu, &mut dst);
+        Ok((CpuStorage::F32(dst), Shape::from((m, n))))
     }
 }
 
-#[cfg(target_arch = "x86_64")]
 impl CustomOp1 for PackedLinearOp<'_> {
     fn name(&self) -> &'static str {
-        "latte-linear-avx512"
+        "latte-linear-packed"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -286,10 +164,9 @@ impl CustomOp1 for PackedLinearOp<'_> {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
 impl CustomOp2 for PackedLinearOp<'_> {
     fn name(&self) -> &'static str {
-        "latte-linear-residual-avx512"
+        "latte-linear-residual-packed"
     }
 
     fn cpu_fwd(
@@ -306,21 +183,13 @@ impl CustomOp2 for PackedLinearOp<'_> {
 /// `act(x Wᵀ + b + residual)` with the packed weights `p`, for `x` of any leading shape.
 fn packed_linear(p: &Packed, x: &Tensor, residual: Option<&Tensor>, gelu: bool) -> Result<Tensor> {
     let (x2, m, mut dims) = rows(x)?;
-    *dims.last_mut().unwrap() = p.n;
-    #[cfg(target_arch = "x86_64")]
-    {
-        let op = PackedLinearOp { packed: p, gelu };
-        let y = match residual {
-            Some(r) => x2.apply_op2_no_bwd(&r.contiguous()?.reshape((m, p.n))?, &op)?,
-            None => x2.apply_op1_no_bwd(&op)?,
-        };
-        Ok(y.reshape(dims)?)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (x2, m, residual, gelu);
-        unreachable!("packed weights are only used with AVX-512")
-    }
+    *dims.last_mut().expect("rank ≥ 1") = p.n();
+    let op = PackedLinearOp { packed: p, gelu };
+    let y = match residual {
+        Some(r) => x2.apply_op2_no_bwd(&r.contiguous()?.reshape((m, p.n()))?, &op)?,
+        None => x2.apply_op1_no_bwd(&op)?,
+    };
+    Ok(y.reshape(dims)?)
 }
 
 /// `x Wᵀ + b` through the `gemm` crate, for float32 CPU tensors; candle's matmul otherwise.
@@ -344,18 +213,18 @@ fn gemm_linear(layer: &Linear, x: &Tensor) -> Result<Tensor> {
             has_bias: layer.bias.is_some(),
         },
     )?;
-    *dims.last_mut().unwrap() = layer.out_dim();
+    *dims.last_mut().expect("rank ≥ 1") = layer.out_dim();
     Ok(y.reshape(dims)?)
 }
 
 /// `x Wᵀ + b` for a tensor of any leading shape, in one pass.
-pub fn linear(layer: &Linear, x: &Tensor) -> Result<Tensor> {
+pub(crate) fn linear(layer: &Linear, x: &Tensor) -> Result<Tensor> {
     linear_ex(layer, x, None, false)
 }
 
 /// `act(x Wᵀ + b + residual)`, where `act` is exact GELU when `gelu` (else the identity): fused into the
-/// kernel with AVX-512, separate ops otherwise.
-pub fn linear_ex(
+/// kernel from AVX-512 up, separate ops otherwise.
+pub(crate) fn linear_ex(
     layer: &Linear,
     x: &Tensor,
     residual: Option<&Tensor>,
@@ -364,10 +233,10 @@ pub fn linear_ex(
     if fast(x) {
         let fresh;
         let p = if trainable(&[layer]) {
-            fresh = Packed::new(&[layer])?;
+            fresh = pack(&[layer])?;
             &fresh
         } else {
-            Packed::cached(&layer.packed, &[layer])?
+            cached(&layer.packed, &[layer])?
         };
         return packed_linear(p, x, residual, gelu);
     }
@@ -382,8 +251,8 @@ pub fn linear_ex(
 }
 
 /// The outputs of several layers on the same input, concatenated on the last dimension, through one
-/// packed weight (cached in `cache`); `None` when the AVX-512 kernel does not apply.
-pub fn linear_cat(
+/// packed weight (cached in `cache`); `None` when the packed kernel does not apply.
+pub(crate) fn linear_cat(
     layers: &[&Linear],
     cache: &OnceLock<Packed>,
     x: &Tensor,
@@ -393,10 +262,10 @@ pub fn linear_cat(
     }
     let fresh;
     let p = if trainable(layers) {
-        fresh = Packed::new(layers)?;
+        fresh = pack(layers)?;
         &fresh
     } else {
-        Packed::cached(cache, layers)?
+        cached(cache, layers)?
     };
     Ok(Some(packed_linear(p, x, None, false)?))
 }
@@ -409,18 +278,16 @@ fn trainable(layers: &[&Linear]) -> bool {
         .any(|l| l.weight.is_variable() || l.bias.as_ref().is_some_and(|b| b.is_variable()))
 }
 
-/// Attention through the AVX-512 kernel: `q`, `k`, `v` with unit last strides, the bias copied in.
-#[cfg(target_arch = "x86_64")]
+/// Attention through the fused kernel: `q`, `k`, `v` with unit last strides, the bias copied in.
 struct AttentionOp {
     scale: f32,
     bias: Vec<f32>,
     bias_strides: [usize; 3],
 }
 
-#[cfg(target_arch = "x86_64")]
 impl CustomOp3 for AttentionOp {
     fn name(&self) -> &'static str {
-        "latte-attention-avx512"
+        "latte-attention"
     }
 
     fn cpu_fwd(
@@ -432,7 +299,6 @@ impl CustomOp3 for AttentionOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use crate::avx512::{AttnDims, Strided};
         let (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) = (s1, s2, s3) else {
             candle_core::bail!("latte-attention: float32 only");
         };
@@ -467,29 +333,21 @@ impl CustomOp3 for AttentionOp {
             d,
             dv,
         };
-        // SAFETY: `avx512::attention` writes every element of its output.
-        let out = unsafe {
-            filled(b * lq * h * dv, |o| {
-                crate::avx512::attention(
-                    qv,
-                    kv,
-                    vv,
-                    dims,
-                    self.scale,
-                    &self.bias,
-                    self.bias_strides,
-                    o,
-                )
-            })
+        let bias = Bias {
+            data: &self.bias,
+            s: self.bias_strides,
+            window: None,
         };
+        let mut out = vec![0f32; b * lq * h * dv];
+        latte_kernels::attention::forward(qv, kv, vv, dims, self.scale, bias, None, None, &mut out);
         Ok((CpuStorage::F32(out), Shape::from((b, lq, h, dv))))
     }
 }
 
 /// `softmax(q kᵀ · scale + bias) v` for `[b, h, l, d]` float32 CPU tensors (any strides) and a bias
-/// broadcastable from `[b | 1, h | 1, lq | 1, lk]`, fused per (sequence, head); `None` when the AVX-512
+/// broadcastable from `[b | 1, h | 1, lq | 1, lk]`, fused per (sequence, head); `None` when the fused
 /// kernel does not apply.
-pub fn attention(
+pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -499,50 +357,40 @@ pub fn attention(
     if !(fast(q) && fast(k) && fast(v)) || bias.rank() != 4 || q.rank() != 4 {
         return Ok(None);
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        let (b, h, lq, _) = q.dims4()?;
-        let lk = k.dim(2)?;
-        let (bb, bh, bq, bk) = bias.dims4()?;
-        let fits = |n: usize, full: usize| n == 1 || n == full;
-        if lk == 0 || bk != lk || !fits(bb, b) || !fits(bh, h) || !fits(bq, lq) {
-            return Ok(None);
-        }
-        let unit_last = |t: &Tensor| -> Result<Tensor> {
-            Ok(if t.stride()[3] == 1 {
-                t.clone()
-            } else {
-                t.contiguous()?
-            })
-        };
-        let bias_strides = [
-            if bb == 1 { 0 } else { bh * bq * bk },
-            if bh == 1 { 0 } else { bq * bk },
-            if bq == 1 { 0 } else { bk },
-        ];
-        let op = AttentionOp {
-            scale: scale as f32,
-            bias: bias.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
-            bias_strides,
-        };
-        let out = unit_last(q)?.apply_op3_no_bwd(&unit_last(k)?, &unit_last(v)?, &op)?;
-        Ok(Some(out.transpose(1, 2)?))
+    let (b, h, lq, _) = q.dims4()?;
+    let lk = k.dim(2)?;
+    let (bb, bh, bq, bk) = bias.dims4()?;
+    let fits = |n: usize, full: usize| n == 1 || n == full;
+    if lk == 0 || bk != lk || !fits(bb, b) || !fits(bh, h) || !fits(bq, lq) {
+        return Ok(None);
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (scale, bias);
-        Ok(None)
-    }
+    let unit_last = |t: &Tensor| -> Result<Tensor> {
+        Ok(if t.stride()[3] == 1 {
+            t.clone()
+        } else {
+            t.contiguous()?
+        })
+    };
+    let bias_strides = [
+        if bb == 1 { 0 } else { bh * bq * bk },
+        if bh == 1 { 0 } else { bq * bk },
+        if bq == 1 { 0 } else { bk },
+    ];
+    let op = AttentionOp {
+        scale: scale as f32,
+        bias: bias.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+        bias_strides,
+    };
+    let out = unit_last(q)?.apply_op3_no_bwd(&unit_last(k)?, &unit_last(v)?, &op)?;
+    Ok(Some(out.transpose(1, 2)?))
 }
 
-/// Softmax over the last dimension through the AVX-512 kernel.
-#[cfg(target_arch = "x86_64")]
+/// Softmax over the last dimension through the fused kernel.
 struct SoftmaxOp;
 
-#[cfg(target_arch = "x86_64")]
 impl CustomOp1 for SoftmaxOp {
     fn name(&self) -> &'static str {
-        "latte-softmax-avx512"
+        "latte-softmax"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -554,33 +402,18 @@ impl CustomOp1 for SoftmaxOp {
         };
         let n = *l.dims().last().unwrap_or(&1);
         let x = &x[o1..o2];
-        // SAFETY: `avx512::softmax_rows` writes every element of its output.
-        let out = unsafe { filled(x.len(), |d| crate::avx512::softmax_rows(x, n, d)) };
+        let mut out = vec![0f32; x.len()];
+        math::softmax_rows(x, n, &mut out);
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }
 
 /// Softmax over the last dimension (inference only: no backward pass).
-pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    #[cfg(target_arch = "x86_64")]
+pub(crate) fn softmax_last(x: &Tensor) -> Result<Tensor> {
     if fast(x) && x.elem_count() > 0 && x.dims().last().is_some_and(|&n| n > 0) {
         return Ok(x.contiguous()?.apply_op1_no_bwd(&SoftmaxOp)?);
     }
     Ok(candle_nn::ops::softmax_last_dim(x)?)
-}
-
-/// erf with |error| < 1.5e-7 (Abramowitz & Stegun 7.1.26).
-#[inline(always)]
-pub(crate) fn erf(x: f32) -> f32 {
-    let s = x.signum();
-    let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let y = 1.0
-        - (((((1.061_405_4 * t - 1.453_152_1) * t) + 1.421_413_7) * t - 0.284_496_72) * t
-            + 0.254_829_6)
-            * t
-            * (-a * a).exp();
-    s * y
 }
 
 struct GeluOp;
@@ -598,32 +431,14 @@ impl CustomOp1 for GeluOp {
             candle_core::bail!("latte-gelu-erf: input must be contiguous");
         };
         let x = &x[o1..o2];
-        #[cfg(target_arch = "x86_64")]
-        if crate::avx512::available() {
-            // SAFETY: `avx512::gelu` writes every element of its output.
-            let out = unsafe { filled(x.len(), |d| crate::avx512::gelu(x, d)) };
-            return Ok((CpuStorage::F32(out), l.shape().clone()));
-        }
         let mut out = vec![0f32; x.len()];
-        let f = |(o, i): (&mut [f32], &[f32])| {
-            for (o, &v) in o.iter_mut().zip(i) {
-                *o = 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2));
-            }
-        };
-        const CHUNK: usize = 1 << 15;
-        if x.len() > CHUNK && candle_core::utils::get_num_threads() > 1 {
-            out.par_chunks_mut(CHUNK)
-                .zip(x.par_chunks(CHUNK))
-                .for_each(f);
-        } else {
-            f((&mut out, x));
-        }
+        math::gelu_slice(x, &mut out);
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }
 
 /// Exact-form GELU, `0.5·x·(1 + erf(x/√2))`, on float32 CPU tensors.
-pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     if !x.device().is_cpu() || x.dtype() != DType::F32 {
         return Ok(x.gelu_erf()?);
     }

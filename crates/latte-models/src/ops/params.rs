@@ -1,0 +1,84 @@
+//! The parameter holders the ops read: a linear layer's weight, bias and packing cache, a layer norm's
+//! weight, bias and epsilon. Their mode-dependent forward passes are in [`crate::layers::nn`].
+
+use candle_core::{Module, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::Result;
+
+/// `y = x Wᵀ + b`, with the weight stored `[out, in]` as PyTorch does.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// `[out, in]`.
+    pub weight: Tensor,
+    /// `[out]`, when the layer has a bias.
+    pub bias: Option<Tensor>,
+    /// The weight packed for the inference kernel, made on first use.
+    pub packed: std::sync::Arc<std::sync::OnceLock<latte_kernels::gemm::Packed>>,
+}
+
+impl Linear {
+    /// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`).
+    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self::new(weight, bias))
+    }
+
+    /// A layer over these tensors.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight,
+            bias,
+            packed: Default::default(),
+        }
+    }
+
+    /// Input features.
+    pub fn in_dim(&self) -> usize {
+        self.weight.dims()[1]
+    }
+    /// Output features.
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims()[0]
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let w = self.weight.t()?;
+        let y = match x.dims() {
+            [b, l, d] => x.reshape((b * l, *d))?.matmul(&w)?.reshape((*b, *l, ()))?,
+            _ => x.matmul(&w)?,
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Layer normalisation over the last dimension, with an optional bias.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Option<Tensor>,
+    pub(crate) eps: f64,
+}
+
+impl LayerNorm {
+    /// Loads `weight` (and `bias` when `bias`) under `vb`.
+    pub fn load(vb: VarBuilder, dim: usize, eps: f64, bias: bool) -> Result<Self> {
+        let weight = vb.get(dim, "weight")?;
+        let bias = if bias {
+            Some(vb.get(dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias, eps })
+    }
+}
