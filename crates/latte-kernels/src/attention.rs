@@ -728,7 +728,7 @@ mod tests {
     /// The mask of a row: keep scale 2 on a fixed pattern.
     fn mask(row: usize, out: &mut [f32]) {
         for (j, m) in out.iter_mut().enumerate() {
-            *m = if (row * 7 + j * 3) % 5 == 0 {
+            *m = if (row * 7 + j * 3).is_multiple_of(5) {
                 0.0
             } else {
                 1.25
