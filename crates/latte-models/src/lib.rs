@@ -10,23 +10,23 @@
 //! `transformer`, `trainable`) → the layers (`backbone`, `dense`, `layers::nn`) → the ops (`ops::infer`,
 //! `ops::train`: candle custom ops) → the kernels of `latte_kernels`. This crate has no `unsafe` code.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
-pub mod backbone;
-pub mod dense;
+mod backbone;
+mod dense;
 mod error;
-pub mod hub;
-pub mod io;
-pub(crate) mod layers;
-pub mod model;
-pub(crate) mod ops;
-pub mod save;
-pub mod settings;
-pub mod tokenize;
-pub mod trainable;
-pub mod transformer;
+mod hub;
+mod io;
+mod layers;
+mod model;
+mod ops;
+mod save;
+mod settings;
+mod tokenize;
+mod trainable;
+mod transformer;
 
-pub use layers::nn;
-pub use ops::train::with_fused_layers;
+pub(crate) use layers::nn;
 
 pub use dense::{Activation, Dense, DenseConfig};
 pub use error::{Error, Result};
@@ -35,3 +35,9 @@ pub use model::{ColBERT, Embedding, EncodeOptions, LoadOptions, Origin};
 pub use nn::Mode;
 pub use settings::{PartialSettings, Settings};
 pub use transformer::Transformer;
+
+pub use io::atomic_write;
+pub use layers::nn::dropout;
+pub use ops::dropout::{dropout_seed, with_dropout};
+pub use ops::train::with_fused_layers;
+pub use tokenize::{py_strip, Tokenized};

@@ -7,9 +7,10 @@
 
 use candle_core::{DType, Module, Tensor, D};
 
-pub use crate::ops::dropout::{dropout_seed, with_dropout};
+#[cfg(doc)]
+use crate::ops::dropout::with_dropout;
 pub(crate) use crate::ops::dropout::{next_dropout_key, splitmix};
-pub use crate::ops::params::{LayerNorm, Linear};
+pub(crate) use crate::ops::params::{LayerNorm, Linear};
 use crate::ops::{infer, train};
 use crate::Result;
 

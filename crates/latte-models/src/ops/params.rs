@@ -8,7 +8,7 @@ use crate::Result;
 
 /// `y = x Wᵀ + b`, with the weight stored `[out, in]` as PyTorch does.
 #[derive(Debug, Clone)]
-pub struct Linear {
+pub(crate) struct Linear {
     /// `[out, in]`.
     pub weight: Tensor,
     /// `[out]`, when the layer has a bias.
@@ -64,7 +64,7 @@ impl Module for Linear {
 
 /// Layer normalisation over the last dimension, with an optional bias.
 #[derive(Debug, Clone)]
-pub struct LayerNorm {
+pub(crate) struct LayerNorm {
     pub(crate) weight: Tensor,
     pub(crate) bias: Option<Tensor>,
     pub(crate) eps: f64,

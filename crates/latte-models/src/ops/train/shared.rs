@@ -42,7 +42,7 @@ pub(super) struct DropSite {
 }
 
 impl DropSite {
-    /// The next site of the enclosing [`crate::nn::with_dropout`] for probability `p`, if dropout is on.
+    /// The next site of the enclosing [`crate::with_dropout`] for probability `p`, if dropout is on.
     pub(super) fn next(p: f64) -> Option<Self> {
         if p <= 0.0 {
             return None;

@@ -4,7 +4,8 @@
 use super::bert::bert_layer_on;
 use super::shared::{Kernels, FORCE_PORTABLE};
 use super::*;
-use crate::nn::{attention_dropout, hidden_act, qkv_heads, with_dropout, Mode};
+use crate::nn::{attention_dropout, hidden_act, qkv_heads, Mode};
+use crate::ops::dropout::with_dropout;
 use crate::ops::params::{LayerNorm, Linear};
 use candle_core::{Device, Var};
 
