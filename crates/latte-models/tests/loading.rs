@@ -446,3 +446,28 @@ fn xlmr_flash_and_gemma_train_mode_matches_and_has_gradients() {
         }
     }
 }
+
+#[test]
+fn unknown_hidden_act_is_a_load_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("bert_plain_hf");
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    config["hidden_act"] = "gelu_frobnicate".into();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let err = Transformer::load(dir.path(), &candle_core::Device::Cpu)
+        .err()
+        .expect("an unknown activation must not load")
+        .to_string();
+    assert!(
+        err.contains("gelu_frobnicate") && err.contains("invalid backbone config"),
+        "{err}"
+    );
+}

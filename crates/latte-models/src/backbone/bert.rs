@@ -8,7 +8,7 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::nn::{
-    attention_dropout, dropout, hidden_act, key_mask_bias, qkv_heads, LayerNorm, Linear, Mode,
+    attention_dropout, dropout, key_mask_bias, qkv_heads, HiddenAct, LayerNorm, Linear, Mode,
 };
 use crate::{Error, Result};
 
@@ -27,7 +27,7 @@ pub struct BertConfig {
     pub intermediate_size: usize,
     /// Feed-forward activation.
     #[serde(default = "gelu")]
-    pub hidden_act: String,
+    pub hidden_act: HiddenAct,
     /// Rows of the position-embedding matrix.
     #[serde(default = "p512")]
     pub max_position_embeddings: usize,
@@ -48,8 +48,8 @@ pub struct BertConfig {
     pub attention_probs_dropout_prob: f64,
 }
 
-fn gelu() -> String {
-    "gelu".into()
+fn gelu() -> HiddenAct {
+    HiddenAct::Gelu
 }
 fn p512() -> usize {
     512
@@ -268,7 +268,7 @@ impl Bert {
                     kb,
                     &params,
                     heads,
-                    &self.config.hidden_act,
+                    self.config.hidden_act,
                     dropout,
                 )? {
                     x = y;
@@ -295,7 +295,10 @@ impl Bert {
             x = if mode == Mode::Train {
                 let attn = dropout(&layer.attn_out.run(&ctx, mode)?, hp, mode)?;
                 let a = layer.attn_norm.forward(&(attn + &x)?, mode)?;
-                let i = hidden_act(&self.config.hidden_act, &layer.inter.run(&a, mode)?, mode)?;
+                let i = self
+                    .config
+                    .hidden_act
+                    .apply(&layer.inter.run(&a, mode)?, mode)?;
                 let o = dropout(&layer.out.run(&i, mode)?, hp, mode)?;
                 layer.out_norm.forward(&(o + &a)?, mode)?
             } else {
@@ -303,7 +306,7 @@ impl Bert {
                 let a = layer
                     .attn_norm
                     .forward(&layer.attn_out.run_add(&ctx, &x, mode)?, mode)?;
-                let i = layer.inter.run_act(&a, &self.config.hidden_act, mode)?;
+                let i = layer.inter.run_act(&a, self.config.hidden_act, mode)?;
                 layer
                     .out_norm
                     .forward(&layer.out.run_add(&i, &a, mode)?, mode)?

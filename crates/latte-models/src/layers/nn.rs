@@ -10,7 +10,7 @@ use candle_core::{DType, Module, Tensor, D};
 #[cfg(doc)]
 use crate::ops::dropout::with_dropout;
 pub(crate) use crate::ops::dropout::{next_dropout_key, splitmix};
-pub(crate) use crate::ops::params::{LayerNorm, Linear};
+pub(crate) use crate::ops::params::{HiddenAct, LayerNorm, Linear};
 use crate::ops::{infer, train};
 use crate::Result;
 
@@ -149,11 +149,11 @@ impl Linear {
         }
     }
 
-    /// `act(x Wᵀ + b)` for a `hidden_act` name, exact GELU fused into the kernel in inference.
-    pub fn run_act(&self, x: &Tensor, act: &str, mode: Mode) -> Result<Tensor> {
+    /// `act(x Wᵀ + b)`, exact GELU fused into the kernel in inference.
+    pub fn run_act(&self, x: &Tensor, act: HiddenAct, mode: Mode) -> Result<Tensor> {
         match (mode, act) {
-            (Mode::Infer, "gelu" | "gelu_python") => infer::linear_ex(self, x, None, true),
-            _ => hidden_act(act, &self.run(x, mode)?, mode),
+            (Mode::Infer, HiddenAct::Gelu) => infer::linear_ex(self, x, None, true),
+            _ => act.apply(&self.run(x, mode)?, mode),
         }
     }
 }
@@ -192,21 +192,18 @@ pub fn qkv_heads(
     ))
 }
 
-/// The activations backbones name in `config.json` (`hidden_act`).
-pub fn hidden_act(name: &str, x: &Tensor, mode: Mode) -> Result<Tensor> {
-    Ok(match name {
-        "gelu" | "gelu_python" if mode == Mode::Infer => infer::gelu_erf(x)?,
-        "gelu" | "gelu_python" => train::gelu_erf(x)?,
-        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" | "gelu_accurate" => x.gelu()?,
-        "relu" => x.relu()?,
-        "silu" | "swish" => x.silu()?,
-        "tanh" => x.tanh()?,
-        other => {
-            return Err(crate::Error::Invalid(format!(
-                "unsupported hidden activation {other:?} (supported: gelu, gelu_new, gelu_pytorch_tanh, relu, silu, tanh)"
-            )))
-        }
-    })
+impl HiddenAct {
+    /// Applies the activation (exact GELU through the fused ops on float32 CPU tensors).
+    pub fn apply(self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        Ok(match self {
+            Self::Gelu if mode == Mode::Infer => infer::gelu_erf(x)?,
+            Self::Gelu => train::gelu_erf(x)?,
+            Self::GeluTanh => x.gelu()?,
+            Self::Relu => x.relu()?,
+            Self::Silu => x.silu()?,
+            Self::Tanh => x.tanh()?,
+        })
+    }
 }
 
 /// Rotary tables `(cos, sin)`, each `[len, dim]`, for positions `0..len`: inverse frequencies

@@ -16,6 +16,8 @@ pub(crate) mod train;
 use candle_core::{DType, Tensor};
 use latte_kernels::Level;
 
+pub(crate) use params::HiddenAct;
+
 /// The packed-weight kernels apply to `x`: a float32 CPU tensor, and the process runs at AVX-512 or above.
 pub(crate) fn fast(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32 && latte_kernels::level() >= Level::Avx512

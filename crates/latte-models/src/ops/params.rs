@@ -1,8 +1,10 @@
 //! The parameter holders the ops read: a linear layer's weight, bias and packing cache, a layer norm's
-//! weight, bias and epsilon. Their mode-dependent forward passes are in [`crate::layers::nn`].
+//! weight, bias and epsilon; a backbone's feed-forward activation ([`HiddenAct`]). Their mode-dependent
+//! forward passes are in [`crate::layers::nn`].
 
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;
+use serde::Deserialize;
 
 use crate::Result;
 
@@ -80,5 +82,49 @@ impl LayerNorm {
             None
         };
         Ok(Self { weight, bias, eps })
+    }
+}
+
+/// A backbone's feed-forward activation, parsed once when its `config.json` is read (`hidden_act` /
+/// `hidden_activation`); an unknown name is a load error that names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum HiddenAct {
+    /// Exact GELU with erf (`gelu`, `gelu_python`).
+    Gelu,
+    /// GELU's tanh approximation (`gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`, `gelu_accurate`).
+    GeluTanh,
+    /// `relu`.
+    Relu,
+    /// `silu` / `swish`.
+    Silu,
+    /// `tanh`.
+    Tanh,
+}
+
+impl std::str::FromStr for HiddenAct {
+    type Err = String;
+
+    fn from_str(name: &str) -> std::result::Result<Self, String> {
+        Ok(match name {
+            "gelu" | "gelu_python" => Self::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" | "gelu_accurate" => Self::GeluTanh,
+            "relu" => Self::Relu,
+            "silu" | "swish" => Self::Silu,
+            "tanh" => Self::Tanh,
+            other => {
+                return Err(format!(
+                    "unsupported hidden activation {other:?} (supported: gelu, gelu_new, gelu_pytorch_tanh, relu, silu, tanh)"
+                ))
+            }
+        })
+    }
+}
+
+impl TryFrom<String> for HiddenAct {
+    type Error = String;
+
+    fn try_from(name: String) -> std::result::Result<Self, String> {
+        name.parse()
     }
 }

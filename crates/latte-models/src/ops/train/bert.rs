@@ -24,6 +24,7 @@ use super::shared::{
     linear_fwd, ln_backward, residual_norm, rotary_qk, Attn, Dims, DropSite, Kernels,
 };
 use crate::ops::params::{LayerNorm, Linear};
+use crate::ops::HiddenAct;
 use crate::Result;
 
 /// Views of the flat weights.
@@ -351,7 +352,7 @@ pub fn bert_layer(
     key_bias: &Tensor,
     p: &BertLayerParams,
     heads: usize,
-    act: &str,
+    act: HiddenAct,
     dropout: LayerDropout,
 ) -> Result<Option<Tensor>> {
     bert_layer_on(detect(), x, key_bias, p, heads, act, dropout)
@@ -363,7 +364,7 @@ pub(super) fn bert_layer_on(
     key_bias: &Tensor,
     p: &BertLayerParams,
     heads: usize,
-    act: &str,
+    act: HiddenAct,
     dropout: LayerDropout,
 ) -> Result<Option<Tensor>> {
     {
@@ -371,7 +372,7 @@ pub(super) fn bert_layer_on(
             && x.device().is_cpu()
             && x.dtype() == DType::F32
             && key_bias.dtype() == DType::F32
-            && matches!(act, "gelu" | "gelu_python");
+            && act == HiddenAct::Gelu;
         if !applies {
             return Ok(None);
         }

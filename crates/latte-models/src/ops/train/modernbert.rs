@@ -13,6 +13,7 @@ use super::shared::{
     Kernels,
 };
 use crate::ops::params::{LayerNorm, Linear};
+use crate::ops::HiddenAct;
 use crate::Result;
 
 /// Which of a ModernBERT layer's optional parameters exist.
@@ -398,7 +399,7 @@ pub fn modernbert_layer(
     key_bias: &Tensor,
     p: &ModernBertLayerParams,
     attn: &ModernBertAttention,
-    act: &str,
+    act: HiddenAct,
     eps: f64,
     mlp_dropout: f64,
 ) -> Result<Option<Tensor>> {
@@ -407,7 +408,7 @@ pub fn modernbert_layer(
         && x.device().is_cpu()
         && x.dtype() == DType::F32
         && key_bias.dtype() == DType::F32
-        && matches!(act, "gelu" | "gelu_python");
+        && act == HiddenAct::Gelu;
     if !applies {
         return Ok(None);
     }

@@ -4,7 +4,7 @@
 use super::bert::bert_layer_on;
 use super::shared::{Kernels, FORCE_PORTABLE};
 use super::*;
-use crate::nn::{attention_dropout, hidden_act, qkv_heads, Mode};
+use crate::nn::{attention_dropout, qkv_heads, HiddenAct, Mode};
 use crate::ops::dropout::with_dropout;
 use crate::ops::params::{LayerNorm, Linear};
 use candle_core::{Device, Var};
@@ -86,7 +86,9 @@ fn reference(l: &Layer, x: &Tensor, bias: &Tensor, heads: usize) -> Tensor {
     let ctx = ctx.transpose(1, 2).unwrap().reshape((b, n, h)).unwrap();
     let attn = l.lin[3].run(&ctx, m).unwrap();
     let a = l.norms[0].forward(&(attn + x).unwrap(), m).unwrap();
-    let i = hidden_act("gelu", &l.lin[4].run(&a, m).unwrap(), m).unwrap();
+    let i = HiddenAct::Gelu
+        .apply(&l.lin[4].run(&a, m).unwrap(), m)
+        .unwrap();
     let o = l.lin[5].run(&i, m).unwrap();
     l.norms[1].forward(&(o + a).unwrap(), m).unwrap()
 }
@@ -147,7 +149,7 @@ fn check_against_reference(b: usize, n: usize, h: usize, heads: usize, f: usize,
             &bias,
             &params(&l),
             heads,
-            "gelu",
+            HiddenAct::Gelu,
             NO_DROPOUT,
         )
         .unwrap()
@@ -208,9 +210,17 @@ fn dropout_case(kern: Kernels) {
     };
     let loss = |seed: u64| -> Tensor {
         with_dropout(Some(seed), || {
-            let y = bert_layer_on(kern, x.as_tensor(), &bias, &params(&l), heads, "gelu", drop)
-                .unwrap()
-                .unwrap();
+            let y = bert_layer_on(
+                kern,
+                x.as_tensor(),
+                &bias,
+                &params(&l),
+                heads,
+                HiddenAct::Gelu,
+                drop,
+            )
+            .unwrap()
+            .unwrap();
             (y * &r).unwrap().sum_all().unwrap()
         })
     };
@@ -218,9 +228,17 @@ fn dropout_case(kern: Kernels) {
     let l7 = loss(7);
     assert_eq!(value(&l7), value(&loss(7)), "same seed, same masks");
     assert_ne!(value(&l7), value(&loss(8)), "another seed, other masks");
-    let no_drop = bert_layer_on(kern, x.as_tensor(), &bias, &params(&l), heads, "gelu", drop)
-        .unwrap()
-        .unwrap();
+    let no_drop = bert_layer_on(
+        kern,
+        x.as_tensor(),
+        &bias,
+        &params(&l),
+        heads,
+        HiddenAct::Gelu,
+        drop,
+    )
+    .unwrap()
+    .unwrap();
     let plain = value(&(no_drop * &r).unwrap().sum_all().unwrap());
     assert_ne!(
         plain,
