@@ -4,3 +4,6 @@
 //! Dense in [`crate::dense`].
 
 pub mod nn;
+
+#[cfg(test)]
+mod fused_layer_tests;

@@ -283,3 +283,75 @@ pub fn dropout(x: &Tensor, p: f64, mode: Mode) -> Result<Tensor> {
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     Ok((x * mask)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use std::sync::OnceLock;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn fused_attention_matches_differentiable_attention() {
+        let dev = Device::Cpu;
+        for (b, l, heads, d, masked) in [(1, 1, 1, 4, 0), (2, 9, 3, 8, 2), (3, 37, 2, 33, 5)] {
+            let h = heads * d;
+            let x = Tensor::randn(0f32, 1.0, (b, l, h), &dev).unwrap();
+            let lin = || {
+                Linear::new(
+                    Tensor::randn(0f32, 0.3, (h, h), &dev).unwrap(),
+                    Some(Tensor::randn(0f32, 1.0, h, &dev).unwrap()),
+                )
+            };
+            let (wq, wk, wv) = (lin(), lin(), lin());
+            let cache = OnceLock::new();
+            let mut mask = vec![1u32; b * l];
+            for row in mask.chunks_mut(l).skip(1) {
+                row[l - masked.min(l - 1)..].iter_mut().for_each(|m| *m = 0);
+            }
+            let mask = Tensor::from_vec(mask, (b, l), &dev).unwrap();
+            let bias = key_mask_bias(&mask, DType::F32).unwrap();
+            let scale = 1.0 / (d as f64).sqrt();
+            let run = |mode| {
+                let (q, k, v) = qkv_heads([&wq, &wk, &wv], &cache, &x, heads, mode).unwrap();
+                attention(&q, &k, &v, scale, &bias, mode)
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .reshape((b, l, h))
+                    .unwrap()
+            };
+            let want = run(Mode::Train);
+            let size = want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let d = max_diff(&run(Mode::Infer), &want);
+            assert!(d < 1e-5 * size.max(1.0), "{d} (values up to {size})");
+            // A bias per query (sliding windows) as well.
+            let window = Tensor::randn(0f32, 1.0, (1, 1, l, l), &dev).unwrap();
+            let bias2 = bias.broadcast_add(&window).unwrap();
+            let (q, k, v) = qkv_heads([&wq, &wk, &wv], &cache, &x, heads, Mode::Infer).unwrap();
+            let a = attention(&q, &k, &v, scale, &bias2, Mode::Infer).unwrap();
+            let (q, k, v) = qkv_heads([&wq, &wk, &wv], &cache, &x, heads, Mode::Train).unwrap();
+            let want = attention(&q, &k, &v, scale, &bias2, Mode::Train).unwrap();
+            assert!(max_diff(&a, &want) < 1e-5 * size.max(1.0));
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! The parameter holders the ops read: a linear layer's weight, bias and packing cache, a layer norm's
 //! weight, bias and epsilon; a backbone's feed-forward activation ([`HiddenAct`]). Their mode-dependent
-//! forward passes are in [`crate::layers::nn`].
+//! forward passes are in `layers::nn`.
 
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;

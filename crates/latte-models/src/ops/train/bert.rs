@@ -9,7 +9,7 @@
 //! backward pass writes every gradient once. The weights enter as one flat tensor (the concatenation of the
 //! layer's parameters, see [`bert_layer`]), so candle hands their gradients back to each `Var` through the
 //! concatenation's own backward pass. Dropout masks come from the same keyed generator as
-//! [`crate::nn::dropout`] (one key per dropout site), and are regenerated row by row in the backward pass
+//! [`crate::dropout`] (one key per dropout site), and are regenerated row by row in the backward pass
 //! instead of being stored.
 //!
 //! Used for float32 CPU tensors on CPUs with AVX-512F in [`Mode::Train`](crate::Mode); the elementary
@@ -358,7 +358,7 @@ pub fn bert_layer(
     bert_layer_on(detect(), x, key_bias, p, heads, act, dropout)
 }
 
-pub(super) fn bert_layer_on(
+pub(crate) fn bert_layer_on(
     kern: Kernels,
     x: &Tensor,
     key_bias: &Tensor,

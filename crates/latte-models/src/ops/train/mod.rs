@@ -11,8 +11,6 @@
 mod bert;
 mod modernbert;
 mod shared;
-#[cfg(test)]
-mod tests;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use latte_kernels::{gemm, math, Level};
@@ -23,6 +21,11 @@ use crate::Result;
 pub(crate) use bert::{bert_layer, BertLayerParams, LayerDropout, QkvParams};
 pub(crate) use modernbert::{modernbert_layer, ModernBertAttention, ModernBertLayerParams};
 pub use shared::with_fused_layers;
+#[cfg(test)]
+pub(crate) use {
+    bert::bert_layer_on,
+    shared::{Kernels, FORCE_PORTABLE},
+};
 
 /// The float32 elements of a contiguous CPU storage (the op `what` names it in errors).
 pub(crate) fn slice<'a>(

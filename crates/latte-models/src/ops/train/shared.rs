@@ -11,12 +11,12 @@ use rayon::prelude::*;
 
 /// The kernels an op runs on, chosen when it is built: the register tile and vectorised `exp` / erf from
 /// [`Level::Avx512`] up, the `gemm` crate and scalar element-wise code below.
-pub(super) type Kernels = Level;
+pub(crate) type Kernels = Level;
 
 #[cfg(test)]
 thread_local! {
     /// Tests: build ops on the portable kernels even where AVX-512F is present.
-    pub(super) static FORCE_PORTABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    pub(crate) static FORCE_PORTABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// The level of an op built now.

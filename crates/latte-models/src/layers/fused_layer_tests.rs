@@ -1,13 +1,16 @@
 //! The fused training layers against the elementary ops (outputs and every gradient) and, with dropout
-//! on, against central differences; on the portable kernels and, where the CPU has it, on AVX-512.
+//! on, against central differences; on the portable kernels and, where the CPU has it, on AVX-512. (Here
+//! rather than beside the ops because the reference is the layers' elementary path.)
 
-use super::bert::bert_layer_on;
-use super::shared::{Kernels, FORCE_PORTABLE};
-use super::*;
-use crate::nn::{attention_dropout, qkv_heads, HiddenAct, Mode};
-use crate::ops::dropout::with_dropout;
-use crate::ops::params::{LayerNorm, Linear};
+use candle_core::{DType, Tensor};
 use candle_core::{Device, Var};
+
+use crate::nn::{attention_dropout, qkv_heads, HiddenAct, LayerNorm, Linear, Mode};
+use crate::ops::dropout::with_dropout;
+use crate::ops::train::{
+    bert_layer_on, with_fused_layers, BertLayerParams, Kernels, LayerDropout, QkvParams,
+    FORCE_PORTABLE,
+};
 
 fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut s = seed;
