@@ -193,10 +193,13 @@ pub fn forward_at(
         let o = unsafe { { out_p }.0.add(bi * lq * ldc + hi * dv) };
         #[cfg(target_arch = "x86_64")]
         if lv >= Level::Avx512 {
-            x86::head_forward(&hd, dims, scale, drop, p, o, ldc);
+            // SAFETY: `o` holds this head's output rows, written by this task only (see above); the
+            // operand slices hold the rows their strides reach (asserted above).
+            unsafe { x86::head_forward(&hd, dims, scale, drop, p, o, ldc) };
             return;
         }
-        head_forward_portable(&hd, dims, scale, drop, p, o, ldc);
+        // SAFETY: as above.
+        unsafe { head_forward_portable(&hd, dims, scale, drop, p, o, ldc) };
     };
     match probs {
         Some(pr) => {
@@ -238,7 +241,11 @@ fn dropped(drop: DropRows, row0: usize, lk: usize, p: &[f32], pd: &mut [f32]) {
 }
 
 /// One head on the `gemm` crate and the portable softmax.
-fn head_forward_portable(
+///
+/// # Safety
+/// `out` must be valid for `lq` rows of `dv` values `ldc` apart, and no other thread may access them
+/// meanwhile; the slices of `hd` must hold the rows their strides reach.
+unsafe fn head_forward_portable(
     hd: &Head,
     dims: AttnDims,
     scale: f32,
@@ -393,10 +400,13 @@ pub fn backward_packed_at(
         let _ = &out;
         #[cfg(target_arch = "x86_64")]
         if lv >= Level::Avx512 {
-            x86::head_backward(dims, scale, drop, qkv, probs, dctx, out, t);
+            // SAFETY: `out` is `dqkv` (its length asserted above); task `t` writes only the rows of its
+            // (sequence, head).
+            unsafe { x86::head_backward(dims, scale, drop, qkv, probs, dctx, out, t) };
             return;
         }
-        head_backward_portable(dims, scale, drop, qkv, probs, dctx, out, t);
+        // SAFETY: as above.
+        unsafe { head_backward_portable(dims, scale, drop, qkv, probs, dctx, out, t) };
     });
 }
 
@@ -418,8 +428,12 @@ fn softmax_grad_rows(ds: &mut [f32], p: &[f32], mask: Option<&[f32]>, l: usize, 
 }
 
 /// One head (`t` = sequence · heads + head) of [`backward_packed_at`] on the `gemm` crate.
+///
+/// # Safety
+/// `out` must point to a `dqkv` of at least `b·l·3h` values whose rows of head `t` no other thread
+/// accesses meanwhile; the other slices as [`backward_packed_at`] asserts.
 #[allow(clippy::too_many_arguments)]
-fn head_backward_portable(
+unsafe fn head_backward_portable(
     dims: PackedDims,
     scale: f32,
     drop: Option<DropRows>,
@@ -544,7 +558,10 @@ mod x86 {
     }
 
     /// One head of [`super::forward_at`] on the register tile.
-    pub(super) fn head_forward(
+    ///
+    /// # Safety
+    /// As [`super::head_forward_portable`].
+    pub(super) unsafe fn head_forward(
         hd: &Head,
         dims: AttnDims,
         scale: f32,
@@ -603,8 +620,11 @@ mod x86 {
     }
 
     /// One head (`t` = sequence · heads + head) of [`super::backward_packed_at`] on the register tile.
+    ///
+    /// # Safety
+    /// As [`super::head_backward_portable`].
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn head_backward(
+    pub(super) unsafe fn head_backward(
         dims: PackedDims,
         scale: f32,
         drop: Option<DropRows>,
