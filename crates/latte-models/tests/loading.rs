@@ -462,10 +462,10 @@ fn unknown_hidden_act_is_a_load_error_naming_it() {
         serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
     config["hidden_act"] = "gelu_frobnicate".into();
     std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
-    let err = Transformer::load(dir.path(), &candle_core::Device::Cpu)
-        .err()
-        .expect("an unknown activation must not load")
-        .to_string();
+    let Err(err) = Transformer::load(dir.path(), &candle_core::Device::Cpu) else {
+        panic!("an unknown activation must not load");
+    };
+    let err = err.to_string();
     assert!(
         err.contains("gelu_frobnicate") && err.contains("invalid backbone config"),
         "{err}"
