@@ -3,17 +3,26 @@
 //!
 //! * [`cpu`]: the CPU level ([`Level`]), detected once per process and capped by one environment variable,
 //!   `LATTE_SIMD` (`portable`, `avx2`, `avx512`, `amx`; the older `LATTE_NO_AVX512=1` still caps at `avx2`).
+//! * The models' kernels: [`gemm`] (packed weights and the 8 × 32 register tile, the products of a training
+//!   layer), [`attention`] (forward and backward per (sequence, head)), [`math`] (`exp`, erf, GELU and its
+//!   derivative, the normal CDF, softmax). Each public kernel has an `*_at(level, …)` form that runs at the
+//!   level given (never above the process's), and a plain form at [`level()`].
 //!
 //! Every kernel has a plain Rust reference it is tested against, on odd sizes, at every level the machine
 //! has. This is the only crate of the workspace with `unsafe` in hot code; each `unsafe` block says why it is
 //! sound.
 #![warn(missing_docs)]
 
+pub mod attention;
 pub mod cpu;
 pub mod dot;
+pub mod gemm;
 pub mod half;
 pub mod lowp;
+pub mod math;
 pub mod prefetch;
 pub mod search;
+#[cfg(test)]
+mod testing;
 
 pub use cpu::{cpu, level, Cpu, Level};

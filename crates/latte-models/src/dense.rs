@@ -240,13 +240,13 @@ fn identity() -> String {
 #[derive(Debug, Clone)]
 pub struct Dense {
     /// The main projection.
-    pub linear: Linear,
+    pub(crate) linear: Linear,
     /// The activation after the projection.
     pub activation: Activation,
     /// Whether the input is added back after the activation.
     pub use_residual: bool,
     /// The bias-free projection of the residual when `in != out`.
-    pub residual: Option<Linear>,
+    pub(crate) residual: Option<Linear>,
 }
 
 impl Dense {

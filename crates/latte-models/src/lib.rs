@@ -5,23 +5,28 @@
 //! Model code is written against candle's `VarBuilder`, so the same layers run frozen weights for
 //! inference and trainable `Var`s for training (see [`Transformer::to_trainable`]).
 
-#[cfg(target_arch = "x86_64")]
-pub mod avx512;
-pub mod backbone;
-pub mod dense;
+//!
+//! Layering (imports point one way): the model (`model`, `settings`, `tokenize`, `hub`, `io`, `save`,
+//! `transformer`, `trainable`) → the layers (`backbone`, `dense`, `layers::nn`) → the ops (`ops::infer`,
+//! `ops::train`: candle custom ops) → the kernels of `latte_kernels`. This crate has no `unsafe` code.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod backbone;
+mod dense;
 mod error;
-pub mod fused;
-pub mod hub;
-pub mod io;
-pub mod model;
-pub mod nn;
-pub mod save;
-pub mod settings;
-pub mod tokenize;
-pub mod train_layer;
-pub mod train_ops;
-pub mod trainable;
-pub mod transformer;
+mod hub;
+mod io;
+mod layers;
+mod model;
+mod ops;
+mod save;
+mod settings;
+mod tokenize;
+mod trainable;
+mod transformer;
+
+pub(crate) use layers::nn;
 
 pub use dense::{Activation, Dense, DenseConfig};
 pub use error::{Error, Result};
@@ -30,3 +35,9 @@ pub use model::{ColBERT, Embedding, EncodeOptions, LoadOptions, Origin};
 pub use nn::Mode;
 pub use settings::{PartialSettings, Settings};
 pub use transformer::Transformer;
+
+pub use io::atomic_write;
+pub use layers::nn::dropout;
+pub use ops::dropout::{dropout_seed, with_dropout};
+pub use ops::train::with_fused_layers;
+pub use tokenize::{py_strip, Tokenized};

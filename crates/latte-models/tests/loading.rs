@@ -534,4 +534,28 @@ fn missing_tokenizer_config_without_defaults_names_the_file() {
     let msg = err.to_string();
     assert!(msg.contains("tokenizer_config.json"), "{msg}");
     assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
+
+#[test]
+fn unknown_hidden_act_is_a_load_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("bert_plain_hf");
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(src.join(f), dir.path().join(f)).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    config["hidden_act"] = "gelu_frobnicate".into();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let Err(err) = Transformer::load(dir.path(), &candle_core::Device::Cpu) else {
+        panic!("an unknown activation must not load");
+    };
+    let err = err.to_string();
+    assert!(
+        err.contains("gelu_frobnicate") && err.contains("invalid backbone config"),
+        "{err}"
+    );
 }

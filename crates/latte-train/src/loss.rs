@@ -4,7 +4,7 @@
 //! loss value with the gradient of every parameter.
 
 use candle_core::{Tensor, Var};
-use latte_models::nn::{dropout_seed, with_dropout};
+use latte_models::{dropout_seed, with_dropout};
 use latte_models::{ColBERT, Mode};
 
 use crate::batch::Batch;

@@ -8,7 +8,7 @@
 //! masked slot (shorter than `document_length`, or holding a skiplist token), −∞ otherwise.
 
 use candle_core::{DType, Tensor, D};
-use latte_models::tokenize::Tokenized;
+use latte_models::Tokenized;
 use latte_models::{ColBERT, Mode};
 
 use crate::Result;

@@ -371,7 +371,7 @@ impl Trainer {
         model.snapshot()?.save(&dir)?;
         opt.save(&dir.join("optimizer.safetensors"))?;
         let json = serde_json::to_vec_pretty(state).expect("state serialises");
-        latte_models::io::atomic_write(&dir.join("trainer_state.json"), &json)?;
+        latte_models::atomic_write(&dir.join("trainer_state.json"), &json)?;
         if let Some(limit) = self.config.save_total_limit {
             let all = checkpoint_dirs(&root);
             if all.len() > limit.max(1) {
@@ -545,7 +545,7 @@ impl Trainer {
                         .wrapping_mul(0x9E37_79B9_7F4A_7C15)
                         .wrapping_add(((epoch as u64) << 32) ^ bi as u64)
                 });
-                let out = latte_models::nn::with_dropout(seed, || {
+                let out = latte_models::with_dropout(seed, || {
                     loss_fn.forward_backward(&trainable, &batch, &params)
                 })?;
                 if !out.loss.is_finite() {

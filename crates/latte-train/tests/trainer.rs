@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
-use latte_models::nn::{dropout, with_dropout};
+use latte_models::{dropout, with_dropout};
 use latte_models::{ColBERT, LoadOptions, Mode};
 use latte_train::data::TrainingData;
 use latte_train::evaluate::{DistillationEvaluator, Evaluator, IrEvaluator, TripletEvaluator};

@@ -8,7 +8,7 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::nn::{
-    attention_dropout, dropout, hidden_act, key_mask_bias, qkv_heads, LayerNorm, Linear, Mode,
+    attention_dropout, dropout, key_mask_bias, qkv_heads, HiddenAct, LayerNorm, Linear, Mode,
 };
 use crate::{Error, Result};
 
@@ -27,7 +27,7 @@ pub struct BertConfig {
     pub intermediate_size: usize,
     /// Feed-forward activation.
     #[serde(default = "gelu")]
-    pub hidden_act: String,
+    pub hidden_act: HiddenAct,
     /// Rows of the position-embedding matrix.
     #[serde(default = "p512")]
     pub max_position_embeddings: usize,
@@ -48,8 +48,8 @@ pub struct BertConfig {
     pub attention_probs_dropout_prob: f64,
 }
 
-fn gelu() -> String {
-    "gelu".into()
+fn gelu() -> HiddenAct {
+    HiddenAct::Gelu
 }
 fn p512() -> usize {
     512
@@ -75,7 +75,7 @@ struct Layer {
     out: Linear,
     out_norm: LayerNorm,
     /// `query`, `key` and `value` packed as one layer for the inference kernel, made on first use.
-    qkv_packed: std::sync::Arc<std::sync::OnceLock<crate::fused::Packed>>,
+    qkv_packed: std::sync::Arc<std::sync::OnceLock<latte_kernels::gemm::Packed>>,
 }
 
 /// A BERT encoder (also RoBERTa / XLM-RoBERTa, whose positions start after the padding id).
@@ -246,8 +246,8 @@ impl Bert {
         };
         for layer in &self.layers {
             if let Some(kb) = &key_bias {
-                let params = crate::train_layer::BertLayerParams {
-                    qkv: crate::train_layer::QkvParams::Separate {
+                let params = crate::ops::train::BertLayerParams {
+                    qkv: crate::ops::train::QkvParams::Separate {
                         query: &layer.query,
                         key: &layer.key,
                         value: &layer.value,
@@ -259,16 +259,16 @@ impl Bert {
                     out_norm: &layer.out_norm,
                     rotary: None,
                 };
-                let dropout = crate::train_layer::LayerDropout {
+                let dropout = crate::ops::train::LayerDropout {
                     attention: self.config.attention_probs_dropout_prob,
                     hidden: hp,
                 };
-                if let Some(y) = crate::train_layer::bert_layer(
+                if let Some(y) = crate::ops::train::bert_layer(
                     &x,
                     kb,
                     &params,
                     heads,
-                    &self.config.hidden_act,
+                    self.config.hidden_act,
                     dropout,
                 )? {
                     x = y;
@@ -295,7 +295,10 @@ impl Bert {
             x = if mode == Mode::Train {
                 let attn = dropout(&layer.attn_out.run(&ctx, mode)?, hp, mode)?;
                 let a = layer.attn_norm.forward(&(attn + &x)?, mode)?;
-                let i = hidden_act(&self.config.hidden_act, &layer.inter.run(&a, mode)?, mode)?;
+                let i = self
+                    .config
+                    .hidden_act
+                    .apply(&layer.inter.run(&a, mode)?, mode)?;
                 let o = dropout(&layer.out.run(&i, mode)?, hp, mode)?;
                 layer.out_norm.forward(&(o + &a)?, mode)?
             } else {
@@ -303,7 +306,7 @@ impl Bert {
                 let a = layer
                     .attn_norm
                     .forward(&layer.attn_out.run_add(&ctx, &x, mode)?, mode)?;
-                let i = layer.inter.run_act(&a, &self.config.hidden_act, mode)?;
+                let i = layer.inter.run_act(&a, self.config.hidden_act, mode)?;
                 layer
                     .out_norm
                     .forward(&layer.out.run_add(&i, &a, mode)?, mode)?

@@ -20,7 +20,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::nn::{apply_rotary, hidden_act, rope_tables, softmax_last, Linear, Mode};
+use crate::nn::{apply_rotary, rope_tables, softmax_last, HiddenAct, Linear, Mode};
 use crate::{Error, Result};
 
 /// The fields of a Gemma 3 text `config.json` that the forward pass needs.
@@ -43,7 +43,7 @@ pub struct Gemma3Config {
     pub head_dim: usize,
     /// Feed-forward activation.
     #[serde(default = "gelu_tanh")]
-    pub hidden_activation: String,
+    pub hidden_activation: HiddenAct,
     /// Longest supported sequence.
     #[serde(default = "p131072")]
     pub max_position_embeddings: usize,
@@ -94,8 +94,8 @@ fn p256() -> usize {
 fn p256f() -> f64 {
     256.0
 }
-fn gelu_tanh() -> String {
-    "gelu_pytorch_tanh".into()
+fn gelu_tanh() -> HiddenAct {
+    HiddenAct::GeluTanh
 }
 fn p131072() -> usize {
     131_072
@@ -460,11 +460,10 @@ impl Gemma3 {
             let a = layer.post_attn_norm.forward(&layer.o.run(&ctx, mode)?)?;
             x = (x + a)?;
             let y = layer.pre_ff_norm.forward(&x)?;
-            let g = hidden_act(
-                &self.config.hidden_activation,
-                &layer.gate.run(&y, mode)?,
-                mode,
-            )?;
+            let g = self
+                .config
+                .hidden_activation
+                .apply(&layer.gate.run(&y, mode)?, mode)?;
             let f = layer.down.run(&(g * layer.up.run(&y, mode)?)?, mode)?;
             x = (x + layer.post_ff_norm.forward(&f)?)?;
         }

@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::nn::{
-    apply_rotary, attention_dropout, dropout, hidden_act, key_mask_bias, rope_tables, LayerNorm,
+    apply_rotary, attention_dropout, dropout, key_mask_bias, rope_tables, HiddenAct, LayerNorm,
     Linear, Mode,
 };
 use crate::{Error, Result};
@@ -29,7 +29,7 @@ pub struct ModernBertConfig {
     pub intermediate_size: usize,
     /// GLU activation.
     #[serde(default = "gelu")]
-    pub hidden_activation: String,
+    pub hidden_activation: HiddenAct,
     /// Longest supported sequence.
     #[serde(default = "p8192")]
     pub max_position_embeddings: usize,
@@ -74,8 +74,8 @@ pub struct ModernBertConfig {
     pub mlp_dropout: f64,
 }
 
-fn gelu() -> String {
-    "gelu".into()
+fn gelu() -> HiddenAct {
+    HiddenAct::Gelu
 }
 fn p8192() -> usize {
     8192
@@ -272,7 +272,7 @@ impl ModernBert {
                 } else {
                     (&cos_l, &sin_l)
                 };
-                let params = crate::train_layer::ModernBertLayerParams {
+                let params = crate::ops::train::ModernBertLayerParams {
                     attn_norm: layer.attn_norm.as_ref(),
                     wqkv: &layer.wqkv,
                     wo: &layer.wo,
@@ -280,7 +280,7 @@ impl ModernBert {
                     wi: &layer.wi,
                     mlp_wo: &layer.mlp_wo,
                 };
-                let attn = crate::train_layer::ModernBertAttention {
+                let attn = crate::ops::train::ModernBertAttention {
                     heads,
                     cos,
                     sin,
@@ -288,12 +288,12 @@ impl ModernBert {
                     row_mask: (!layer.global && !all_local_rows).then_some(rows),
                     dropout: self.config.attention_dropout,
                 };
-                if let Some(y) = crate::train_layer::modernbert_layer(
+                if let Some(y) = crate::ops::train::modernbert_layer(
                     &x,
                     kb,
                     &params,
                     &attn,
-                    &self.config.hidden_activation,
+                    self.config.hidden_activation,
                     self.config.norm_eps,
                     self.config.mlp_dropout,
                 )? {
@@ -337,7 +337,7 @@ impl ModernBert {
             let inter = self.config.intermediate_size;
             let input = gi.narrow(D::Minus1, 0, inter)?;
             let gate = gi.narrow(D::Minus1, inter, inter)?;
-            let act = hidden_act(&self.config.hidden_activation, &input, mode)?;
+            let act = self.config.hidden_activation.apply(&input, mode)?;
             let inner = dropout(&(act * gate)?, self.config.mlp_dropout, mode)?;
             x = layer.mlp_wo.run_add(&inner, &x, mode)?;
         }

@@ -16,7 +16,9 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::nn::{apply_rotary, attention, key_mask_bias, rope_tables, LayerNorm, Linear, Mode};
+use crate::nn::{
+    apply_rotary, attention, key_mask_bias, rope_tables, HiddenAct, LayerNorm, Linear, Mode,
+};
 use crate::{Error, Result};
 
 /// The fields of an `XLMRobertaFlashConfig` `config.json` that the forward pass needs.
@@ -34,7 +36,7 @@ pub struct XlmRobertaFlashConfig {
     pub intermediate_size: usize,
     /// Feed-forward activation (`gelu`, or a tanh approximation).
     #[serde(default = "gelu")]
-    pub hidden_act: String,
+    pub hidden_act: HiddenAct,
     /// Longest sequence (8194 for jina-colbert-v2); rows of the position matrix when `absolute`.
     #[serde(default = "p8194")]
     pub max_position_embeddings: usize,
@@ -64,8 +66,8 @@ pub struct XlmRobertaFlashConfig {
     pub rotary_emb_scale_base: Option<f64>,
 }
 
-fn gelu() -> String {
-    "gelu".into()
+fn gelu() -> HiddenAct {
+    HiddenAct::Gelu
 }
 fn p8194() -> usize {
     8194
@@ -147,8 +149,8 @@ impl XlmRobertaFlash {
                 "rotary_emb_dim {rotary_dim} must be even and at most the head dimension {d}"
             )));
         }
-        match config.hidden_act.as_str() {
-            "gelu" | "gelu_new" | "gelu_fast" | "gelu_pytorch_tanh" => {}
+        match config.hidden_act {
+            HiddenAct::Gelu | HiddenAct::GeluTanh => {}
             other => {
                 return Err(Error::Invalid(format!(
                     "XLM-RoBERTa (flash layout) hidden_act {other:?} is not supported (gelu variants only)"
@@ -275,8 +277,8 @@ impl XlmRobertaFlash {
         };
         for block in &self.blocks {
             if let Some(kb) = &key_bias {
-                let params = crate::train_layer::BertLayerParams {
-                    qkv: crate::train_layer::QkvParams::Packed(&block.wqkv),
+                let params = crate::ops::train::BertLayerParams {
+                    qkv: crate::ops::train::QkvParams::Packed(&block.wqkv),
                     attn_out: &block.out_proj,
                     attn_norm: &block.norm1,
                     inter: &block.fc1,
@@ -285,16 +287,16 @@ impl XlmRobertaFlash {
                     rotary: rope.as_ref().map(|(c, s)| (c, s)),
                 };
                 // jina's flash layout runs no dropout.
-                let no_dropout = crate::train_layer::LayerDropout {
+                let no_dropout = crate::ops::train::LayerDropout {
                     attention: 0.0,
                     hidden: 0.0,
                 };
-                if let Some(y) = crate::train_layer::bert_layer(
+                if let Some(y) = crate::ops::train::bert_layer(
                     &x,
                     kb,
                     &params,
                     heads,
-                    &self.config.hidden_act,
+                    self.config.hidden_act,
                     no_dropout,
                 )? {
                     x = y;
@@ -319,7 +321,7 @@ impl XlmRobertaFlash {
             let a = block
                 .norm1
                 .forward(&block.out_proj.run_add(&ctx, &x, mode)?, mode)?;
-            let i = block.fc1.run_act(&a, &self.config.hidden_act, mode)?;
+            let i = block.fc1.run_act(&a, self.config.hidden_act, mode)?;
             x = block
                 .norm2
                 .forward(&block.fc2.run_add(&i, &a, mode)?, mode)?;

@@ -61,7 +61,7 @@ pub fn read_texts(path: &Path) -> Result<Vec<Record>> {
         };
         out.push(Record {
             id,
-            text: latte_models::tokenize::py_strip(&joined).to_string(),
+            text: latte_models::py_strip(&joined).to_string(),
         });
     }
     Ok(out)

@@ -1,13 +1,17 @@
 //! Building blocks shared by the backbones: linear layers, layer norm, softmax and attention masks.
 //!
 //! Every op here has two paths. In inference ([`Mode::Infer`]) fused kernels are used where they exist
-//! (candle's `layer_norm`; [`crate::fused`]'s linear layers with their residual and GELU, attention and
+//! (candle's `layer_norm`; [`crate::ops::infer`]'s linear layers with their residual and GELU, attention and
 //! softmax); in training ([`Mode::Train`]) the same maths is written with elementary, differentiable ops,
 //! because the fused kernels have no backward pass.
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::VarBuilder;
 
+#[cfg(doc)]
+use crate::ops::dropout::with_dropout;
+pub(crate) use crate::ops::dropout::{next_dropout_key, splitmix};
+pub(crate) use crate::ops::params::{HiddenAct, LayerNorm, Linear};
+use crate::ops::{infer, train};
 use crate::Result;
 
 /// Whether a forward pass must be differentiable.
@@ -20,82 +24,7 @@ pub enum Mode {
     Train,
 }
 
-/// `y = x Wᵀ + b`, with the weight stored `[out, in]` as PyTorch does.
-#[derive(Debug, Clone)]
-pub struct Linear {
-    /// `[out, in]`.
-    pub weight: Tensor,
-    /// `[out]`, when the layer has a bias.
-    pub bias: Option<Tensor>,
-    /// The weight packed for the AVX-512 inference kernel, made on first use.
-    pub packed: std::sync::Arc<std::sync::OnceLock<crate::fused::Packed>>,
-}
-
-impl Linear {
-    /// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`).
-    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
-        let bias = if bias {
-            Some(vb.get(out_dim, "bias")?)
-        } else {
-            None
-        };
-        Ok(Self::new(weight, bias))
-    }
-
-    /// A layer over these tensors.
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self {
-            weight,
-            bias,
-            packed: Default::default(),
-        }
-    }
-
-    /// Input features.
-    pub fn in_dim(&self) -> usize {
-        self.weight.dims()[1]
-    }
-    /// Output features.
-    pub fn out_dim(&self) -> usize {
-        self.weight.dims()[0]
-    }
-}
-
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let w = self.weight.t()?;
-        let y = match x.dims() {
-            [b, l, d] => x.reshape((b * l, *d))?.matmul(&w)?.reshape((*b, *l, ()))?,
-            _ => x.matmul(&w)?,
-        };
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
-    }
-}
-
-/// Layer normalisation over the last dimension, with an optional bias.
-#[derive(Debug, Clone)]
-pub struct LayerNorm {
-    pub(crate) weight: Tensor,
-    pub(crate) bias: Option<Tensor>,
-    pub(crate) eps: f64,
-}
-
 impl LayerNorm {
-    /// Loads `weight` (and `bias` when `bias`) under `vb`.
-    pub fn load(vb: VarBuilder, dim: usize, eps: f64, bias: bool) -> Result<Self> {
-        let weight = vb.get(dim, "weight")?;
-        let bias = if bias {
-            Some(vb.get(dim, "bias")?)
-        } else {
-            None
-        };
-        Ok(Self { weight, bias, eps })
-    }
-
     /// Normalises `x`.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         if mode == Mode::Infer && x.dtype() == DType::F32 {
@@ -115,9 +44,7 @@ impl LayerNorm {
             )?);
         }
         if mode == Mode::Train {
-            if let Some(y) =
-                crate::train_ops::layer_norm(x, &self.weight, self.bias.as_ref(), self.eps)?
-            {
+            if let Some(y) = train::layer_norm(x, &self.weight, self.bias.as_ref(), self.eps)? {
                 return Ok(y);
             }
         }
@@ -136,13 +63,13 @@ impl LayerNorm {
 /// Softmax over the last dimension.
 pub fn softmax_last(x: &Tensor, mode: Mode) -> Result<Tensor> {
     Ok(match mode {
-        Mode::Infer => crate::fused::softmax_last(x)?,
+        Mode::Infer => infer::softmax_last(x)?,
         Mode::Train if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() >= 2 => {
             let mut dims = vec![1usize; x.rank()];
             dims[0] = x.dim(0)?;
             dims[x.rank() - 1] = x.dim(D::Minus1)?;
             let zeros = Tensor::zeros(dims, DType::F32, x.device())?;
-            crate::train_ops::scaled_masked_softmax(x, 1.0, &zeros)?
+            train::scaled_masked_softmax(x, 1.0, &zeros)?
         }
         Mode::Train => {
             let max = x.max_keepdim(D::Minus1)?.detach();
@@ -186,13 +113,13 @@ pub fn attention_dropout(
     p: f64,
 ) -> Result<Tensor> {
     if mode == Mode::Infer {
-        if let Some(out) = crate::fused::attention(q, k, v, scale, bias)? {
+        if let Some(out) = infer::attention(q, k, v, scale, bias)? {
             return Ok(out);
         }
     }
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let probs = if mode == Mode::Train {
-        crate::train_ops::scaled_masked_softmax(&q.matmul(&k.t()?)?, scale, bias)?
+        train::scaled_masked_softmax(&q.matmul(&k.t()?)?, scale, bias)?
     } else {
         let scores = (q.matmul(&k.t()?)? * scale)?;
         let scores = scores.broadcast_add(bias)?;
@@ -206,8 +133,8 @@ impl Linear {
     /// `x Wᵀ + b`: a fused CPU kernel in inference, differentiable ops in training.
     pub fn run(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         match mode {
-            Mode::Infer => crate::fused::linear(self, x),
-            Mode::Train => match crate::train_ops::linear(x, &self.weight, self.bias.as_ref())? {
+            Mode::Infer => infer::linear(self, x),
+            Mode::Train => match train::linear(x, &self.weight, self.bias.as_ref())? {
                 Some(y) => Ok(y),
                 None => Ok(self.forward(x)?),
             },
@@ -217,16 +144,16 @@ impl Linear {
     /// `x Wᵀ + b + residual`, the addition fused into the kernel in inference.
     pub fn run_add(&self, x: &Tensor, residual: &Tensor, mode: Mode) -> Result<Tensor> {
         match mode {
-            Mode::Infer => crate::fused::linear_ex(self, x, Some(residual), false),
+            Mode::Infer => infer::linear_ex(self, x, Some(residual), false),
             Mode::Train => Ok((self.run(x, mode)? + residual)?),
         }
     }
 
-    /// `act(x Wᵀ + b)` for a `hidden_act` name, exact GELU fused into the kernel in inference.
-    pub fn run_act(&self, x: &Tensor, act: &str, mode: Mode) -> Result<Tensor> {
+    /// `act(x Wᵀ + b)`, exact GELU fused into the kernel in inference.
+    pub fn run_act(&self, x: &Tensor, act: HiddenAct, mode: Mode) -> Result<Tensor> {
         match (mode, act) {
-            (Mode::Infer, "gelu" | "gelu_python") => crate::fused::linear_ex(self, x, None, true),
-            _ => hidden_act(act, &self.run(x, mode)?, mode),
+            (Mode::Infer, HiddenAct::Gelu) => infer::linear_ex(self, x, None, true),
+            _ => act.apply(&self.run(x, mode)?, mode),
         }
     }
 }
@@ -236,14 +163,14 @@ impl Linear {
 /// applies, and the results are strided views of its output.
 pub fn qkv_heads(
     layers: [&Linear; 3],
-    cache: &std::sync::OnceLock<crate::fused::Packed>,
+    cache: &std::sync::OnceLock<latte_kernels::gemm::Packed>,
     x: &Tensor,
     heads: usize,
     mode: Mode,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, l, _) = x.dims3()?;
     if mode == Mode::Infer {
-        if let Some(qkv) = crate::fused::linear_cat(&layers, cache, x)? {
+        if let Some(qkv) = infer::linear_cat(&layers, cache, x)? {
             let n = layers[0].out_dim();
             if layers.iter().all(|t| t.out_dim() == n) {
                 let qkv = qkv.reshape((b, l, 3, heads, n / heads))?;
@@ -265,21 +192,18 @@ pub fn qkv_heads(
     ))
 }
 
-/// The activations backbones name in `config.json` (`hidden_act`).
-pub fn hidden_act(name: &str, x: &Tensor, mode: Mode) -> Result<Tensor> {
-    Ok(match name {
-        "gelu" | "gelu_python" if mode == Mode::Infer => crate::fused::gelu_erf(x)?,
-        "gelu" | "gelu_python" => crate::train_ops::gelu_erf(x)?,
-        "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" | "gelu_accurate" => x.gelu()?,
-        "relu" => x.relu()?,
-        "silu" | "swish" => x.silu()?,
-        "tanh" => x.tanh()?,
-        other => {
-            return Err(crate::Error::Invalid(format!(
-                "unsupported hidden activation {other:?} (supported: gelu, gelu_new, gelu_pytorch_tanh, relu, silu, tanh)"
-            )))
-        }
-    })
+impl HiddenAct {
+    /// Applies the activation (exact GELU through the fused ops on float32 CPU tensors).
+    pub fn apply(self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        Ok(match self {
+            Self::Gelu if mode == Mode::Infer => infer::gelu_erf(x)?,
+            Self::Gelu => train::gelu_erf(x)?,
+            Self::GeluTanh => x.gelu()?,
+            Self::Relu => x.relu()?,
+            Self::Silu => x.silu()?,
+            Self::Tanh => x.tanh()?,
+        })
+    }
 }
 
 /// Rotary tables `(cos, sin)`, each `[len, dim]`, for positions `0..len`: inverse frequencies
@@ -328,42 +252,6 @@ pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     }
 }
 
-thread_local! {
-    static DROPOUT: std::cell::Cell<Option<(u64, u64)>> = const { std::cell::Cell::new(None) };
-}
-
-/// Runs `f` with dropout switched on (for [`Mode::Train`] forward passes on this thread), masks drawn
-/// deterministically from `seed`: the same seed and the same sequence of ops give the same masks, which
-/// is what gradient caching needs to replay a forward pass. `None` runs `f` with dropout off.
-pub fn with_dropout<R>(seed: Option<u64>, f: impl FnOnce() -> R) -> R {
-    let prev = DROPOUT.with(|d| d.replace(seed.map(|s| (s, 0))));
-    let out = f();
-    DROPOUT.with(|d| d.set(prev));
-    out
-}
-
-/// The seed of the enclosing [`with_dropout`], if dropout is on.
-pub fn dropout_seed() -> Option<u64> {
-    DROPOUT.with(|d| d.get().map(|(s, _)| s))
-}
-
-pub(crate) fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// The key of the next dropout site of the enclosing [`with_dropout`] (advancing its counter as
-/// [`dropout`] does), or `None` when dropout is off. Fused ops draw their masks from it.
-pub(crate) fn next_dropout_key() -> Option<u64> {
-    DROPOUT.with(|d| {
-        let (seed, counter) = d.get()?;
-        d.set(Some((seed, counter + 1)));
-        Some(splitmix(seed ^ splitmix(counter)))
-    })
-}
-
 /// Inverted dropout as `torch.nn.Dropout` in training: each element is zeroed with probability `p` and
 /// the rest scaled by `1 / (1 − p)`. Only in [`Mode::Train`] inside [`with_dropout`]; the identity
 /// otherwise (inference, or training with dropout off).
@@ -371,10 +259,9 @@ pub fn dropout(x: &Tensor, p: f64, mode: Mode) -> Result<Tensor> {
     if mode != Mode::Train || p <= 0.0 {
         return Ok(x.clone());
     }
-    let Some((seed, counter)) = DROPOUT.with(|d| d.get()) else {
+    let Some(base) = next_dropout_key() else {
         return Ok(x.clone());
     };
-    DROPOUT.with(|d| d.set(Some((seed, counter + 1))));
     if p >= 1.0 {
         return Ok(x.zeros_like()?);
     }
@@ -382,7 +269,6 @@ pub fn dropout(x: &Tensor, p: f64, mode: Mode) -> Result<Tensor> {
     let n = x.elem_count();
     let keep = 1.0 / (1.0 - p) as f32;
     let threshold = (p * (1u64 << 32) as f64) as u64;
-    let base = splitmix(seed ^ splitmix(counter));
     let mut mask = vec![0f32; n];
     mask.par_chunks_mut(4096).enumerate().for_each(|(c, m)| {
         let mut state = splitmix(base ^ (c as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
@@ -396,4 +282,76 @@ pub fn dropout(x: &Tensor, p: f64, mode: Mode) -> Result<Tensor> {
     });
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     Ok((x * mask)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use std::sync::OnceLock;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn fused_attention_matches_differentiable_attention() {
+        let dev = Device::Cpu;
+        for (b, l, heads, d, masked) in [(1, 1, 1, 4, 0), (2, 9, 3, 8, 2), (3, 37, 2, 33, 5)] {
+            let h = heads * d;
+            let x = Tensor::randn(0f32, 1.0, (b, l, h), &dev).unwrap();
+            let lin = || {
+                Linear::new(
+                    Tensor::randn(0f32, 0.3, (h, h), &dev).unwrap(),
+                    Some(Tensor::randn(0f32, 1.0, h, &dev).unwrap()),
+                )
+            };
+            let (wq, wk, wv) = (lin(), lin(), lin());
+            let cache = OnceLock::new();
+            let mut mask = vec![1u32; b * l];
+            for row in mask.chunks_mut(l).skip(1) {
+                row[l - masked.min(l - 1)..].iter_mut().for_each(|m| *m = 0);
+            }
+            let mask = Tensor::from_vec(mask, (b, l), &dev).unwrap();
+            let bias = key_mask_bias(&mask, DType::F32).unwrap();
+            let scale = 1.0 / (d as f64).sqrt();
+            let run = |mode| {
+                let (q, k, v) = qkv_heads([&wq, &wk, &wv], &cache, &x, heads, mode).unwrap();
+                attention(&q, &k, &v, scale, &bias, mode)
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .reshape((b, l, h))
+                    .unwrap()
+            };
+            let want = run(Mode::Train);
+            let size = want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let d = max_diff(&run(Mode::Infer), &want);
+            assert!(d < 1e-5 * size.max(1.0), "{d} (values up to {size})");
+            // A bias per query (sliding windows) as well.
+            let window = Tensor::randn(0f32, 1.0, (1, 1, l, l), &dev).unwrap();
+            let bias2 = bias.broadcast_add(&window).unwrap();
+            let (q, k, v) = qkv_heads([&wq, &wk, &wv], &cache, &x, heads, Mode::Infer).unwrap();
+            let a = attention(&q, &k, &v, scale, &bias2, Mode::Infer).unwrap();
+            let (q, k, v) = qkv_heads([&wq, &wk, &wv], &cache, &x, heads, Mode::Train).unwrap();
+            let want = attention(&q, &k, &v, scale, &bias2, Mode::Train).unwrap();
+            assert!(max_diff(&a, &want) < 1e-5 * size.max(1.0));
+        }
+    }
 }

@@ -1,10 +1,9 @@
-//! Raw speed of the fused linear kernel on the shapes of a BERT layer, single thread:
-//! `RAYON_NUM_THREADS=1 cargo run --release -p latte-models --example gemm_speed`.
+//! Raw speed of the packed linear kernel on the shapes of a BERT layer, single thread:
+//! `RAYON_NUM_THREADS=1 cargo run --release -p latte-kernels --example gemm_speed`.
 //!
 //! Reports GFLOP/s per second of this thread's CPU time (from `/proc/thread-self/schedstat` on Linux, so
 //! that other processes on a shared machine do not skew it) and per second of wall time.
-use candle_core::{Device, Tensor};
-use latte_models::nn::Linear;
+use latte_kernels::gemm::{self, Packed};
 
 /// Nanoseconds this thread has run on a CPU, when the kernel reports it.
 fn cpu_ns() -> Option<u64> {
@@ -13,7 +12,19 @@ fn cpu_ns() -> Option<u64> {
 }
 
 fn main() {
-    let dev = Device::Cpu;
+    println!("level {}", latte_kernels::level());
+    // Deterministic values in [-1, 1).
+    let values = |n: usize, seed: u64| -> Vec<f32> {
+        let mut s = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    };
     for (m, n, k) in [
         (5760, 384, 384),
         (5760, 1536, 384),
@@ -22,18 +33,16 @@ fn main() {
         (4096, 3072, 768),
         (4096, 768, 3072),
     ] {
-        let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
-        let layer = Linear::new(
-            Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap(),
-            Some(Tensor::randn(0f32, 1.0, n, &dev).unwrap()),
-        );
+        let x = values(m * k, 1);
+        let p = Packed::from_rows(&values(n * k, 2), n, k, Some(&values(n, 3)));
+        let mut out = vec![0f32; m * n];
         for _ in 0..3 {
-            latte_models::fused::linear(&layer, &x).unwrap();
+            gemm::linear(&x, m, &p, None, false, &mut out);
         }
         let r = 20;
         let (t, c) = (std::time::Instant::now(), cpu_ns());
         for _ in 0..r {
-            latte_models::fused::linear(&layer, &x).unwrap();
+            gemm::linear(&x, m, &p, None, false, &mut out);
         }
         let wall = t.elapsed().as_secs_f64() / r as f64;
         let flop = 2.0 * (m * n * k) as f64;

@@ -4,11 +4,28 @@
 //! walks half a dozen full-size temporaries forward and again backward; these do each in one parallel
 //! pass and give candle the gradient directly. They are used on float32 CPU tensors; elsewhere the
 //! elementary (differentiable) ops run.
+//!
+//! The whole encoder layers of BERT (also XLM-R / RoBERTa and jina's flash XLM-R) and ModernBERT as single
+//! ops with hand-written backward passes are in [`bert`] and [`modernbert`], on the pieces of [`shared`].
+
+mod bert;
+mod modernbert;
+mod shared;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use latte_kernels::{gemm, math, Level};
 use rayon::prelude::*;
 
 use crate::Result;
+
+pub(crate) use bert::{bert_layer, BertLayerParams, LayerDropout, QkvParams};
+pub(crate) use modernbert::{modernbert_layer, ModernBertAttention, ModernBertLayerParams};
+pub use shared::with_fused_layers;
+#[cfg(test)]
+pub(crate) use {
+    bert::bert_layer_on,
+    shared::{Kernels, FORCE_PORTABLE},
+};
 
 /// The float32 elements of a contiguous CPU storage (the op `what` names it in errors).
 pub(crate) fn slice<'a>(
@@ -69,25 +86,8 @@ impl CustomOp2 for MaskedSoftmax {
                 for (r, (orow, xrow)) in o.chunks_mut(n).zip(xi.chunks(n)).enumerate() {
                     let item = (c * cr + r) / rows_per_item;
                     let brow = &bias[item * n..(item + 1) * n];
-                    #[cfg(target_arch = "x86_64")]
-                    if crate::avx512::available() {
-                        orow.copy_from_slice(xrow);
-                        // SAFETY: AVX-512F is present (checked above).
-                        unsafe { crate::avx512::softmax_row(orow, self.scale, Some(brow)) };
-                        continue;
-                    }
-                    let mut max = f32::NEG_INFINITY;
-                    for ((ov, &xv), &bv) in orow.iter_mut().zip(xrow).zip(brow) {
-                        *ov = xv * self.scale + bv;
-                        max = max.max(*ov);
-                    }
-                    let mut sum = 0f32;
-                    for ov in orow.iter_mut() {
-                        *ov = (*ov - max).exp();
-                        sum += *ov;
-                    }
-                    let inv = 1.0 / sum;
-                    orow.iter_mut().for_each(|v| *v *= inv);
+                    orow.copy_from_slice(xrow);
+                    math::softmax_row(orow, self.scale, Some(brow));
                 }
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -313,10 +313,6 @@ pub fn layer_norm(
 /// GELU with the exact erf, `x · Φ(x)`, with its derivative `Φ(x) + x · φ(x)`; parallel over elements.
 struct GeluErf;
 
-fn phi_cdf(x: f32) -> f32 {
-    0.5 * (1.0 + crate::fused::erf(x / std::f32::consts::SQRT_2))
-}
-
 impl CustomOp1 for GeluErf {
     fn name(&self) -> &'static str {
         "latte-gelu-erf-train"
@@ -325,13 +321,7 @@ impl CustomOp1 for GeluErf {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s, l, self.name())?;
         let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(16384)
-            .zip(x.par_chunks(16384))
-            .for_each(|(o, xi)| {
-                for (ov, &xv) in o.iter_mut().zip(xi) {
-                    *ov = xv * phi_cdf(xv);
-                }
-            });
+        math::gelu_slice(x, &mut out);
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 
@@ -364,16 +354,11 @@ impl CustomOp2 for GeluErfBackward {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = slice(s1, l1, self.name())?;
         let g = slice(s2, l2, self.name())?;
-        let inv_sqrt_2pi = 1.0 / (2.0 * std::f32::consts::PI).sqrt();
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(16384)
-            .zip(x.par_chunks(16384).zip(g.par_chunks(16384)))
-            .for_each(|(o, (xi, gi))| {
-                for ((ov, &xv), &gv) in o.iter_mut().zip(xi).zip(gi) {
-                    let pdf = (-0.5 * xv * xv).exp() * inv_sqrt_2pi;
-                    *ov = gv * (phi_cdf(xv) + xv * pdf);
-                }
-            });
+        if x.len() != g.len() {
+            candle_core::bail!("{}: {} inputs, {} gradients", self.name(), x.len(), g.len());
+        }
+        let mut out = g.to_vec();
+        math::gelu_backward(x, &mut out);
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -386,35 +371,11 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     Ok(x.gelu_erf()?)
 }
 
-/// Row-major `[rows, cols]` → `[cols, rows]`, in parallel blocks.
-#[cfg(target_arch = "x86_64")]
-pub(crate) fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut dst = vec![0f32; rows * cols];
-    const B: usize = 64;
-    dst.par_chunks_mut(B * rows)
-        .enumerate()
-        .for_each(|(cb, out)| {
-            let c0 = cb * B;
-            let cw = out.len() / rows.max(1);
-            for r0 in (0..rows).step_by(B) {
-                for r in r0..(r0 + B).min(rows) {
-                    let row = &src[r * cols + c0..r * cols + c0 + cw];
-                    for (c, &v) in row.iter().enumerate() {
-                        out[c * rows + r] = v;
-                    }
-                }
-            }
-        });
-    dst
-}
-
 /// `y[m, n] = x[m, k] · Wᵀ + b` on the AVX-512 kernel, with a backward pass on the same kernel:
 /// `dx = dy · W`, `dW = dyᵀ · x`, `db = Σ dy`. Weights change every step, so they are packed per call
 /// (`O(n·k)` against the `O(m·n·k)` product).
-#[cfg(target_arch = "x86_64")]
 struct TrainLinear;
 
-#[cfg(target_arch = "x86_64")]
 fn kernel_product(
     a: &[f32],
     m: usize,
@@ -424,22 +385,11 @@ fn kernel_product(
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
     // a[m, k] · b_rowsᵀ where b_rows is [n, k].
-    let p = crate::fused::Packed::from_rows(b_rows, n, k, bias);
-    let mut out: Vec<f32> = Vec::with_capacity(m * n);
-    crate::avx512::linear(
-        a,
-        m,
-        &p,
-        None,
-        false,
-        &mut out.spare_capacity_mut()[..m * n],
-    );
-    // SAFETY: the kernel writes every one of the m·n elements.
-    unsafe { out.set_len(m * n) };
+    let mut out = vec![0f32; m * n];
+    gemm::linear_rows_at(Level::Avx512, a, m, b_rows, bias, n, k, &mut out);
     out
 }
 
-#[cfg(target_arch = "x86_64")]
 impl CustomOp3 for TrainLinear {
     fn name(&self) -> &'static str {
         "latte-train-linear"
@@ -477,10 +427,10 @@ impl CustomOp3 for TrainLinear {
         let ws = w.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let gs = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         // dx[m, k] = g[m, n] · W[n, k] = g · (Wᵀ)ᵀ, Wᵀ as rows [k, n].
-        let dx = kernel_product(&gs, m, &transpose(&ws, n, k), k, n, None);
+        let dx = kernel_product(&gs, m, &gemm::transpose(&ws, n, k), k, n, None);
         // dW[n, k] = gᵀ[n, m] · x[m, k] = gᵀ · (xᵀ)ᵀ, xᵀ as rows [k, m].
-        let gt = transpose(&gs, m, n);
-        let dw = kernel_product(&gt, n, &transpose(&xs, m, k), k, m, None);
+        let gt = gemm::transpose(&gs, m, n);
+        let dw = kernel_product(&gt, n, &gemm::transpose(&xs, m, k), k, m, None);
         let db: Vec<f32> = gt.par_chunks(m.max(1)).map(|r| r.iter().sum()).collect();
         let dev = x.device();
         Ok((
@@ -494,9 +444,8 @@ impl CustomOp3 for TrainLinear {
 /// `x Wᵀ + b` for training on the AVX-512 kernel (forward and backward), for float32 CPU tensors on a
 /// CPU with AVX-512F; `None` where it does not apply (the caller uses candle's matmul).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
-    #[cfg(target_arch = "x86_64")]
     {
-        if crate::fused::fast(x) && weight.dtype() == DType::F32 && weight.rank() == 2 {
+        if super::fast(x) && weight.dtype() == DType::F32 && weight.rank() == 2 {
             let (n, k) = weight.dims2()?;
             let dims = x.dims().to_vec();
             if dims.last() != Some(&k) {
@@ -521,6 +470,155 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Opti
             return Ok(Some(y.reshape(out)?));
         }
     }
-    let _ = (x, weight, bias);
     Ok(None)
+}
+
+#[cfg(test)]
+mod gradient_tests {
+    //! Every custom backward pass of this module against central differences of `Σ up ⊙ f(inputs)`.
+
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Deterministic values in [-2, 2).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+            })
+            .collect()
+    }
+
+    /// `Σ up ⊙ y`, summed in f64.
+    fn weighted(y: &Tensor, up: &[f32]) -> f64 {
+        let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        y.iter().zip(up).map(|(a, b)| *a as f64 * *b as f64).sum()
+    }
+
+    /// Checks candle's gradients of `Σ up ⊙ f(inputs)` (through the custom backward passes inside `f`)
+    /// against central differences, element by element, for every input.
+    fn check(inputs: &[(Vec<f32>, Vec<usize>)], f: impl Fn(&[Tensor]) -> Tensor, what: &str) {
+        let dev = Device::Cpu;
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|(v, s)| Var::from_vec(v.clone(), s.as_slice(), &dev).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts);
+        let up = values(y.elem_count(), 99);
+        let upt = Tensor::from_vec(up.clone(), y.shape(), &dev).unwrap();
+        let grads = (y * upt).unwrap().sum_all().unwrap().backward().unwrap();
+        let eps = 1e-2f32;
+        for (i, (v, s)) in inputs.iter().enumerate() {
+            let g: Vec<f32> = grads
+                .get(&vars[i])
+                .unwrap_or_else(|| panic!("{what}: no gradient for input {i}"))
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for j in 0..v.len() {
+                let at = |delta: f32| {
+                    let mut w = v.clone();
+                    w[j] += delta;
+                    let mut moved = ts.clone();
+                    moved[i] = Tensor::from_vec(w, s.as_slice(), &dev).unwrap();
+                    weighted(&f(&moved), &up)
+                };
+                let num = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+                assert!(
+                    (g[j] as f64 - num).abs() <= 3e-3 * (1.0 + num.abs()),
+                    "{what}: input {i} element {j}: backward {} vs central difference {num}",
+                    g[j]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn masked_scaled_softmax_backward_matches_central_differences() {
+        let (b, h, l, n) = (2, 2, 3, 7);
+        let mut bias = values(b * n, 5);
+        bias[3] = -1e9; // a masked key
+        let bias = Tensor::from_vec(bias, (b, 1, 1, n), &Device::Cpu).unwrap();
+        check(
+            &[(values(b * h * l * n, 1), vec![b, h, l, n])],
+            |t| scaled_masked_softmax(&t[0], 0.7, &bias).unwrap(),
+            "masked softmax (key bias)",
+        );
+        // A bias per query (the broadcast path through the same op).
+        let full = Tensor::from_vec(values(l * n, 6), (1, 1, l, n), &Device::Cpu).unwrap();
+        check(
+            &[(values(b * h * l * n, 2), vec![b, h, l, n])],
+            |t| scaled_masked_softmax(&t[0], 1.3, &full).unwrap(),
+            "masked softmax (broadcast bias)",
+        );
+    }
+
+    #[test]
+    fn layer_norm_backward_matches_central_differences_for_x_weight_and_bias() {
+        let (rows, n) = (5, 9);
+        check(
+            &[
+                (values(rows * n, 3), vec![rows, n]),
+                (values(n, 4), vec![n]),
+                (values(n, 5), vec![n]),
+            ],
+            |t| {
+                layer_norm(&t[0], &t[1], Some(&t[2]), 1e-5)
+                    .unwrap()
+                    .expect("float32 CPU tensors take the fused op")
+            },
+            "layer norm",
+        );
+        check(
+            &[
+                (values(rows * n, 6), vec![rows, n]),
+                (values(n, 7), vec![n]),
+            ],
+            |t| {
+                layer_norm(&t[0], &t[1], None, 1e-5)
+                    .unwrap()
+                    .expect("fused")
+            },
+            "layer norm without bias",
+        );
+    }
+
+    #[test]
+    fn gelu_backward_matches_central_differences() {
+        check(
+            &[(values(37, 8), vec![37])],
+            |t| gelu_erf(&t[0]).unwrap(),
+            "gelu",
+        );
+    }
+
+    #[test]
+    fn train_linear_backward_matches_central_differences() {
+        let (m, n, k) = (5, 6, 4);
+        let inputs = [
+            (values(m * k, 9), vec![m, k]),
+            (values(n * k, 10), vec![n, k]),
+            (values(n, 11), vec![n]),
+        ];
+        let dev = Device::Cpu;
+        let probe = Tensor::zeros((m, k), DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((n, k), DType::F32, &dev).unwrap();
+        if linear(&probe, &w, None).unwrap().is_none() {
+            eprintln!(
+                "train linear: below AVX-512 the elementary ops run; nothing custom to check"
+            );
+            return;
+        }
+        check(
+            &inputs,
+            |t| linear(&t[0], &t[1], Some(&t[2])).unwrap().expect("fused"),
+            "train linear",
+        );
+    }
 }

@@ -1,0 +1,979 @@
+//! Scaled dot-product attention per (sequence, head), forward and backward.
+//!
+//! [`forward_at`] is the one attention forward of the models (inference, and training through
+//! [`forward_packed_at`]): `softmax(q kᵀ · scale + bias) v` with q, k, v read through strides, an additive
+//! bias broadcast by strides (plus an optional sliding window), optional dropout on the probabilities, and
+//! the output written straight into `[b, lq, h, dv]`. On AVX-512 both products run through the register
+//! tile of [`crate::gemm`] (k and v packed into panels per (sequence, head)); below, through the `gemm`
+//! crate with operands read through strides. [`backward_packed_at`] is its backward pass for a training
+//! layer's packed `[tokens, 3h]` q/k/v.
+
+use rayon::prelude::*;
+
+use crate::gemm::{strided_mm, OutPtr};
+use crate::math::usable;
+use crate::Level;
+
+/// A `[b, h, l, d]` operand: `data[b·s[0] + h·s[1] + i·s[2] + j]`, the last dimension contiguous.
+#[derive(Clone, Copy, Debug)]
+pub struct Strided<'a> {
+    /// The elements, from the tensor's start offset.
+    pub data: &'a [f32],
+    /// Strides of the batch, head and position dimensions.
+    pub s: [usize; 3],
+}
+
+impl<'a> Strided<'a> {
+    /// The elements from row `i` of (sequence `b`, head `h`) on.
+    fn from(self, b: usize, h: usize) -> &'a [f32] {
+        &self.data[b * self.s[0] + h * self.s[1]..]
+    }
+
+    /// The last element a `[b, h, l, len]` view reaches, plus one.
+    fn reach(self, d: AttnDims, l: usize, len: usize) -> usize {
+        (d.b - 1) * self.s[0] + (d.h - 1) * self.s[1] + (l - 1) * self.s[2] + len
+    }
+}
+
+/// Sizes of an attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnDims {
+    /// Batch.
+    pub b: usize,
+    /// Heads.
+    pub h: usize,
+    /// Query positions.
+    pub lq: usize,
+    /// Key positions.
+    pub lk: usize,
+    /// Query/key width.
+    pub d: usize,
+    /// Value width.
+    pub dv: usize,
+}
+
+/// The additive bias of the scores: row `i` of (sequence `b`, head `h`) is the `lk` values at
+/// `data[b·s[0] + h·s[1] + i·s[2]..]` (a zero stride broadcasts), plus, with a `window`, `−1e30` on the keys
+/// more than `window` positions from the query (ModernBERT's local layers).
+#[derive(Clone, Copy, Debug)]
+pub struct Bias<'a> {
+    /// The values.
+    pub data: &'a [f32],
+    /// Strides of the batch, head and query dimensions.
+    pub s: [usize; 3],
+    /// Sliding window half-width.
+    pub window: Option<usize>,
+}
+
+/// Dropout masks of the attention probabilities: called with the global row index (`(b·h + head)·lq + i`)
+/// and the `lk` values to fill with `0` or the keep scale, the same on every call for a row.
+pub type DropRows<'a> = &'a (dyn Fn(usize, &mut [f32]) + Sync);
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on a per-thread buffer of `len` values (contents unspecified).
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        f(&mut buf[..len])
+    })
+}
+
+/// One (sequence, head) of [`forward_at`], the operands already offset to it.
+struct Head<'a> {
+    q: &'a [f32],
+    qs: usize,
+    k: &'a [f32],
+    ks: usize,
+    v: &'a [f32],
+    vs: usize,
+    bias: &'a [f32],
+    bs: usize,
+    window: Option<usize>,
+    /// Global row index of this head's first query (for dropout).
+    row0: usize,
+}
+
+impl Head<'_> {
+    /// The bias of query `i` (with the window applied into `tmp` when there is one).
+    fn bias_row<'t>(&'t self, i: usize, lk: usize, tmp: &'t mut Vec<f32>) -> &'t [f32] {
+        let key = &self.bias[i * self.bs..][..lk];
+        let Some(half) = self.window else { return key };
+        tmp.clear();
+        tmp.extend(key.iter().enumerate().map(
+            |(j, &b)| {
+                if i.abs_diff(j) <= half {
+                    b
+                } else {
+                    b - 1e30
+                }
+            },
+        ));
+        tmp
+    }
+}
+
+/// `out[b, i, h, :] = dropout(softmax_j(q[b,h,i]·k[b,h,j] · scale + bias)) v[b,h,j]`, with `out` laid out
+/// `[b, lq, h, dv]` (every element written), at `level`. With `probs` (`[b, h, lq, lk]`) the probabilities
+/// before dropout are kept there; `drop` gives the dropout masks (none: no dropout).
+///
+/// # Panics
+/// When an operand is shorter than its shape and strides reach, or `lk` is 0 while there is output.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_at(
+    level: Level,
+    q: Strided,
+    k: Strided,
+    v: Strided,
+    dims: AttnDims,
+    scale: f32,
+    bias: Bias,
+    drop: Option<DropRows>,
+    probs: Option<&mut [f32]>,
+    out: &mut [f32],
+) {
+    let AttnDims {
+        b,
+        h,
+        lq,
+        lk,
+        d,
+        dv,
+    } = dims;
+    assert_eq!(out.len(), b * lq * h * dv, "attention: output length");
+    if out.is_empty() {
+        return;
+    }
+    assert!(lk > 0, "attention over no keys");
+    assert!(
+        q.data.len() >= q.reach(dims, lq, d),
+        "attention: q too short"
+    );
+    assert!(
+        k.data.len() >= k.reach(dims, lk, d),
+        "attention: k too short"
+    );
+    assert!(
+        v.data.len() >= v.reach(dims, lk, dv),
+        "attention: v too short"
+    );
+    let bview = Strided {
+        data: bias.data,
+        s: bias.s,
+    };
+    assert!(
+        bias.data.len() >= bview.reach(dims, lq, lk),
+        "attention: bias too short"
+    );
+    let lv = usable(level);
+    let out_p = OutPtr(out.as_mut_ptr());
+    let ldc = h * dv;
+    let head = |t: usize, p: &mut [f32]| {
+        let (bi, hi) = (t / h, t % h);
+        let hd = Head {
+            q: q.from(bi, hi),
+            qs: q.s[2],
+            k: k.from(bi, hi),
+            ks: k.s[2],
+            v: v.from(bi, hi),
+            vs: v.s[2],
+            bias: &bias.data[bi * bias.s[0] + hi * bias.s[1]..],
+            bs: bias.s[2],
+            window: bias.window,
+            row0: t * lq,
+        };
+        // SAFETY: the output rows of (bi, hi) — `lq` rows of `dv` values, `ldc` apart, from
+        // `(bi·lq)·ldc + hi·dv` — lie inside `out` (its length is asserted above) and are written by
+        // this task only.
+        let o = unsafe { { out_p }.0.add(bi * lq * ldc + hi * dv) };
+        #[cfg(target_arch = "x86_64")]
+        if lv >= Level::Avx512 {
+            // SAFETY: `o` holds this head's output rows, written by this task only (see above); the
+            // operand slices hold the rows their strides reach (asserted above).
+            unsafe { x86::head_forward(&hd, dims, scale, drop, p, o, ldc) };
+            return;
+        }
+        // SAFETY: as above.
+        unsafe { head_forward_portable(&hd, dims, scale, drop, p, o, ldc) };
+    };
+    match probs {
+        Some(pr) => {
+            assert_eq!(pr.len(), b * h * lq * lk, "attention: probabilities length");
+            pr.par_chunks_mut(lq * lk)
+                .enumerate()
+                .for_each(|(t, p)| head(t, p));
+        }
+        None => (0..b * h).into_par_iter().for_each(|t| {
+            let mut p = vec![0f32; lq * lk];
+            head(t, &mut p)
+        }),
+    }
+    let _ = lv;
+}
+
+/// [`forward_at`] at the process's level.
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    q: Strided,
+    k: Strided,
+    v: Strided,
+    dims: AttnDims,
+    scale: f32,
+    bias: Bias,
+    drop: Option<DropRows>,
+    probs: Option<&mut [f32]>,
+    out: &mut [f32],
+) {
+    forward_at(crate::level(), q, k, v, dims, scale, bias, drop, probs, out)
+}
+
+/// `p` → `p ⊙ mask` for every row, into `pd` (both `lq × lk`).
+fn dropped(drop: DropRows, row0: usize, lk: usize, p: &[f32], pd: &mut [f32]) {
+    for (i, (drow, prow)) in pd.chunks_mut(lk).zip(p.chunks(lk)).enumerate() {
+        drop(row0 + i, drow);
+        drow.iter_mut().zip(prow).for_each(|(m, p)| *m *= p);
+    }
+}
+
+/// One head on the `gemm` crate and the portable softmax.
+///
+/// # Safety
+/// `out` must be valid for `lq` rows of `dv` values `ldc` apart, and no other thread may access them
+/// meanwhile; the slices of `hd` must hold the rows their strides reach.
+unsafe fn head_forward_portable(
+    hd: &Head,
+    dims: AttnDims,
+    scale: f32,
+    drop: Option<DropRows>,
+    p: &mut [f32],
+    out: *mut f32,
+    ldc: usize,
+) {
+    let AttnDims { lq, lk, d, dv, .. } = dims;
+    // SAFETY: q rows (stride qs) and k rows (stride ks, read as kᵀ) of this head lie inside the slices
+    // (bounds asserted by `forward_at`), and `p` is lq × lk.
+    unsafe {
+        strided_mm(
+            lq,
+            lk,
+            d,
+            (hd.q.as_ptr(), hd.qs, 1),
+            (hd.k.as_ptr(), 1, hd.ks),
+            (p.as_mut_ptr(), lk),
+            false,
+            false,
+        );
+    }
+    let mut tmp = Vec::new();
+    for (i, row) in p.chunks_mut(lk).enumerate() {
+        let brow = hd.bias_row(i, lk, &mut tmp);
+        crate::math::softmax_row_at(Level::Portable, row, scale, Some(brow));
+    }
+    let mut pd = Vec::new();
+    let src: &[f32] = match drop {
+        Some(dr) => {
+            pd.resize(lq * lk, 0.0);
+            dropped(dr, hd.row0, lk, p, &mut pd);
+            &pd
+        }
+        None => p,
+    };
+    // SAFETY: the probability rows are lq × lk, v rows (stride vs) lie inside `v`, and `out` is valid
+    // for lq rows of dv values ldc apart, written by this task only (the caller's contract).
+    unsafe {
+        strided_mm(
+            lq,
+            dv,
+            lk,
+            (src.as_ptr(), lk, 1),
+            (hd.v.as_ptr(), hd.vs, 1),
+            (out, ldc),
+            false,
+            false,
+        );
+    }
+}
+
+/// Sizes of a training layer's attention over packed `[b·l, 3h]` q/k/v rows.
+#[derive(Clone, Copy, Debug)]
+pub struct PackedDims {
+    /// Sequences.
+    pub b: usize,
+    /// Positions per sequence.
+    pub l: usize,
+    /// Hidden width (all heads).
+    pub h: usize,
+    /// Heads.
+    pub heads: usize,
+}
+
+impl PackedDims {
+    fn attn(&self) -> AttnDims {
+        let d = self.h / self.heads;
+        AttnDims {
+            b: self.b,
+            h: self.heads,
+            lq: self.l,
+            lk: self.l,
+            d,
+            dv: d,
+        }
+    }
+}
+
+/// [`forward_at`] over a training layer's packed q/k/v (`[b·l, 3h]`, q then k then v, heads contiguous in
+/// each), with a key bias `[b, l]` and an optional window: the probabilities (`[b, heads, l, l]`, before
+/// dropout) into `probs`, the heads' outputs into `ctx` (`[b·l, h]`).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_packed_at(
+    level: Level,
+    dims: PackedDims,
+    scale: f32,
+    window: Option<usize>,
+    drop: Option<DropRows>,
+    qkv: &[f32],
+    key_bias: &[f32],
+    probs: &mut [f32],
+    ctx: &mut [f32],
+) {
+    let PackedDims { b, l, h, .. } = dims;
+    let ad = dims.attn();
+    let h3 = 3 * h;
+    assert!(
+        qkv.len() >= b * l * h3 && key_bias.len() >= b * l && ctx.len() >= b * l * h,
+        "attention: packed operands too short"
+    );
+    let view = |off: usize| Strided {
+        data: &qkv[off..],
+        s: [l * h3, ad.d, h3],
+    };
+    let bias = Bias {
+        data: key_bias,
+        s: [l, 0, 0],
+        window,
+    };
+    forward_at(
+        level,
+        view(0),
+        view(h),
+        view(2 * h),
+        ad,
+        scale,
+        bias,
+        drop,
+        Some(probs),
+        &mut ctx[..b * l * h],
+    );
+}
+
+/// The backward pass of [`forward_packed_at`]: `dqkv` (`[b·l, 3h]`, every element written) from `dctx`
+/// (`[b·l, h]`), the saved `probs` and the same dropout masks.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_packed_at(
+    level: Level,
+    dims: PackedDims,
+    scale: f32,
+    drop: Option<DropRows>,
+    qkv: &[f32],
+    probs: &[f32],
+    dctx: &[f32],
+    dqkv: &mut [f32],
+) {
+    let PackedDims { b, l, h, heads } = dims;
+    let t_all = b * l;
+    let h3 = 3 * h;
+    assert!(
+        qkv.len() >= t_all * h3
+            && dctx.len() >= t_all * h
+            && dqkv.len() >= t_all * h3
+            && probs.len() >= b * heads * l * l,
+        "attention backward: operands too short"
+    );
+    let lv = usable(level);
+    let out = OutPtr(dqkv.as_mut_ptr());
+    (0..b * heads).into_par_iter().for_each(|t| {
+        let _ = &out;
+        #[cfg(target_arch = "x86_64")]
+        if lv >= Level::Avx512 {
+            // SAFETY: `out` is `dqkv` (its length asserted above); task `t` writes only the rows of its
+            // (sequence, head).
+            unsafe { x86::head_backward(dims, scale, drop, qkv, probs, dctx, out, t) };
+            return;
+        }
+        // SAFETY: as above.
+        unsafe { head_backward_portable(dims, scale, drop, qkv, probs, dctx, out, t) };
+    });
+}
+
+/// `dS = scale · P ⊙ (dP − Σ dP ⊙ P)` in place over `ds` (holding `dPd`), with `dP = dPd ⊙ mask`.
+fn softmax_grad_rows(ds: &mut [f32], p: &[f32], mask: Option<&[f32]>, l: usize, scale: f32) {
+    for i in 0..l {
+        let row = &mut ds[i * l..][..l];
+        let prow = &p[i * l..][..l];
+        if let Some(mask) = mask {
+            row.iter_mut()
+                .zip(&mask[i * l..][..l])
+                .for_each(|(g, m)| *g *= m);
+        }
+        let dot: f32 = row.iter().zip(prow).map(|(g, p)| g * p).sum();
+        row.iter_mut()
+            .zip(prow)
+            .for_each(|(g, p)| *g = scale * p * (*g - dot));
+    }
+}
+
+/// One head (`t` = sequence · heads + head) of [`backward_packed_at`] on the `gemm` crate.
+///
+/// # Safety
+/// `out` must point to a `dqkv` of at least `b·l·3h` values whose rows of head `t` no other thread
+/// accesses meanwhile; the other slices as [`backward_packed_at`] asserts.
+#[allow(clippy::too_many_arguments)]
+unsafe fn head_backward_portable(
+    dims: PackedDims,
+    scale: f32,
+    drop: Option<DropRows>,
+    qkv: &[f32],
+    probs: &[f32],
+    dctx: &[f32],
+    out: OutPtr,
+    t: usize,
+) {
+    let PackedDims { l, h, heads, .. } = dims;
+    let d = h / heads;
+    let h3 = 3 * h;
+    let (bi, hi) = (t / heads, t % heads);
+    let base = bi * l * h3 + hi * d;
+    let (q, k, v) = (&qkv[base..], &qkv[base + h..], &qkv[base + 2 * h..]);
+    let dc = &dctx[bi * l * h + hi * d..];
+    let p = &probs[t * l * l..][..l * l];
+    let mut mask = Vec::new();
+    let mut pd = p.to_vec();
+    if let Some(dr) = drop {
+        mask.resize(l * l, 0.0);
+        for (i, m) in mask.chunks_mut(l).enumerate() {
+            dr(t * l + i, m);
+        }
+        pd.iter_mut().zip(&mask).for_each(|(p, m)| *p *= m);
+    }
+    let mut ds = vec![0f32; l * l];
+    let o = out.0;
+    // SAFETY (all four products): the operands are rows of this sequence inside qkv, dctx and the l × l
+    // buffers (lengths asserted by the caller), read through the strides given; the dqkv rows of this
+    // (sequence, head) lie inside dqkv and are written by this task only.
+    unsafe {
+        // dPd = dC · Vᵀ.
+        strided_mm(
+            l,
+            l,
+            d,
+            (dc.as_ptr(), h, 1),
+            (v.as_ptr(), 1, h3),
+            (ds.as_mut_ptr(), l),
+            false,
+            false,
+        );
+    }
+    softmax_grad_rows(&mut ds, p, drop.map(|_| &mask[..]), l, scale);
+    // SAFETY: as above.
+    unsafe {
+        // dQ = dS · K, dK = dSᵀ · Q, dV = Pdᵀ · dC.
+        strided_mm(
+            l,
+            d,
+            l,
+            (ds.as_ptr(), l, 1),
+            (k.as_ptr(), h3, 1),
+            (o.add(base), h3),
+            false,
+            false,
+        );
+        strided_mm(
+            l,
+            d,
+            l,
+            (ds.as_ptr(), 1, l),
+            (q.as_ptr(), h3, 1),
+            (o.add(base + h), h3),
+            false,
+            false,
+        );
+        strided_mm(
+            l,
+            d,
+            l,
+            (pd.as_ptr(), 1, l),
+            (dc.as_ptr(), h, 1),
+            (o.add(base + 2 * h), h3),
+            false,
+            false,
+        );
+    }
+}
+
+/// The AVX-512 heads. The functions check for AVX-512F.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{dropped, softmax_grad_rows, with_scratch, AttnDims, DropRows, Head, PackedDims};
+    use crate::gemm::x86::{check, gemm_tiles};
+    use crate::gemm::{OutPtr, NR};
+    use crate::math::x86::softmax_row_unchecked;
+
+    /// Transposes an `r × c` block (row stride `lds`) into `dst` (`c × r`, row stride `r`).
+    fn transpose_block(src: &[f32], lds: usize, r: usize, c: usize, dst: &mut [f32]) {
+        for i in 0..r {
+            let row = &src[i * lds..][..c];
+            for (j, &v) in row.iter().enumerate() {
+                dst[j * r + i] = v;
+            }
+        }
+    }
+
+    /// Packs `B[kk, j] = src_j[kk]` for `n` rows `src_j` (row stride `lds`) of `k` values: `Bᵀ` given as
+    /// rows.
+    fn pack_rows_into(src: &[f32], lds: usize, n: usize, k: usize, dst: &mut [f32]) {
+        dst.fill(0.0);
+        for j in 0..n {
+            let base = (j / NR) * k * NR + j % NR;
+            for (kk, &v) in src[j * lds..][..k].iter().enumerate() {
+                dst[base + kk * NR] = v;
+            }
+        }
+    }
+
+    /// Packs a row-major `B[k, n]` (row stride `lds`) into `dst`.
+    fn pack_cols_into(src: &[f32], lds: usize, k: usize, n: usize, dst: &mut [f32]) {
+        for p in 0..n.div_ceil(NR) {
+            let cols = NR.min(n - p * NR);
+            for kk in 0..k {
+                let d = &mut dst[(p * k + kk) * NR..][..NR];
+                d[..cols].copy_from_slice(&src[kk * lds + p * NR..][..cols]);
+                d[cols..].fill(0.0);
+            }
+        }
+    }
+
+    /// One head of [`super::forward_at`] on the register tile.
+    ///
+    /// # Safety
+    /// As [`super::head_forward_portable`].
+    pub(super) unsafe fn head_forward(
+        hd: &Head,
+        dims: AttnDims,
+        scale: f32,
+        drop: Option<DropRows>,
+        p: &mut [f32],
+        out: *mut f32,
+        ldc: usize,
+    ) {
+        check();
+        let AttnDims { lq, lk, d, dv, .. } = dims;
+        let kp_len = lk.div_ceil(NR) * d * NR;
+        let vp_len = dv.div_ceil(NR) * lk * NR;
+        let pd_len = if drop.is_some() { lq * lk } else { 0 };
+        with_scratch(kp_len + vp_len + pd_len, |buf| {
+            let (kp, rest) = buf.split_at_mut(kp_len);
+            let (vp, pd) = rest.split_at_mut(vp_len);
+            pack_rows_into(hd.k, hd.ks, lk, d, kp);
+            pack_cols_into(hd.v, hd.vs, lk, dv, vp);
+            let qrow = |i: usize| hd.q[i * hd.qs..].as_ptr();
+            // SAFETY: AVX-512F is present (checked above); q rows hold d values (bounds asserted by
+            // `forward_at`), kp holds ceil(lk / NR) panels of d × NR, and `p` is lq × lk.
+            unsafe {
+                gemm_tiles(
+                    lq,
+                    lk,
+                    d,
+                    &qrow,
+                    kp.as_ptr(),
+                    d * NR,
+                    p.as_mut_ptr(),
+                    lk,
+                    false,
+                );
+            }
+            let mut tmp = Vec::new();
+            for (i, row) in p.chunks_mut(lk).enumerate() {
+                let brow = hd.bias_row(i, lk, &mut tmp);
+                // SAFETY: AVX-512F is present; the bias row holds lk values.
+                unsafe { softmax_row_unchecked(row, scale, Some(brow)) };
+            }
+            let src: &[f32] = match drop {
+                Some(dr) => {
+                    dropped(dr, hd.row0, lk, p, pd);
+                    pd
+                }
+                None => p,
+            };
+            let prow = |i: usize| src[i * lk..].as_ptr();
+            // SAFETY: AVX-512F is present; the probability rows hold lk values, vp holds ceil(dv / NR)
+            // panels of lk × NR, and `out` is valid for lq rows of dv values ldc apart, written by this
+            // task only (the caller's contract).
+            unsafe {
+                gemm_tiles(lq, dv, lk, &prow, vp.as_ptr(), lk * NR, out, ldc, false);
+            }
+        });
+    }
+
+    /// One head (`t` = sequence · heads + head) of [`super::backward_packed_at`] on the register tile.
+    ///
+    /// # Safety
+    /// As [`super::head_backward_portable`].
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn head_backward(
+        dims: PackedDims,
+        scale: f32,
+        drop: Option<DropRows>,
+        qkv: &[f32],
+        probs: &[f32],
+        dctx: &[f32],
+        out: OutPtr,
+        t: usize,
+    ) {
+        check();
+        let PackedDims { l, h, heads, .. } = dims;
+        let d = h / heads;
+        let h3 = 3 * h;
+        let kp_len = l.div_ceil(NR) * d * NR;
+        let dp_len = d.div_ceil(NR) * l * NR;
+        let (bi, hi) = (t / heads, t % heads);
+        let base = bi * l * h3 + hi * d;
+        let (q, k, v) = (&qkv[base..], &qkv[base + h..], &qkv[base + 2 * h..]);
+        let dc = &dctx[bi * l * h + hi * d..];
+        let p = &probs[t * l * l..][..l * l];
+        with_scratch(kp_len + dp_len + 4 * l * l, |buf| {
+            let (bp_l, rest) = buf.split_at_mut(kp_len);
+            let (bp_d, rest) = rest.split_at_mut(dp_len);
+            let (pd, rest) = rest.split_at_mut(l * l);
+            let (mask, rest) = rest.split_at_mut(l * l);
+            let (ds, tr) = rest.split_at_mut(l * l);
+            if let Some(dr) = drop {
+                for (i, m) in mask.chunks_mut(l).enumerate() {
+                    dr(t * l + i, m);
+                }
+                pd.iter_mut()
+                    .zip(p.iter().zip(mask.iter()))
+                    .for_each(|(o, (p, m))| *o = p * m);
+            } else {
+                pd.copy_from_slice(p);
+            }
+            // dPd = dC · Vᵀ.
+            pack_rows_into(v, h3, l, d, bp_l);
+            let dcrow = |i: usize| dc[i * h..].as_ptr();
+            // SAFETY (this and the products below): AVX-512F is present (checked above); every row
+            // pointer is readable for the depth given, every packed panel holds depth × NR values, and
+            // every output block lies inside its buffer (the dqkv rows of this (sequence, head), written
+            // by this task only).
+            unsafe {
+                gemm_tiles(
+                    l,
+                    l,
+                    d,
+                    &dcrow,
+                    bp_l.as_ptr(),
+                    d * NR,
+                    ds.as_mut_ptr(),
+                    l,
+                    false,
+                );
+            }
+            softmax_grad_rows(ds, p, drop.map(|_| &mask[..]), l, scale);
+            let o = out.0;
+            // dQ = dS · K.
+            pack_cols_into(k, h3, l, d, bp_d);
+            let dsrow = |i: usize| ds[i * l..].as_ptr();
+            // SAFETY: as above.
+            unsafe {
+                gemm_tiles(
+                    l,
+                    d,
+                    l,
+                    &dsrow,
+                    bp_d.as_ptr(),
+                    l * NR,
+                    o.add(base),
+                    h3,
+                    false,
+                );
+            }
+            // dK = dSᵀ · Q.
+            transpose_block(ds, l, l, l, tr);
+            pack_cols_into(q, h3, l, d, bp_d);
+            let trow = |i: usize| tr[i * l..].as_ptr();
+            // SAFETY: as above.
+            unsafe {
+                gemm_tiles(
+                    l,
+                    d,
+                    l,
+                    &trow,
+                    bp_d.as_ptr(),
+                    l * NR,
+                    o.add(base + h),
+                    h3,
+                    false,
+                );
+            }
+            // dV = Pdᵀ · dC.
+            transpose_block(pd, l, l, l, tr);
+            pack_cols_into(dc, h, l, d, bp_d);
+            let trow = |i: usize| tr[i * l..].as_ptr();
+            // SAFETY: as above.
+            unsafe {
+                gemm_tiles(
+                    l,
+                    d,
+                    l,
+                    &trow,
+                    bp_d.as_ptr(),
+                    l * NR,
+                    o.add(base + 2 * h),
+                    h3,
+                    false,
+                );
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{close, values};
+
+    /// The mask of a row: keep scale 2 on a fixed pattern.
+    fn mask(row: usize, out: &mut [f32]) {
+        for (j, m) in out.iter_mut().enumerate() {
+            *m = if (row * 7 + j * 3).is_multiple_of(5) {
+                0.0
+            } else {
+                1.25
+            };
+        }
+    }
+
+    /// Packed-layout attention in f64: (probs, ctx).
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        dims: PackedDims,
+        scale: f32,
+        window: Option<usize>,
+        drop: bool,
+        qkv: &[f32],
+        bias: &[f32],
+    ) -> (Vec<f32>, Vec<f32>) {
+        let PackedDims { b, l, h, heads } = dims;
+        let d = h / heads;
+        let h3 = 3 * h;
+        let mut probs = vec![0f32; b * heads * l * l];
+        let mut ctx = vec![0f32; b * l * h];
+        for bi in 0..b {
+            for hi in 0..heads {
+                let t = bi * heads + hi;
+                for i in 0..l {
+                    let mut s: Vec<f64> = (0..l)
+                        .map(|j| {
+                            let mut acc = 0f64;
+                            for c in 0..d {
+                                acc += qkv[(bi * l + i) * h3 + hi * d + c] as f64
+                                    * qkv[(bi * l + j) * h3 + h + hi * d + c] as f64;
+                            }
+                            let w = match window {
+                                Some(half) if i.abs_diff(j) > half => -1e30,
+                                _ => 0.0,
+                            };
+                            acc * scale as f64 + bias[bi * l + j] as f64 + w
+                        })
+                        .collect();
+                    let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    s.iter_mut().for_each(|v| *v = (*v - mx).exp());
+                    let z: f64 = s.iter().sum();
+                    let mut m = vec![1f32; l];
+                    if drop {
+                        mask(t * l + i, &mut m);
+                    }
+                    for j in 0..l {
+                        probs[(t * l + i) * l + j] = (s[j] / z) as f32;
+                    }
+                    for c in 0..d {
+                        let mut acc = 0f64;
+                        for j in 0..l {
+                            acc += s[j] / z
+                                * m[j] as f64
+                                * qkv[(bi * l + j) * h3 + 2 * h + hi * d + c] as f64;
+                        }
+                        ctx[(bi * l + i) * h + hi * d + c] = acc as f32;
+                    }
+                }
+            }
+        }
+        (probs, ctx)
+    }
+
+    #[test]
+    fn packed_forward_matches_reference_at_every_level() {
+        for level in crate::cpu::levels_here() {
+            eprintln!("attention forward at {level}");
+            for &(b, l, heads, d) in &[(1, 1, 1, 1), (2, 5, 3, 7), (3, 37, 2, 33)] {
+                let dims = PackedDims {
+                    b,
+                    l,
+                    h: heads * d,
+                    heads,
+                };
+                let qkv = values(b * l * 3 * dims.h, 1);
+                let mut bias = values(b * l, 2);
+                bias.iter_mut().step_by(4).for_each(|v| *v = -1e9);
+                for (window, drop) in [(None, false), (Some(2), true)] {
+                    let m: &(dyn Fn(usize, &mut [f32]) + Sync) = &mask;
+                    let mut probs = vec![f32::NAN; b * heads * l * l];
+                    let mut ctx = vec![f32::NAN; b * l * dims.h];
+                    forward_packed_at(
+                        level,
+                        dims,
+                        0.4,
+                        window,
+                        drop.then_some(m),
+                        &qkv,
+                        &bias,
+                        &mut probs,
+                        &mut ctx,
+                    );
+                    let (wp, wc) = reference(dims, 0.4, window, drop, &qkv, &bias);
+                    close(&probs, &wp, 2e-6);
+                    close(&ctx, &wc, 2e-5);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn strided_forward_with_broadcast_bias_matches_packed_layout() {
+        // q/k/v as separate [b, h, l, d] tensors with a [1, 1, lq, lk] bias, lq ≠ lk.
+        let (b, h, lq, lk, d, dv) = (2, 3, 5, 9, 4, 35);
+        let q = values(b * h * lq * d, 1);
+        let k = values(b * h * lk * d, 2);
+        let v = values(b * h * lk * dv, 3);
+        let bias = values(lq * lk, 4);
+        let dims = AttnDims {
+            b,
+            h,
+            lq,
+            lk,
+            d,
+            dv,
+        };
+        let mut want = vec![0f32; b * lq * h * dv];
+        for bi in 0..b {
+            for hi in 0..h {
+                for i in 0..lq {
+                    let s: Vec<f64> = (0..lk)
+                        .map(|j| {
+                            let mut acc = 0f64;
+                            for c in 0..d {
+                                acc += q[((bi * h + hi) * lq + i) * d + c] as f64
+                                    * k[((bi * h + hi) * lk + j) * d + c] as f64;
+                            }
+                            acc * 0.5 + bias[i * lk + j] as f64
+                        })
+                        .collect();
+                    let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = s.iter().map(|v| (v - mx).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for c in 0..dv {
+                        let acc: f64 = (0..lk)
+                            .map(|j| e[j] / z * v[((bi * h + hi) * lk + j) * dv + c] as f64)
+                            .sum();
+                        want[((bi * lq + i) * h + hi) * dv + c] = acc as f32;
+                    }
+                }
+            }
+        }
+        for level in crate::cpu::levels_here() {
+            eprintln!("strided attention at {level}");
+            let mut out = vec![f32::NAN; want.len()];
+            forward_at(
+                level,
+                Strided {
+                    data: &q,
+                    s: [h * lq * d, lq * d, d],
+                },
+                Strided {
+                    data: &k,
+                    s: [h * lk * d, lk * d, d],
+                },
+                Strided {
+                    data: &v,
+                    s: [h * lk * dv, lk * dv, dv],
+                },
+                dims,
+                0.5,
+                Bias {
+                    data: &bias,
+                    s: [0, 0, lk],
+                    window: None,
+                },
+                None,
+                None,
+                &mut out,
+            );
+            close(&out, &want, 2e-5);
+        }
+    }
+
+    #[test]
+    fn packed_backward_matches_central_differences_at_every_level() {
+        let (b, l, heads, d) = (2, 6, 2, 3);
+        let dims = PackedDims {
+            b,
+            l,
+            h: heads * d,
+            heads,
+        };
+        let h = dims.h;
+        let qkv = values(b * l * 3 * h, 5);
+        let bias = values(b * l, 6);
+        let up = values(b * l * h, 7);
+        let m: &(dyn Fn(usize, &mut [f32]) + Sync) = &mask;
+        // Loss = Σ up ⊙ ctx, in f64 through the reference.
+        let loss = |x: &[f32]| -> f64 {
+            let (_, c) = reference(dims, 0.7, None, true, x, &bias);
+            c.iter().zip(&up).map(|(a, b)| *a as f64 * *b as f64).sum()
+        };
+        for level in crate::cpu::levels_here() {
+            eprintln!("attention backward at {level}");
+            let mut probs = vec![0f32; b * heads * l * l];
+            let mut ctx = vec![0f32; b * l * h];
+            forward_packed_at(
+                level,
+                dims,
+                0.7,
+                None,
+                Some(m),
+                &qkv,
+                &bias,
+                &mut probs,
+                &mut ctx,
+            );
+            let mut g = vec![f32::NAN; qkv.len()];
+            backward_packed_at(level, dims, 0.7, Some(m), &qkv, &probs, &up, &mut g);
+            for idx in (0..qkv.len()).step_by(5) {
+                let eps = 1e-2f32;
+                let mut xp = qkv.clone();
+                xp[idx] += eps;
+                let mut xm = qkv.clone();
+                xm[idx] -= eps;
+                let num = (loss(&xp) - loss(&xm)) / (2.0 * eps as f64);
+                assert!(
+                    (g[idx] as f64 - num).abs() <= 2e-3 * (1.0 + num.abs()),
+                    "{level}: d/dqkv[{idx}] = {}, central difference {num}",
+                    g[idx]
+                );
+            }
+        }
+    }
+}

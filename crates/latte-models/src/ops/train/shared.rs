@@ -1,0 +1,495 @@
+//! What the fused training layers share: the kernel level, dropout sites (masks regenerated row by row
+//! from a key), the row-wise passes (layer norm forward and backward, residual, dropout, column sums,
+//! rotary q/k), the products of a layer through [`latte_kernels::gemm`], the attention through
+//! [`latte_kernels::attention`], GELU through [`latte_kernels::math`], and the switch that turns the fused
+//! layers off.
+
+use candle_core::Layout;
+use latte_kernels::attention::{self as kattn, PackedDims};
+use latte_kernels::{gemm, math, Level};
+use rayon::prelude::*;
+
+/// The kernels an op runs on, chosen when it is built: the register tile and vectorised `exp` / erf from
+/// [`Level::Avx512`] up, the `gemm` crate and scalar element-wise code below.
+pub(crate) type Kernels = Level;
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: build ops on the portable kernels even where AVX-512F is present.
+    pub(crate) static FORCE_PORTABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The level of an op built now.
+pub(super) fn detect() -> Kernels {
+    #[cfg(test)]
+    if FORCE_PORTABLE.with(|c| c.get()) {
+        return Level::Portable;
+    }
+    latte_kernels::level()
+}
+
+/// Rows of `x` per task in the row-wise passes (layer norm, dropout, residual).
+pub(super) fn rows_per_task(n: usize) -> usize {
+    (16384 / n.max(1)).max(1)
+}
+
+/// A dropout site: its key, the drop threshold on 32-bit draws and the keep scale `1 / (1 − p)`.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct DropSite {
+    key: u64,
+    threshold: u64,
+    keep: f32,
+}
+
+impl DropSite {
+    /// The next site of the enclosing [`crate::with_dropout`] for probability `p`, if dropout is on.
+    pub(super) fn next(p: f64) -> Option<Self> {
+        if p <= 0.0 {
+            return None;
+        }
+        let key = crate::ops::dropout::next_dropout_key()?;
+        Some(Self {
+            key,
+            threshold: (p.min(1.0) * (1u64 << 32) as f64) as u64,
+            keep: if p >= 1.0 {
+                0.0
+            } else {
+                1.0 / (1.0 - p) as f32
+            },
+        })
+    }
+
+    /// The mask of row `row` (`0` or the keep scale per element), the same on every call.
+    pub(super) fn row(&self, row: usize, out: &mut [f32]) {
+        let mut state = crate::ops::dropout::splitmix(
+            self.key ^ (row as u64).wrapping_mul(0xD1B5_4A32_D192_ED03),
+        );
+        for pair in out.chunks_mut(2) {
+            state = crate::ops::dropout::splitmix(state);
+            for (i, v) in pair.iter_mut().enumerate() {
+                let r = (state >> (32 * i)) & 0xFFFF_FFFF;
+                *v = if r >= self.threshold { self.keep } else { 0.0 };
+            }
+        }
+    }
+}
+
+/// `Σ` over rows of a row-major `[rows, n]` matrix.
+pub(super) fn col_sums(a: &[f32], n: usize) -> Vec<f32> {
+    let chunk = rows_per_task(n) * n;
+    a.par_chunks(chunk)
+        .map(|c| {
+            let mut s = vec![0f32; n];
+            for row in c.chunks(n) {
+                s.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+            }
+            s
+        })
+        .reduce(
+            || vec![0f32; n],
+            |mut x, y| {
+                x.iter_mut().zip(&y).for_each(|(x, y)| *x += y);
+                x
+            },
+        )
+}
+
+/// Layer norm of one row into `out`, keeping the normalised row and returning `1 / σ`.
+pub(super) fn ln_row(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    eps: f32,
+    xhat: &mut [f32],
+    out: &mut [f32],
+) -> f32 {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let rstd = 1.0 / (var + eps).sqrt();
+    for i in 0..x.len() {
+        xhat[i] = (x[i] - mean) * rstd;
+        out[i] = xhat[i] * w[i] + b[i];
+    }
+    rstd
+}
+
+/// Layer norm backward over rows: `dx` from `dy`, with the sums of `dy ⊙ x̂` (dγ) and `dy` (dβ).
+pub(super) fn ln_backward(
+    dy: &[f32],
+    xhat: &[f32],
+    rstd: &[f32],
+    w: &[f32],
+    dx: &mut [f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let n = w.len();
+    let rpt = rows_per_task(n);
+    let parts: Vec<(Vec<f32>, Vec<f32>)> = dx
+        .par_chunks_mut(rpt * n)
+        .zip(dy.par_chunks(rpt * n).zip(xhat.par_chunks(rpt * n)))
+        .zip(rstd.par_chunks(rpt))
+        .map(|((dxc, (gc, hc)), rc)| {
+            let mut dw = vec![0f32; n];
+            let mut db = vec![0f32; n];
+            for (((dxr, gr), hr), &rs) in dxc
+                .chunks_mut(n)
+                .zip(gc.chunks(n))
+                .zip(hc.chunks(n))
+                .zip(rc)
+            {
+                let mut s1 = 0f32;
+                let mut s2 = 0f32;
+                for i in 0..n {
+                    let gw = gr[i] * w[i];
+                    s1 += gw;
+                    s2 += gw * hr[i];
+                    dw[i] += gr[i] * hr[i];
+                    db[i] += gr[i];
+                }
+                let (m1, m2) = (s1 / n as f32, s2 / n as f32);
+                for i in 0..n {
+                    dxr[i] = rs * (gr[i] * w[i] - m1 - hr[i] * m2);
+                }
+            }
+            (dw, db)
+        })
+        .collect();
+    let mut dw = vec![0f32; n];
+    let mut db = vec![0f32; n];
+    for (pw, pb) in parts {
+        dw.iter_mut().zip(&pw).for_each(|(a, b)| *a += b);
+        db.iter_mut().zip(&pb).for_each(|(a, b)| *a += b);
+    }
+    (dw, db)
+}
+
+/// `out = LN(dropout(y) + residual)` row by row, keeping `x̂` and `1 / σ`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn residual_norm(
+    y: &[f32],
+    residual: &[f32],
+    drop: Option<DropSite>,
+    w: &[f32],
+    b: &[f32],
+    eps: f32,
+    out: &mut [f32],
+    xhat: &mut [f32],
+    rstd: &mut [f32],
+) {
+    let n = w.len();
+    let rpt = rows_per_task(n);
+    out.par_chunks_mut(rpt * n)
+        .zip(xhat.par_chunks_mut(rpt * n))
+        .zip(rstd.par_chunks_mut(rpt))
+        .enumerate()
+        .for_each(|(c, ((oc, hc), rc))| {
+            let mut sum = vec![0f32; n];
+            let mut mask = vec![0f32; n];
+            for (r, ((orow, hrow), rs)) in
+                oc.chunks_mut(n).zip(hc.chunks_mut(n)).zip(rc).enumerate()
+            {
+                let t = c * rpt + r;
+                let (yr, xr) = (&y[t * n..][..n], &residual[t * n..][..n]);
+                match drop {
+                    Some(d) => {
+                        d.row(t, &mut mask);
+                        for i in 0..n {
+                            sum[i] = yr[i] * mask[i] + xr[i];
+                        }
+                    }
+                    None => {
+                        for i in 0..n {
+                            sum[i] = yr[i] + xr[i];
+                        }
+                    }
+                }
+                *rs = ln_row(&sum, w, b, eps, hrow, orow);
+            }
+        });
+}
+
+/// In place, row by row: `g ← g ⊙ mask` for the dropout site `drop` (nothing without one).
+pub(super) fn apply_drop(g: &mut [f32], n: usize, drop: Option<DropSite>) {
+    let Some(d) = drop else { return };
+    let rpt = rows_per_task(n);
+    g.par_chunks_mut(rpt * n).enumerate().for_each(|(c, gc)| {
+        let mut mask = vec![0f32; n];
+        for (r, row) in gc.chunks_mut(n).enumerate() {
+            d.row(c * rpt + r, &mut mask);
+            row.iter_mut().zip(&mask).for_each(|(g, m)| *g *= m);
+        }
+    });
+}
+
+/// Sizes of one call.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Dims {
+    /// Sequences.
+    pub(super) b: usize,
+    /// Positions per sequence.
+    pub(super) l: usize,
+    /// Hidden width.
+    pub(super) h: usize,
+    /// Heads.
+    pub(super) heads: usize,
+    /// Feed-forward width.
+    pub(super) f: usize,
+}
+
+impl Dims {
+    pub(super) fn d(&self) -> usize {
+        self.h / self.heads
+    }
+    pub(super) fn tokens(&self) -> usize {
+        self.b * self.l
+    }
+    /// Offsets of the parameters in the flat weight tensor, in [`bert_layer`]'s order, and its length.
+    pub(super) fn offsets(&self) -> ([usize; 12], usize) {
+        let (h, f) = (self.h, self.f);
+        let sizes = [3 * h * h, 3 * h, h * h, h, h, h, f * h, f, h * f, h, h, h];
+        let mut off = [0usize; 12];
+        let mut acc = 0;
+        for (o, s) in off.iter_mut().zip(sizes) {
+            *o = acc;
+            acc += s;
+        }
+        (off, acc)
+    }
+}
+
+/// Scaled dot-product attention over the packed q/k/v of a layer, with dropout on the probabilities.
+pub(super) struct Attn {
+    pub(super) kern: Kernels,
+    /// Sizes (`f` unused).
+    pub(super) dims: Dims,
+    pub(super) scale: f32,
+    pub(super) drop_probs: Option<DropSite>,
+    /// Sliding window: keys at most this many positions from the query (ModernBERT's local layers).
+    pub(super) window: Option<usize>,
+}
+
+impl Attn {
+    fn packed(&self) -> PackedDims {
+        PackedDims {
+            b: self.dims.b,
+            l: self.dims.l,
+            h: self.dims.h,
+            heads: self.dims.heads,
+        }
+    }
+
+    /// Probabilities and `ctx` of every (sequence, head) from the packed q/k/v.
+    pub(super) fn forward(&self, qkv: &[f32], bias: &[f32], probs: &mut [f32], ctx: &mut [f32]) {
+        let drop = self
+            .drop_probs
+            .map(|d| move |row: usize, out: &mut [f32]| d.row(row, out));
+        let drop_ref = drop
+            .as_ref()
+            .map(|f| f as &(dyn Fn(usize, &mut [f32]) + Sync));
+        kattn::forward_packed_at(
+            self.kern,
+            self.packed(),
+            self.scale,
+            self.window,
+            drop_ref,
+            qkv,
+            bias,
+            probs,
+            ctx,
+        );
+    }
+
+    /// `dqkv` from `dctx` through the attention of every (sequence, head).
+    pub(super) fn backward(&self, qkv: &[f32], probs: &[f32], dctx: &[f32], dqkv: &mut [f32]) {
+        let drop = self
+            .drop_probs
+            .map(|d| move |row: usize, out: &mut [f32]| d.row(row, out));
+        let drop_ref = drop
+            .as_ref()
+            .map(|f| f as &(dyn Fn(usize, &mut [f32]) + Sync));
+        kattn::backward_packed_at(
+            self.kern,
+            self.packed(),
+            self.scale,
+            drop_ref,
+            qkv,
+            probs,
+            dctx,
+            dqkv,
+        );
+    }
+}
+
+/// `y[m, n] = x[m, k] · Wᵀ + b` (`W` as `n` rows of `k`).
+pub(super) fn linear_fwd(
+    kern: Kernels,
+    x: &[f32],
+    m: usize,
+    w: &[f32],
+    b: &[f32],
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    gemm::linear_rows_at(kern, x, m, w, Some(b), n, k, &mut out);
+    out
+}
+
+/// `out[n, k] = gᵀ · x` for `g` `[t, n]` and `x` `[t, k]` (a weight gradient).
+pub(super) fn grad_weight(
+    kern: Kernels,
+    g: &[f32],
+    t: usize,
+    n: usize,
+    x: &[f32],
+    k: usize,
+    out: &mut [f32],
+) {
+    gemm::grad_weight_at(kern, g, t, n, x, k, out)
+}
+
+/// `out[t, k] (+)= g · w` for `g` `[t, n]` and `w` `[n, k]` (an input gradient).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn grad_input(
+    kern: Kernels,
+    g: &[f32],
+    t: usize,
+    n: usize,
+    w: &[f32],
+    k: usize,
+    out: &mut [f32],
+    accumulate: bool,
+) {
+    gemm::grad_input_at(kern, g, t, n, w, k, out, accumulate)
+}
+
+/// Exact GELU of every element.
+pub(super) fn gelu_fwd(kern: Kernels, x: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(1 << 14)
+        .zip(x.par_chunks(1 << 14))
+        .for_each(|(o, x)| math::gelu_slice_at(kern, x, o));
+    out
+}
+
+/// In place: `g ← g ⊙ GELU′(x)`.
+pub(super) fn gelu_bwd(kern: Kernels, x: &[f32], g: &mut [f32]) {
+    g.par_chunks_mut(1 << 14)
+        .zip(x.par_chunks(1 << 14))
+        .for_each(|(g, x)| math::gelu_backward_at(kern, x, g));
+}
+
+/// The float32 elements of a contiguous CPU tensor's storage, borrowed.
+pub(super) fn cpu_slice<'a>(
+    st: &'a candle_core::Storage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    match st {
+        candle_core::Storage::Cpu(cs) => super::slice(cs, l, what),
+        _ => candle_core::bail!("{what}: CPU tensors only"),
+    }
+}
+
+thread_local! {
+    static FUSED_ON: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Runs `f` with the fused training layers of this module switched on or off on this thread (off: every
+/// backbone runs its elementary differentiable ops, e.g. to check the fused layers against them).
+pub fn with_fused_layers<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    let prev = FUSED_ON.with(|c| c.replace(on));
+    let out = f();
+    FUSED_ON.with(|c| c.set(prev));
+    out
+}
+
+pub(super) fn fused_on() -> bool {
+    FUSED_ON.with(|c| c.get())
+}
+
+/// Offsets of consecutive segments of these sizes, and their total.
+pub(super) fn segments<const N: usize>(sizes: [usize; N]) -> ([usize; N], usize) {
+    let mut off = [0usize; N];
+    let mut acc = 0;
+    for (o, s) in off.iter_mut().zip(sizes) {
+        *o = acc;
+        acc += s;
+    }
+    (off, acc)
+}
+
+/// `out = LN(x)` row by row, keeping `x̂` and `1 / σ` (`b` empty: no bias).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn norm_rows(
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+    eps: f32,
+    out: &mut [f32],
+    xhat: &mut [f32],
+    rstd: &mut [f32],
+) {
+    let n = w.len();
+    let zeros = vec![0f32; n];
+    let b = if b.is_empty() { &zeros[..] } else { b };
+    let rpt = rows_per_task(n);
+    out.par_chunks_mut(rpt * n)
+        .zip(xhat.par_chunks_mut(rpt * n))
+        .zip(rstd.par_chunks_mut(rpt).zip(x.par_chunks(rpt * n)))
+        .for_each(|((oc, hc), (rc, xc))| {
+            for (((orow, hrow), rs), xrow) in oc
+                .chunks_mut(n)
+                .zip(hc.chunks_mut(n))
+                .zip(rc.iter_mut())
+                .zip(xc.chunks(n))
+            {
+                *rs = ln_row(xrow, w, b, eps, hrow, orow);
+            }
+        });
+}
+
+/// Rotary positions on the q and k parts of packed `[b·l, 3h]` rows, in place: forward
+/// (`x·cos + rotate_half(x)·sin`, GPT-NeoX halves) or, with `backward`, its transpose (for gradients).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn rotary_qk(
+    qkv: &mut [f32],
+    l: usize,
+    h: usize,
+    heads: usize,
+    cos: &[f32],
+    sin: &[f32],
+    backward: bool,
+) {
+    let d = h / heads;
+    let half = d / 2;
+    qkv.par_chunks_mut(3 * h).enumerate().for_each(|(t, row)| {
+        let i = t % l;
+        let (c, s) = (&cos[i * d..][..d], &sin[i * d..][..d]);
+        for part in 0..2 {
+            for hd in 0..heads {
+                let v = &mut row[part * h + hd * d..][..d];
+                for j in 0..half {
+                    let (a, b) = (v[j], v[j + half]);
+                    if backward {
+                        v[j] = a * c[j] + b * s[j + half];
+                        v[j + half] = b * c[j + half] - a * s[j];
+                    } else {
+                        v[j] = a * c[j] - b * s[j];
+                        v[j + half] = b * c[j + half] + a * s[j + half];
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// GELU of one row into `out`, single-threaded.
+pub(super) fn gelu_row(kern: Kernels, x: &[f32], out: &mut [f32]) {
+    math::gelu_slice_at(kern, x, out)
+}
+
+/// `g ← g ⊙ GELU′(x)` over one row, single-threaded.
+pub(super) fn gelu_grad_row(kern: Kernels, x: &[f32], g: &mut [f32]) {
+    math::gelu_backward_at(kern, x, g)
+}
