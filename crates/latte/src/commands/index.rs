@@ -4,10 +4,11 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use latte_index::{IndexConfig, PlaidIndex, VecSource};
+use latte::core::beir::{self, Kind};
+use latte_index::{AddReport, DocumentSource, IndexConfig, PlaidIndex, VecSource};
 
-use super::encoder;
-use super::index_io::{embeddings_source, read_ids, read_jsonl};
+use super::encoder::{Encoded, Encoder};
+use super::index_io::{embeddings_source, read_ids};
 
 /// Index a corpus (encoding it with a model) or precomputed embeddings. On an existing index, adds documents.
 #[derive(Args, Debug)]
@@ -18,7 +19,10 @@ pub struct IndexArgs {
     /// ColBERT model (hub id or local path) to encode `--corpus` with; remembered by the index.
     #[arg(long)]
     pub model: Option<String>,
-    /// Corpus JSONL (`{"_id", "title"?, "text"}` per line), encoded with `--model`.
+    /// Corpus JSONL (`{"_id" (or "id"), "title"?, "text"}` per line) or `.txt` (one document per line, ids 0,
+    /// 1, …), encoded with `--model`. The file is checked whole first, then read, encoded and added in chunks of
+    /// `--chunk-docs` documents, so memory does not grow with the corpus.
+    /// Each chunk is committed as it is added: a failure part-way leaves the chunks before it in the index.
     #[arg(long, conflicts_with = "embeddings", requires = "model")]
     pub corpus: Option<PathBuf>,
     /// Precomputed document embeddings (`.npz` as written by `latte encode`: one array per document).
@@ -48,65 +52,52 @@ pub struct IndexArgs {
     /// Encoding batch size.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
+    /// Documents read, encoded and added at a time with `--corpus` (the first chunk of a new index is larger
+    /// when the k-means training sample needs it).
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..))]
+    pub chunk_docs: u64,
+}
+
+fn config(args: &IndexArgs, model: Option<String>) -> IndexConfig {
+    IndexConfig {
+        nbits: args.nbits,
+        num_centroids: args.centroids,
+        kmeans_iters: args.kmeans_iters,
+        seed: args.seed,
+        pool_factor: args.pool_factor,
+        store_full: !args.no_full,
+        model,
+        ..IndexConfig::default()
+    }
 }
 
 pub fn run(args: IndexArgs) -> Result<()> {
     let exists = args.index.join("meta.lt").exists();
-    let (source, model): (Box<dyn latte_index::DocumentSource>, Option<String>) =
-        match (&args.embeddings, &args.corpus) {
-            (Some(npz), None) => {
-                let ids = read_ids(args.ids.as_ref().expect("clap requires --ids"))?;
-                (embeddings_source(npz, ids)?, args.model.clone())
-            }
-            (None, Some(corpus)) => {
-                let model = args.model.clone().expect("clap requires --model");
-                if exists {
-                    let current = PlaidIndex::open(&args.index)?;
-                    if let Some(m) = current.model() {
-                        if m != model {
-                            bail!("the index was built with model {m:?}, not {model:?}");
-                        }
-                    }
-                }
-                let (ids, texts) = read_jsonl(corpus)?;
-                eprintln!("encoding {} documents with {model}", texts.len());
-                let encoded = encoder::encode_texts(&model, &texts, false, args.batch_size)?;
-                let dim = encoded.first().map_or(0, |e| e.cols);
-                let mut src = VecSource::new(dim);
-                if encoded.len() != ids.len() {
-                    bail!(
-                        "the model returned {} embeddings for {} documents",
-                        encoded.len(),
-                        ids.len()
-                    );
-                }
-                for (id, e) in ids.into_iter().zip(encoded) {
-                    if e.cols != dim || e.data.len() != e.rows * e.cols {
-                        bail!("the model returned a malformed embedding for document {id:?}");
-                    }
-                    src.push(id, e.data)?;
-                }
-                (Box::new(src), Some(model))
-            }
-            _ => bail!("give either --embeddings with --ids, or --corpus with --model"),
-        };
     let started = std::time::Instant::now();
-    let report = if exists {
-        PlaidIndex::add(&args.index, source.as_ref())
-            .with_context(|| format!("adding to the index at {}", args.index.display()))?
-    } else {
-        let config = IndexConfig {
-            nbits: args.nbits,
-            num_centroids: args.centroids,
-            kmeans_iters: args.kmeans_iters,
-            seed: args.seed,
-            pool_factor: args.pool_factor,
-            store_full: !args.no_full,
-            model,
-            ..IndexConfig::default()
-        };
-        PlaidIndex::create(&args.index, source.as_ref(), &config)
-            .with_context(|| format!("building the index at {}", args.index.display()))?
+    let report = match (&args.embeddings, &args.corpus) {
+        (Some(npz), None) => {
+            let ids = read_ids(args.ids.as_ref().expect("clap requires --ids"))?;
+            let source = embeddings_source(npz, ids)?;
+            add_or_create(
+                &args,
+                exists,
+                source.as_ref(),
+                config(&args, args.model.clone()),
+            )?
+        }
+        (None, Some(corpus)) => {
+            let model = args.model.clone().expect("clap requires --model");
+            if exists {
+                let current = PlaidIndex::open(&args.index)?;
+                if let Some(m) = current.model() {
+                    if m != model {
+                        bail!("the index was built with model {m:?}, not {model:?}");
+                    }
+                }
+            }
+            index_corpus(&args, exists, corpus, &model)?
+        }
+        _ => bail!("give either --embeddings with --ids, or --corpus with --model"),
     };
     eprintln!(
         "{} {} documents ({} tokens, {} centroids) in {:.1}s",
@@ -124,4 +115,168 @@ pub fn run(args: IndexArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Adds `source` to the index at `--index`, or creates the index from it.
+fn add_or_create(
+    args: &IndexArgs,
+    exists: bool,
+    source: &dyn DocumentSource,
+    config: IndexConfig,
+) -> Result<AddReport> {
+    if exists {
+        PlaidIndex::add(&args.index, source)
+            .with_context(|| format!("adding to the index at {}", args.index.display()))
+    } else {
+        PlaidIndex::create(&args.index, source, &config)
+            .with_context(|| format!("building the index at {}", args.index.display()))
+    }
+}
+
+/// How many documents the index build samples for k-means out of `n` (the rule of `PlaidIndex::create`).
+fn training_sample(n: usize) -> usize {
+    ((1.0 + 16.0 * (120.0 * n as f64).sqrt()) as usize).min(n)
+}
+
+/// Token vectors a document of `rows` tokens keeps after pooling by `pool_factor` (the first token is
+/// protected), as `latte_index::pool` counts them.
+fn pooled_rows(rows: usize, pool_factor: usize) -> usize {
+    let p = rows.min(1);
+    let n = rows - p;
+    let k = (n / pool_factor.max(1)).max(1);
+    if k >= n {
+        rows
+    } else {
+        p + k
+    }
+}
+
+/// Streams `corpus` into the index: the file is first read through once to check every line (ids, JSON,
+/// duplicates) and count the documents, so bad input fails before anything is encoded. Then documents are
+/// read, encoded and added in chunks of `--chunk-docs`, so only one chunk's texts and embeddings are in
+/// memory at a time.
+///
+/// The first chunk of a new index creates it, and is what k-means trains on: it holds at least as many
+/// documents as the build samples from the whole corpus today (`1 + 16·√(120·n)`, capped at `n`), and when
+/// the corpus spans more chunks, the default number of centroids is set from the whole corpus (the first
+/// chunk's average tokens per document × the number of documents), as a build over the whole corpus would
+/// choose it. A corpus that fits in the first chunk is indexed exactly as by a single build. Later chunks
+/// are added with `PlaidIndex::add`.
+fn index_corpus(
+    args: &IndexArgs,
+    exists: bool,
+    corpus: &std::path::Path,
+    model: &str,
+) -> Result<AddReport> {
+    let mut n = 0usize;
+    for r in beir::open(corpus, Kind::Documents)? {
+        r?;
+        n += 1;
+    }
+    let chunk = usize::try_from(args.chunk_docs).unwrap_or(usize::MAX);
+    let first = if exists {
+        chunk
+    } else {
+        chunk.max(training_sample(n))
+    };
+    eprintln!("encoding {n} documents with {model}");
+    let encoder = Encoder::load(model, args.batch_size)?;
+    let mut records = beir::open(corpus, Kind::Documents)?;
+    let mut total = AddReport {
+        documents: 0,
+        tokens: 0,
+        trained: false,
+        num_centroids: 0,
+        outlier_fraction: 0.0,
+    };
+    let mut outliers = 0.0f64;
+    let mut created = exists;
+    let mut chunks = 0usize;
+    loop {
+        let want = if created { chunk } else { first };
+        let batch: Vec<beir::Record> = records.by_ref().take(want).collect::<Result<_, _>>()?;
+        if batch.is_empty() {
+            break;
+        }
+        let (ids, texts): (Vec<String>, Vec<String>) =
+            batch.into_iter().map(|r| (r.id, r.text)).unzip();
+        let encoded = encoder.encode(&texts, false)?;
+        drop(texts);
+        let source = to_source(ids, encoded)?;
+        let report = if created {
+            PlaidIndex::add(&args.index, &source)
+                .with_context(|| format!("adding to the index at {}", args.index.display()))?
+        } else {
+            let mut cfg = config(args, Some(model.to_string()));
+            if cfg.num_centroids.is_none() && source.len() < n {
+                cfg.num_centroids = Some(default_centroids(&source, n, args.pool_factor)?);
+            }
+            created = true;
+            PlaidIndex::create(&args.index, &source, &cfg)
+                .with_context(|| format!("building the index at {}", args.index.display()))?
+        };
+        chunks += 1;
+        if chunks > 1 || total.documents + report.documents < n {
+            eprintln!(
+                "chunk {chunks}: {} documents ({} of {n})",
+                report.documents,
+                total.documents + report.documents
+            );
+        }
+        total.documents += report.documents;
+        total.tokens += report.tokens;
+        total.trained |= report.trained;
+        total.num_centroids = report.num_centroids;
+        outliers += report.outlier_fraction * report.tokens as f64;
+    }
+    total.outlier_fraction = outliers / total.tokens.max(1) as f64;
+    Ok(total)
+}
+
+/// The number of centroids a build over all `n` documents would choose by default, estimated from the
+/// first chunk: `2^floor(log2(16·√tokens))` with tokens = average (pooled) tokens per document × `n`.
+fn default_centroids(first: &VecSource, n: usize, pool_factor: usize) -> Result<usize> {
+    let dim = first.dim();
+    let mut tokens = 0usize;
+    for i in 0..first.len() {
+        tokens += pooled_rows(first.embeddings(i)?.len() / dim, pool_factor);
+    }
+    let est = tokens as f64 / first.len().max(1) as f64 * n as f64;
+    Ok(1usize << ((16.0 * est.sqrt()).log2().floor().max(0.0) as u32))
+}
+
+/// Checks the model's output for one chunk and wraps it as a document source.
+fn to_source(ids: Vec<String>, encoded: Vec<Encoded>) -> Result<VecSource> {
+    if encoded.len() != ids.len() {
+        bail!(
+            "the model returned {} embeddings for {} documents",
+            encoded.len(),
+            ids.len()
+        );
+    }
+    let dim = encoded.first().map_or(0, |e| e.cols);
+    let mut src = VecSource::new(dim);
+    for (id, e) in ids.into_iter().zip(encoded) {
+        if e.cols != dim || e.data.len() != e.rows * e.cols {
+            bail!("the model returned a malformed embedding for document {id:?}");
+        }
+        src.push(id, e.data)?;
+    }
+    Ok(src)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn training_sample_and_pooling_follow_the_index_rules() {
+        assert_eq!(training_sample(10), 10);
+        assert_eq!(training_sample(1_000_000), 175_272);
+        assert_eq!(pooled_rows(0, 2), 0);
+        assert_eq!(pooled_rows(1, 2), 1);
+        assert_eq!(pooled_rows(3, 2), 2);
+        assert_eq!(pooled_rows(11, 2), 6);
+        assert_eq!(pooled_rows(11, 1), 11);
+    }
 }
