@@ -279,4 +279,18 @@ mod tests {
         assert_eq!(pooled_rows(11, 2), 6);
         assert_eq!(pooled_rows(11, 1), 11);
     }
+
+    #[test]
+    fn default_centroids_are_estimated_for_the_whole_corpus() {
+        let mut first = VecSource::new(8);
+        for i in 0..4 {
+            first.push(format!("d{i}"), vec![0.5; 10 * 8]).unwrap();
+        }
+        // 10 tokens × 100 documents: 2^floor(log2(16·√1000)) = 256.
+        assert_eq!(default_centroids(&first, 100, 1).unwrap(), 256);
+        // The first chunk alone would give 2^floor(log2(16·√40)) = 64.
+        assert_eq!(default_centroids(&first, 4, 1).unwrap(), 64);
+        // Pooling by 2 keeps 1 + 4 = 5 tokens of 10: 2^floor(log2(16·√500)) = 256.
+        assert_eq!(default_centroids(&first, 100, 2).unwrap(), 256);
+    }
 }
