@@ -3,10 +3,9 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use latte_core::beir::Kind;
 
 use crate::error::{EvalError, Result};
-use crate::io_util::read_text;
 use crate::qrels::Qrels;
 
 /// How many unknown ids an error message lists.
@@ -15,16 +14,16 @@ const EXAMPLES: usize = 5;
 /// A corpus document.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Document {
-    /// The `_id`.
+    /// The `_id` (or `id`).
     pub id: String,
-    /// `"{title} {text}"`, trimmed (PyLate's BEIR loader does the same).
+    /// `"{title} {text}"`, stripped (PyLate's BEIR loader does the same).
     pub text: String,
 }
 
 /// A query.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Query {
-    /// The `_id`.
+    /// The `_id` (or `id`).
     pub id: String,
     /// The query text.
     pub text: String,
@@ -60,101 +59,46 @@ pub struct BeirDataset {
     pub qrels: Qrels,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum RawId {
-    Str(String),
-    Num(serde_json::Number),
-}
-
-/// Deserialises an `_id` given as a JSON string or number into a string.
-fn id_string<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
-    Ok(match RawId::deserialize(d)? {
-        RawId::Str(s) => s,
-        RawId::Num(n) => n.to_string(),
+/// Reads a whole corpus or queries file with latte-core's one reader; `what` describes the file for I/O
+/// errors.
+fn read_records(path: &Path, kind: Kind, what: &str) -> Result<Vec<latte_core::beir::Record>> {
+    latte_core::beir::read_all(path, kind).map_err(|e| match e {
+        latte_core::Error::Io { path, source, .. } => EvalError::io(path, what, source),
+        other => EvalError::Input(other),
     })
 }
 
-#[derive(Deserialize)]
-struct RawDoc {
-    #[serde(rename = "_id", deserialize_with = "id_string")]
-    id: String,
-    #[serde(default)]
-    title: Option<String>,
-    text: String,
-}
-
-#[derive(Deserialize)]
-struct RawQuery {
-    #[serde(rename = "_id", deserialize_with = "id_string")]
-    id: String,
-    text: String,
-}
-
-/// Parses JSON lines, one record per non-blank line, rejecting empty and duplicate ids.
-fn parse_jsonl<'a, T: Deserialize<'a>>(
-    text: &'a str,
-    path: &Path,
-    id_of: impl Fn(&T) -> &str,
-) -> Result<Vec<T>> {
-    let mut items = Vec::new();
-    let mut seen: HashMap<String, usize> = HashMap::new();
-    for (i, line) in text.lines().enumerate() {
-        let line_no = i + 1;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let item: T = serde_json::from_str(line)
-            .map_err(|e| EvalError::parse(path, line_no, format!("invalid JSON record: {e}")))?;
-        let id = id_of(&item);
-        if id.is_empty() {
-            return Err(EvalError::parse(path, line_no, "empty _id"));
-        }
-        if let Some(first) = seen.insert(id.to_string(), line_no) {
-            return Err(EvalError::parse(
-                path,
-                line_no,
-                format!("duplicate _id {id:?} (first on line {first})"),
-            ));
-        }
-        items.push(item);
-    }
-    Ok(items)
-}
-
-/// Reads a BEIR `corpus.jsonl`: one JSON object per line with `_id` (string or number),
-/// `text` and optionally `title`. Document text is `"{title} {text}"` trimmed.
+/// Reads a BEIR `corpus.jsonl`: one JSON object per line with `_id` (or `id`; a string or a number),
+/// `text` and optionally `title`. Document text is `"{title} {text}"` stripped. Missing ids, duplicate ids
+/// and an empty file are errors (latte-core's [`latte_core::beir`] reader).
 pub fn read_corpus(path: impl AsRef<Path>) -> Result<Vec<Document>> {
-    let path = path.as_ref();
-    let text = read_text(
-        path,
+    let records = read_records(
+        path.as_ref(),
+        Kind::Documents,
         "BEIR corpus (corpus.jsonl: one JSON object per line with _id, title, text)",
     )?;
-    Ok(parse_jsonl::<RawDoc>(&text, path, |d| &d.id)?
+    Ok(records
         .into_iter()
-        .map(|d| {
-            let title = d.title.unwrap_or_default();
-            Document {
-                text: format!("{title} {}", d.text).trim().to_string(),
-                id: d.id,
-            }
+        .map(|r| Document {
+            id: r.id,
+            text: r.text,
         })
         .collect())
 }
 
-/// Reads a BEIR `queries.jsonl`: one JSON object per line with `_id` (string or number)
+/// Reads a BEIR `queries.jsonl`: one JSON object per line with `_id` (or `id`; a string or a number)
 /// and `text`; other fields are ignored.
 pub fn read_queries(path: impl AsRef<Path>) -> Result<Vec<Query>> {
-    let path = path.as_ref();
-    let text = read_text(
-        path,
+    let records = read_records(
+        path.as_ref(),
+        Kind::Queries,
         "BEIR queries (queries.jsonl: one JSON object per line with _id, text)",
     )?;
-    Ok(parse_jsonl::<RawQuery>(&text, path, |q| &q.id)?
+    Ok(records
         .into_iter()
-        .map(|q| Query {
-            id: q.id,
-            text: q.text,
+        .map(|r| Query {
+            id: r.id,
+            text: r.text,
         })
         .collect())
 }

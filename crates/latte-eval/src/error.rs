@@ -28,6 +28,10 @@ pub enum EvalError {
         message: String,
     },
 
+    /// A corpus or queries file is malformed (a line, a duplicate id, no record), from latte-core's reader.
+    #[error(transparent)]
+    Input(#[from] latte_core::Error),
+
     /// The requested split has no qrels file in a BEIR folder.
     #[error(
         "split {split:?} not found: expected {}; available splits: {}",

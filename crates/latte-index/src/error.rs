@@ -81,6 +81,9 @@ pub enum Error {
     /// A document with no token embeddings.
     #[error("document {0:?} has no token embeddings")]
     EmptyDocument(String),
+    /// Shared plumbing (matrix shapes, `.npz` files) failed.
+    #[error(transparent)]
+    Core(#[from] latte_core::Error),
     /// A [`crate::DocumentSource`] failed.
     #[error("reading documents: {0}")]
     Source(String),

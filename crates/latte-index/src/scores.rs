@@ -11,68 +11,31 @@ use rayon::prelude::*;
 use crate::{Error, Result};
 use latte_kernels::dot::{matmul_abt, max_rows_into};
 
-/// A borrowed row-major `rows × dim` matrix of token embeddings.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct EmbRef<'a> {
-    data: &'a [f32],
-    rows: usize,
-    dim: usize,
-}
-
-impl<'a> EmbRef<'a> {
-    /// Wraps `data` (`rows × dim`, row-major). Fails if `dim` is 0 or `data.len()` is not a multiple of `dim`.
-    pub fn new(data: &'a [f32], dim: usize) -> Result<Self> {
-        if dim == 0 {
-            return Err(Error::Shape("embedding dimension is 0".into()));
-        }
-        if !data.len().is_multiple_of(dim) {
-            return Err(Error::Shape(format!(
-                "{} values are not a whole number of rows of dimension {dim}",
-                data.len()
-            )));
-        }
-        Ok(Self {
-            data,
-            rows: data.len() / dim,
-            dim,
-        })
-    }
-    /// The values, row-major.
-    pub fn data(&self) -> &'a [f32] {
-        self.data
-    }
-    /// Number of rows (tokens).
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-    /// Embedding dimension.
-    pub fn dim(&self) -> usize {
-        self.dim
-    }
-}
+/// The row-major matrix view, defined in latte-core and re-exported here under its old name.
+pub use latte_core::EmbRef;
 
 /// Pure MaxSim between one query and one document: `Σ_q max_t ⟨q, d_t⟩` (0 for an empty query or document).
 pub fn maxsim(q: EmbRef<'_>, d: EmbRef<'_>) -> Result<f32> {
-    check_dim(q.dim, d.dim, "document")?;
+    check_dim(q.dim(), d.dim(), "document")?;
     let mut buf = Vec::new();
     Ok(maxsim_with(q, d, &mut buf))
 }
 
 pub(crate) fn maxsim_with(q: EmbRef<'_>, d: EmbRef<'_>, buf: &mut Vec<f32>) -> f32 {
-    if q.rows == 0 || d.rows == 0 {
+    if q.rows() == 0 || d.rows() == 0 {
         return 0.0;
     }
-    buf.resize(q.rows * d.rows, 0.0);
-    matmul_abt(d.data, d.rows, q.data, q.rows, q.dim, buf, false);
-    let mut acc = vec![f32::NEG_INFINITY; q.rows];
-    max_rows_into(buf, q.rows, &mut acc);
+    buf.resize(q.rows() * d.rows(), 0.0);
+    matmul_abt(d.data(), d.rows(), q.data(), q.rows(), q.dim(), buf, false);
+    let mut acc = vec![f32::NEG_INFINITY; q.rows()];
+    max_rows_into(buf, q.rows(), &mut acc);
     acc.iter().sum()
 }
 
 /// MaxSim of one query against many documents, in parallel over documents.
 pub fn maxsim_many(q: EmbRef<'_>, docs: &[EmbRef<'_>]) -> Result<Vec<f32>> {
     for d in docs {
-        check_dim(q.dim, d.dim, "document")?;
+        check_dim(q.dim(), d.dim(), "document")?;
     }
     Ok(docs
         .par_iter()
@@ -168,7 +131,7 @@ pub fn colbert_scores_pairwise(
         )));
     }
     for (q, d) in queries.iter().zip(documents) {
-        check_dim(q.dim, d.dim, "document")?;
+        check_dim(q.dim(), d.dim(), "document")?;
     }
     Ok(queries
         .par_iter()

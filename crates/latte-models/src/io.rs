@@ -1,7 +1,6 @@
 //! Reading configs and weights from model folders, writing them back atomically.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -110,16 +109,19 @@ pub fn load_weight_file(
     Ok(())
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder, fsync and rename, so that a
-/// crash never leaves a half-written file at `path`.
+/// Writes `bytes` to `path` atomically (latte-core's [`latte_core::atomic::replace`]: temporary file in the
+/// same folder, fsync, rename, fsync of the folder), creating the folder first, so that a crash never leaves
+/// a half-written file at `path`.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io(dir, e))?;
-    tmp.write_all(bytes).map_err(|e| Error::io(path, e))?;
-    tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
-    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
-    Ok(())
+    latte_core::atomic::replace(path, bytes).map_err(|e| match e {
+        latte_core::Error::Io { path, source, .. } => Error::io(path, source),
+        other => Error::Invalid(other.to_string()),
+    })
 }
 
 /// Serialises float32 tensors to safetensors bytes (keys sorted, as the Python library writes them).

@@ -534,6 +534,7 @@ fn missing_tokenizer_config_without_defaults_names_the_file() {
     let msg = err.to_string();
     assert!(msg.contains("tokenizer_config.json"), "{msg}");
     assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
+}
 
 #[test]
 fn unknown_hidden_act_is_a_load_error_naming_it() {

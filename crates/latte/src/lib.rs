@@ -1,8 +1,10 @@
 //! latte: late-interaction (ColBERT) retrieval in Rust.
 //!
-//! The facade re-exports the workspace crates: [`models`] (load, build, encode and save ColBERT models),
+//! The facade re-exports the workspace crates: [`core`] (matrices, npz, atomic writes, the corpus/queries
+//! reader), [`models`] (load, build, encode and save ColBERT models),
 //! [`index`] (MaxSim scoring, exact and PLAID indexes) [`eval`] (BEIR data and IR metrics) and [`train`] (losses, optimiser, trainer, evaluators).
 
+pub use latte_core as core;
 pub use latte_eval as eval;
 pub use latte_index as index;
 pub use latte_models as models;

@@ -7,7 +7,7 @@ use clap::Args;
 use latte_models::EncodeOptions;
 
 use super::model_args::ModelArgs;
-use super::texts::read_texts;
+use latte::core::beir::{self, Kind};
 use latte::npz::{write_npz, Matrix};
 
 /// Encode queries or documents with a ColBERT model.
@@ -15,7 +15,8 @@ use latte::npz::{write_npz, Matrix};
 pub struct EncodeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// `.jsonl` (BEIR corpus or queries: `text`, optional `title`) or `.txt` (one text per line).
+    /// `.jsonl` (BEIR corpus or queries: `_id` or `id`, `text`, for documents an optional `title`) or `.txt`
+    /// (one text per line).
     #[arg(long, short = 'i')]
     pub input: PathBuf,
     /// Output `.npz`: `arr_0 … arr_{n-1}`, float32 (tokens × dim), in input order.
@@ -36,7 +37,12 @@ pub struct EncodeArgs {
 }
 
 pub fn run(args: EncodeArgs) -> Result<()> {
-    let records = read_texts(&args.input)?;
+    let kind = if args.queries {
+        Kind::Queries
+    } else {
+        Kind::Documents
+    };
+    let records = beir::read_all(&args.input, kind)?;
     let load_start = std::time::Instant::now();
     let model = args.model.load()?;
     let load_secs = load_start.elapsed().as_secs_f64();

@@ -26,6 +26,22 @@ pub fn read_ids(path: &Path) -> Result<Vec<String>> {
     Ok(ids)
 }
 
+/// Fails when an id repeats in the ids file `path`, naming both lines (ids are shortened in the message).
+pub fn require_unique(path: &Path, ids: &[String]) -> Result<()> {
+    let mut seen = std::collections::HashMap::with_capacity(ids.len());
+    for (i, id) in ids.iter().enumerate() {
+        if let Some(first) = seen.insert(id.as_str(), i + 1) {
+            bail!(
+                "{}:{}: duplicate id {} (first on line {first})",
+                path.display(),
+                i + 1,
+                latte::core::short_id(id)
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Opens embeddings from an `.npz` with the given ids: lazily when the archive is uncompressed float32 (what
 /// `latte encode` and `numpy.savez` write), otherwise by reading it whole.
 pub fn embeddings_source(npz: &Path, ids: Vec<String>) -> Result<Box<dyn DocumentSource>> {
@@ -73,35 +89,4 @@ fn crate_npz_read(path: &Path) -> Result<Vec<latte::npz::Matrix>> {
         .into_iter()
         .map(|(_, m)| m)
         .collect())
-}
-
-/// A BEIR-style JSONL record: `_id` and `text` (and an optional `title`, prepended to the text).
-pub fn read_jsonl(path: &Path) -> Result<(Vec<String>, Vec<String>)> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut ids = Vec::new();
-    let mut texts = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{}:{}: not valid JSON", path.display(), i + 1))?;
-        let id = match &v["_id"] {
-            serde_json::Value::String(s) => s.clone(),
-            serde_json::Value::Number(n) => n.to_string(),
-            _ => bail!("{}:{}: missing \"_id\"", path.display(), i + 1),
-        };
-        let body = v["text"]
-            .as_str()
-            .with_context(|| format!("{}:{}: missing \"text\"", path.display(), i + 1))?;
-        let title = v["title"].as_str().unwrap_or("");
-        texts.push(if title.is_empty() {
-            body.to_string()
-        } else {
-            format!("{title} {body}")
-        });
-        ids.push(id);
-    }
-    Ok((ids, texts))
 }

@@ -11,5 +11,4 @@ pub mod index_io;
 pub mod mine;
 pub mod model_args;
 pub mod search;
-pub mod texts;
 pub mod train;

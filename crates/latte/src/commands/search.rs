@@ -7,8 +7,10 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use latte_index::{EmbRef, PlaidIndex, SearchParams};
 
+use latte::core::beir::{self, Kind};
+
 use super::encoder::IndexModel;
-use super::index_io::{embeddings_source, read_ids, read_jsonl};
+use super::index_io::{embeddings_source, read_ids, require_unique};
 use super::model_args::IndexModelArgs;
 
 /// Search an index; writes `qid Q0 docid rank score latte` lines.
@@ -17,7 +19,8 @@ pub struct SearchArgs {
     /// Index directory.
     #[arg(long)]
     pub index: PathBuf,
-    /// Queries JSONL (`{"_id", "text"}`), encoded with the index's model (or `--model`).
+    /// Queries JSONL (`{"_id" (or "id"), "text"}`) or `.txt` (one query per line, ids 0, 1, …), encoded with
+    /// the index's model (or `--model`).
     #[arg(long, conflicts_with = "query_embeddings")]
     pub queries: Option<PathBuf>,
     /// Precomputed query embeddings (`.npz`, one array per query).
@@ -63,7 +66,9 @@ pub fn run(args: SearchArgs) -> Result<()> {
     let (qids, queries): (Vec<String>, Vec<(Vec<f32>, usize)>) =
         match (&args.queries, &args.query_embeddings) {
             (None, Some(npz)) => {
-                let ids = read_ids(args.query_ids.as_ref().expect("clap requires --query-ids"))?;
+                let ids_path = args.query_ids.as_ref().expect("clap requires --query-ids");
+                let ids = read_ids(ids_path)?;
+                require_unique(ids_path, &ids)?;
                 let src = embeddings_source(npz, ids.clone())?;
                 let qs = (0..src.len())
                     .map(|i| Ok((src.embeddings(i)?.into_owned(), src.dim())))
@@ -72,7 +77,10 @@ pub fn run(args: SearchArgs) -> Result<()> {
             }
             (Some(path), None) => {
                 let model = IndexModel::for_queries(&args.model, &index)?;
-                let (ids, texts) = read_jsonl(path)?;
+                let (ids, texts): (Vec<String>, Vec<String>) = beir::read_all(path, Kind::Queries)?
+                    .into_iter()
+                    .map(|r| (r.id, r.text))
+                    .unzip();
                 let enc = model.encode(&texts, true, args.batch_size)?;
                 if enc.len() != ids.len() || enc.iter().any(|e| e.data.len() != e.rows * e.cols) {
                     bail!("the model returned malformed embeddings for the queries");
@@ -86,7 +94,7 @@ pub fn run(args: SearchArgs) -> Result<()> {
     let refs: Vec<EmbRef> = queries
         .iter()
         .map(|(q, d)| EmbRef::new(q, *d))
-        .collect::<latte_index::Result<_>>()?;
+        .collect::<latte::core::Result<_>>()?;
     let results = if args.exact {
         // Each exhaustive search is already parallel inside.
         refs.iter()
