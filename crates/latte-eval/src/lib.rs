@@ -41,6 +41,7 @@
 //! assert_eq!(report.mean(&mrr), Some(0.5));
 //! # Ok::<(), latte_eval::EvalError>(())
 //! ```
+#![forbid(unsafe_code)]
 
 mod beir;
 mod error;

@@ -13,6 +13,7 @@
 //! sound.
 #![warn(missing_docs)]
 
+pub mod alloc;
 pub mod attention;
 pub mod cpu;
 pub mod dot;

@@ -10,6 +10,7 @@
 //!   distillation layout.
 //! - [`trainer`]: the training loop, checkpoints in PyLate format, resume, metrics.
 //! - [`evaluate`]: triplet accuracy, distillation KL divergence, IR metrics on a BEIR folder.
+#![forbid(unsafe_code)]
 
 pub mod batch;
 pub mod data;

@@ -1,4 +1,5 @@
 //! The `latte` command-line tool.
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 
@@ -39,25 +40,8 @@ enum Command {
     Mine(commands::mine::MineArgs),
 }
 
-/// Keeps large buffers in the heap instead of mapping and unmapping them for every tensor op: without
-/// this, glibc returns each freed activation buffer to the kernel and the next op page-faults it back in
-/// (a quarter of the CPU time of an encode went to the kernel).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn tune_allocator() {
-    const M_TRIM_THRESHOLD: libc::c_int = -1;
-    const M_MMAP_THRESHOLD: libc::c_int = -3;
-    // SAFETY: mallopt only adjusts allocator parameters; called once before any threads start.
-    unsafe {
-        libc::mallopt(M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(M_TRIM_THRESHOLD, 1 << 30);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn tune_allocator() {}
-
 fn main() -> ExitCode {
-    tune_allocator();
+    latte_kernels::alloc::keep_large_buffers();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LATTE_LOG")
