@@ -81,12 +81,21 @@ pub enum Error {
     /// A document with no token embeddings.
     #[error("document {0:?} has no token embeddings")]
     EmptyDocument(String),
-    /// Shared plumbing (matrix shapes, `.npz` files) failed.
+    /// Shared plumbing (`.npz` files, ...) failed. Shape errors of `latte_core` become [`Error::Shape`].
     #[error(transparent)]
-    Core(#[from] latte_core::Error),
+    Core(latte_core::Error),
     /// A [`crate::DocumentSource`] failed.
     #[error("reading documents: {0}")]
     Source(String),
+}
+
+impl From<latte_core::Error> for Error {
+    fn from(e: latte_core::Error) -> Self {
+        match e {
+            latte_core::Error::Shape(s) => Error::Shape(s),
+            e => Error::Core(e),
+        }
+    }
 }
 
 fn holder(pid: Option<u32>) -> String {

@@ -29,6 +29,14 @@ impl PlaidIndex {
                 "the query has no token embeddings".into(),
             ));
         }
+        if let Some(p) = query.data().iter().position(|x| !x.is_finite()) {
+            return Err(Error::InvalidArgument(format!(
+                "query: value {} at token {}, dimension {} is not finite",
+                query.data()[p],
+                p / query.dim(),
+                p % query.dim()
+            )));
+        }
         if self.live == 0 {
             return Err(Error::EmptyIndex);
         }
