@@ -46,7 +46,7 @@ pub use exact::ExactIndex;
 pub use npz_source::NpzSource;
 pub use plaid::{
     AddReport, DeleteReport, DocumentSource, IndexConfig, IndexInfo, IndexWriter, PlaidIndex,
-    SearchParams, VecSource,
+    SearchParams, VecSource, EXACT_SUBSET_MAX_DOCS, EXACT_SUBSET_MAX_FRACTION_INV,
 };
 pub use rerank_mod::{rerank, RerankResult};
 pub use scores::{maxsim, EmbRef};

@@ -25,6 +25,7 @@ use crate::storage::{cast, Mapped};
 use crate::{Error, Result};
 
 pub use config::{IndexConfig, SearchParams};
+pub use search::{EXACT_SUBSET_MAX_DOCS, EXACT_SUBSET_MAX_FRACTION_INV};
 pub use writer::{AddReport, DeleteReport, IndexWriter};
 
 use layout::{chunk_file, parse_codec, read_meta, Meta, CODEC, META};
