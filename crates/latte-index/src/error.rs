@@ -84,6 +84,12 @@ pub enum Error {
     /// Shared plumbing (`.npz` files, ...) failed. Shape errors of `latte_core` become [`Error::Shape`].
     #[error(transparent)]
     Core(latte_core::Error),
+    /// The document store (`latte_store`) failed: filters, BM25, stored documents.
+    #[error(transparent)]
+    Store(#[from] latte_store::StoreError),
+    /// Fusing result lists failed (a bad fusion parameter).
+    #[error(transparent)]
+    Fusion(#[from] latte_store::FusionError),
     /// A [`crate::DocumentSource`] failed.
     #[error("reading documents: {0}")]
     Source(String),
