@@ -81,9 +81,15 @@ pub enum Error {
     /// A document with no token embeddings.
     #[error("document {0:?} has no token embeddings")]
     EmptyDocument(String),
-    /// Shared plumbing (`.npz` files, readers) failed. Shape errors of latte-core become [`Error::Shape`].
+    /// Shared plumbing (`.npz` files, ...) failed. Shape errors of `latte_core` become [`Error::Shape`].
     #[error(transparent)]
     Core(latte_core::Error),
+    /// The document store (`latte_store`) failed: filters, BM25, stored documents.
+    #[error(transparent)]
+    Store(#[from] latte_store::StoreError),
+    /// Fusing result lists failed (a bad fusion parameter).
+    #[error(transparent)]
+    Fusion(#[from] latte_store::FusionError),
     /// A [`crate::DocumentSource`] failed.
     #[error("reading documents: {0}")]
     Source(String),
@@ -92,8 +98,8 @@ pub enum Error {
 impl From<latte_core::Error> for Error {
     fn from(e: latte_core::Error) -> Self {
         match e {
-            latte_core::Error::Shape(m) => Error::Shape(m),
-            other => Error::Core(other),
+            latte_core::Error::Shape(s) => Error::Shape(s),
+            e => Error::Core(e),
         }
     }
 }

@@ -29,6 +29,7 @@ mod centroids;
 mod codec;
 mod error;
 mod exact;
+mod hybrid;
 mod ivf;
 pub mod kmeans;
 mod npz_source;
@@ -43,10 +44,11 @@ mod synth;
 
 pub use error::{Error, Result};
 pub use exact::ExactIndex;
+pub use hybrid::{search_bm25, Fusion, HYBRID_DEPTH};
 pub use npz_source::NpzSource;
 pub use plaid::{
     AddReport, DeleteReport, DocumentSource, IndexConfig, IndexInfo, IndexWriter, PlaidIndex,
-    SearchParams, VecSource,
+    SearchParams, VecSource, EXACT_SUBSET_MAX_DOCS, EXACT_SUBSET_MAX_FRACTION_INV,
 };
 pub use rerank_mod::{rerank, RerankResult};
 pub use scores::{maxsim, EmbRef};

@@ -165,8 +165,17 @@ impl Mapped {
                 String::from_utf8_lossy(kind)
             )));
         }
-        let payload_len = u64::from_le_bytes(header[16..24].try_into().unwrap()) as usize;
-        if HEADER_LEN + payload_len + FOOTER_LEN != file_len {
+        let raw_len = u64::from_le_bytes(header[16..24].try_into().unwrap());
+        // A corrupt length field may be anything: compare without overflowing.
+        let payload_len = usize::try_from(raw_len).unwrap_or(usize::MAX);
+        let total = payload_len
+            .checked_add(HEADER_LEN + FOOTER_LEN)
+            .ok_or_else(|| {
+                corrupt(format!(
+                    "header says {raw_len} payload bytes, more than any file can hold (corrupt length field)"
+                ))
+            })?;
+        if total != file_len {
             return Err(corrupt(format!(
                 "header says {payload_len} payload bytes but the file has {file_len} bytes in all (truncated?)"
             )));

@@ -103,12 +103,9 @@ fn judge(
 
 type Overwrite = fn(&mut Vec<u8>);
 
-/// Corruptions today's code mishandles (see the fault-injection report), printed rather than asserted so
-/// that fixing one does not break this test:
-/// * a payload length near `u64::MAX` in a header: `HEADER_LEN + payload_len + FOOTER_LEN` in
-///   `storage::Mapped::open` overflows, a panic where overflow checks are on (tests, debug builds); release
-///   builds wrap and happen to refuse the file.
-const KNOWN_FILE_DEFECTS: &[&str] = &["length field all 0xFF: PANIC"];
+/// Corruptions today's code mishandles: none left (a payload length near `u64::MAX` is refused with
+/// checked arithmetic).
+const KNOWN_FILE_DEFECTS: &[&str] = &[];
 
 #[test]
 fn every_file_flipped_truncated_or_removed_is_an_error_naming_it() {
@@ -321,18 +318,9 @@ const HARMLESS: &[(&str, Forge)] = &[
     ("next_chunk 0", |m| m["next_chunk"] = 0.into()),
 ];
 
-/// Forged cases today's code accepts or panics on (see the report of the fault-injection task). Listed, not
-/// asserted, so fixing one does not break this test; it then prints "fixed" and should be removed from here.
-/// * chunk listed twice: every external id of that chunk is held twice (no duplicate check across chunks);
-///   `len()` counts them twice and searches can return one id twice.
-/// * deleted id listed twice: `len()`/`info().documents` subtract the repeated id twice.
-/// * more deleted ids than documents: `ids.len() - meta.deleted.len()` in `PlaidIndex::open_once` underflows
-///   (a panic with overflow checks, a huge `len()` without).
-const KNOWN_DEFECTS: &[&str] = &[
-    "chunk listed twice",
-    "deleted id listed twice",
-    "more deleted ids than documents",
-];
+/// Forged cases today's code accepts or panics on: none left (a chunk listed twice, a deleted id listed
+/// twice and more deleted ids than documents are now refused as corrupt).
+const KNOWN_DEFECTS: &[&str] = &[];
 
 #[test]
 fn checksum_valid_but_inconsistent_meta_is_refused() {

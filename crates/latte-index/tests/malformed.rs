@@ -14,23 +14,9 @@ use latte_index::{
     DocumentSource, EmbRef, Error, IndexConfig, PlaidIndex, Result, SearchParams, VecSource,
 };
 
-/// Accepted today though they should be refused (see the fault-injection report):
-/// * non-finite values (NaN, ±inf) and values beyond half precision (|x| > 65,504, stored as inf) in a
-///   document are indexed as they are; an infinite document then scores +inf against every query and
-///   outranks every real match;
-/// * a query with NaN or inf values is searched and returns NaN/±inf scores instead of an error.
-const KNOWN_DEFECTS: &[&str] = &[
-    "add: NaN in a document",
-    "add: +inf in a document",
-    "add: -inf in a document",
-    "add: 1e5 in a document (beyond f16)",
-    "create: NaN in a document",
-    "create: +inf in a document",
-    "search: NaN in the query",
-    "search: +inf in the query",
-    "search_exact: NaN in the query",
-    "search_exact: +inf in the query",
-];
+/// Accepted today though they should be refused: none left (non-finite values and values beyond half
+/// precision in documents, and non-finite queries, are now `Error::InvalidArgument`).
+const KNOWN_DEFECTS: &[&str] = &[];
 
 /// Every file of the index with its bytes.
 fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
@@ -281,18 +267,10 @@ fn duplicate_ids_are_refused_and_duplicate_deletes_count_once() {
     let r = PlaidIndex::delete(dir, &[]).unwrap();
     assert_eq!((r.deleted, r.remaining), (0, 59));
     assert_eq!(PlaidIndex::open(dir).unwrap().len(), 59);
-    // A deleted id can be added again: today only after a compaction (KNOWN DEFECT: before it, `add` says
-    // DuplicateId although `contains` is false — the deleted document still holds the id internally).
+    // A deleted id can be added again before compaction (the delete-then-add update path).
     let again = one("d1", docs.embs[30].clone());
-    match PlaidIndex::add(dir, &again) {
-        Ok(_) => println!("known defect fixed: a deleted id can be re-added before compaction"),
-        Err(Error::DuplicateId(id)) if id == "d1" => {
-            println!("known defect: re-adding deleted id d1 before compaction: DuplicateId");
-            PlaidIndex::compact(dir).unwrap();
-            PlaidIndex::add(dir, &again).unwrap();
-        }
-        Err(e) => panic!("re-adding a deleted id: {e}"),
-    }
+    PlaidIndex::add(dir, &again).unwrap();
+    // Reopening sees the deleted and the new document holding the same id, and maps the id to the live one.
     let index = PlaidIndex::open(dir).unwrap();
     assert!(index.contains("d1"));
     assert_eq!(index.len(), 60);
@@ -624,14 +602,16 @@ fn odd_settings_are_refused_or_clamped() {
             other => panic!("{what}: expected InvalidArgument, got {other:?}"),
         }
     }
-    // A huge probe is clamped.
-    let huge = SearchParams {
-        n_ivf_probe: 1_000_000_000,
-        ..base.clone()
-    };
-    let hits = index.search(q, &huge, None).unwrap();
-    assert!(!hits.is_empty() && hits.len() <= 3, "{hits:?}");
-    assert_eq!(hits[0].id, "d6");
+    {
+        let what = "n_ivf_probe 10^9";
+        let p = SearchParams {
+            n_ivf_probe: 1_000_000_000,
+            ..base.clone()
+        };
+        let hits = index.search(q, &p, None).unwrap();
+        assert!(!hits.is_empty() && hits.len() <= 3, "{what}: {hits:?}");
+        assert_eq!(hits[0].id, "d6", "{what}");
+    }
     let all = index
         .search(q, &SearchParams::for_k(1_000_000), None)
         .unwrap();

@@ -3,7 +3,7 @@
 //! writer (`writer.rs`) does.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::Path;
 
 use half::f16;
@@ -20,9 +20,11 @@ use crate::ivf;
 use crate::storage::{as_bytes, cast, write_sections, Mapped, StreamWriter};
 use crate::{kmeans, pool, Error, Result};
 
+/// Checks the new ids: non-empty, without newlines, unique, and not held by a live document
+/// (`is_live`); an id whose document is deleted may be added again.
 pub(super) fn validate_ids(
     source: &dyn DocumentSource,
-    existing: &HashMap<String, u32>,
+    is_live: &dyn Fn(&str) -> bool,
 ) -> Result<Vec<String>> {
     let mut seen = HashSet::with_capacity(source.len());
     let mut ids = Vec::with_capacity(source.len());
@@ -33,7 +35,7 @@ pub(super) fn validate_ids(
                 "document id {id:?} is empty or contains a newline"
             )));
         }
-        if existing.contains_key(&id) || !seen.insert(id.clone()) {
+        if is_live(&id) || !seen.insert(id.clone()) {
             return Err(Error::DuplicateId(id));
         }
         ids.push(id);
@@ -59,6 +61,15 @@ pub(super) fn load_doc<'a>(
     if e.is_empty() {
         return Err(Error::EmptyDocument(source.id(i)));
     }
+    if let Some(p) = e.iter().position(|x| !x.is_finite()) {
+        return Err(Error::InvalidArgument(format!(
+            "document {:?}: value {} at token {}, dimension {} is not finite",
+            source.id(i),
+            e[p],
+            p / dim,
+            p % dim
+        )));
+    }
     if pool_factor > 1 {
         Ok(Cow::Owned(pool::pool_embeddings_hierarchical(
             &e,
@@ -68,6 +79,22 @@ pub(super) fn load_doc<'a>(
         )?))
     } else {
         Ok(e)
+    }
+}
+
+/// Refuses values the f16 copy cannot hold (|x| > 65,504 would be stored as ±inf).
+fn check_f16_range(e: &[f32], dim: usize, id: impl Fn() -> String) -> Result<()> {
+    let max = half::f16::MAX.to_f32();
+    match e.iter().position(|x| x.abs() > max) {
+        Some(p) => Err(Error::InvalidArgument(format!(
+            "document {:?}: value {} at token {}, dimension {} is beyond half precision (|x| <= {max}), \
+             which the index's f16 copy stores",
+            id(),
+            e[p],
+            p / dim,
+            p % dim
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -203,6 +230,11 @@ pub(super) fn write_chunk(
             .into_par_iter()
             .map(|i| load_doc(source, i, meta.config.pool_factor))
             .collect::<Result<_>>()?;
+        if full_w.is_some() {
+            for (j, d) in docs.iter().enumerate() {
+                check_f16_range(d, dim, || source.id(start + j))?;
+            }
+        }
         let mut flat: Vec<f32> = Vec::with_capacity(docs.iter().map(|d| d.len()).sum());
         for d in &docs {
             if d.len() / dim > u32::MAX as usize {

@@ -25,6 +25,7 @@ use crate::storage::{cast, Mapped};
 use crate::{Error, Result};
 
 pub use config::{IndexConfig, SearchParams};
+pub use search::{EXACT_SUBSET_MAX_DOCS, EXACT_SUBSET_MAX_FRACTION_INV};
 pub use writer::{AddReport, DeleteReport, IndexWriter};
 
 use layout::{chunk_file, parse_codec, read_meta, Meta, CODEC, META};
@@ -197,7 +198,14 @@ impl PlaidIndex {
         let mut ids = Vec::new();
         let mut doc_base = 0usize;
         let mut token_base = 0u64;
+        let mut seen_chunks = std::collections::HashSet::with_capacity(meta.chunks.len());
         for c in &meta.chunks {
+            if !seen_chunks.insert(c.id) {
+                return Err(Error::Corrupt {
+                    path: dir.join(META),
+                    reason: format!("chunk {} is listed twice", c.id),
+                });
+            }
             let mut chunk = match reuse.remove(&c.id) {
                 Some(chunk) => chunk,
                 None => open_chunk(dir, &meta, &codec, c.id)?,
@@ -240,23 +248,50 @@ impl PlaidIndex {
             meta.num_centroids,
             ids.len(),
         )?;
-        let mut by_id = HashMap::with_capacity(ids.len());
-        for (i, id) in ids.iter().enumerate() {
-            by_id.insert(id.clone(), i as u32);
-        }
+        let meta_corrupt = |reason: String| Error::Corrupt {
+            path: dir.join(META),
+            reason,
+        };
         let mut deleted = vec![false; ids.len()];
         for &d in &meta.deleted {
             match deleted.get_mut(d as usize) {
+                Some(true) => {
+                    return Err(meta_corrupt(format!(
+                        "deleted document {d} is listed twice"
+                    )))
+                }
                 Some(x) => *x = true,
                 None => {
-                    return Err(Error::Corrupt {
-                        path: dir.join(META),
-                        reason: "deleted id out of range".into(),
-                    })
+                    return Err(meta_corrupt(format!(
+                        "deleted document {d} out of range (the index holds {} documents)",
+                        ids.len()
+                    )))
                 }
             }
         }
+        // Every entry of `meta.deleted` marked a distinct document, so this does not underflow.
         let live = ids.len() - meta.deleted.len();
+        // An external id may be held by several documents only if all but at most one are deleted (a
+        // deleted id added again before compaction); the map points at the live one.
+        let mut by_id: HashMap<String, u32> = HashMap::with_capacity(ids.len());
+        for (i, id) in ids.iter().enumerate() {
+            match by_id.entry(id.clone()) {
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(i as u32);
+                }
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    let prev = *e.get() as usize;
+                    if !deleted[prev] && !deleted[i] {
+                        return Err(meta_corrupt(format!(
+                            "external id {id:?} is held by two live documents ({prev} and {i})"
+                        )));
+                    }
+                    if !deleted[i] {
+                        e.insert(i as u32);
+                    }
+                }
+            }
+        }
         Ok(Self {
             dir: dir.to_path_buf(),
             meta,

@@ -29,6 +29,14 @@ impl PlaidIndex {
                 "the query has no token embeddings".into(),
             ));
         }
+        if let Some(p) = query.data().iter().position(|x| !x.is_finite()) {
+            return Err(Error::InvalidArgument(format!(
+                "query: value {} at token {}, dimension {} is not finite",
+                query.data()[p],
+                p / query.dim(),
+                p % query.dim()
+            )));
+        }
         if self.live == 0 {
             return Err(Error::EmptyIndex);
         }
@@ -60,6 +68,41 @@ impl PlaidIndex {
         self.check_query(query, params.k)?;
         let subset = self.subset_mask(subset);
         Ok(self.search_inner(query, params, subset.as_deref()))
+    }
+
+    /// Searches one query restricted to the documents with these external ids (a filter's matches), choosing
+    /// the strategy by selectivity so that recall against exact MaxSim over the matching documents holds:
+    /// when the matching documents are few (at most [`EXACT_SUBSET_MAX_DOCS`], or at most
+    /// 1/[`EXACT_SUBSET_MAX_FRACTION_INV`] of the live documents) they are scored exactly; otherwise the
+    /// PLAID pipeline runs restricted to them with its candidate depths (`ndocs`, `n_residual`, `n_rerank`)
+    /// multiplied by `2 · live / matching` (between 4× and 20×), twice the probed centroids and no centroid
+    /// pruning, since most candidates an unrestricted search would keep are filtered out. Ids the index does
+    /// not hold are ignored; no matching document gives no hits.
+    pub fn search_subset(
+        &self,
+        query: EmbRef<'_>,
+        params: &SearchParams,
+        ids: &[String],
+    ) -> Result<Vec<Hit>> {
+        params.validate()?;
+        self.check_query(query, params.k)?;
+        let mask = self.subset_mask(Some(ids)).unwrap_or_default();
+        if mask.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = mask.len();
+        if n <= EXACT_SUBSET_MAX_DOCS || n * EXACT_SUBSET_MAX_FRACTION_INV <= self.live {
+            let scores = self.score_docs(query, &mask, self.meta.config.store_full);
+            return Ok(top_k(&scores, params.k)
+                .into_iter()
+                .map(|(i, s)| Hit {
+                    id: self.ids[mask[i] as usize].clone(),
+                    score: s,
+                })
+                .collect());
+        }
+        let p = scaled_params(params, self.live, n);
+        Ok(self.search_inner(query, &p, Some(&mask)))
     }
 
     /// Searches many queries in parallel.
@@ -460,4 +503,22 @@ fn top_cells(sp: &[f32], stride: usize, lq: usize, probe: usize) -> Vec<u32> {
     cells.sort_unstable();
     cells.dedup();
     cells
+}
+
+/// Matching sets of at most this many documents are scored exactly by [`PlaidIndex::search_subset`].
+pub const EXACT_SUBSET_MAX_DOCS: usize = 2_000;
+/// Matching sets of at most 1/this of the live documents are scored exactly by [`PlaidIndex::search_subset`].
+pub const EXACT_SUBSET_MAX_FRACTION_INV: usize = 20;
+
+/// PLAID depths for a search restricted to `matching` of `live` documents: candidate depths grow with twice
+/// the inverse selectivity (4× to 20×), probing doubles, centroid pruning is off.
+fn scaled_params(params: &SearchParams, live: usize, matching: usize) -> SearchParams {
+    let factor = (2 * live).div_ceil(matching.max(1)).clamp(4, 20);
+    let mut p = params.clone();
+    p.ndocs = p.ndocs.saturating_mul(factor);
+    p.n_residual = p.n_residual.saturating_mul(factor);
+    p.n_rerank = p.n_rerank.saturating_mul(factor);
+    p.n_ivf_probe = p.n_ivf_probe.saturating_mul(2);
+    p.centroid_score_threshold = None;
+    p
 }

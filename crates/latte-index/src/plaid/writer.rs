@@ -197,7 +197,7 @@ impl PlaidIndex {
         }
         // Leftovers of an interrupted creation.
         collect_garbage(dir, None);
-        let ids = validate_ids(source, &Default::default())?;
+        let ids = validate_ids(source, &|_| false)?;
         let (centroids, codec) = train(source, config)?;
         let k = centroids.len() / source.dim();
         // Centroids are stored in half precision; documents are encoded against the rounded values.
@@ -354,7 +354,7 @@ impl IndexWriter {
         if source.is_empty() {
             return Err(Error::InvalidArgument("no documents to add".into()));
         }
-        let ids = validate_ids(source, &current.by_id)?;
+        let ids = validate_ids(source, &|id| current.contains(id))?;
         let mut meta = self.next_meta();
         let (chunk, codes, outliers) = write_chunk(
             &self.dir,
