@@ -7,8 +7,8 @@
 # (rustbooks). LATTE: the binary (default target/release/latte, else target/debug/latte). Prints, for
 # bf16 and int8 against f32, the mean per-token cosine over the first 1,000 passages; the docs/s of
 # `latte encode` on them (batch 32, RAYON_NUM_THREADS=2); and nDCG@10 of `latte evaluate` (PLAID, defaults)
-# for each dtype. SKIP_SPEED=1 skips nothing but says the timings are not to be reported (debug build or a
-# loaded machine); SKIP_EVAL=1 skips the evaluations.
+# for each dtype (EVAL_DTYPES to choose them; EVAL_DOCS=N on the first N passages and the queries judged
+# against them). SKIP_ENCODE=1 skips the encode timings and cosines, SKIP_EVAL=1 the evaluations.
 set -euo pipefail
 model=${1:?usage: bench_dtype.sh MODEL_DIR BEIR_DIR [OUT_DIR]}
 data=${2:?usage: bench_dtype.sh MODEL_DIR BEIR_DIR [OUT_DIR]}
@@ -21,6 +21,7 @@ mkdir -p "$out"
 echo "binary: $latte; cpu: $(lscpu | sed -n 's/^Model name: *//p'); load: $(uptime | sed 's/.*average: //')"
 head -n 1000 "$data/corpus.jsonl" > "$out/passages.jsonl"
 
+if [ "${SKIP_ENCODE:-0}" != 1 ]; then
 for dtype in f32 bf16 int8; do
   start=$(date +%s.%N)
   RAYON_NUM_THREADS=2 "$latte" encode --model "$model" --input "$out/passages.jsonl" \
@@ -70,11 +71,41 @@ for dtype in ("bf16", "int8"):
     print(f"{dtype} vs f32: mean per-token cosine {total / count:.6f} over {count} tokens "
           f"of {len(ref)} passages (lowest {worst:.6f})")
 PY
+fi
 
+# EVAL_DOCS=N evaluates on a BEIR subset: the first N passages and the queries judged against them.
+eval_data=$data
+if [ -n "${EVAL_DOCS:-}" ]; then
+  eval_data=$out/subset-$EVAL_DOCS
+  python3 - "$data" "$eval_data" "$EVAL_DOCS" <<'PY'
+import json, os, sys
+src, dst, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+os.makedirs(f"{dst}/qrels", exist_ok=True)
+with open(f"{src}/corpus.jsonl") as f:
+    docs = [l for l in f if l.strip()][:n]
+ids = {json.loads(l)["_id"] for l in docs}
+with open(f"{dst}/corpus.jsonl", "w") as f:
+    f.writelines(docs)
+kept, qids = [], set()
+with open(f"{src}/qrels/test.tsv") as f:
+    header = f.readline()
+    for l in f:
+        q, d = l.split("\t")[:2]
+        if d in ids:
+            kept.append(l)
+            qids.add(q)
+with open(f"{dst}/qrels/test.tsv", "w") as f:
+    f.write(header)
+    f.writelines(kept)
+with open(f"{src}/queries.jsonl") as f, open(f"{dst}/queries.jsonl", "w") as g:
+    g.writelines(l for l in f if l.strip() and json.loads(l)["_id"] in qids)
+print(f"subset: {len(docs)} passages, {len(qids)} queries, {len(kept)} judgments")
+PY
+fi
 if [ "${SKIP_EVAL:-0}" != 1 ]; then
-  for dtype in f32 bf16 int8; do
+  for dtype in ${EVAL_DTYPES:-f32 bf16 int8}; do
     echo "evaluate $dtype:"
-    RAYON_NUM_THREADS=2 "$latte" evaluate --model "$model" --dataset "$data" --dtype "$dtype" \
+    RAYON_NUM_THREADS=2 "$latte" evaluate --model "$model" --dataset "$eval_data" --dtype "$dtype" \
       --index-dir "$out/index-$dtype"
   done
 fi
