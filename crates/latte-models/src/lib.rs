@@ -14,6 +14,7 @@
 
 mod backbone;
 mod dense;
+mod dtype;
 mod error;
 mod hub;
 mod io;
@@ -29,6 +30,7 @@ mod transformer;
 pub(crate) use layers::nn;
 
 pub use dense::{Activation, Dense, DenseConfig};
+pub use dtype::{Dtype, ParseDtypeError};
 pub use error::{Error, Result};
 pub use hub::HubOptions;
 pub use model::{ColBERT, Embedding, EncodeOptions, LoadOptions, Origin};

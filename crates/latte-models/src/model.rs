@@ -13,7 +13,7 @@ use crate::nn::Mode;
 use crate::settings::{PartialSettings, Settings};
 use crate::tokenize::{ColbertTokenizer, Tokenized};
 use crate::transformer::Transformer;
-use crate::{Error, Result};
+use crate::{Dtype, Error, Result};
 
 /// How to load a model: explicit settings (they win over the model's config) and where to find it.
 #[derive(Debug, Clone, Default)]
@@ -33,6 +33,8 @@ pub struct LoadOptions {
     pub device: Option<Device>,
     /// Matryoshka truncation of every token embedding (see [`ColBERT::set_truncate_dim`]).
     pub truncate_dim: Option<usize>,
+    /// Precision of the encoder's linear layers in inference (see [`ColBERT::set_dtype`]); f32 by default.
+    pub dtype: Dtype,
 }
 
 /// How a model was found.
@@ -111,6 +113,7 @@ pub struct ColBERT {
     /// How the model was loaded.
     pub origin: Origin,
     truncate_dim: Option<usize>,
+    dtype: Dtype,
 }
 
 const COLBERT_KEYS: &[&str] = &[
@@ -235,6 +238,7 @@ impl ColBERT {
             }
         }
         model.set_truncate_dim(opts.truncate_dim)?;
+        model.set_dtype(opts.dtype);
         Ok(model)
     }
 
@@ -335,6 +339,7 @@ impl ColBERT {
             extra_config: serde_json::Map::new(),
             origin,
             truncate_dim: None,
+            dtype: Dtype::F32,
         })
     }
 
@@ -395,6 +400,20 @@ impl ColBERT {
         }
         self.truncate_dim = dim;
         Ok(())
+    }
+
+    /// Precision of the encoder's linear layers in inference.
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    /// Runs the encoder's linear layers (q/k/v, attention output, MLP) at `dtype` in [`Mode::Infer`]
+    /// forward passes on the CPU: bf16 weights and activations with f32 accumulation, or int8 with
+    /// per-channel weight and per-row activation scales. Embeddings, normalisation, attention and the
+    /// Dense projections stay f32. The weights are packed once per layer, on first use. Training forward
+    /// passes ([`Mode::Train`]) of a model set to anything but f32 are refused.
+    pub fn set_dtype(&mut self, dtype: Dtype) {
+        self.dtype = dtype;
     }
 
     /// Dimension of the vectors [`ColBERT::encode`] returns: `truncate_dim`, else [`ColBERT::embedding_dim`].
@@ -557,7 +576,18 @@ impl ColBERT {
         attention_mask: &Tensor,
         mode: Mode,
     ) -> Result<Tensor> {
-        let mut x = self.transformer.forward(input_ids, attention_mask, mode)?;
+        let mut x = match mode {
+            Mode::Infer => crate::dtype::with_dtype(self.dtype, || {
+                self.transformer.forward(input_ids, attention_mask, mode)
+            })?,
+            Mode::Train if self.dtype != Dtype::F32 => {
+                return Err(Error::Invalid(format!(
+                    "dtype {}: training runs in f32 only; load the model with dtype f32",
+                    self.dtype
+                )))
+            }
+            Mode::Train => self.transformer.forward(input_ids, attention_mask, mode)?,
+        };
         for d in &self.denses {
             x = d.forward(&x)?;
         }

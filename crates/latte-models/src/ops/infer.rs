@@ -14,9 +14,11 @@ use candle_core::{
 };
 use latte_kernels::attention::{AttnDims, Bias, Strided};
 use latte_kernels::gemm::{self, Packed};
+use latte_kernels::lowp::{self, PackedBf16, PackedI8};
 use latte_kernels::{math, Level};
 
 use super::fast;
+use crate::dtype::Dtype;
 use crate::ops::params::Linear;
 use crate::Result;
 
@@ -111,8 +113,35 @@ fn rows(x: &Tensor) -> Result<(Tensor, usize, Vec<usize>)> {
 /// `act(x Wᵀ + b + residual)` through the register tile: a unary op on `x` or a binary one on
 /// `(x, residual)`.
 struct PackedLinearOp<'a> {
-    packed: &'a Packed,
+    packed: Weights<'a>,
     gelu: bool,
+}
+
+/// The packed weights one [`PackedLinearOp`] multiplies by: f32 (bias inside), or reduced precision with
+/// the bias apart.
+#[derive(Clone, Copy)]
+enum Weights<'a> {
+    F32(&'a Packed),
+    Bf16(&'a PackedBf16, Option<&'a [f32]>),
+    Int8(&'a PackedI8, Option<&'a [f32]>),
+}
+
+impl Weights<'_> {
+    fn n(&self) -> usize {
+        match self {
+            Weights::F32(p) => p.n(),
+            Weights::Bf16(p, _) => p.n(),
+            Weights::Int8(p, _) => p.n(),
+        }
+    }
+
+    fn k(&self) -> usize {
+        match self {
+            Weights::F32(p) => p.k(),
+            Weights::Bf16(p, _) => p.k(),
+            Weights::Int8(p, _) => p.k(),
+        }
+    }
 }
 
 impl PackedLinearOp<'_> {
@@ -149,7 +178,13 @@ impl PackedLinearOp<'_> {
         };
         let x = &x[xo..xo + m * k];
         let mut dst = vec![0f32; m * n];
-        gemm::linear(x, m, p, res, self.gelu, &mut dst);
+        match p {
+            Weights::F32(p) => gemm::linear(x, m, p, res, self.gelu, &mut dst),
+            Weights::Bf16(w, bias) => lowp::linear_bf16(x, m, w, bias, res, self.gelu, &mut dst)
+                .map_err(|e| candle_core::Error::Msg(format!("latte-linear (bf16): {e}")))?,
+            Weights::Int8(w, bias) => lowp::linear_i8(x, m, w, bias, res, self.gelu, &mut dst)
+                .map_err(|e| candle_core::Error::Msg(format!("latte-linear (int8): {e}")))?,
+        }
         Ok((CpuStorage::F32(dst), Shape::from((m, n))))
     }
 }
@@ -182,6 +217,16 @@ impl CustomOp2 for PackedLinearOp<'_> {
 
 /// `act(x Wᵀ + b + residual)` with the packed weights `p`, for `x` of any leading shape.
 fn packed_linear(p: &Packed, x: &Tensor, residual: Option<&Tensor>, gelu: bool) -> Result<Tensor> {
+    weights_linear(Weights::F32(p), x, residual, gelu)
+}
+
+/// `act(x Wᵀ + b + residual)` with the weights `p`, for `x` of any leading shape.
+fn weights_linear(
+    p: Weights<'_>,
+    x: &Tensor,
+    residual: Option<&Tensor>,
+    gelu: bool,
+) -> Result<Tensor> {
     let (x2, m, mut dims) = rows(x)?;
     *dims.last_mut().expect("rank ≥ 1") = p.n();
     let op = PackedLinearOp { packed: p, gelu };
@@ -230,6 +275,11 @@ pub(crate) fn linear_ex(
     residual: Option<&Tensor>,
     gelu: bool,
 ) -> Result<Tensor> {
+    let dtype = crate::dtype::current();
+    if dtype != Dtype::F32 && lowp_applies(layer, x) {
+        let w = lowp_weights(layer, dtype)?;
+        return weights_linear(w, x, residual, gelu);
+    }
     if fast(x) {
         let fresh;
         let p = if trainable(&[layer]) {
@@ -250,6 +300,56 @@ pub(crate) fn linear_ex(
     Ok(y)
 }
 
+/// Whether `layer` can run at reduced precision on `x`: float32 CPU tensors and frozen weights.
+fn lowp_applies(layer: &Linear, x: &Tensor) -> bool {
+    x.device().is_cpu()
+        && x.dtype() == DType::F32
+        && layer.weight.device().is_cpu()
+        && layer.weight.dtype() == DType::F32
+        && !trainable(&[layer])
+}
+
+/// The weights of `layer` packed at `dtype` (not f32), made once per layer on first use.
+fn lowp_weights(layer: &Linear, dtype: Dtype) -> Result<Weights<'_>> {
+    let cache = &layer.lowp;
+    let bias = match cache.bias.get() {
+        Some(b) => b,
+        None => {
+            let b = match &layer.bias {
+                Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+                None => None,
+            };
+            let _ = cache.bias.set(b);
+            cache.bias.get().expect("set above")
+        }
+    };
+    let bias = bias.as_deref();
+    let (n, k) = (layer.out_dim(), layer.in_dim());
+    let weight = || -> Result<Vec<f32>> { Ok(layer.weight.flatten_all()?.to_vec1::<f32>()?) };
+    let lowp_err = |e: lowp::LowpError| crate::Error::Invalid(format!("{dtype} weights: {e}"));
+    Ok(match dtype {
+        Dtype::Bf16 => {
+            if cache.bf16.get().is_none() {
+                let p = PackedBf16::pack(&weight()?, n, k).map_err(lowp_err)?;
+                let _ = cache.bf16.set(p);
+            }
+            Weights::Bf16(cache.bf16.get().expect("set above"), bias)
+        }
+        Dtype::Int8 => {
+            if cache.int8.get().is_none() {
+                let p = PackedI8::pack(&weight()?, n, k).map_err(lowp_err)?;
+                let _ = cache.int8.set(p);
+            }
+            Weights::Int8(cache.int8.get().expect("set above"), bias)
+        }
+        Dtype::F32 => {
+            return Err(crate::Error::Invalid(
+                "f32 weights have no reduced-precision packing".into(),
+            ))
+        }
+    })
+}
+
 /// The outputs of several layers on the same input, concatenated on the last dimension, through one
 /// packed weight (cached in `cache`); `None` when the packed kernel does not apply.
 pub(crate) fn linear_cat(
@@ -257,7 +357,8 @@ pub(crate) fn linear_cat(
     cache: &OnceLock<Packed>,
     x: &Tensor,
 ) -> Result<Option<Tensor>> {
-    if !fast(x) {
+    // At reduced precision each layer runs on its own packing (see `linear_ex`).
+    if !fast(x) || crate::dtype::current() != Dtype::F32 {
         return Ok(None);
     }
     let fresh;

@@ -17,6 +17,16 @@ pub(crate) struct Linear {
     pub bias: Option<Tensor>,
     /// The weight packed for the inference kernel, made on first use.
     pub packed: std::sync::Arc<std::sync::OnceLock<latte_kernels::gemm::Packed>>,
+    /// The weight (and bias) packed for the reduced-precision kernels, made on first use at that dtype.
+    pub lowp: std::sync::Arc<LowpCache>,
+}
+
+/// A linear layer's weights packed for `--dtype bf16` and `--dtype int8`, with its bias in f32.
+#[derive(Debug, Default)]
+pub(crate) struct LowpCache {
+    pub bf16: std::sync::OnceLock<latte_kernels::lowp::PackedBf16>,
+    pub int8: std::sync::OnceLock<latte_kernels::lowp::PackedI8>,
+    pub bias: std::sync::OnceLock<Option<Vec<f32>>>,
 }
 
 impl Linear {
@@ -37,6 +47,7 @@ impl Linear {
             weight,
             bias,
             packed: Default::default(),
+            lowp: Default::default(),
         }
     }
 

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use latte_models::{ColBERT, HubOptions, LoadOptions, PartialSettings};
+use latte_models::{ColBERT, Dtype, HubOptions, LoadOptions, PartialSettings};
 use serde::{Deserialize, Serialize};
 
 /// ColBERT settings and output shape: the load options that change the embeddings.
@@ -39,6 +39,11 @@ pub struct SettingsArgs {
     /// `truncate_dim` for ColBERT models.
     #[arg(long)]
     pub truncate_dim: Option<usize>,
+    /// Precision of the encoder's linear layers: f32 (default), bf16 (bf16 weights and activations, f32
+    /// accumulation) or int8 (dynamically quantised). Normalisation, attention and the final projection
+    /// stay f32. CPU inference only; recorded in an index, which `latte search` reuses.
+    #[arg(long, value_name = "f32|bf16|int8")]
+    pub dtype: Option<Dtype>,
 }
 
 /// Where a Hub model's files come from.
@@ -155,6 +160,9 @@ pub struct ModelOptions {
     /// `--truncate-dim`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub truncate_dim: Option<usize>,
+    /// `--dtype`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<Dtype>,
     /// `--model-seed` (0 when recorded without it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
@@ -174,6 +182,7 @@ impl ModelOptions {
             attend_to_expansion_tokens: s.attend_to_expansion_tokens,
             embedding_size: s.embedding_size,
             truncate_dim: s.truncate_dim,
+            dtype: s.dtype,
             seed,
             pool_factor: None,
         }
@@ -212,6 +221,7 @@ impl ModelOptions {
             hub: hub.options(),
             device: None,
             truncate_dim: self.truncate_dim,
+            dtype: self.dtype.unwrap_or_default(),
         }
     }
 
@@ -234,6 +244,7 @@ impl ModelOptions {
                 .or(self.attend_to_expansion_tokens),
             embedding_size: given.embedding_size.or(self.embedding_size),
             truncate_dim: given.truncate_dim.or(self.truncate_dim),
+            dtype: given.dtype.or(self.dtype),
             seed: given.seed.or(self.seed),
             pool_factor: given.pool_factor.or(self.pool_factor),
         }
@@ -302,6 +313,8 @@ mod tests {
         };
         let merged = recorded.overridden_by(&given);
         assert_eq!(merged.query_length, Some(8));
+        assert_eq!(merged.dtype, None);
+        assert_eq!(merged.load_options(&HubArgs::default()).dtype, Dtype::F32);
         assert_eq!(merged.truncate_dim, Some(64));
         assert_eq!(merged.seed, Some(3));
         assert!(recorded.check_same(&Default::default(), "i").is_ok());
@@ -316,5 +329,42 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("--truncate-dim") && err.contains("64") && err.contains("32"));
+    }
+
+    #[test]
+    fn dtype_is_recorded_and_overridden() {
+        let recorded = ModelOptions {
+            dtype: Some(Dtype::Bf16),
+            ..Default::default()
+        };
+        let json = recorded.to_json();
+        assert_eq!(json, serde_json::json!({"dtype": "bf16"}));
+        assert_eq!(
+            serde_json::from_value::<ModelOptions>(json).unwrap(),
+            recorded
+        );
+        assert_eq!(
+            recorded.load_options(&HubArgs::default()).dtype,
+            Dtype::Bf16
+        );
+        let int8 = ModelOptions {
+            dtype: Some(Dtype::Int8),
+            ..Default::default()
+        };
+        assert_eq!(recorded.overridden_by(&int8).dtype, Some(Dtype::Int8));
+        assert_eq!(
+            recorded.overridden_by(&Default::default()).dtype,
+            Some(Dtype::Bf16)
+        );
+        let err = recorded.check_same(&int8, "i").unwrap_err().to_string();
+        assert!(
+            err.contains("--dtype") && err.contains("bf16") && err.contains("int8"),
+            "{err}"
+        );
+        let bad = serde_json::from_value::<ModelOptions>(serde_json::json!({"dtype": "fp8"}));
+        assert!(bad
+            .unwrap_err()
+            .to_string()
+            .contains("expected one of f32, bf16, int8"));
     }
 }
