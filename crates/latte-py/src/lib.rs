@@ -811,7 +811,9 @@ impl Exact {
             };
             let backup = next.clone();
             for (id, data, d) in &docs {
-                let r = EmbRef::new(data, *d).and_then(|e| next.add(id.clone(), e));
+                let r = EmbRef::new(data, *d)
+                    .map_err(latte_index::Error::from)
+                    .and_then(|e| next.add(id.clone(), e));
                 if let Err(e) = r {
                     *guard = (!backup.is_empty()).then_some(backup);
                     return Err(index_err(e));
