@@ -3,11 +3,12 @@
 Modules mirror PyLate 1.6's: :mod:`latte.models` (``ColBERT``), :mod:`latte.indexes` (``PLAID``, ``Exact``
 and PyLate's other index names on latte's engine), :mod:`latte.retrieve` (``ColBERT``), :mod:`latte.rank`
 (``rerank``), :mod:`latte.evaluation` (``evaluate``, ``load_beir_folder``) and :mod:`latte.scores`
-(``colbert_scores``). Errors are ``FileNotFoundError``, ``ValueError`` or :class:`LatteError`.
+(``colbert_scores``), plus :func:`train` (latte's trainer, the one behind ``latte train``). Errors are ``FileNotFoundError``, ``ValueError`` or :class:`LatteError`.
 """
 
 from latte._latte import LatteError, __version__
-from latte import evaluation, indexes, models, rank, retrieve, scores
+from latte import evaluation, indexes, models, rank, retrieve, scores, training
+from latte.training import train
 
 __all__ = [
     "LatteError",
@@ -18,4 +19,6 @@ __all__ = [
     "rank",
     "retrieve",
     "scores",
+    "train",
+    "training",
 ]

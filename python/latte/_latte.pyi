@@ -1,6 +1,6 @@
 """Type stubs of the native module ``latte._latte`` (see crates/latte-py/src/lib.rs)."""
 
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -11,6 +11,35 @@ _F32 = npt.NDArray[np.float32]
 
 class LatteError(Exception):
     """Base class of the errors latte raises that are neither FileNotFoundError nor ValueError."""
+
+class DenseModule:
+    """A Dense module (latte_models::Dense), initialised as ``torch.nn.Linear`` from ``seed``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        activation_function: str = "torch.nn.modules.linear.Identity",
+        use_residual: bool = False,
+        seed: int = 42,
+    ) -> None: ...
+    def config(self) -> Dict[str, Any]:
+        """``in_features``, ``out_features``, ``bias``, ``activation_function``, ``use_residual``."""
+
+def train(
+    model: Model,
+    train: str,
+    config: str,
+    queries: Optional[str] = None,
+    documents: Optional[str] = None,
+    eval_triplets: Optional[str] = None,
+    eval_distillation: Optional[str] = None,
+    eval_beir: Optional[str] = None,
+    eval_split: str = "dev",
+    resume: Optional[str] = None,
+) -> str:
+    """Runs ``latte train``'s trainer (``config``: JSON of TrainConfig keys); returns the output folder."""
 
 class Model:
     """A loaded ColBERT model (latte_models::ColBERT)."""
@@ -47,6 +76,21 @@ class Model:
         protected_tokens: int = 1,
     ) -> List[_F32]:
         """One float32 ``tokens × dim`` array per text, in input order (GIL released)."""
+    @staticmethod
+    def from_modules(
+        transformer: str,
+        denses: List["DenseModule"],
+        query_prefix: Optional[str] = None,
+        document_prefix: Optional[str] = None,
+        query_length: Optional[int] = None,
+        document_length: Optional[int] = None,
+        attend_to_expansion_tokens: Optional[bool] = None,
+        do_query_expansion: Optional[bool] = None,
+        skiplist_words: Optional[List[str]] = None,
+    ) -> "Model":
+        """Builds a model from a local Transformer folder and Dense modules."""
+    def push_dense(self, dense: "DenseModule") -> None:
+        """Appends a Dense module (its input must match the current output dimension)."""
     def save(self, path: str) -> None:
         """Saves the model as a PyLate folder."""
     def __len__(self) -> int: ...
@@ -54,7 +98,7 @@ class Model:
         """Removes module ``index`` (1 is the first Dense)."""
     def output_dim(self) -> int:
         """Output dimension of the token embeddings."""
-    def settings(self) -> Dict[str, Union[str, int, bool, List[str], None]]:
+    def settings(self) -> Dict[str, Any]:
         """The resolved ColBERT settings."""
 
 class Plaid:

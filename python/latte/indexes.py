@@ -44,6 +44,13 @@ def _subset_lists(subset: Any, n_queries: int) -> Optional[List[List[str]]]:
     return [[str(i) for i in subset]]
 
 
+
+def _id_list(documents_ids: Union[Hashable, List[Hashable]]) -> List[Hashable]:
+    """``documents_ids`` as a list: one id (a ``str``, ``bytes`` or other non-iterable) becomes a list of one."""
+    if isinstance(documents_ids, (str, bytes)) or not hasattr(documents_ids, "__iter__"):
+        return [documents_ids]
+    return list(documents_ids)  # type: ignore[arg-type]
+
 class PLAID:
     """PyLate's ``indexes.PLAID`` on latte's PLAID engine (an index folder at ``index_folder/index_name``).
 
@@ -109,8 +116,7 @@ class PLAID:
             return self._searcher
 
     def _ids_in(self, documents_ids: Any) -> List[str]:
-        if isinstance(documents_ids, (str, bytes)) or not hasattr(documents_ids, "__iter__"):
-            documents_ids = [documents_ids]
+        documents_ids = _id_list(documents_ids)
         return [str(i) for i in documents_ids]
 
     def _original(self, id_: str) -> Hashable:
@@ -131,8 +137,7 @@ class PLAID:
         **kwargs: Any,
     ) -> "PLAID":
         """Adds documents (ids and ``(tokens, dim)`` embeddings); the first call builds the index."""
-        if isinstance(documents_ids, (str, bytes)) or not hasattr(documents_ids, "__iter__"):
-            documents_ids = [documents_ids]
+        documents_ids = _id_list(documents_ids)
         originals = list(documents_ids)
         ids = [str(i) for i in originals]
         embs = matrices(documents_embeddings, "documents_embeddings")
@@ -183,8 +188,7 @@ class PLAID:
         self, documents_ids: Union[Hashable, List[Hashable]], documents_embeddings: Any
     ) -> "PLAID":
         """Replaces the embeddings of documents (those not in the index are added)."""
-        if isinstance(documents_ids, (str, bytes)) or not hasattr(documents_ids, "__iter__"):
-            documents_ids = [documents_ids]
+        documents_ids = _id_list(documents_ids)
         with self._lock:
             self.remove_documents(list(documents_ids))
             self.add_documents(list(documents_ids), documents_embeddings)
@@ -236,8 +240,7 @@ class Exact:
         **kwargs: Any,
     ) -> "Exact":
         """Adds documents (ids and ``(tokens, dim)`` embeddings)."""
-        if isinstance(documents_ids, (str, bytes)) or not hasattr(documents_ids, "__iter__"):
-            documents_ids = [documents_ids]
+        documents_ids = _id_list(documents_ids)
         originals = list(documents_ids)
         ids = [str(i) for i in originals]
         embs = matrices(documents_embeddings, "documents_embeddings")
@@ -249,8 +252,7 @@ class Exact:
 
     def remove_documents(self, documents_ids: Union[Hashable, List[Hashable]]) -> "Exact":
         """Removes documents by id; unknown ids are ignored."""
-        if isinstance(documents_ids, (str, bytes)) or not hasattr(documents_ids, "__iter__"):
-            documents_ids = [documents_ids]
+        documents_ids = _id_list(documents_ids)
         with self._lock:
             known = set(self._ids)
             drop = [i for i in dict.fromkeys(str(d) for d in documents_ids) if i in known]
@@ -266,8 +268,7 @@ class Exact:
         self, documents_ids: Union[Hashable, List[Hashable]], documents_embeddings: Any
     ) -> "Exact":
         """Replaces the embeddings of documents (those not in the index are added)."""
-        if isinstance(documents_ids, (str, bytes)) or not hasattr(documents_ids, "__iter__"):
-            documents_ids = [documents_ids]
+        documents_ids = _id_list(documents_ids)
         with self._lock:
             self.remove_documents(list(documents_ids))
             self.add_documents(list(documents_ids), documents_embeddings)

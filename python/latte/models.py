@@ -6,19 +6,137 @@ Everything runs on latte's Rust engine on the CPU: no torch is needed (when torc
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Union
 
 import numpy as np
 
 from latte import _latte
 
-__all__ = ["ColBERT"]
+__all__ = ["ColBERT", "Dense", "Transformer"]
 
 
 def _looks_like_path(name: str) -> bool:
     """Whether ``name`` is meant as a local path rather than a Hugging Face Hub id (``name`` or ``org/name``)."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+# Short activation names accepted by :class:`Dense` (lower-case torch class names) → torch class paths.
+_ACTIVATIONS: Dict[str, str] = {
+    "identity": "torch.nn.modules.linear.Identity",
+    **{
+        name.lower(): f"torch.nn.modules.activation.{name}"
+        for name in (
+            "ReLU", "ReLU6", "LeakyReLU", "ELU", "CELU", "SELU", "GELU", "SiLU", "Mish", "Sigmoid",
+            "LogSigmoid", "Tanh", "Tanhshrink", "Softplus", "Softsign", "Hardtanh", "Hardsigmoid",
+            "Hardswish", "Hardshrink", "Softshrink",
+        )
+    },
+}
+
+# Seeds of new Dense layers: a process-wide sequence from 42, so that a script building the same modules in
+# the same order gets the same weights (as PyLate under ``torch.manual_seed``).
+_DENSE_SEEDS: Iterator[int] = itertools.count(42)
+
+
+def _activation_name(activation: Any) -> str:
+    """The torch class path of ``activation``: a ``torch.nn`` module instance, a class, a class path or a short name."""
+    if isinstance(activation, str):
+        return _ACTIVATIONS.get(activation.lower(), activation)
+    cls = activation if isinstance(activation, type) else type(activation)
+    module = getattr(cls, "__module__", "")
+    if not module.startswith("torch.nn"):
+        raise ValueError(
+            "activation_function: expected a torch.nn activation (instance or class), its class path "
+            f"('torch.nn.modules.activation.GELU') or a short name ('gelu'), got {activation!r}"
+        )
+    return f"{module}.{cls.__qualname__}"
+
+
+class Transformer:
+    """The body of a ColBERT model, as sentence-transformers' ``models.Transformer``: a local folder holding a
+    Hugging Face encoder (``config.json``, weights, tokenizer). Use it as the first of ``ColBERT(modules=[...])``.
+
+    Only local folders are accepted here (load Hub models with ``ColBERT(model_name_or_path)``).
+    ``max_seq_length`` and the other sentence-transformers arguments are accepted and without effect: latte
+    truncates to ``query_length`` / ``document_length``.
+    """
+
+    def __init__(self, model_name_or_path: str, max_seq_length: Optional[int] = None, **kwargs: Any) -> None:
+        path = os.path.expanduser(os.fspath(model_name_or_path))
+        if not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"Transformer: no model folder at {model_name_or_path} (latte builds modular models from local "
+                "folders; load Hub models with latte.models.ColBERT(name))"
+            )
+        self.model_name_or_path = path
+        self.max_seq_length = max_seq_length
+
+    def get_word_embedding_dimension(self) -> int:
+        """The hidden size of the encoder (``hidden_size`` / ``d_model`` / ``dim`` of its ``config.json``)."""
+        config_path = os.path.join(self.model_name_or_path, "config.json")
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                config = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{config_path}: missing (expected the encoder's Hugging Face config)") from None
+        for key in ("hidden_size", "d_model", "dim"):
+            if isinstance(config.get(key), int):
+                return int(config[key])
+        raise ValueError(f"{config_path}: no hidden_size, d_model or dim (expected the encoder's hidden size)")
+
+    def __repr__(self) -> str:
+        return f"Transformer({{'model_name_or_path': {self.model_name_or_path!r}}})"
+
+
+class Dense:
+    """PyLate's ``models.Dense``: ``act(linear(x))`` on every token embedding, plus ``x`` (or a bias-free
+    projection of it when the sizes differ) when ``use_residual``.
+
+    ``activation_function`` is a ``torch.nn`` activation instance (when torch is installed), its class path
+    (``"torch.nn.modules.activation.GELU"``) or a short name (``"gelu"``, ``"identity"``). Weights are drawn as
+    ``torch.nn.Linear``'s default initialisation (uniform ±1/√in_features) from ``seed``; without a seed,
+    from a process-wide sequence starting at 42 (deterministic for a given construction order).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        activation_function: Any = "identity",
+        use_residual: bool = False,
+        seed: Optional[int] = None,
+        **kwargs: Any,
+    ) -> None:
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Dense: {name} must be a positive int, got {value!r}")
+        if seed is None:
+            seed = next(_DENSE_SEEDS)
+        self._dense = _latte.DenseModule(
+            in_features,
+            out_features,
+            bias=bool(bias),
+            activation_function=_activation_name(activation_function),
+            use_residual=bool(use_residual),
+            seed=seed,
+        )
+        config = self._dense.config()
+        self.in_features: int = config["in_features"]
+        self.out_features: int = config["out_features"]
+        self.bias: bool = config["bias"]
+        self.activation_function: str = config["activation_function"]
+        self.use_residual: bool = config["use_residual"]
+
+    def get_config_dict(self) -> Dict[str, Any]:
+        """The configuration PyLate stores in ``N_Dense/config.json``."""
+        return dict(self._dense.config())
+
+    def __repr__(self) -> str:
+        return f"Dense({self.get_config_dict()!r})"
 
 
 class ColBERT:
@@ -34,7 +152,9 @@ class ColBERT:
     (always MaxSim), ``truncation``, ``add_special_tokens``. Unlike PyLate, ``truncate_dim`` is applied: token
     embeddings keep their first ``truncate_dim`` dimensions and are re-normalised (Matryoshka).
 
-    Modular construction (``modules=[...]``) is not available yet and raises ``NotImplementedError``.
+    Modular construction, as PyLate's models page: ``ColBERT(modules=[Transformer(path), Dense(...), ...],
+    query_length=32, document_length=300)``; ``append``, ``del model[i]``, ``len(model)`` and ``print(model)``
+    work on the modules. ``save`` writes a PyLate folder that ``ColBERT(path)`` (and PyLate) load.
     """
 
     def __init__(
@@ -69,10 +189,27 @@ class ColBERT:
         do_query_expansion: Optional[bool] = None,
         **kwargs: Any,
     ) -> None:
+        if token is None and isinstance(use_auth_token, str):
+            token = use_auth_token
+        self.device = "cpu"
+        self.prompts: Dict[str, str] = dict(prompts or {})
+        self.default_prompt_name = default_prompt_name
         if modules is not None:
-            raise NotImplementedError(
-                "latte.models.ColBERT(modules=[...]) is not available yet; load a model by name or path"
+            self._model: _latte.Model = self._from_modules(
+                modules,
+                embedding_size=embedding_size,
+                bias=bias,
+                query_prefix=query_prefix,
+                document_prefix=document_prefix,
+                query_length=query_length,
+                document_length=document_length,
+                attend_to_expansion_tokens=attend_to_expansion_tokens,
+                do_query_expansion=do_query_expansion,
+                skiplist_words=skiplist_words,
             )
+            self.model_name_or_path = modules[0].model_name_or_path
+            self._read_settings()
+            return
         if model_name_or_path is None:
             raise ValueError("model_name_or_path is required (a model folder or a Hugging Face Hub id)")
         name = os.fspath(model_name_or_path)
@@ -81,12 +218,7 @@ class ColBERT:
             raise FileNotFoundError(f"no model folder at {name}")
         if os.path.exists(expanded):
             name = expanded
-        if token is None and isinstance(use_auth_token, str):
-            token = use_auth_token
         self.model_name_or_path = name
-        self.device = "cpu"
-        self.prompts: Dict[str, str] = dict(prompts or {})
-        self.default_prompt_name = default_prompt_name
         self._model = _latte.Model.load(
             name,
             query_prefix=query_prefix,
@@ -104,6 +236,31 @@ class ColBERT:
             revision=revision,
             token=token if isinstance(token, str) else None,
         )
+        self._read_settings()
+
+    @staticmethod
+    def _from_modules(
+        modules: List[Any], embedding_size: Optional[int], bias: bool, **settings: Any
+    ) -> "_latte.Model":
+        """The native model of ``modules``: a :class:`Transformer` then :class:`Dense` layers."""
+        modules = list(modules)
+        if not modules or not isinstance(modules[0], Transformer):
+            raise ValueError(
+                "modules: expected a latte.models.Transformer first, then latte.models.Dense layers; got "
+                f"{[type(m).__name__ for m in modules]}"
+            )
+        for i, m in enumerate(modules[1:], start=1):
+            if not isinstance(m, Dense):
+                raise ValueError(f"modules[{i}]: expected a latte.models.Dense, got {type(m).__name__}")
+        model = _latte.Model.from_modules(
+            modules[0].model_name_or_path, [m._dense for m in modules[1:]], **settings
+        )
+        if embedding_size is not None and model.output_dim() != embedding_size:
+            model.push_dense(Dense(model.output_dim(), embedding_size, bias=bias)._dense)
+        return model
+
+    def _read_settings(self) -> None:
+        """Copies the resolved settings of the native model onto the PyLate attributes."""
         settings = self._model.settings()
         self.query_prefix: str = settings["query_prefix"]
         self.document_prefix: str = settings["document_prefix"]
@@ -168,7 +325,7 @@ class ColBERT:
                 for group in sentences
             ]
         single = isinstance(sentences, str)
-        texts = [sentences] if single else list(sentences)
+        texts: List[Any] = [sentences] if single else list(sentences)
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise ValueError(f"sentences[{i}]: expected a str, got {type(t).__name__}")
@@ -202,7 +359,7 @@ class ColBERT:
                 padded.append(p)
             out = padded
         if convert_to_tensor or not convert_to_numpy:
-            import torch  # only when tensors are asked for
+            import torch  # type: ignore[import-not-found, unused-ignore]  # only when tensors are asked for
 
             out = [torch.from_numpy(a) for a in out]
         return out[0] if single else out
@@ -215,10 +372,18 @@ class ColBERT:
         """Same as :meth:`save` (PyLate / sentence-transformers name)."""
         self.save(path)
 
+    def append(self, module: Dense) -> None:
+        """Appends a :class:`Dense` layer (its ``in_features`` must match the current output dimension)."""
+        if not isinstance(module, Dense):
+            raise ValueError(f"append: expected a latte.models.Dense, got {type(module).__name__}")
+        self._model.push_dense(module._dense)
+
     def __len__(self) -> int:
+        """Number of modules (the Transformer and each Dense)."""
         return len(self._model)
 
     def __delitem__(self, index: int) -> None:
+        """Removes a Dense module (index 0, the Transformer, cannot be removed)."""
         if index < 0:
             index += len(self)
         if index < 0:

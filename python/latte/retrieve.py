@@ -28,4 +28,5 @@ class ColBERT:
         subset: Optional[Union[List[Hashable], List[List[Hashable]]]] = None,
     ) -> List[List[Dict[str, Any]]]:
         """Per query, up to ``k`` ``{"id", "score"}`` dicts, best first (``subset`` restricts the ids)."""
-        return self.index(queries_embeddings, k=k, subset=subset)
+        results: List[List[Dict[str, Any]]] = self.index(queries_embeddings, k=k, subset=subset)
+        return results

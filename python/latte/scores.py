@@ -69,7 +69,7 @@ def colbert_scores(
         q, d, _mask(queries_mask, "queries_mask"), _mask(documents_mask, "documents_mask")
     )
     if torch_in:
-        import torch
+        import torch  # type: ignore[import-not-found, unused-ignore]
 
         return torch.from_numpy(out)
     return out

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{PoisonError, RwLock};
 
 use latte_index::{EmbRef, ExactIndex, IndexConfig, PlaidIndex, SearchParams, VecSource};
-use latte_models::{ColBERT, EncodeOptions, LoadOptions, PartialSettings};
+use latte_models::{ColBERT, Dense, DenseConfig, EncodeOptions, LoadOptions, PartialSettings};
 use numpy::ndarray::{Array2, Array3};
 use numpy::{PyArray2, PyArray3, PyReadonlyArray2, PyReadonlyArray3, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyException, PyFileNotFoundError, PyIndexError, PyValueError};
@@ -259,6 +259,52 @@ impl Model {
         model.remove_module(index).map(|_| ()).map_err(model_err)
     }
 
+    /// Builds a model from a local Transformer folder and Dense modules (PyLate's modular syntax);
+    /// explicit settings win over PyLate's defaults.
+    #[staticmethod]
+    #[pyo3(signature = (transformer, denses, query_prefix=None, document_prefix=None,
+        query_length=None, document_length=None, attend_to_expansion_tokens=None,
+        do_query_expansion=None, skiplist_words=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn from_modules(
+        py: Python<'_>,
+        transformer: PathBuf,
+        denses: Vec<Py<DenseModule>>,
+        query_prefix: Option<String>,
+        document_prefix: Option<String>,
+        query_length: Option<usize>,
+        document_length: Option<usize>,
+        attend_to_expansion_tokens: Option<bool>,
+        do_query_expansion: Option<bool>,
+        skiplist_words: Option<Vec<String>>,
+    ) -> PyResult<Self> {
+        let denses: Vec<Dense> = denses.iter().map(|d| d.get().inner.clone()).collect();
+        let settings = PartialSettings {
+            query_prefix,
+            document_prefix,
+            query_length,
+            document_length,
+            do_query_expansion,
+            attend_to_expansion_tokens,
+            skiplist_words,
+        };
+        let inner = py
+            .detach(|| {
+                let t = latte_models::Transformer::load(&transformer, &candle_core::Device::Cpu)?;
+                ColBERT::from_modules(t, denses, settings)
+            })
+            .map_err(model_err)?;
+        Ok(Self {
+            inner: RwLock::new(inner),
+        })
+    }
+
+    /// Appends a Dense module (its input must match the current output dimension).
+    fn push_dense(&self, dense: PyRef<'_, DenseModule>) -> PyResult<()> {
+        let mut model = self.inner.write().map_err(lock_poisoned)?;
+        model.push_dense(dense.inner.clone()).map_err(model_err)
+    }
+
     /// Output dimension of the token embeddings.
     fn output_dim(&self) -> PyResult<usize> {
         Ok(self.inner.read().map_err(lock_poisoned)?.output_dim())
@@ -279,6 +325,170 @@ impl Model {
         d.set_item("truncate_dim", model.truncate_dim())?;
         Ok(d)
     }
+}
+
+/// A Dense module (latte_models::Dense): a linear projection, an activation and an optional residual.
+#[pyclass(frozen, module = "latte._latte")]
+struct DenseModule {
+    inner: Dense,
+}
+
+#[pymethods]
+impl DenseModule {
+    /// A new Dense with weights drawn like `torch.nn.Linear`'s default init, from `seed`.
+    /// `activation_function` is a torch class path or class name (`torch.nn.modules.activation.GELU`).
+    #[new]
+    #[pyo3(signature = (in_features, out_features, bias=true, activation_function="torch.nn.modules.linear.Identity".to_string(), use_residual=false, seed=42))]
+    fn new(
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+        activation_function: String,
+        use_residual: bool,
+        seed: u64,
+    ) -> PyResult<Self> {
+        if in_features == 0 || out_features == 0 {
+            return Err(PyValueError::new_err(format!(
+                "Dense: in_features and out_features must be positive, got {in_features} and {out_features}"
+            )));
+        }
+        let activation =
+            latte_models::Activation::from_torch_name(&activation_function).map_err(model_err)?;
+        let config = DenseConfig {
+            in_features,
+            out_features,
+            bias,
+            activation_function: activation.torch_name().to_string(),
+            use_residual,
+        };
+        let inner = Dense::random(&config, seed, &candle_core::Device::Cpu).map_err(model_err)?;
+        Ok(Self { inner })
+    }
+
+    /// The configuration as PyLate stores it (`in_features`, `out_features`, `bias`,
+    /// `activation_function`, `use_residual`).
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+        let c = self.inner.config();
+        let d = pyo3::types::PyDict::new(py);
+        d.set_item("in_features", c.in_features)?;
+        d.set_item("out_features", c.out_features)?;
+        d.set_item("bias", c.bias)?;
+        d.set_item("activation_function", c.activation_function)?;
+        d.set_item("use_residual", c.use_residual)?;
+        Ok(d)
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Training
+
+/// Maps a training error to a Python exception.
+fn train_err(e: latte_train::Error) -> PyErr {
+    use latte_train::Error as E;
+    let msg = e.to_string();
+    match e {
+        E::Model(m) => model_err(m),
+        E::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            PyFileNotFoundError::new_err(msg)
+        }
+        E::Invalid(_) | E::Data { .. } => PyValueError::new_err(msg),
+        _ => latte_error(msg),
+    }
+}
+
+/// Runs `latte train`'s trainer. `config` is a JSON object of TrainConfig keys (unknown keys are an
+/// error); returns the output folder. The GIL is released while training.
+#[pyfunction]
+#[pyo3(name = "train", signature = (model, train, config, queries=None, documents=None, eval_triplets=None,
+    eval_distillation=None, eval_beir=None, eval_split="dev".to_string(), resume=None))]
+#[allow(clippy::too_many_arguments)]
+fn train_model(
+    py: Python<'_>,
+    model: PyRef<'_, Model>,
+    train: PathBuf,
+    config: String,
+    queries: Option<PathBuf>,
+    documents: Option<PathBuf>,
+    eval_triplets: Option<PathBuf>,
+    eval_distillation: Option<PathBuf>,
+    eval_beir: Option<PathBuf>,
+    eval_split: String,
+    resume: Option<PathBuf>,
+) -> PyResult<PathBuf> {
+    use latte_train::data::{Table, TrainingData};
+    use latte_train::evaluate::{DistillationEvaluator, Evaluator, IrEvaluator, TripletEvaluator};
+    use latte_train::{LossKind, TrainConfig, Trainer};
+    let cfg: TrainConfig = serde_json::from_str(&config)
+        .map_err(|e| PyValueError::new_err(format!("training hyper-parameters: {e}")))?;
+    let model = &*model;
+    py.detach(|| -> PyResult<PathBuf> {
+        let data = match (&queries, &documents) {
+            (Some(q), Some(d)) => TrainingData::distillation(
+                &Table::read(&train).map_err(train_err)?,
+                &Table::read(q).map_err(train_err)?,
+                &Table::read(d).map_err(train_err)?,
+                cfg.n_ways,
+            )
+            .map_err(train_err)?,
+            (None, None) => TrainingData::load(&train).map_err(train_err)?,
+            _ => {
+                return Err(PyValueError::new_err(
+                    "queries and documents go together (distillation in PyLate's layout)",
+                ))
+            }
+        };
+        match cfg.loss {
+            LossKind::Distillation if data.label_column.is_none() => {
+                return Err(PyValueError::new_err(format!(
+                    "{}: the distillation loss needs teacher scores (a `scores` column); columns: {:?}",
+                    train.display(),
+                    data.text_columns
+                )))
+            }
+            LossKind::Contrastive | LossKind::CachedContrastive
+                if data.list_columns.iter().any(|&l| l) =>
+            {
+                return Err(PyValueError::new_err(format!(
+                    "{}: the contrastive losses need one text per column (query, positive, negatives); a list-valued column is distillation data (use loss=\"distillation\")",
+                    train.display()
+                )))
+            }
+            _ => {}
+        }
+        let mut evaluators: Vec<Box<dyn Evaluator>> = Vec::new();
+        if let Some(p) = &eval_triplets {
+            let d = TrainingData::load(p).map_err(train_err)?;
+            evaluators.push(Box::new(
+                TripletEvaluator::from_data("triplets", &d).map_err(train_err)?,
+            ));
+        }
+        if let Some(p) = &eval_distillation {
+            let d = TrainingData::load(p).map_err(train_err)?;
+            evaluators.push(Box::new(
+                DistillationEvaluator::from_data("distillation", &d).map_err(train_err)?,
+            ));
+        }
+        if let Some(p) = &eval_beir {
+            let ds = latte_eval::BeirDataset::load(p, &eval_split).map_err(eval_err)?;
+            evaluators.push(Box::new(IrEvaluator::new("ir", ds).map_err(train_err)?));
+        }
+        let trainer = Trainer {
+            config: cfg,
+            evaluators,
+        };
+        let out = match &resume {
+            Some(dir) => {
+                let base = ColBERT::load_dir(dir, &Default::default()).map_err(model_err)?;
+                trainer.train(&base, &data, Some(dir.as_path()))
+            }
+            None => {
+                let base = model.inner.read().map_err(lock_poisoned)?;
+                trainer.train(&base, &data, None)
+            }
+        }
+        .map_err(train_err)?;
+        Ok(out.model_dir)
+    })
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -793,6 +1003,8 @@ fn _latte(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("LatteError", m.py().get_type::<LatteError>())?;
     m.add_class::<Model>()?;
+    m.add_class::<DenseModule>()?;
+    m.add_function(wrap_pyfunction!(train_model, m)?)?;
     m.add_class::<Plaid>()?;
     m.add_class::<Exact>()?;
     m.add_function(wrap_pyfunction!(colbert_scores, m)?)?;
