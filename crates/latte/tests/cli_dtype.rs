@@ -2,38 +2,11 @@
 //! it unless overridden, and a bad value is refused naming the flag and the values allowed.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use latte_index::PlaidIndex;
 
-fn model(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../latte-models/tests/fixtures/models")
-        .join(name)
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn latte(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_latte"))
-        .args(args)
-        .output()
-        .expect("run latte")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = latte(args);
-    assert!(
-        out.status.success(),
-        "latte {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+mod common;
+use common::*;
 
 const DOCS: [(&str, &str); 5] = [
     (

@@ -3,46 +3,11 @@
 //! and `--pool-factor` pools each document once.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use latte_index::PlaidIndex;
 
-fn model(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../latte-models/tests/fixtures/models")
-        .join(name)
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn latte(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_latte"))
-        .args(args)
-        .output()
-        .expect("run latte")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = latte(args);
-    assert!(
-        out.status.success(),
-        "latte {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
-fn fails(args: &[&str], needles: &[&str]) {
-    let out = latte(args);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "latte {args:?} should fail");
-    for needle in needles {
-        assert!(
-            err.contains(needle),
-            "latte {args:?}: expected {needle:?} in {err}"
-        );
-    }
-}
+mod common;
+use common::*;
 
 const DOCS: [(&str, &str); 6] = [
     (
@@ -89,10 +54,6 @@ fn write_dataset(dir: &Path) -> (PathBuf, PathBuf) {
     )
     .unwrap();
     (dir.join("corpus.jsonl"), dir.join("queries.jsonl"))
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// Every line `qid Q0 doc rank score latte`, with `k` hits per query.
