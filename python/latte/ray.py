@@ -30,6 +30,7 @@ results of the shards that answered (the missing ones are named in a :class:`Par
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -289,16 +290,10 @@ def write_embeddings(
     """
     root = os.path.abspath(os.fspath(path))
     os.makedirs(root, exist_ok=True)
-    rows = dataset.map_batches(
-        _write_batch,
-        fn_kwargs={
-            "root": root,
-            "id_column": id_column,
-            "embeddings_column": embeddings_column,
-            "num_shards": None,
-        },
-        batch_format="numpy",
-    ).take_all()
+    write = functools.partial(
+        _write_batch, root=root, id_column=id_column, embeddings_column=embeddings_column, num_shards=None
+    )
+    rows = dataset.map_batches(write, batch_format="numpy").take_all()
     return sorted(str(r["part"]) for r in rows)
 
 
@@ -324,7 +319,7 @@ def _read_parts(folder: str, parts: Iterable[str]) -> Tuple[List[str], List[np.n
 
 def _index_settings(
     nbits: int, kmeans_niters: int, max_points_per_centroid: int, seed: int, pool_factor: int
-) -> Dict[str, int]:
+) -> Dict[str, Any]:
     if nbits not in (1, 2, 4):
         raise ValueError(f"nbits must be 1, 2 or 4, got {nbits}")
     return {
@@ -336,7 +331,7 @@ def _index_settings(
     }
 
 
-def _build_shard(root: str, shard: int, staging: str, parts: List[str], settings: Dict[str, int]) -> Dict[str, Any]:
+def _build_shard(root: str, shard: int, staging: str, parts: List[str], settings: Dict[str, Any]) -> Dict[str, Any]:
     """Builds shard ``shard`` of the index in ``root`` from its staged parts (documents sorted by id, so the
     shard does not depend on how the dataset was split into blocks)."""
     from latte.indexes import PLAID
@@ -427,16 +422,10 @@ def build_sharded(
     os.makedirs(root, exist_ok=True)
     staging = os.path.join(root, "_staging")
     shutil.rmtree(staging, ignore_errors=True)
-    written = dataset.map_batches(
-        _write_batch,
-        fn_kwargs={
-            "root": staging,
-            "id_column": id_column,
-            "embeddings_column": embeddings_column,
-            "num_shards": num_shards,
-        },
-        batch_format="numpy",
-    ).take_all()
+    write = functools.partial(
+        _write_batch, root=staging, id_column=id_column, embeddings_column=embeddings_column, num_shards=num_shards
+    )
+    written = dataset.map_batches(write, batch_format="numpy").take_all()
     parts: Dict[int, List[str]] = {i: [] for i in range(num_shards)}
     for row in written:
         parts[int(row["shard"])].append(str(row["part"]))
@@ -468,7 +457,7 @@ def build_sharded(
 class _ShardActor:
     """One shard of a :class:`ShardedIndex`: its PLAID index opened (memory-mapped) in a Ray actor."""
 
-    def __init__(self, root: str, name: str, settings: Dict[str, int], search: Dict[str, int]) -> None:
+    def __init__(self, root: str, name: str, settings: Dict[str, Any], search: Dict[str, Any]) -> None:
         from latte.indexes import PLAID
 
         self.name = name
@@ -505,14 +494,14 @@ class _ShardActor:
         hits = self.index(queries, **kwargs)
         return [[(str(h["id"]), float(h["score"])) for h in q] for q in hits]
 
-    def add(self, ids: List[str], embeddings: List[np.ndarray], metadata: Optional[List[Any]]) -> int:
+    def add(self, ids: List[Hashable], embeddings: List[np.ndarray], metadata: Optional[List[Any]]) -> int:
         kwargs: Dict[str, Any] = {}
         if metadata is not None:
             kwargs["metadata"] = metadata
         self.index.add_documents(ids, embeddings, **kwargs)
         return len(self.index)
 
-    def remove(self, ids: List[str]) -> int:
+    def remove(self, ids: List[Hashable]) -> int:
         self.index.remove_documents(ids)
         return len(self.index) if self.index.is_indexed else 0
 
@@ -597,7 +586,7 @@ class ShardedIndex:
         remote = ray.remote(_ShardActor).options(**options)
         search = {"n_ivf_probe": n_ivf_probe, "n_full_scores": n_full_scores}
         settings = dict(self.manifest["index"])
-        self._actors = [remote.remote(self.path, name, settings, search) for name in self.names]
+        self._actors: List[Any] = [remote.remote(self.path, name, settings, search) for name in self.names]
         self._closed = False
         # Wait until every shard is open, so that errors in a shard surface here, named.
         self._gather([a.info.remote() for a in self._actors], allow_partial=False, timeout=timeout)
