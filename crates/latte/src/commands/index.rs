@@ -223,6 +223,7 @@ fn index_corpus(
         trained: false,
         num_centroids: 0,
         outlier_fraction: 0.0,
+        replaced: Vec::new(),
     };
     let mut outliers = 0.0f64;
     let mut created = exists;
@@ -270,6 +271,7 @@ fn index_corpus(
         total.tokens += report.tokens;
         total.trained |= report.trained;
         total.num_centroids = report.num_centroids;
+        total.replaced.extend(report.replaced);
         outliers += report.outlier_fraction * report.tokens as f64;
     }
     total.outlier_fraction = outliers / total.tokens.max(1) as f64;
