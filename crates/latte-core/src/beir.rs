@@ -114,7 +114,8 @@ pub fn read_all(path: impl AsRef<Path>, kind: Kind) -> Result<Vec<Record>> {
     open(path, kind)?.collect()
 }
 
-fn type_name(v: &Value) -> &'static str {
+/// How an error message names the JSON type of `v` ("a string", "an object", ...).
+pub fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

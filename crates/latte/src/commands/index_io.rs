@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use latte_core::beir::type_name;
 use latte_index::{Doc, DocumentSource, NpzSource, VecSource};
 use serde_json::{Map, Value};
 
@@ -90,17 +91,6 @@ fn crate_npz_read(path: &Path) -> Result<Vec<latte::npz::Matrix>> {
         .into_iter()
         .map(|(_, m)| m)
         .collect())
-}
-
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// The stored document of one JSONL line (`fields`, its whole object): `title` and `text` as the title and

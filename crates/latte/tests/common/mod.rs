@@ -46,6 +46,14 @@ pub fn fails(args: &[&str], needles: &[&str]) {
     }
 }
 
+/// Runs `latte ARGS`, which must succeed; returns its standard error (where reports are printed).
+pub fn ok_stderr(args: &[&str]) -> String {
+    let out = latte(args);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "latte {args:?} failed: {err}");
+    err
+}
+
 /// A path as `&str` (the test paths are UTF-8).
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
