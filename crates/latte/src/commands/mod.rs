@@ -11,4 +11,5 @@ pub mod index_io;
 pub mod mine;
 pub mod model_args;
 pub mod search;
+pub mod serve;
 pub mod train;
