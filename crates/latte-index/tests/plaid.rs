@@ -285,8 +285,11 @@ fn bad_input_is_a_clear_error_and_leaves_the_index_unchanged() {
         .search(EmbRef::new(&q, DIM).unwrap(), &SearchParams::for_k(0), None)
         .unwrap_err();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
-    // Duplicate id, and an empty document in the middle of a batch.
-    let (dup, _) = corpus(3, 22, "d");
+    // An id twice in one add (an id already in the index is replaced instead), and an empty document in
+    // the middle of a batch.
+    let mut dup = VecSource::new(DIM);
+    dup.push("twice", vec![0.1; DIM]).unwrap();
+    dup.push("twice", vec![0.2; DIM]).unwrap();
     assert!(matches!(
         PlaidIndex::add(dir.path(), &dup),
         Err(Error::DuplicateId(_))

@@ -87,11 +87,12 @@ pub struct IndexDeleted {
 pub struct DocumentIn {
     /// External id, unique in the index; adding an id again replaces the document.
     pub id: String,
-    /// Text to encode (with the title, if any, in front) and to store.
+    /// The passage: stored (returned by search, matched by BM25) and, without `embeddings`, encoded by the
+    /// index's model.
     pub text: Option<String>,
     /// Title, stored and searched by BM25 beside the text.
     pub title: Option<String>,
-    /// Token embeddings, `tokens × dim`, instead of text.
+    /// Token embeddings, `tokens × dim`, used instead of encoding (any text is then only stored).
     pub embeddings: Option<Vec<Vec<f32>>>,
     /// A JSON object for filters.
     #[schema(value_type = Option<Object>)]
@@ -102,7 +103,7 @@ pub struct DocumentIn {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddDocuments {
-    /// The documents: all with `text` or all with `embeddings`.
+    /// The documents: all with `embeddings`, or all with `text` to encode.
     pub documents: Vec<DocumentIn>,
 }
 

@@ -140,6 +140,11 @@ impl From<latte_index::Error> for ApiError {
             E::UnknownIds(_) => Self::not_found(message),
             E::Locked { .. } => Self::conflict("locked", message),
             E::EmptyIndex => Self::conflict("index_empty", message),
+            E::NoDocumentStore(_) => Self::conflict(
+                "no_document_store",
+                "the index has no document store (it was built before latte stored text and metadata): \
+                 filters, hybrid search and stored fields need one; any add or delete creates it",
+            ),
             E::Store(s) => s.into(),
             _ => Self::internal(message),
         }

@@ -217,6 +217,65 @@ async fn text_index_lifecycle() {
     let (status, doc) = s.call("GET", "/indexes/books/documents/t-3", None).await;
     assert_eq!(status, 200, "{doc}");
     assert_eq!(doc["id"], "t-3");
+    assert_eq!(
+        doc["text"],
+        "sqlite stores documents and metadata (passage 3)"
+    );
+    assert_eq!(doc["title"], "title 0");
+    assert_eq!(doc["metadata"], json!({"topic": 3, "even": false}));
+
+    // Filters: only matching documents, with the stored fields asked for.
+    let (status, hits) = s
+        .call(
+            "POST",
+            "/indexes/books/search",
+            Some(json!({
+                "queries": ["rust"], "k": 30,
+                "filter": {"topic": 1},
+                "return": ["text", "metadata"],
+            })),
+        )
+        .await;
+    assert_eq!(status, 200, "{hits}");
+    let hits0 = hits["results"][0].as_array().unwrap();
+    assert_eq!(hits0.len(), 5, "topic 1 holds t-1, t-7, t-13, t-19, t-25");
+    for h in hits0 {
+        assert_eq!(h["metadata"]["topic"], 1, "{h}");
+        assert!(
+            h["text"].as_str().unwrap().starts_with("the tokio runtime"),
+            "{h}"
+        );
+        assert!(h.get("title").is_none(), "title was not asked for: {h}");
+    }
+    let filter = json!({"even": true, "topic": {"$in": [3, 4]}});
+    let (status, hits) = s
+        .call(
+            "POST",
+            "/indexes/books/search",
+            Some(json!({"queries": ["sqlite"], "k": 30, "filter": filter})),
+        )
+        .await;
+    assert_eq!(status, 200, "{hits}");
+    let mut got = ids_of(&hits["results"][0]);
+    got.sort();
+    assert_eq!(got, vec!["t-10", "t-16", "t-22", "t-28", "t-4"]);
+
+    // Hybrid: BM25 over the stored text beside MaxSim.
+    for hybrid in [json!(true), json!({"fusion": "linear", "alpha": 0.0})] {
+        let body = json!({"queries": ["sqlite"], "k": 5, "hybrid": hybrid, "return": ["title"]});
+        let (status, hits) = s.call("POST", "/indexes/books/search", Some(body)).await;
+        assert_eq!(status, 200, "{hits}");
+        let hs = hits["results"][0].as_array().unwrap();
+        assert_eq!(hs.len(), 5);
+        assert!(hs.iter().all(|h| h["title"].is_string()), "{hits}");
+        // With alpha 0 the order is BM25's: the five passages that contain "sqlite" (topic 3).
+        if hybrid.is_object() {
+            for h in hs {
+                let id: usize = h["id"].as_str().unwrap()[2..].parse().unwrap();
+                assert_eq!(id % 6, 3, "{hits}");
+            }
+        }
+    }
     let (status, doc) = s.call("GET", "/indexes/books/documents/nope", None).await;
     assert_eq!(
         (status, doc["error"]["code"].as_str()),
@@ -224,7 +283,10 @@ async fn text_index_lifecycle() {
     );
 
     // More documents, then a delete by id.
-    let more = json!({"documents": [{"id": "x-1", "text": "an added passage about rust"}]});
+    let more = json!({"documents": [
+        {"id": "x-1", "text": "an added passage about rust"},
+        {"id": "t-2", "text": "a replaced passage", "metadata": {"topic": 99}},
+    ]});
     let (status, body) = s.call("POST", "/indexes/books/documents", Some(more)).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
@@ -233,8 +295,12 @@ async fn text_index_lifecycle() {
             body["created"].as_bool(),
             body["documents"].as_u64()
         ),
-        (Some(1), Some(false), Some(31))
+        (Some(2), Some(false), Some(31))
     );
+    assert_eq!(body["replaced"], json!(["t-2"]));
+    let (_, doc) = s.call("GET", "/indexes/books/documents/t-2", None).await;
+    assert_eq!(doc["text"], "a replaced passage");
+    assert_eq!(doc["metadata"]["topic"], 99);
     let (status, body) = s
         .call(
             "DELETE",
@@ -248,21 +314,34 @@ async fn text_index_lifecycle() {
     assert_eq!(body["not_found"], json!(["ghost"]));
     let (_, info) = s.call("GET", "/indexes/books", None).await;
     assert_eq!(info["documents"], 29);
+    // Delete by filter: topic 5 holds t-5, t-11, t-17, t-23, t-29.
+    let (status, body) = s
+        .call(
+            "DELETE",
+            "/indexes/books/documents",
+            Some(json!({"filter": {"topic": 5}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["deleted"], 5);
+    assert_eq!(body["remaining"], 24);
+    let (status, _) = s.call("GET", "/indexes/books/documents/t-11", None).await;
+    assert_eq!(status, 404);
     let (_, hits) = s
         .call(
             "POST",
             "/indexes/books/search",
-            Some(json!({"queries": ["rust"], "k": 29})),
+            Some(json!({"queries": ["rust"], "k": 30})),
         )
         .await;
     let got: HashSet<String> = ids_of(&hits["results"][0]).into_iter().collect();
-    assert!(
-        !got.contains("t-0") && !got.contains("t-1"),
-        "deleted documents are not found"
-    );
+    assert_eq!(got.len(), 24);
+    for gone in ["t-0", "t-1", "t-5"] {
+        assert!(!got.contains(gone), "deleted document {gone} is not found");
+    }
     assert_eq!(
         s.metric("latte_index_documents{index=\"books\"}").await,
-        Some(29.0)
+        Some(24.0)
     );
 
     // Delete the index: gone from the listing and from disk.
@@ -693,10 +772,60 @@ async fn every_bad_request_is_a_json_error() {
         (
             "POST",
             "/indexes/i/documents",
-            Some(json!({"documents": [{"id": "a", "text": "x", "embeddings": [[1.0]]}]})),
+            Some(
+                json!({"documents": [{"id": "a", "embeddings": [vec![1.0f32; 16]]}, {"id": "b", "text": "x"}]}),
+            ),
             400,
             "invalid_request",
-            "both text and embeddings",
+            "documents[1]: give embeddings for every document",
+        ),
+        (
+            "POST",
+            "/indexes/i/search",
+            Some(json!({"queries": ["a"], "filter": {"topic": {"$near": 1}}})),
+            400,
+            "invalid_request",
+            "filter: /topic",
+        ),
+        (
+            "POST",
+            "/indexes/i/search",
+            Some(json!({"queries": ["a"], "hybrid": {"fusion": "max"}})),
+            400,
+            "invalid_request",
+            "hybrid.fusion must be",
+        ),
+        (
+            "POST",
+            "/indexes/i/search",
+            Some(json!({"queries": ["a"], "hybrid": {"fusion": "linear", "alpha": 2.0}})),
+            400,
+            "invalid_request",
+            "hybrid.alpha must be in [0, 1], got 2",
+        ),
+        (
+            "POST",
+            "/indexes/i/search",
+            Some(json!({"query_embeddings": [q16], "hybrid": true})),
+            400,
+            "invalid_request",
+            "hybrid search needs \"queries\"",
+        ),
+        (
+            "POST",
+            "/indexes/i/search",
+            Some(json!({"queries": ["a"], "return": ["vectors"]})),
+            400,
+            "invalid_request",
+            "return[0] must be",
+        ),
+        (
+            "DELETE",
+            "/indexes/i/documents",
+            Some(json!({"filter": {"$bad": 1}})),
+            400,
+            "invalid_request",
+            "filter:",
         ),
         (
             "POST",

@@ -237,12 +237,18 @@ async fn a_writer_and_concurrent_readers() {
         let (client, url, done) = (s.client.clone(), s.url("/indexes/rw/search"), done.clone());
         readers.push(tokio::spawn(async move {
             let q = embedding_docs("q", 0..1, 16, 100 + r)["documents"][0]["embeddings"].clone();
+            // Half the readers filter on metadata; all read the stored metadata back.
+            let body = if r % 2 == 0 {
+                json!({"query_embeddings": [q], "k": 5, "return": ["metadata"]})
+            } else {
+                json!({"query_embeddings": [q], "k": 5, "return": ["metadata"], "filter": {"n": {"$lt": 1000}}})
+            };
             let (mut ok, mut errors) = (0u64, Vec::new());
             // At least a few searches, then until the writer is done.
             while ok < 5 || !done.load(std::sync::atomic::Ordering::SeqCst) {
                 let res = client
                     .post(&url)
-                    .json(&json!({"query_embeddings": [q], "k": 5}))
+                    .json(&body)
                     .send()
                     .await
                     .unwrap();
@@ -252,7 +258,8 @@ async fn a_writer_and_concurrent_readers() {
                 let valid = body["results"][0].as_array().is_some_and(|h| {
                     h.iter().all(|x| {
                         let id = x["id"].as_str().unwrap_or_default();
-                        id.starts_with("base-") || id.starts_with("new-")
+                        (id.starts_with("base-") || id.starts_with("new-"))
+                            && x["metadata"]["n"].is_u64()
                     })
                 });
                 if status == 200 && hits == 5 && valid {

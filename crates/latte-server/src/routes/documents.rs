@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::Json;
-use latte_index::{DocumentSource, IndexConfig, PlaidIndex, VecSource};
+use latte_index::{Doc, DocumentSource, Filter, IndexConfig, PlaidIndex, VecSource};
 use latte_models::ModelOptions;
 
 use crate::api::{AddDocuments, AddResult, DeleteDocuments, DeleteResult, DocumentOut};
@@ -62,11 +62,6 @@ pub async fn add(
     let with_embeddings = docs[0].embeddings.is_some();
     for (i, d) in docs.iter().enumerate() {
         match (d.embeddings.is_some(), d.text.is_some()) {
-            (true, true) => {
-                return Err(ApiError::invalid(format!(
-                    "documents[{i}] has both text and embeddings; give one"
-                )))
-            }
             (false, false) => {
                 return Err(ApiError::invalid(format!(
                     "documents[{i}] has neither text nor embeddings"
@@ -74,7 +69,7 @@ pub async fn add(
             }
             (e, _) if e != with_embeddings => {
                 return Err(ApiError::invalid(format!(
-                    "documents[{i}]: give every document of a request as text or every one as embeddings"
+                    "documents[{i}]: give embeddings for every document of a request or for none"
                 )))
             }
             _ => {}
@@ -116,23 +111,34 @@ pub async fn add(
         }
         source
     };
+    let stored: Vec<Doc> = docs
+        .into_iter()
+        .map(|d| Doc {
+            id: d.id,
+            title: d.title,
+            text: d.text,
+            metadata: d.metadata,
+        })
+        .collect();
     let _write = entry.write.lock().await;
     let guard = state.writes.begin();
     let e = Arc::clone(&entry);
     let st = state.clone();
     let result = tokio::task::spawn_blocking(move || {
         let _guard = guard;
-        write_add(&st, &e, source)
+        write_add(&st, &e, source, &stored)
     })
     .await??;
     Ok(Json(result))
 }
 
-/// Adds `source` to the index (building it when pending), commits, and serves the new state.
+/// Adds `source` (vectors) and `docs` (their stored fields) to the index, building it when pending; an id
+/// already there is replaced. Commits, and serves the new state.
 fn write_add(
     state: &AppState,
     entry: &IndexEntry,
     source: VecSource,
+    docs: &[Doc],
 ) -> Result<AddResult, ApiError> {
     if entry.removed.load(std::sync::atomic::Ordering::SeqCst) {
         return Err(ApiError::not_found(format!(
@@ -171,7 +177,7 @@ fn write_add(
                 model: spec.model.clone(),
                 ..IndexConfig::default()
             };
-            let report = PlaidIndex::create(&entry.dir, source, &config)?;
+            let report = PlaidIndex::create_with_documents(&entry.dir, source, docs, &config)?;
             let pending = state.indexes.pending_file(&entry.name);
             if let Err(e) = std::fs::remove_file(&pending) {
                 if e.kind() != std::io::ErrorKind::NotFound {
@@ -182,7 +188,7 @@ fn write_add(
         }
         Some(_) => {
             let mut writer = PlaidIndex::writer(&entry.dir)?;
-            let report = writer.add(source)?;
+            let report = writer.add_documents(source, docs)?;
             writer.commit()?;
             report
         }
@@ -198,7 +204,7 @@ fn write_add(
     );
     Ok(AddResult {
         added: report.documents,
-        replaced: Vec::new(),
+        replaced: report.replaced,
         created,
         documents,
     })
@@ -220,16 +226,16 @@ pub async fn delete(
     ApiJson(req): ApiJson<DeleteDocuments>,
 ) -> Result<Json<DeleteResult>, ApiError> {
     let entry = state.indexes.get(&name)?;
-    let ids = match (req.ids, req.filter) {
+    enum Which {
+        Ids(Vec<String>),
+        Matching(Filter),
+    }
+    let which = match (req.ids, req.filter) {
         (Some(ids), None) => {
             check_count(ids.len(), "ids", &state.config.limits)?;
-            ids
+            Which::Ids(ids)
         }
-        (None, Some(_)) => {
-            return Err(ApiError::invalid(
-                "deleting by filter needs the document store",
-            ))
-        }
+        (None, Some(f)) => Which::Matching(parse_filter(&f)?),
         _ => {
             return Err(ApiError::invalid(
                 "give exactly one of \"ids\" and \"filter\"",
@@ -246,7 +252,10 @@ pub async fn delete(
             return Err(ApiError::not_found(format!("no index named {:?}", e.name)));
         }
         let mut writer = PlaidIndex::writer(&e.dir)?;
-        let report = writer.delete(&ids)?;
+        let report = match &which {
+            Which::Ids(ids) => writer.delete(ids)?,
+            Which::Matching(f) => writer.delete_matching(f)?,
+        };
         writer.commit()?;
         e.current.store(Some(Arc::new(PlaidIndex::open(&e.dir)?)));
         Ok(DeleteResult {
@@ -276,15 +285,47 @@ pub async fn get(
 ) -> Result<Json<DocumentOut>, ApiError> {
     let entry = state.indexes.get(&name)?;
     let index = entry.index()?;
-    if !index.contains(&id) {
-        return Err(ApiError::not_found(format!(
-            "index {name:?} holds no document {id:?}"
-        )));
-    }
+    let doc = tokio::task::spawn_blocking(move || -> Result<Option<Doc>, ApiError> {
+        let mut index = index;
+        for _ in 0..RETRIES {
+            match index.get_documents(std::slice::from_ref(&id)) {
+                Ok(mut docs) => return Ok(docs.pop().flatten()),
+                Err(e) if is_stale_view(&e) => index = entry.index()?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ApiError::unavailable(
+            "busy",
+            "the index changed during the read; retry",
+            1,
+        ))
+    })
+    .await??;
+    let doc = doc.ok_or_else(|| {
+        ApiError::not_found(format!("index {name:?} holds no document with this id"))
+    })?;
     Ok(Json(DocumentOut {
-        id,
-        title: None,
-        text: None,
-        metadata: None,
+        id: doc.id,
+        title: doc.title,
+        text: doc.text,
+        metadata: doc.metadata,
     }))
+}
+
+/// Reads of the document store are retried this many times on a newer index when the reader's view has
+/// been overtaken by commits.
+pub const RETRIES: usize = 4;
+
+/// Whether a read failed only because the index it started on was committed over twice since: reopen
+/// (take the served index again) and retry.
+pub fn is_stale_view(e: &latte_index::Error) -> bool {
+    matches!(
+        e,
+        latte_index::Error::Store(latte_index::StoreError::ViewUnavailable { .. })
+    )
+}
+
+/// Parses a metadata filter, naming the offending part.
+pub fn parse_filter(value: &serde_json::Value) -> Result<Filter, ApiError> {
+    Filter::parse(value).map_err(|e| ApiError::invalid(format!("filter: {e}")))
 }

@@ -177,13 +177,13 @@ pub fn random_rows(rng: &mut impl Rng, n: usize, dim: usize) -> Vec<Vec<f32>> {
         .collect()
 }
 
-/// Documents `{"id": prefix-i, "embeddings": ...}` for ids `range`.
+/// Documents `{"id": prefix-i, "embeddings": ..., "metadata": {"n": i}}` for ids `range`.
 pub fn embedding_docs(prefix: &str, range: std::ops::Range<usize>, dim: usize, seed: u64) -> Value {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let docs: Vec<Value> = range
         .map(|i| {
             let rows = random_rows(&mut rng, 4 + i % 5, dim);
-            json!({"id": format!("{prefix}-{i}"), "embeddings": rows})
+            json!({"id": format!("{prefix}-{i}"), "embeddings": rows, "metadata": {"n": i}})
         })
         .collect();
     json!({ "documents": docs })
