@@ -550,6 +550,16 @@ async fn embeddings_index_without_a_model() {
     s.stop().await;
 }
 
+/// A request and what it must get: method, path, body, status, error code, a part of the message.
+type Case = (
+    &'static str,
+    &'static str,
+    Option<Value>,
+    u16,
+    &'static str,
+    &'static str,
+);
+
 /// Every bad request is a 4xx with `{"error": {"code", "message"}}`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_request_is_a_json_error() {
@@ -576,7 +586,7 @@ async fn every_bad_request_is_a_json_error() {
         .await;
     assert_eq!(status, 200);
     let q16 = json!([vec![0.25f32; 16]]);
-    let cases: Vec<(&str, &str, Option<Value>, u16, &str, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "POST",
             "/indexes/i/search",
