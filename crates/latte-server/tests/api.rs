@@ -1075,3 +1075,36 @@ async fn concurrent_encodes_share_forward_passes() {
     );
     s.stop().await;
 }
+
+/// A request slower than the timeout is answered 503 `timeout` with Retry-After; the server goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_request_times_out_with_a_503() {
+    let model = fixture_model();
+    let s = start(|c| {
+        c.models = vec![model.clone()];
+        c.limits.request_timeout = Duration::from_millis(100);
+        c.encode.max_batch = 1000;
+        // The pool holds a lone request this long, far past the request timeout.
+        c.encode.max_wait = Duration::from_secs(2);
+    })
+    .await;
+    let res = s
+        .client
+        .post(s.url("/encode"))
+        .json(&json!({"texts": ["slow"], "is_query": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 503);
+    assert_eq!(res.headers()["retry-after"], "1");
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "timeout");
+    let (status, _) = s.call("GET", "/health", None).await;
+    assert_eq!(status, 200);
+    // The abandoned request leaves the pool once its batch is gathered; it is not encoded.
+    let depth = format!("latte_encode_queue_depth{{model=\"{model}\"}}");
+    s.wait_metric(&depth, |v| v == 0.0).await;
+    let texts = format!("latte_encode_texts_total{{model=\"{model}\"}}");
+    assert_eq!(s.metric(&texts).await, Some(0.0));
+    s.stop().await;
+}
