@@ -21,6 +21,7 @@ mod io;
 mod layers;
 mod model;
 mod ops;
+mod recorded;
 mod save;
 mod settings;
 mod tokenize;
@@ -35,6 +36,7 @@ pub use error::{Error, Result};
 pub use hub::HubOptions;
 pub use model::{ColBERT, Embedding, EncodeOptions, LoadOptions, Origin};
 pub use nn::Mode;
+pub use recorded::ModelOptions;
 pub use settings::{PartialSettings, Settings};
 pub use transformer::Transformer;
 

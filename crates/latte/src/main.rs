@@ -40,6 +40,8 @@ enum Command {
     Info(commands::info::InfoArgs),
     /// Fine-tune a model with PyLate's losses (contrastive, cached-contrastive, distillation).
     Train(Box<commands::train::TrainArgs>),
+    /// Serve the indexes under a folder over HTTP (search, documents, encode, rerank).
+    Serve(commands::serve::ServeArgs),
     /// Mine hard negatives from a BEIR folder into training triplets (JSONL).
     Mine(commands::mine::MineArgs),
 }
@@ -48,8 +50,15 @@ fn main() -> ExitCode {
     latte_kernels::alloc::keep_large_buffers();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LATTE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_env("LATTE_LOG").unwrap_or_else(|_| {
+                // `latte serve` logs one line per request by default.
+                let serve = std::env::args().nth(1).as_deref() == Some("serve");
+                tracing_subscriber::EnvFilter::new(if serve {
+                    "warn,latte_server=info"
+                } else {
+                    "warn"
+                })
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -73,6 +82,7 @@ fn main() -> ExitCode {
         Command::Info(args) => commands::info::run(args),
         Command::Train(args) => commands::train::run(*args),
         Command::Mine(args) => commands::mine::run(args),
+        Command::Serve(args) => commands::serve::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

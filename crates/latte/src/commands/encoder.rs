@@ -30,7 +30,7 @@ pub struct IndexModel {
 impl IndexModel {
     /// Loads `name` with `options` (and the Hub flags of `args`).
     pub fn load(name: String, options: ModelOptions, args: &IndexModelArgs) -> Result<Self> {
-        let model = model_args::load(&name, &options.load_options(&args.hub))?;
+        let model = model_args::load(&name, &options.load_options(&args.hub.options()))?;
         Ok(Self {
             name,
             options,
@@ -55,8 +55,8 @@ impl IndexModel {
                         bail!("the index was built with model {m:?}, not {name:?}");
                     }
                 }
-                let recorded = ModelOptions::from_index(index)?;
-                recorded.check_same(&given, where_)?;
+                let recorded = model_args::options_from_index(index)?;
+                model_args::check_same(&recorded, &given, where_)?;
                 recorded.overridden_by(&given)
             }
             None => given,
@@ -78,7 +78,7 @@ impl IndexModel {
                 bail!("the index does not record a model: pass --model or --query-embeddings")
             }
         };
-        let options = ModelOptions::from_index(index)?.overridden_by(&args.given());
+        let options = model_args::options_from_index(index)?.overridden_by(&args.given());
         let m = Self::load(name, options, args)?;
         m.check_dim(index.dim())?;
         Ok(m)

@@ -10,7 +10,7 @@ use latte_eval::{evaluate, BeirDataset, Metric, Run, TieBreak};
 use latte_index::{EmbRef, ExactIndex, IndexConfig, PlaidIndex, SearchParams, VecSource};
 use latte_models::EncodeOptions;
 
-use super::model_args::{ModelArgs, ModelOptions};
+use super::model_args::{self, ModelArgs};
 use latte::npz::{read_npz, write_npz, Matrix};
 
 /// Which index answers the queries.
@@ -203,9 +203,12 @@ fn evaluate_one(
             }
         }
         if index.model_options().is_some() {
-            ModelOptions::from_index(&index)?
-                .check_same(&args.model.model_options(), &dir.display().to_string())
-                .context("delete the index or pass another --index-dir to rebuild it")?;
+            model_args::check_same(
+                &model_args::options_from_index(&index)?,
+                &args.model.model_options(),
+                &dir.display().to_string(),
+            )
+            .context("delete the index or pass another --index-dir to rebuild it")?;
         }
         if index.dim() != model.output_dim() {
             bail!(

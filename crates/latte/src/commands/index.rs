@@ -9,7 +9,7 @@ use latte_index::{AddReport, Doc, DocumentSource, IndexConfig, PlaidIndex, VecSo
 
 use super::encoder::{self, Encoded, IndexModel};
 use super::index_io::{doc_from_fields, embeddings_source, read_ids, read_metadata};
-use super::model_args::{IndexModelArgs, ModelOptions};
+use super::model_args::{self, IndexModelArgs, ModelOptions};
 
 /// Index a corpus (encoding it with a model) or precomputed embeddings. On an existing index, adds documents.
 #[derive(Args, Debug)]
@@ -100,7 +100,7 @@ fn pool_factor(args: &IndexArgs, current: Option<&PlaidIndex>, where_: &str) -> 
     let p = match current {
         None => args.pool_factor.unwrap_or(1),
         Some(index) => {
-            let recorded = ModelOptions::from_index(index)?.pool_factor;
+            let recorded = model_args::options_from_index(index)?.pool_factor;
             let effective = recorded.unwrap_or(index.info().config.pool_factor);
             if let Some(p) = args.pool_factor {
                 if p != effective {

@@ -13,4 +13,5 @@ pub mod info;
 pub mod mine;
 pub mod model_args;
 pub mod search;
+pub mod serve;
 pub mod train;

@@ -7,8 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use latte_models::{ColBERT, Dtype, HubOptions, LoadOptions, PartialSettings};
-use serde::{Deserialize, Serialize};
+use latte_models::{ColBERT, Dtype, HubOptions, LoadOptions};
 
 /// ColBERT settings and output shape: the load options that change the embeddings.
 #[derive(Debug, Clone, Default, Args)]
@@ -61,7 +60,8 @@ pub struct HubArgs {
 }
 
 impl HubArgs {
-    fn options(&self) -> HubOptions {
+    /// The Hub options these flags describe.
+    pub fn options(&self) -> HubOptions {
         HubOptions {
             cache_dir: self.cache_dir.clone(),
             revision: self.revision.clone(),
@@ -95,12 +95,12 @@ impl ModelArgs {
     /// The options that change the embeddings (what an index records).
     pub fn model_options(&self) -> ModelOptions {
         // Seed 0 is the default: recorded as absent.
-        ModelOptions::from_flags(&self.settings, (self.seed != 0).then_some(self.seed))
+        options_from_flags(&self.settings, (self.seed != 0).then_some(self.seed))
     }
 
     /// The load options these flags describe.
     pub fn options(&self) -> LoadOptions {
-        self.model_options().load_options(&self.hub)
+        self.model_options().load_options(&self.hub.options())
     }
 
     /// Loads the model.
@@ -128,154 +128,51 @@ pub struct IndexModelArgs {
 impl IndexModelArgs {
     /// The options given on the command line (unset fields are `None`).
     pub fn given(&self) -> ModelOptions {
-        ModelOptions::from_flags(&self.settings, self.seed)
+        options_from_flags(&self.settings, self.seed)
     }
 }
 
-/// The load options that change the embeddings, as an index records them (`model_options` in its metadata;
-/// unset fields mean the model's own setting). Also the token pooling `latte index` applied to documents.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ModelOptions {
-    /// `--query-prefix`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub query_prefix: Option<String>,
-    /// `--document-prefix`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub document_prefix: Option<String>,
-    /// `--query-length`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub query_length: Option<usize>,
-    /// `--document-length`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub document_length: Option<usize>,
-    /// `--query-expansion`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub query_expansion: Option<bool>,
-    /// `--attend-to-expansion-tokens`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub attend_to_expansion_tokens: Option<bool>,
-    /// `--embedding-size`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub embedding_size: Option<usize>,
-    /// `--truncate-dim`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub truncate_dim: Option<usize>,
-    /// `--dtype`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dtype: Option<Dtype>,
-    /// `--model-seed` (0 when recorded without it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub seed: Option<u64>,
-    /// `latte index --pool-factor`: documents were pooled to `tokens / pool_factor` before indexing.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pool_factor: Option<usize>,
+pub use latte_models::ModelOptions;
+
+/// The options set by these flags (unset fields are `None`).
+fn options_from_flags(s: &SettingsArgs, seed: Option<u64>) -> ModelOptions {
+    ModelOptions {
+        query_prefix: s.query_prefix.clone(),
+        document_prefix: s.document_prefix.clone(),
+        query_length: s.query_length,
+        document_length: s.document_length,
+        query_expansion: s.query_expansion,
+        attend_to_expansion_tokens: s.attend_to_expansion_tokens,
+        embedding_size: s.embedding_size,
+        truncate_dim: s.truncate_dim,
+        dtype: s.dtype,
+        seed,
+        pool_factor: None,
+    }
 }
 
-impl ModelOptions {
-    fn from_flags(s: &SettingsArgs, seed: Option<u64>) -> Self {
-        Self {
-            query_prefix: s.query_prefix.clone(),
-            document_prefix: s.document_prefix.clone(),
-            query_length: s.query_length,
-            document_length: s.document_length,
-            query_expansion: s.query_expansion,
-            attend_to_expansion_tokens: s.attend_to_expansion_tokens,
-            embedding_size: s.embedding_size,
-            truncate_dim: s.truncate_dim,
-            dtype: s.dtype,
-            seed,
-            pool_factor: None,
-        }
-    }
+/// The options recorded in an index (defaults when it records none).
+pub fn options_from_index(index: &latte_index::PlaidIndex) -> Result<ModelOptions> {
+    Ok(ModelOptions::from_json(index.model_options())?)
+}
 
-    /// The options recorded in an index (`None`: an index written before they were recorded, or without a
-    /// model: defaults).
-    pub fn from_index(index: &latte_index::PlaidIndex) -> Result<Self> {
-        match index.model_options() {
-            None => Ok(Self::default()),
-            Some(v) => serde_json::from_value(v.clone())
-                .context("the index's model_options are not the JSON object latte writes"),
-        }
-    }
-
-    /// As JSON for the index's metadata.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::to_value(self).expect("plain fields serialise")
-    }
-
-    /// The load options (with `hub` for where the files come from).
-    pub fn load_options(&self, hub: &HubArgs) -> LoadOptions {
-        LoadOptions {
-            settings: PartialSettings {
-                query_prefix: self.query_prefix.clone(),
-                document_prefix: self.document_prefix.clone(),
-                query_length: self.query_length,
-                document_length: self.document_length,
-                do_query_expansion: self.query_expansion,
-                attend_to_expansion_tokens: self.attend_to_expansion_tokens,
-                skiplist_words: None,
-            },
-            embedding_size: self.embedding_size,
-            bias: false,
-            seed: self.seed.unwrap_or(0),
-            hub: hub.options(),
-            device: None,
-            truncate_dim: self.truncate_dim,
-            dtype: self.dtype.unwrap_or_default(),
-        }
-    }
-
-    /// `self` (recorded) with every option set in `given` replacing it.
-    pub fn overridden_by(&self, given: &ModelOptions) -> ModelOptions {
-        ModelOptions {
-            query_prefix: given
-                .query_prefix
-                .clone()
-                .or_else(|| self.query_prefix.clone()),
-            document_prefix: given
-                .document_prefix
-                .clone()
-                .or_else(|| self.document_prefix.clone()),
-            query_length: given.query_length.or(self.query_length),
-            document_length: given.document_length.or(self.document_length),
-            query_expansion: given.query_expansion.or(self.query_expansion),
-            attend_to_expansion_tokens: given
-                .attend_to_expansion_tokens
-                .or(self.attend_to_expansion_tokens),
-            embedding_size: given.embedding_size.or(self.embedding_size),
-            truncate_dim: given.truncate_dim.or(self.truncate_dim),
-            dtype: given.dtype.or(self.dtype),
-            seed: given.seed.or(self.seed),
-            pool_factor: given.pool_factor.or(self.pool_factor),
-        }
-    }
-
-    /// Fails when an option set in `given` differs from the recorded one (`self`): documents added to an
-    /// index must be encoded as the ones already in it.
-    pub fn check_same(&self, given: &ModelOptions, index: &str) -> Result<()> {
-        let recorded = serde_json::to_value(self)?;
-        let given = serde_json::to_value(given)?;
-        let (Some(recorded), Some(given)) = (recorded.as_object(), given.as_object()) else {
-            return Ok(());
+/// Fails when an option set in `given` differs from the recorded one: documents added to an index must be
+/// encoded as the ones already in it. The error names the flag.
+pub fn check_same(recorded: &ModelOptions, given: &ModelOptions, index: &str) -> Result<()> {
+    if let Some((key, expected, got)) = recorded.differences(given).into_iter().next() {
+        let flag = format!("--{}", key.replace('_', "-"));
+        let flag = if key == "seed" { "--model-seed" } else { &flag };
+        let expected = if expected.is_null() {
+            "unset (the model's own setting)".to_string()
+        } else {
+            expected.to_string()
         };
-        for (key, got) in given {
-            let expected = recorded.get(key).unwrap_or(&serde_json::Value::Null);
-            if expected != got {
-                let flag = format!("--{}", key.replace('_', "-"));
-                let flag = if key == "seed" { "--model-seed" } else { &flag };
-                let expected = if expected.is_null() {
-                    "unset (the model's own setting)".to_string()
-                } else {
-                    expected.to_string()
-                };
-                bail!(
-                    "{flag}: the index {index} was built with {flag} {expected}; got {got} (documents added \
-                     to an index are encoded as the ones in it: leave the flag out to use the recorded value)"
-                );
-            }
-        }
-        Ok(())
+        bail!(
+            "{flag}: the index {index} was built with {flag} {expected}; got {got} (documents added \
+             to an index are encoded as the ones in it: leave the flag out to use the recorded value)"
+        );
     }
+    Ok(())
 }
 
 /// Loads `model` with `opts`, saying how long it took at `LATTE_LOG=info`.
@@ -289,46 +186,40 @@ pub fn load(model: &str, opts: &LoadOptions) -> Result<ColBERT> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use latte_models::Dtype;
 
     #[test]
-    fn recorded_options_round_trip_and_override() {
+    fn a_changed_recorded_option_names_the_flag() {
         let recorded = ModelOptions {
             truncate_dim: Some(64),
-            query_length: Some(16),
-            seed: Some(3),
             ..Default::default()
         };
-        let json = recorded.to_json();
-        assert_eq!(
-            json,
-            serde_json::json!({"truncate_dim": 64, "query_length": 16, "seed": 3})
-        );
-        assert_eq!(
-            serde_json::from_value::<ModelOptions>(json).unwrap(),
-            recorded
-        );
-        let given = ModelOptions {
-            query_length: Some(8),
-            ..Default::default()
-        };
-        let merged = recorded.overridden_by(&given);
-        assert_eq!(merged.query_length, Some(8));
-        assert_eq!(merged.dtype, None);
-        assert_eq!(merged.load_options(&HubArgs::default()).dtype, Dtype::F32);
-        assert_eq!(merged.truncate_dim, Some(64));
-        assert_eq!(merged.seed, Some(3));
-        assert!(recorded.check_same(&Default::default(), "i").is_ok());
-        let err = recorded
-            .check_same(
-                &ModelOptions {
-                    truncate_dim: Some(32),
-                    ..Default::default()
-                },
-                "i",
-            )
-            .unwrap_err()
-            .to_string();
+        assert!(check_same(&recorded, &Default::default(), "i").is_ok());
+        let err = check_same(
+            &recorded,
+            &ModelOptions {
+                truncate_dim: Some(32),
+                ..Default::default()
+            },
+            "i",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("--truncate-dim") && err.contains("64") && err.contains("32"));
+        let err = check_same(
+            &Default::default(),
+            &ModelOptions {
+                seed: Some(5),
+                ..Default::default()
+            },
+            "i",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("--model-seed") && err.contains("unset"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -339,12 +230,9 @@ mod tests {
         };
         let json = recorded.to_json();
         assert_eq!(json, serde_json::json!({"dtype": "bf16"}));
+        assert_eq!(ModelOptions::from_json(Some(&json)).unwrap(), recorded);
         assert_eq!(
-            serde_json::from_value::<ModelOptions>(json).unwrap(),
-            recorded
-        );
-        assert_eq!(
-            recorded.load_options(&HubArgs::default()).dtype,
+            recorded.load_options(&HubArgs::default().options()).dtype,
             Dtype::Bf16
         );
         let int8 = ModelOptions {
@@ -356,12 +244,12 @@ mod tests {
             recorded.overridden_by(&Default::default()).dtype,
             Some(Dtype::Bf16)
         );
-        let err = recorded.check_same(&int8, "i").unwrap_err().to_string();
+        let err = check_same(&recorded, &int8, "i").unwrap_err().to_string();
         assert!(
             err.contains("--dtype") && err.contains("bf16") && err.contains("int8"),
             "{err}"
         );
-        let bad = serde_json::from_value::<ModelOptions>(serde_json::json!({"dtype": "fp8"}));
+        let bad = ModelOptions::from_json(Some(&serde_json::json!({"dtype": "fp8"})));
         assert!(bad
             .unwrap_err()
             .to_string()
