@@ -111,8 +111,11 @@ def test_bad_shapes_are_value_errors(tmp_path, rng):
     index.add_documents([str(i) for i in range(10)], docs)
     with pytest.raises(ValueError, match="dimension"):
         index([np.ones((3, 8), dtype=np.float32)], k=2)
-    with pytest.raises(ValueError, match="duplicate"):
-        index.add_documents(["1"], docs[:1])
+    # An id the index holds is replaced (its vectors; the index keeps 10 documents).
+    index.add_documents(["1"], docs[:1])
+    hits = index([docs[0]], k=10)[0]
+    assert len(hits) == 10
+    assert {h["id"] for h in hits[:2]} == {"0", "1"}
     exact = indexes.Exact()
     exact.add_documents(["a"], docs[:1])
     with pytest.raises(ValueError):

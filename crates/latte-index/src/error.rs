@@ -87,6 +87,14 @@ pub enum Error {
     /// The document store (`latte_store`) failed: filters, BM25, stored documents.
     #[error(transparent)]
     Store(#[from] latte_store::StoreError),
+    /// The index has no document store (it was written before latte stored documents); its next writer
+    /// (an add or a delete) creates one.
+    #[error(
+        "{} has no document store (documents.sqlite): the index was built before latte stored text and \
+         metadata; rebuild it with its text, or run any add or delete to create the store (ids only)",
+        .0.display()
+    )]
+    NoDocumentStore(std::path::PathBuf),
     /// Fusing result lists failed (a bad fusion parameter).
     #[error(transparent)]
     Fusion(#[from] latte_store::FusionError),

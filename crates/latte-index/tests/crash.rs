@@ -1,6 +1,8 @@
-//! `kill -9` at random points of an add, a delete (with and without the compaction it triggers) and a
-//! compaction: the index must open, pass its checksums and hold exactly the state before or after the
-//! operation — ids, counts and every document's vectors.
+//! `kill -9` at random points of an add, a replacement of existing ids (with the compaction it triggers), a
+//! delete by ids, a delete by metadata filter (compacting) and a compaction: the index must open, pass its
+//! checksums and hold exactly the state before or after the operation — ids, counts, every document's
+//! vectors, and the document store's rows (text and metadata) agreeing with them — and the next writer must
+//! succeed.
 //!
 //! The child is this test binary itself, re-run with `LATTE_CRASH_CHILD=<op>` and `LATTE_CRASH_DIR=<index>`
 //! filtered to the `crash_child_entry` test (which does nothing without those variables). The child prints a
@@ -19,22 +21,32 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeMap;
+
 use fault::{check_search, check_vectors, config, corpus, live_ids, Docs, Rng, DIM};
-use latte_index::{PlaidIndex, VecSource};
+use latte_index::{Doc, Filter, PlaidIndex, VecSource};
+use serde_json::json;
 
 const CHILD_ENV: &str = "LATTE_CRASH_CHILD";
 const DIR_ENV: &str = "LATTE_CRASH_DIR";
 const SEED_ENV: &str = "LATTE_CRASH_SEED";
-/// Killed runs per operation (4 operations).
-const RUNS_PER_OP: usize = 16;
+/// Stratified runs per operation (5 operations); more follow until the operation's child was killed (not
+/// finished) [`KILLS_PER_OP`] times, at most [`MAX_RUNS_PER_OP`] runs in all.
+const RUNS_PER_OP: usize = 12;
+/// Children killed mid-operation per operation: 5 × 10 ≥ 50 kills in all.
+const KILLS_PER_OP: usize = 10;
+const MAX_RUNS_PER_OP: usize = 40;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Op {
-    /// Adds 200 documents to the 200 of the template.
+    /// Adds 200 documents (with text and metadata) to the 200 of the template.
     Add,
+    /// Replaces 20 live documents and adds back a deleted id, with new vectors, text and metadata (50 of
+    /// 221 deleted: the add compacts).
+    Replace,
     /// Deletes 5 more documents (35 of 200 deleted: no compaction).
     Delete,
-    /// Deletes 20 more documents (50 of 200: the delete compacts).
+    /// Deletes 20 more documents by a metadata filter (50 of 200: the delete compacts).
     DeleteCompacting,
     /// Compacts the 30 deleted documents away.
     Compact,
@@ -42,12 +54,19 @@ enum Op {
     Create,
 }
 
-const OPS: [Op; 4] = [Op::Add, Op::Delete, Op::DeleteCompacting, Op::Compact];
+const OPS: [Op; 5] = [
+    Op::Add,
+    Op::Replace,
+    Op::Delete,
+    Op::DeleteCompacting,
+    Op::Compact,
+];
 
 impl Op {
     fn name(self) -> &'static str {
         match self {
             Op::Add => "add",
+            Op::Replace => "replace",
             Op::Delete => "delete",
             Op::DeleteCompacting => "delete-compacting",
             Op::Compact => "compact",
@@ -65,18 +84,31 @@ impl Op {
     fn run(self, dir: &Path) {
         match self {
             Op::Add => {
-                PlaidIndex::add(dir, &added().source()).unwrap();
+                let mut w = PlaidIndex::writer(dir).unwrap();
+                let r = w.add_documents(&added().source(), &added_rows()).unwrap();
+                assert!(r.replaced.is_empty());
+                w.commit().unwrap();
+            }
+            Op::Replace => {
+                let (source, rows) = replacement();
+                let mut w = PlaidIndex::writer(dir).unwrap();
+                let r = w.add_documents(&source.source(), &rows).unwrap();
+                assert_eq!(r.replaced.len(), 20);
+                w.commit().unwrap();
             }
             Op::Delete => {
                 PlaidIndex::delete(dir, &deleted_ids(30, 35)).unwrap();
             }
             Op::DeleteCompacting => {
-                let r = PlaidIndex::delete(dir, &deleted_ids(30, 50)).unwrap();
-                assert!(r.compacted);
+                let mut w = PlaidIndex::writer(dir).unwrap();
+                let r = w.delete_matching(&compacting_filter()).unwrap();
+                assert!(r.compacted && r.deleted == 20 && r.not_found.is_empty());
+                w.commit().unwrap();
             }
             Op::Compact => PlaidIndex::compact(dir).unwrap(),
             Op::Create => {
-                PlaidIndex::create(dir, &base().source(), &config()).unwrap();
+                PlaidIndex::create_with_documents(dir, &base().source(), &base_rows(), &config())
+                    .unwrap();
             }
         }
     }
@@ -90,6 +122,60 @@ fn added() -> Docs {
     corpus(200, 2, "a")
 }
 
+/// Store rows of the template: text and metadata for nine documents of ten, the tenth with its id only.
+fn base_rows() -> Vec<Doc> {
+    (0..200)
+        .filter(|i| i % 10 != 0)
+        .map(|i| {
+            Doc::new(format!("d{i}"))
+                .with_title(format!("base {i}"))
+                .with_text(format!("text of d{i}, version one"))
+                .with_metadata(
+                    json!({"n": i, "v": 1, "kind": "base"})
+                        .as_object()
+                        .unwrap()
+                        .clone(),
+                )
+        })
+        .collect()
+}
+
+fn added_rows() -> Vec<Doc> {
+    (0..200)
+        .map(|i| {
+            Doc::new(format!("a{i}"))
+                .with_text(format!("added a{i}"))
+                .with_metadata(json!({"n": 1000 + i, "v": 1}).as_object().unwrap().clone())
+        })
+        .collect()
+}
+
+/// The replacing documents: 20 live ids of the template and one deleted id (`d1`), with new vectors
+/// (another corpus with the same ids) and version-2 rows.
+fn replacement() -> (Docs, Vec<Doc>) {
+    let other = corpus(200, 3, "d");
+    let picked: Vec<usize> = (0..20).map(|i| i * 4 + 2).chain([1]).collect();
+    let docs = Docs {
+        ids: picked.iter().map(|&i| other.ids[i].clone()).collect(),
+        embs: picked.iter().map(|&i| other.embs[i].clone()).collect(),
+    };
+    let rows = picked
+        .iter()
+        .map(|&i| {
+            Doc::new(format!("d{i}"))
+                .with_text(format!("replaced d{i}, version two"))
+                .with_metadata(json!({"n": i, "v": 2}).as_object().unwrap().clone())
+        })
+        .collect();
+    (docs, rows)
+}
+
+/// Matches the template's documents `deleted_ids(30, 50)` by their metadata.
+fn compacting_filter() -> Filter {
+    let ns: Vec<usize> = (30..50).map(|i| (i * 4 + 1) % 200).collect();
+    Filter::parse(&json!({"kind": "base", "n": {"$in": ns}})).unwrap()
+}
+
 /// The ids of deletion number `from..to` (every fourth document, in a fixed order).
 fn deleted_ids(from: usize, to: usize) -> Vec<String> {
     (from..to)
@@ -97,13 +183,46 @@ fn deleted_ids(from: usize, to: usize) -> Vec<String> {
         .collect()
 }
 
-/// Both document sets, so any id the index may hold has its source embeddings.
-fn all_docs() -> Docs {
-    let mut all = base();
+/// Every document set, so any id the index may hold has its source embeddings: the base and added corpora,
+/// and the replacing one (told apart by the version in the stored metadata).
+struct AllDocs {
+    first: Docs,
+    replaced: Docs,
+}
+
+fn all_docs() -> AllDocs {
+    let mut first = base();
     let more = added();
-    all.ids.extend(more.ids);
-    all.embs.extend(more.embs);
-    all
+    first.ids.extend(more.ids);
+    first.embs.extend(more.embs);
+    AllDocs {
+        first,
+        replaced: replacement().0,
+    }
+}
+
+impl AllDocs {
+    /// The embeddings a live document must hold given its stored row: version 2 = the replacing ones.
+    fn expected_vectors(&self, rows: &BTreeMap<String, Doc>) -> Result<Docs, String> {
+        let mut out = Docs {
+            ids: Vec::new(),
+            embs: Vec::new(),
+        };
+        for (id, doc) in rows {
+            let v2 = doc
+                .metadata
+                .as_ref()
+                .and_then(|m| m.get("v"))
+                .is_some_and(|v| v == 2);
+            let set = if v2 { &self.replaced } else { &self.first };
+            let emb = set
+                .get(id)
+                .ok_or_else(|| format!("the store holds {id:?}, which no source has (v2: {v2})"))?;
+            out.ids.push(id.clone());
+            out.embs.push(emb.to_vec());
+        }
+        Ok(out)
+    }
 }
 
 /// The child: runs one operation when started by the parent, nothing otherwise.
@@ -151,7 +270,7 @@ fn spawn_child(op: Op, dir: &Path) -> Child {
 
 /// The template: 200 documents, 30 of them deleted (not yet compacted).
 fn template(dir: &Path) {
-    PlaidIndex::create(dir, &base().source(), &config()).unwrap();
+    PlaidIndex::create_with_documents(dir, &base().source(), &base_rows(), &config()).unwrap();
     let r = PlaidIndex::delete(dir, &deleted_ids(0, 30)).unwrap();
     assert!(!r.compacted);
 }
@@ -164,20 +283,50 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// What a reader sees: live ids and the counts of `info()`.
+/// What a reader sees: live ids, the counts of `info()` and the stored rows.
 #[derive(Debug, Clone, PartialEq)]
 struct State {
     ids: BTreeSet<String>,
     documents: usize,
     deleted: usize,
     tokens: u64,
+    rows: BTreeMap<String, Doc>,
 }
 
-/// Opens the index and checks it fully: counts agree with the ids, every live document's stored vectors
-/// match its source, searching with a document finds it.
-fn observe(dir: &Path, docs: &Docs) -> Result<State, String> {
+/// Opens the index and checks it fully: counts agree with the ids, the store holds a row for exactly the
+/// live ids (and passes SQLite's and FTS5's integrity checks), every live document's stored vectors match
+/// the source its row names, searching with a document finds it.
+fn observe(dir: &Path, all: &AllDocs) -> Result<State, String> {
     let index = PlaidIndex::open(dir).map_err(|e| format!("open: {e}"))?;
-    let ids = live_ids(&index, &docs.ids);
+    let ids = live_ids(&index, &all.first.ids);
+    let store = index.open_store().map_err(|e| format!("open_store: {e}"))?;
+    store.verify().map_err(|e| format!("store: {e}"))?;
+    let stored: BTreeSet<String> = store
+        .ids_matching(&Filter::all())
+        .map_err(|e| format!("store ids: {e}"))?
+        .into_iter()
+        .collect();
+    if stored != ids {
+        return Err(format!(
+            "the store holds {} ids, the index {} live ones; store only: {:?}, index only: {:?}",
+            stored.len(),
+            ids.len(),
+            stored.difference(&ids).take(5).collect::<Vec<_>>(),
+            ids.difference(&stored).take(5).collect::<Vec<_>>()
+        ));
+    }
+    let ordered: Vec<&String> = ids.iter().collect();
+    let rows: BTreeMap<String, Doc> = index
+        .get_documents(&ordered)
+        .map_err(|e| format!("get_documents: {e}"))?
+        .into_iter()
+        .zip(&ids)
+        .map(|(d, id)| {
+            d.map(|d| (id.clone(), d))
+                .ok_or_else(|| format!("get_documents: no row for live {id:?}"))
+        })
+        .collect::<Result<_, _>>()?;
+    let docs = all.expected_vectors(&rows)?;
     let info = index.info();
     if info.documents != ids.len() || index.len() != ids.len() {
         return Err(format!(
@@ -190,14 +339,47 @@ fn observe(dir: &Path, docs: &Docs) -> Result<State, String> {
     if info.dim != DIM {
         return Err(format!("info().dim {}", info.dim));
     }
-    check_vectors(&index, docs, &ids)?;
-    check_search(&index, docs, &ids, 4)?;
+    check_vectors(&index, &docs, &ids)?;
+    check_search(&index, &docs, &ids, 4)?;
     Ok(State {
         ids,
         documents: info.documents,
         deleted: info.deleted,
         tokens: info.tokens,
+        rows,
     })
+}
+
+/// The next writer after a kill: adds a document with text and commits; the index then holds it, its row,
+/// and a store in step with the live ids.
+fn next_writer(dir: &Path, all: &AllDocs) -> Result<(), String> {
+    let mut next = VecSource::new(DIM);
+    next.push("next", all.first.embs[0].clone()).unwrap();
+    let row = Doc::new("next").with_text("written after the kill");
+    let mut w = PlaidIndex::writer(dir).map_err(|e| format!("next writer: {e}"))?;
+    w.add_documents(&next, std::slice::from_ref(&row))
+        .map_err(|e| format!("next writer's add: {e}"))?;
+    w.commit()
+        .map_err(|e| format!("next writer's commit: {e}"))?;
+    drop(w);
+    let index = PlaidIndex::open(dir).map_err(|e| format!("after the next writer: {e}"))?;
+    let got = index
+        .get_documents(&["next"])
+        .map_err(|e| format!("after the next writer: {e}"))?;
+    if got != [Some(row)] || !index.contains("next") {
+        return Err(format!("after the next writer: {got:?}"));
+    }
+    let stored = index
+        .open_store()
+        .and_then(|s| Ok(s.count()?))
+        .map_err(|e| format!("after the next writer: {e}"))?;
+    if stored != index.len() as u64 {
+        return Err(format!(
+            "after the next writer: {stored} rows for {} live documents",
+            index.len()
+        ));
+    }
+    Ok(())
 }
 
 /// Runs `op` to completion on a copy of the template: (state after, time from the start line to the exit).
@@ -223,21 +405,22 @@ fn reference(op: Op, template: &Path, work: &Path) -> (State, Duration) {
     (state, took)
 }
 
-/// The expected state after `op`, derived from the template's state without running it.
-fn expected_after(op: Op, before: &State) -> BTreeSet<String> {
-    let mut ids = before.ids.clone();
+/// The expected ids and rows after `op`, derived from the template's state without running it.
+fn expected_after(op: Op, before: &State) -> (BTreeSet<String>, BTreeMap<String, Doc>) {
+    let mut rows = before.rows.clone();
     match op {
-        Op::Add => ids.extend(added().ids),
+        Op::Add => rows.extend(added_rows().into_iter().map(|d| (d.id.clone(), d))),
+        Op::Replace => rows.extend(replacement().1.into_iter().map(|d| (d.id.clone(), d))),
         Op::Delete => deleted_ids(30, 35)
             .iter()
-            .for_each(|d| assert!(ids.remove(d))),
+            .for_each(|d| assert!(rows.remove(d).is_some())),
         Op::DeleteCompacting => deleted_ids(30, 50)
             .iter()
-            .for_each(|d| assert!(ids.remove(d))),
+            .for_each(|d| assert!(rows.remove(d).is_some())),
         Op::Compact => {}
         Op::Create => unreachable!("create has its own test"),
     }
-    ids
+    (rows.keys().cloned().collect(), rows)
 }
 
 fn seed() -> u64 {
@@ -262,6 +445,8 @@ fn kill_9_during_add_delete_and_compaction_leaves_the_state_before_or_after() {
     let before = observe(&tpl, &docs).unwrap();
     assert_eq!(before.ids.len(), 170);
     assert_eq!((before.documents, before.deleted), (170, 30));
+    assert_eq!(before.rows["d2"], base_rows()[1]);
+    assert_eq!(before.rows["d10"], Doc::new("d10"));
 
     let (mut n_before, mut n_after, mut n_killed) = (0, 0, 0);
     let mut failures = Vec::new();
@@ -270,7 +455,9 @@ fn kill_9_during_add_delete_and_compaction_leaves_the_state_before_or_after() {
         let (after, t1) = reference(op, &tpl, &tmp.path().join("ref1"));
         let (after2, t2) = reference(op, &tpl, &tmp.path().join("ref2"));
         assert_eq!(after, after2, "{}: two runs differ", op.name());
-        assert_eq!(after.ids, expected_after(op, &before), "{}", op.name());
+        let (ids, rows) = expected_after(op, &before);
+        assert_eq!(after.ids, ids, "{}", op.name());
+        assert_eq!(after.rows, rows, "{}", op.name());
         assert_ne!(
             after,
             before,
@@ -279,10 +466,18 @@ fn kill_9_during_add_delete_and_compaction_leaves_the_state_before_or_after() {
         );
         let span = t1.max(t2).mul_f64(1.2);
         println!("{}: uninterrupted {t1:?} / {t2:?}", op.name());
-        let (mut op_before, mut op_after) = (0, 0);
-        for run in 0..RUNS_PER_OP {
-            // Stratified: run i draws its delay in the i-th of RUNS_PER_OP equal slices of [0, 1.2 T].
-            let frac = (run as f64 + rng.unit()) / RUNS_PER_OP as f64;
+        let (mut op_before, mut op_after, mut op_killed) = (0, 0, 0);
+        for run in 0..MAX_RUNS_PER_OP {
+            if run >= RUNS_PER_OP && op_killed >= KILLS_PER_OP {
+                break;
+            }
+            // Stratified: run i draws its delay in the i-th of RUNS_PER_OP equal slices of [0, 1.2 T]; later
+            // runs (too few kills: the child finished first) draw it in [0, 0.8 T].
+            let frac = if run < RUNS_PER_OP {
+                (run as f64 + rng.unit()) / RUNS_PER_OP as f64
+            } else {
+                rng.unit() * 0.8 / 1.2
+            };
             let delay = span.mul_f64(frac);
             let dir: PathBuf = tmp.path().join(format!("{}-{run}", op.name()));
             copy_dir(&tpl, &dir);
@@ -301,9 +496,22 @@ fn kill_9_during_add_delete_and_compaction_leaves_the_state_before_or_after() {
                 continue;
             }
             n_killed += killed as usize;
+            op_killed += killed as usize;
             match observe(&dir, &docs) {
                 Ok(s) if s == before => op_before += 1,
                 Ok(s) if s == after => op_after += 1,
+                Ok(s) if s.ids == before.ids || s.ids == after.ids => failures.push(format!(
+                    "{case}: the ids of one state but other rows or counts: {} live, {} deleted, \
+                     {} tokens; rows {}",
+                    s.documents,
+                    s.deleted,
+                    s.tokens,
+                    if s.rows == before.rows || s.rows == after.rows {
+                        "before or after"
+                    } else {
+                        "mixed"
+                    }
+                )),
                 Ok(s) => failures.push(format!(
                     "{case}: neither before nor after: {} live, {} deleted, {} tokens (before {:?}, after {:?})",
                     s.documents,
@@ -313,6 +521,9 @@ fn kill_9_during_add_delete_and_compaction_leaves_the_state_before_or_after() {
                     (after.documents, after.deleted, after.tokens)
                 )),
                 Err(e) => failures.push(format!("{case}: {e}")),
+            }
+            if let Err(e) = next_writer(&dir, &docs) {
+                failures.push(format!("{case}: {e}"));
             }
             std::fs::remove_dir_all(&dir).unwrap();
         }
@@ -324,6 +535,10 @@ fn kill_9_during_add_delete_and_compaction_leaves_the_state_before_or_after() {
         n_after += op_after;
     }
     println!("{n_killed} children killed; {n_before} before, {n_after} after");
+    assert!(
+        n_killed >= 50,
+        "only {n_killed} children were killed mid-operation"
+    );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert!(n_before + n_after >= 50);
     assert!(
@@ -343,6 +558,7 @@ fn kill_9_during_create_leaves_no_index_or_the_whole_index() {
     let docs = all_docs();
     let (after, t) = reference(Op::Create, &empty, &tmp.path().join("ref"));
     assert_eq!(after.ids, base().ids.into_iter().collect());
+    assert_eq!(after.rows["d1"], base_rows()[0]);
     let runs = 12;
     let (mut n_none, mut n_whole) = (0, 0);
     let mut failures = Vec::new();
@@ -393,7 +609,7 @@ fn readers_during_a_write_see_the_state_before_or_after() {
         for run in 0..2 {
             let dir = tmp.path().join(format!("{}-{run}", op.name()));
             copy_dir(&tpl, &dir);
-            let after_ids = expected_after(op, &before);
+            let (after_ids, after_rows) = expected_after(op, &before);
             let mut child = spawn_child(op, &dir);
             assert!(wait_for_go(&mut child));
             let mut exited = false;
@@ -401,7 +617,7 @@ fn readers_during_a_write_see_the_state_before_or_after() {
                 exited = child.try_wait().unwrap().is_some();
                 match observe(&dir, &docs) {
                     Ok(s) if s == before => n_before += 1,
-                    Ok(s) if s.ids == after_ids => n_after += 1,
+                    Ok(s) if s.ids == after_ids && s.rows == after_rows => n_after += 1,
                     Ok(s) => failures.push(format!("{} run {run}: a reader saw {s:?}", op.name())),
                     Err(e) => failures.push(format!("{} run {run}: a reader got {e}", op.name())),
                 }
@@ -435,7 +651,7 @@ fn next_writer_after_kill_succeeds() {
             let _ = child.kill();
             child.wait().unwrap();
             let mut next = VecSource::new(DIM);
-            next.push("next", docs.embs[0].clone()).unwrap();
+            next.push("next", docs.first.embs[0].clone()).unwrap();
             let case = format!("{} killed at {frac} of {t:?}", op.name());
             match PlaidIndex::add(&dir, &next) {
                 Ok(_) => {

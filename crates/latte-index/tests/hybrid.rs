@@ -6,13 +6,10 @@ use std::collections::HashSet;
 
 use fault::{config, corpus, DIM};
 use latte_index::{search_bm25, EmbRef, Error, Fusion, PlaidIndex, SearchParams};
-use latte_store::{Doc, DocStore, Filter};
+use latte_index::{Doc, DocStore, Filter};
 
 fn setup(dir: &std::path::Path) -> (fault::Docs, PlaidIndex, DocStore) {
     let docs = corpus(200, 3, "d");
-    PlaidIndex::create(dir, &docs.source(), &config()).unwrap();
-    let index = PlaidIndex::open(dir).unwrap();
-    let mut store = DocStore::create(dir.join("documents.sqlite")).unwrap();
     let rows: Vec<Doc> = (0..200)
         .map(|i| {
             let mut m = serde_json::Map::new();
@@ -27,7 +24,9 @@ fn setup(dir: &std::path::Path) -> (fault::Docs, PlaidIndex, DocStore) {
                 .with_metadata(m)
         })
         .collect();
-    store.upsert(&rows, 1).unwrap();
+    PlaidIndex::create_with_documents(dir, &docs.source(), &rows, &config()).unwrap();
+    let index = PlaidIndex::open(dir).unwrap();
+    let store = index.open_store().unwrap();
     (docs, index, store)
 }
 

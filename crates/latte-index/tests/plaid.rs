@@ -285,8 +285,11 @@ fn bad_input_is_a_clear_error_and_leaves_the_index_unchanged() {
         .search(EmbRef::new(&q, DIM).unwrap(), &SearchParams::for_k(0), None)
         .unwrap_err();
     assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
-    // Duplicate id, and an empty document in the middle of a batch.
-    let (dup, _) = corpus(3, 22, "d");
+    // An id twice in one add (an id already in the index is replaced instead), and an empty document in
+    // the middle of a batch.
+    let mut dup = VecSource::new(DIM);
+    dup.push("twice", vec![0.1; DIM]).unwrap();
+    dup.push("twice", vec![0.2; DIM]).unwrap();
     assert!(matches!(
         PlaidIndex::add(dir.path(), &dup),
         Err(Error::DuplicateId(_))
@@ -507,9 +510,10 @@ fn a_pooled_build_reads_and_pools_each_document_once_and_equals_a_prepooled_buil
         a.iter().map(|f| &f.0).collect::<Vec<_>>()
     );
     assert_eq!(a, files(pre_dir.path()));
-    // Nothing but the index's files is left in the folder (the temporary file is gone).
+    // Nothing but the index's files and its document store is left in the folder (the temporary file is gone).
     assert!(
-        a.iter().all(|(n, _)| n.ends_with(".lt")),
+        a.iter()
+            .all(|(n, _)| n.ends_with(".lt") || n == "documents.sqlite"),
         "{:?}",
         a.iter().map(|f| &f.0).collect::<Vec<_>>()
     );

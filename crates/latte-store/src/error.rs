@@ -123,6 +123,30 @@ pub enum StoreError {
         /// The limit.
         max: usize,
     },
+    /// A read view opened at an index generation the store can no longer show (the index was written to
+    /// more than once since the view's index was opened): reopen the index.
+    #[error(
+        "{path}: the document store is at generation {store} and can show generations {oldest}..={store} only, \
+         not {view} (the index was written since it was opened; reopen it)"
+    )]
+    ViewUnavailable {
+        /// The file.
+        path: PathBuf,
+        /// The generation the view was opened for.
+        view: u64,
+        /// The store's generation.
+        store: u64,
+        /// The oldest generation the store can show.
+        oldest: u64,
+    },
+    /// A write through a read view ([`crate::DocStore::open_view`]).
+    #[error("{path}: this connection is a read view at generation {view}; writes go through the index's writer")]
+    ReadOnlyView {
+        /// The file.
+        path: PathBuf,
+        /// The generation the view shows.
+        view: u64,
+    },
     /// A value stored in the file does not have the expected shape (e.g. metadata that is not a JSON object).
     #[error("{path}: corrupt row for document {id:?}: {detail}")]
     CorruptRow {

@@ -1,6 +1,7 @@
 //! [`DocStore`]: documents (id, title, text, metadata) in one SQLite file, with an FTS5 index and an undo
 //! log for the last generation. The layout and the generation protocol are described in FORMAT.md.
 
+use std::borrow::Borrow;
 use std::collections::HashSet;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -9,6 +10,7 @@ use std::time::Duration;
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{
     params, params_from_iter, Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction,
+    TransactionBehavior,
 };
 use serde_json::{Map, Value};
 
@@ -140,10 +142,16 @@ pub enum Reconciled {
 }
 
 /// The document store: one SQLite file in WAL mode. See the crate documentation.
+///
+/// A store opened with [`DocStore::create`] or [`DocStore::open`] reads and writes the latest state. One
+/// opened with [`DocStore::open_view`] is a read view pinned to a generation (the vector index's, when a
+/// reader opened it): every read shows that generation's documents, also while the store is ahead of it
+/// (a writer between its store commit and its index commit, or a crash there), and writes are refused.
 #[derive(Debug)]
 pub struct DocStore {
     conn: Connection,
     path: PathBuf,
+    view: Option<u64>,
 }
 
 /// Maps a SQLite error on `path` to a [`StoreError`]; "not a database" and corruption become
@@ -182,7 +190,7 @@ fn read_meta(conn: &Connection, path: &Path, key: &str) -> Result<u64, StoreErro
     })
 }
 
-fn write_meta(tx: &Transaction<'_>, path: &Path, key: &str, value: u64) -> Result<(), StoreError> {
+fn write_meta(tx: &Connection, path: &Path, key: &str, value: u64) -> Result<(), StoreError> {
     tx.execute(
         "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         params![key, to_i64(value)?],
@@ -225,7 +233,11 @@ impl DocStore {
             write_meta(&tx, &path, "undo_base", 0)?;
             tx.commit().map_err(&err)?;
         }
-        Ok(DocStore { conn, path })
+        Ok(DocStore {
+            conn,
+            path,
+            view: None,
+        })
     }
 
     /// Opens an existing store, checking that it is one (application id, schema version).
@@ -255,7 +267,95 @@ impl DocStore {
         }
         read_meta(&conn, &path, "generation")?;
         read_meta(&conn, &path, "undo_base")?;
-        Ok(DocStore { conn, path })
+        Ok(DocStore {
+            conn,
+            path,
+            view: None,
+        })
+    }
+
+    /// Opens a read view of the store at `generation` (the generation of the vector index a reader opened).
+    /// Every read runs in one SQLite read transaction that first checks the store's generation: equal, it
+    /// reads the documents as they are; ahead (a writer has committed the store for the next generation but
+    /// not yet the index, or crashed between the two, or the reader's index is one commit old), it applies
+    /// the undo log inside a transaction that is rolled back after the read, so the read shows `generation`
+    /// exactly (BM25 statistics included). A store behind the view is [`StoreError::StoreBehind`]; one more
+    /// than one commit ahead is [`StoreError::ViewUnavailable`] (reopen the index). Writes through a view
+    /// are [`StoreError::ReadOnlyView`].
+    pub fn open_view(path: impl AsRef<Path>, generation: u64) -> Result<DocStore, StoreError> {
+        let mut store = DocStore::open(path)?;
+        to_i64(generation)?;
+        store.view = Some(generation);
+        store.read(|_| Ok(()))?;
+        Ok(store)
+    }
+
+    /// The generation a read view shows ([`DocStore::open_view`]); `None` for a read-write store.
+    pub fn view_generation(&self) -> Option<u64> {
+        self.view
+    }
+
+    fn check_writable(&self) -> Result<(), StoreError> {
+        match self.view {
+            Some(view) => Err(StoreError::ReadOnlyView {
+                path: self.path.clone(),
+                view,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `f` in one read transaction showing the view's generation (or the latest state for a read-write
+    /// store). See [`DocStore::open_view`].
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let path = &self.path;
+        {
+            let tx = Transaction::new_unchecked(&self.conn, TransactionBehavior::Deferred)
+                .map_err(sql_err(path))?;
+            let current = read_meta(&tx, path, "generation")?;
+            match self.view {
+                None => return f(&tx),
+                Some(view) if view == current => return f(&tx),
+                Some(view) if view > current => {
+                    return Err(StoreError::StoreBehind {
+                        path: path.clone(),
+                        store: current,
+                        index: view,
+                    })
+                }
+                Some(_) => {}
+            }
+            // Dropping the transaction ends it (nothing was written).
+        }
+        let view = self.view.expect("a view");
+        // The store is ahead of the view: undo in a write transaction that is never committed. IMMEDIATE so
+        // that no writer commits between the check and the undo.
+        let tx = Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)
+            .map_err(sql_err(path))?;
+        let current = read_meta(&tx, path, "generation")?;
+        if view > current {
+            return Err(StoreError::StoreBehind {
+                path: path.clone(),
+                store: current,
+                index: view,
+            });
+        }
+        let oldest = read_meta(&tx, path, "undo_base")?;
+        if view < oldest {
+            return Err(StoreError::ViewUnavailable {
+                path: path.clone(),
+                view,
+                store: current,
+                oldest,
+            });
+        }
+        Self::undo_in(&tx, path, view)?;
+        let out = f(&tx);
+        tx.rollback().map_err(sql_err(path))?;
+        out
     }
 
     /// Opens a connection, with a busy timeout for a concurrent writer.
@@ -288,6 +388,18 @@ impl DocStore {
         Ok(())
     }
 
+    /// Folds the write-ahead log into the file (a `TRUNCATE` checkpoint) and closes the connection,
+    /// reporting what dropping it would hide. With no other connection open, the file alone then holds
+    /// every committed write (it can be renamed or copied).
+    pub fn close(self) -> Result<(), StoreError> {
+        let path = self.path;
+        let err = sql_err(&path);
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(&err)?;
+        self.conn.close().map_err(|(_, e)| err(e))
+    }
+
     /// The file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -306,11 +418,28 @@ impl DocStore {
 
     /// Number of documents.
     pub fn count(&self) -> Result<u64, StoreError> {
-        let n: i64 = self
-            .conn
-            .query_row("SELECT count(*) FROM documents", [], |r| r.get(0))
-            .map_err(sql_err(&self.path))?;
-        Ok(n as u64)
+        let path = &self.path;
+        self.read(|conn| {
+            let n: i64 = conn
+                .query_row("SELECT count(*) FROM documents", [], |r| r.get(0))
+                .map_err(sql_err(path))?;
+            Ok(n as u64)
+        })
+    }
+
+    /// Number of documents with a title or a text (what BM25 can find).
+    pub fn count_with_text(&self) -> Result<u64, StoreError> {
+        let path = &self.path;
+        self.read(|conn| {
+            let n: i64 = conn
+                .query_row(
+                    "SELECT count(*) FROM documents WHERE coalesce(title, '') <> '' OR coalesce(text, '') <> ''",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(sql_err(path))?;
+            Ok(n as u64)
+        })
     }
 
     /// Starts a write transaction for `generation`: checks it is not older than the store's, and when it
@@ -381,10 +510,16 @@ impl DocStore {
     /// Inserts or replaces documents, in one transaction that also sets the store's generation to
     /// `generation` (which must not be older than the store's). Replacing an id replaces its title, text
     /// and metadata together. Ids must be non-empty and distinct within one call.
-    pub fn upsert(&mut self, docs: &[Doc], generation: u64) -> Result<UpsertReport, StoreError> {
+    pub fn upsert<D: Borrow<Doc>>(
+        &mut self,
+        docs: &[D],
+        generation: u64,
+    ) -> Result<UpsertReport, StoreError> {
+        self.check_writable()?;
         let mut seen = HashSet::with_capacity(docs.len());
         let mut metadata = Vec::with_capacity(docs.len());
         for doc in docs {
+            let doc = doc.borrow();
             check_id(&doc.id)?;
             if !seen.insert(doc.id.as_str()) {
                 return Err(StoreError::InvalidDocument {
@@ -402,6 +537,7 @@ impl DocStore {
         let tx = Self::begin_write(&mut self.conn, path, generation)?;
         let mut report = UpsertReport::default();
         for (doc, meta) in docs.iter().zip(&metadata) {
+            let doc = doc.borrow();
             let old = Self::lookup(&tx, path, &doc.id)?;
             Self::save_undo(&tx, path, generation, &doc.id, old.as_ref())?;
             if old.is_some() {
@@ -432,6 +568,7 @@ impl DocStore {
         ids: &[S],
         generation: u64,
     ) -> Result<DeleteReport, StoreError> {
+        self.check_writable()?;
         let path = &self.path;
         let tx = Self::begin_write(&mut self.conn, path, generation)?;
         let mut report = DeleteReport::default();
@@ -462,6 +599,7 @@ impl DocStore {
     /// is restored from the undo log (or removed, if it was new). One transaction. Returns the number of
     /// documents restored or removed.
     pub fn rollback_to(&mut self, generation: u64) -> Result<usize, StoreError> {
+        self.check_writable()?;
         let path = &self.path;
         let tx = self
             .conn
@@ -478,6 +616,15 @@ impl DocStore {
                 requested: generation,
             });
         }
+        let restored = Self::undo_in(&tx, path, generation)?;
+        tx.commit().map_err(sql_err(path))?;
+        Ok(restored)
+    }
+
+    /// The work of [`DocStore::rollback_to`] inside `tx` (not committed): `generation` must lie between
+    /// `undo_base` and the store's generation, which is below it.
+    fn undo_in(tx: &Connection, path: &Path, generation: u64) -> Result<usize, StoreError> {
+        let current = read_meta(tx, path, "generation")?;
         let undo: Vec<(String, bool, Row)> = tx
             .prepare("SELECT id, existed, title, text, metadata FROM undo ORDER BY id")
             .and_then(|mut s| {
@@ -487,10 +634,10 @@ impl DocStore {
                 .collect()
             })
             .map_err(sql_err(path))?;
-        let oldest = read_meta(&tx, path, "undo_base")?;
+        let oldest = read_meta(tx, path, "undo_base")?;
         if generation < oldest {
             return Err(StoreError::RollbackUnavailable {
-                path: path.clone(),
+                path: path.to_path_buf(),
                 current,
                 requested: generation,
                 oldest,
@@ -508,9 +655,8 @@ impl DocStore {
             }
         }
         tx.execute("DELETE FROM undo", []).map_err(sql_err(path))?;
-        write_meta(&tx, path, "undo_base", generation)?;
-        write_meta(&tx, path, "generation", generation)?;
-        tx.commit().map_err(sql_err(path))?;
+        write_meta(tx, path, "undo_base", generation)?;
+        write_meta(tx, path, "generation", generation)?;
         Ok(undo.len())
     }
 
@@ -518,6 +664,7 @@ impl DocStore {
     /// do; store ahead → [`DocStore::rollback_to`] the index's generation; store behind → an error (the
     /// store must always be committed before the index).
     pub fn reconcile(&mut self, index_generation: u64) -> Result<Reconciled, StoreError> {
+        self.check_writable()?;
         let store = self.generation()?;
         if store == index_generation {
             return Ok(Reconciled::InSync);
@@ -540,30 +687,29 @@ impl DocStore {
     /// The documents with these ids (`None` for unknown ids), read from one consistent snapshot.
     pub fn get<S: AsRef<str>>(&self, ids: &[S]) -> Result<Vec<Option<Doc>>, StoreError> {
         let path = &self.path;
-        let tx = self.conn.unchecked_transaction().map_err(sql_err(path))?;
-        let mut stmt = tx
-            .prepare_cached("SELECT title, text, metadata FROM documents WHERE id = ?")
-            .map_err(sql_err(path))?;
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            let id = id.as_ref();
-            let row: Option<Row> = stmt
-                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                .optional()
+        self.read(|conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT title, text, metadata FROM documents WHERE id = ?")
                 .map_err(sql_err(path))?;
-            out.push(match row {
-                None => None,
-                Some((title, text, metadata)) => Some(Doc {
-                    id: id.to_owned(),
-                    title,
-                    text,
-                    metadata: metadata.map(|m| parse_metadata(path, id, &m)).transpose()?,
-                }),
-            });
-        }
-        drop(stmt);
-        tx.finish().map_err(sql_err(path))?;
-        Ok(out)
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                let id = id.as_ref();
+                let row: Option<Row> = stmt
+                    .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .optional()
+                    .map_err(sql_err(path))?;
+                out.push(match row {
+                    None => None,
+                    Some((title, text, metadata)) => Some(Doc {
+                        id: id.to_owned(),
+                        title,
+                        text,
+                        metadata: metadata.map(|m| parse_metadata(path, id, &m)).transpose()?,
+                    }),
+                });
+            }
+            Ok(out)
+        })
     }
 
     /// Ids of the documents matching `filter`, in id order.
@@ -573,12 +719,12 @@ impl DocStore {
         filter.to_sql("d.metadata", &mut sql, &mut params);
         sql.push_str(" ORDER BY d.id");
         let path = &self.path;
-        let mut stmt = self.conn.prepare(&sql).map_err(sql_err(path))?;
-        let ids = stmt
-            .query_map(params_from_iter(params), |r| r.get(0))
-            .and_then(|rows| rows.collect::<Result<Vec<String>, _>>())
-            .map_err(sql_err(path))?;
-        Ok(ids)
+        self.read(|conn| {
+            let mut stmt = conn.prepare(&sql).map_err(sql_err(path))?;
+            stmt.query_map(params_from_iter(params), |r| r.get(0))
+                .and_then(|rows| rows.collect::<Result<Vec<String>, _>>())
+                .map_err(sql_err(path))
+        })
     }
 
     /// BM25 keyword search over title and text: the `k` best documents matching any term of `query` (and
@@ -623,12 +769,12 @@ impl DocStore {
         sql.push_str(" ORDER BY score DESC, d.id LIMIT ?");
         params.push(SqlValue::Integer(i64::try_from(k).unwrap_or(i64::MAX)));
         let path = &self.path;
-        let mut stmt = self.conn.prepare(&sql).map_err(sql_err(path))?;
-        let hits = stmt
-            .query_map(params_from_iter(params), |r| Ok((r.get(0)?, r.get(1)?)))
-            .and_then(|rows| rows.collect::<Result<Vec<(String, f64)>, _>>())
-            .map_err(sql_err(path))?;
-        Ok(hits)
+        self.read(|conn| {
+            let mut stmt = conn.prepare(&sql).map_err(sql_err(path))?;
+            stmt.query_map(params_from_iter(params), |r| Ok((r.get(0)?, r.get(1)?)))
+                .and_then(|rows| rows.collect::<Result<Vec<(String, f64)>, _>>())
+                .map_err(sql_err(path))
+        })
     }
 
     /// Runs SQLite's `integrity_check` and FTS5's integrity check (the full-text index agrees with the

@@ -58,6 +58,7 @@ fn create_write_reopen_read() {
     assert_eq!(store.path(), path);
     assert_eq!(store.generation().unwrap(), 1);
     assert_eq!(store.count().unwrap(), 3);
+    assert_eq!(store.count_with_text().unwrap(), 2);
     let got = store.get(&["d3", "nope", "d1", "d2"]).unwrap();
     assert_eq!(
         got,
@@ -594,4 +595,94 @@ fn a_concurrent_reader_sees_old_or_new_never_half() {
     let (reads, last) = reader.join().unwrap();
     assert!(reads >= 1);
     assert_eq!(last, GENERATIONS as i64);
+}
+
+/// A read view pinned to a generation shows that generation's documents while the store is one commit ahead
+/// (get, filters, counts and BM25 with that generation's statistics), refuses writes, and reports a store
+/// two commits ahead or behind it.
+#[test]
+fn a_read_view_shows_its_generation_while_the_store_is_ahead() {
+    let (_dir, path, mut store) = new_store();
+    store
+        .upsert(
+            &[
+                doc("a", "Rust", "borrow checker", json!({"v": 1})),
+                doc("b", "Python", "garbage collector", json!({"v": 1})),
+                doc("c", "Go", "borrow nothing", json!({"v": 1})),
+            ],
+            1,
+        )
+        .unwrap();
+    let view = DocStore::open_view(&path, 1).unwrap();
+    assert_eq!(view.view_generation(), Some(1));
+    let filter: Filter = r#"{"v": 1}"#.parse().unwrap();
+    let before = (
+        view.get(&["a", "b", "c", "d"]).unwrap(),
+        view.ids_matching(&filter).unwrap(),
+        view.bm25("borrow", 10, None).unwrap(),
+        view.count().unwrap(),
+    );
+    assert_eq!(before.1, ["a", "b", "c"]);
+    // The writer commits generation 2 to the store (the index is not committed yet).
+    store
+        .upsert(
+            &[
+                doc("a", "Rust", "ownership", json!({"v": 2})),
+                Doc::new("d"),
+            ],
+            2,
+        )
+        .unwrap();
+    store.delete(&["b"], 2).unwrap();
+    let after = (
+        view.get(&["a", "b", "c", "d"]).unwrap(),
+        view.ids_matching(&filter).unwrap(),
+        view.bm25("borrow", 10, None).unwrap(),
+        view.count().unwrap(),
+    );
+    assert_eq!(after, before);
+    // The undo was never committed: the store still holds generation 2.
+    assert_eq!(store.generation().unwrap(), 2);
+    assert_eq!(all_ids(&store), ["a", "c", "d"]);
+    let now = DocStore::open_view(&path, 2).unwrap();
+    assert_eq!(now.ids_matching(&filter).unwrap(), ["c"]);
+    // Writes through a view are refused.
+    let mut w = DocStore::open_view(&path, 2).unwrap();
+    assert!(matches!(
+        w.upsert(&[Doc::new("x")], 2),
+        Err(StoreError::ReadOnlyView { view: 2, .. })
+    ));
+    assert!(matches!(
+        w.delete(&["a"], 2),
+        Err(StoreError::ReadOnlyView { .. })
+    ));
+    // Two commits ahead: generation 1 is out of reach.
+    store.upsert(&[Doc::new("e")], 3).unwrap();
+    let e = view.get(&["a"]).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StoreError::ViewUnavailable {
+                view: 1,
+                store: 3,
+                oldest: 2,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("reopen"), "{e}");
+    assert!(matches!(
+        DocStore::open_view(&path, 1),
+        Err(StoreError::ViewUnavailable { .. })
+    ));
+    // Behind the view.
+    assert!(matches!(
+        DocStore::open_view(&path, 4),
+        Err(StoreError::StoreBehind {
+            store: 3,
+            index: 4,
+            ..
+        })
+    ));
 }

@@ -233,18 +233,6 @@ fn index_search_add_delete_and_bad_input() {
         ],
         "ids",
     );
-    fails(
-        &[
-            "index",
-            "--index",
-            &index_s,
-            "--embeddings",
-            &docs,
-            "--ids",
-            &ids,
-        ],
-        "duplicate",
-    );
     let unknown = t.join("unknown.txt");
     std::fs::write(&unknown, "d1\nnot-there\n").unwrap();
     fails(

@@ -3,12 +3,14 @@
 //! * `config`: [`IndexConfig`] and [`SearchParams`] with their validation.
 //! * `layout`: file names, `meta.lt` (the commit point), the codec file, garbage collection.
 //! * `build`: training the codec, writing chunks and inverted lists, compaction's rewrite.
+//! * `documents`: the document store (`documents.sqlite`) as the writer keeps it in step with the vectors.
 //! * `writer`: [`IndexWriter`], the one writer of an index (an OS lock on `LOCK`), and the convenience
 //!   functions [`PlaidIndex::create`], [`PlaidIndex::add`], [`PlaidIndex::delete`], [`PlaidIndex::compact`].
 //! * `search`: the search pipeline.
 
 mod build;
 mod config;
+mod documents;
 mod layout;
 mod search;
 mod writer;
@@ -23,6 +25,7 @@ use crate::ivf::InvertedLists;
 use crate::scores::EmbRef;
 use crate::storage::{cast, Mapped};
 use crate::{Error, Result};
+use latte_store::{Doc, DocStore};
 
 pub use config::{IndexConfig, SearchParams};
 pub use search::{EXACT_SUBSET_MAX_DOCS, EXACT_SUBSET_MAX_FRACTION_INV};
@@ -104,10 +107,16 @@ pub struct IndexInfo {
     pub num_centroids: usize,
     /// The build configuration.
     pub config: IndexConfig,
-    /// Bytes on disk, all files.
+    /// Bytes on disk of the vector files (`meta.lt`, the codec, chunks and inverted lists).
     pub disk_bytes: u64,
     /// Bytes of the files search keeps hot (everything but the half-precision copy).
     pub resident_bytes: u64,
+    /// Bytes on disk of the document store (`documents.sqlite` and its `-wal` log; 0 without one).
+    pub store_bytes: u64,
+    /// The committed generation (`meta.lt`).
+    pub generation: u64,
+    /// The newest format version of any file of the index (`meta.lt`'s `format_version`).
+    pub format_version: u32,
 }
 
 #[derive(Clone)]
@@ -332,6 +341,60 @@ impl PlaidIndex {
         self.meta.config.model_options.as_ref()
     }
 
+    /// The committed generation this reader opened (`meta.lt`); every writer commit increments it.
+    pub fn generation(&self) -> u64 {
+        self.meta.generation
+    }
+
+    /// The index folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// External ids of the live documents, in internal order.
+    pub fn live_ids(&self) -> impl Iterator<Item = &str> {
+        self.ids
+            .iter()
+            .zip(&self.deleted)
+            .filter(|(_, &d)| !d)
+            .map(|(id, _)| id.as_str())
+    }
+
+    /// Whether the index has a document store (`documents.sqlite`); indexes written before the store
+    /// existed get one from their next writer.
+    pub fn has_store(&self) -> bool {
+        documents::store_path(&self.dir).is_file()
+    }
+
+    /// A read connection to the document store showing this index's generation
+    /// ([`DocStore::open_view`]): the text, titles and metadata of exactly the documents this reader
+    /// searches, also while a writer is between its store commit and its index commit. One per thread or
+    /// caller (a SQLite connection is not shared). [`Error::NoDocumentStore`] if the index has no store;
+    /// a store error `ViewUnavailable` means the index was written to more than once since this reader
+    /// opened it: reopen it.
+    pub fn open_store(&self) -> Result<DocStore> {
+        let path = documents::store_path(&self.dir);
+        if !path.is_file() {
+            return Err(Error::NoDocumentStore(self.dir.clone()));
+        }
+        Ok(DocStore::open_view(&path, self.meta.generation)?)
+    }
+
+    /// The stored documents with these ids (`None` for an id this index holds no live document for), read
+    /// at this index's generation. An index without a store gives each live document with its id only.
+    pub fn get_documents<S: AsRef<str>>(&self, ids: &[S]) -> Result<Vec<Option<Doc>>> {
+        if !self.has_store() {
+            return Ok(ids
+                .iter()
+                .map(|id| {
+                    let id = id.as_ref();
+                    self.contains(id).then(|| Doc::new(id))
+                })
+                .collect());
+        }
+        Ok(self.open_store()?.get(ids)?)
+    }
+
     /// Whether a live document with this external id exists.
     pub fn contains(&self, id: &str) -> bool {
         self.by_id
@@ -355,7 +418,17 @@ impl PlaidIndex {
                 }
             }
         }
+        let store_bytes = ["", "-wal"]
+            .iter()
+            .filter_map(|suffix| {
+                std::fs::metadata(self.dir.join(format!("{}{suffix}", documents::STORE))).ok()
+            })
+            .map(|m| m.len())
+            .sum();
         IndexInfo {
+            store_bytes,
+            generation: self.meta.generation,
+            format_version: self.meta.format_version,
             documents: self.live,
             deleted: self.meta.deleted.len(),
             tokens: self.meta.chunks.iter().map(|c| c.tokens).sum(),

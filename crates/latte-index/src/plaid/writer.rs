@@ -16,10 +16,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use half::f16;
+use latte_store::{Doc, DocStore, Filter};
 
 use super::build::{compact_into, pool_to_spool, train, validate_ids, write_chunk, write_ivf};
 use super::config::IndexConfig;
-use super::layout::{collect_garbage, commit, Meta, CODEC, LOCK, META};
+use super::documents::{build_store, open_writer_store, remove_store, store_rows};
+use super::layout::{collect_garbage, commit, read_meta, Meta, CODEC, LOCK, META};
 use super::{DocumentSource, PlaidIndex};
 use crate::error::IoContext;
 use crate::storage::{as_bytes, write_sections, FORMAT_VERSION};
@@ -40,6 +42,9 @@ pub struct AddReport {
     /// 0.25 when the new documents look like the training data; much higher means the centroids have
     /// drifted from the corpus and a rebuild would improve quality.
     pub outlier_fraction: f64,
+    /// Ids that the index held before this call, in source order: their vectors, text and metadata were
+    /// replaced (they count in `documents` too).
+    pub replaced: Vec<String>,
 }
 
 /// What a delete did.
@@ -127,7 +132,16 @@ fn still_at(_file: &File, path: &Path) -> bool {
     path.exists()
 }
 
-/// The writer of one index: [`PlaidIndex::writer`] opens it. It holds the index's lock until dropped.
+/// The writer of one index: [`PlaidIndex::writer`] opens it. It holds the index's lock until dropped, and
+/// keeps the document store (`documents.sqlite`) in step with the vector files: each operation writes its
+/// vector files, then its store rows under the generation the next `meta.lt` will have; [`IndexWriter::commit`]
+/// commits the store (that generation) first and `meta.lt` second. Readers of the index at the committed
+/// generation keep seeing its documents meanwhile ([`PlaidIndex::open_store`]); a writer dropped without
+/// committing rolls the store back, and the next writer rolls back a store left ahead by a killed one.
+///
+/// When an operation fails after it started writing, a writer with no other uncommitted change returns to
+/// the committed state and stays usable; one with uncommitted changes refuses further operations and
+/// commits (drop it: the changes are discarded).
 ///
 /// ```no_run
 /// # fn main() -> latte_index::Result<()> {
@@ -149,6 +163,10 @@ pub struct IndexWriter {
     /// The metadata in `meta.lt` now.
     committed: Meta,
     dirty: bool,
+    /// The document store, read-write (it holds the uncommitted changes too).
+    store: DocStore,
+    /// An operation failed while other changes were uncommitted.
+    poisoned: bool,
     _lock: WriterLock,
 }
 
@@ -180,6 +198,18 @@ impl PlaidIndex {
         source: &dyn DocumentSource,
         config: &IndexConfig,
     ) -> Result<AddReport> {
+        Self::create_with_documents(dir, source, &[], config)
+    }
+
+    /// Builds a new index in `dir` like [`PlaidIndex::create`], with the documents' text and metadata in
+    /// its document store: `docs` are matched to `source` by id (a doc whose id the source lacks is an
+    /// error; a source document without a doc gets a row with its id only).
+    pub fn create_with_documents(
+        dir: impl AsRef<Path>,
+        source: &dyn DocumentSource,
+        docs: &[Doc],
+        config: &IndexConfig,
+    ) -> Result<AddReport> {
         let dir = dir.as_ref();
         config.validate()?;
         if source.dim() == 0 || !source.dim().is_multiple_of(8) {
@@ -201,7 +231,9 @@ impl PlaidIndex {
         }
         // Leftovers of an interrupted creation.
         collect_garbage(dir, None);
+        remove_store(dir);
         let ids = validate_ids(source, &|_| false)?;
+        let rows = store_rows(&ids, docs)?;
         // Each document is pooled once: into a temporary file the training sample and the encoding pass read.
         let pooled;
         let source: &dyn DocumentSource = if config.pool_factor > 1 {
@@ -241,22 +273,28 @@ impl PlaidIndex {
             let tokens = chunk.tokens;
             meta.chunks.push(chunk);
             write_ivf(dir, &meta, None, &codes)?;
+            // The store first, then meta.lt: a folder without meta.lt is no index, whatever else it holds.
+            build_store(dir, &rows, meta.generation)?;
             commit(dir, &meta)?;
             Ok((tokens, outliers))
         })();
-        let (tokens, outliers) = written.inspect_err(|_| collect_garbage(dir, None))?;
+        let (tokens, outliers) = written.inspect_err(|_| {
+            collect_garbage(dir, None);
+            remove_store(dir);
+        })?;
         Ok(AddReport {
             documents: source.len(),
             tokens,
             trained: true,
             num_centroids: k,
             outlier_fraction: outliers as f64 / tokens.max(1) as f64,
+            replaced: Vec::new(),
         })
     }
 
     /// Adds documents to the index in `dir` with its existing centroids and commits: a writer's
     /// [`IndexWriter::add`] + [`IndexWriter::commit`]. Nothing changes unless every document is valid
-    /// (dimension, unique new ids, at least one token).
+    /// (dimension, ids unique within the source, at least one token); an id the index holds is replaced.
     pub fn add(dir: impl AsRef<Path>, source: &dyn DocumentSource) -> Result<AddReport> {
         let mut w = Self::writer(dir)?;
         let report = w.add(source)?;
@@ -304,13 +342,63 @@ impl IndexWriter {
         }
         let lock = WriterLock::acquire(dir)?;
         let index = PlaidIndex::open(dir)?;
+        let store = open_writer_store(dir, &index)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             committed: index.meta.clone(),
             index,
             dirty: false,
+            store,
+            poisoned: false,
             _lock: lock,
         })
+    }
+
+    /// The document store as this writer has written it, uncommitted changes included.
+    pub fn store(&self) -> &DocStore {
+        &self.store
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        if self.poisoned {
+            return Err(Error::InvalidArgument(format!(
+                "an earlier operation of this writer of {} failed while other changes were uncommitted; \
+                 drop the writer (its uncommitted changes are discarded) and open a new one",
+                self.dir.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs the writing part of an operation. On failure, a writer with no earlier uncommitted change goes
+    /// back to the committed state (files and store rows of the failed operation removed); one with such
+    /// changes is poisoned.
+    fn guarded<T>(&mut self, op: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        self.check_usable()?;
+        let was_dirty = self.dirty;
+        op(self).inspect_err(|_| {
+            if was_dirty || self.restore().is_err() {
+                self.poisoned = true;
+            }
+        })
+    }
+
+    /// Back to the committed state: the store rolled back, the view reassembled, new files removed.
+    fn restore(&mut self) -> Result<()> {
+        self.store.rollback_to(self.committed.generation)?;
+        if self.dirty {
+            let old = &self.index;
+            self.index = PlaidIndex::assemble(
+                &self.dir,
+                self.committed.clone(),
+                old.centroids.clone(),
+                old.codec.clone(),
+                old.chunks.clone(),
+            )?;
+            self.dirty = false;
+        }
+        collect_garbage(&self.dir, Some(&self.committed));
+        Ok(())
     }
 
     /// The index directory.
@@ -344,17 +432,33 @@ impl IndexWriter {
         Ok(())
     }
 
-    /// The next metadata generation.
+    /// The metadata of the next commit: every operation between two commits writes the same generation
+    /// (the one the store's rows of those operations carry).
     fn next_meta(&self) -> Meta {
         let mut meta = self.index.meta.clone();
         meta.format_version = FORMAT_VERSION;
-        meta.generation += 1;
+        meta.generation = self.committed.generation + 1;
         meta
     }
 
-    /// Adds documents with the index's existing centroids (visible after [`IndexWriter::commit`]). Nothing
-    /// changes unless every document is valid (dimension, unique new ids, at least one token).
+    /// Adds documents with the index's existing centroids (visible after [`IndexWriter::commit`]):
+    /// [`IndexWriter::add_documents`] without text or metadata (each document's store row holds its id).
     pub fn add(&mut self, source: &dyn DocumentSource) -> Result<AddReport> {
+        self.add_documents(source, &[])
+    }
+
+    /// Adds documents with their text and metadata (visible after [`IndexWriter::commit`]). `docs` are
+    /// matched to `source` by id: a doc whose id the source lacks is an error, a source document without a
+    /// doc gets a store row with its id only. An id the index already holds is replaced: its vectors, text
+    /// and metadata together ([`AddReport::replaced`]). Nothing changes unless every document is valid
+    /// (dimension, ids unique within the source, at least one token). When replaced documents make more
+    /// than a fifth of the stored documents deleted, the index is compacted.
+    pub fn add_documents(
+        &mut self,
+        source: &dyn DocumentSource,
+        docs: &[Doc],
+    ) -> Result<AddReport> {
+        self.check_usable()?;
         let current = &self.index;
         if source.dim() != current.meta.dim {
             return Err(Error::DimensionMismatch {
@@ -366,28 +470,46 @@ impl IndexWriter {
         if source.is_empty() {
             return Err(Error::InvalidArgument("no documents to add".into()));
         }
-        let ids = validate_ids(source, &|id| current.contains(id))?;
-        let mut meta = self.next_meta();
-        let (chunk, codes, outliers) = write_chunk(
-            &self.dir,
-            &mut meta,
-            &current.centroids.to_f32(),
-            &current.codec,
-            source,
-            &ids,
-            current.meta.config.pool_factor,
-        )?;
-        let tokens = chunk.tokens;
-        meta.chunks.push(chunk);
-        write_ivf(&self.dir, &meta, Some(current), &codes)?;
-        let num_centroids = meta.num_centroids;
-        self.advance(meta)?;
-        Ok(AddReport {
-            documents: source.len(),
-            tokens,
-            trained: false,
-            num_centroids,
-            outlier_fraction: outliers as f64 / tokens.max(1) as f64,
+        let ids = validate_ids(source, &|_| false)?;
+        let rows = store_rows(&ids, docs)?;
+        let replaced: Vec<String> = ids
+            .iter()
+            .filter(|id| current.contains(id))
+            .cloned()
+            .collect();
+        self.guarded(|w| {
+            let current = &w.index;
+            let mut meta = w.next_meta();
+            meta.deleted
+                .extend(replaced.iter().map(|id| current.by_id[id.as_str()]));
+            meta.deleted.sort_unstable();
+            let (chunk, codes, outliers) = write_chunk(
+                &w.dir,
+                &mut meta,
+                &current.centroids.to_f32(),
+                &current.codec,
+                source,
+                &ids,
+                current.meta.config.pool_factor,
+            )?;
+            let tokens = chunk.tokens;
+            meta.chunks.push(chunk);
+            write_ivf(&w.dir, &meta, Some(current), &codes)?;
+            let num_centroids = meta.num_centroids;
+            w.store.upsert(&rows, meta.generation)?;
+            w.advance(meta)?;
+            if !replaced.is_empty() && w.index.meta.deleted.len() * 5 > w.index.ids.len() {
+                let meta = compact_into(&w.dir, &w.index, w.next_meta())?;
+                w.advance(meta)?;
+            }
+            Ok(AddReport {
+                documents: source.len(),
+                tokens,
+                trained: false,
+                num_centroids,
+                outlier_fraction: outliers as f64 / tokens.max(1) as f64,
+                replaced,
+            })
         })
     }
 
@@ -395,15 +517,18 @@ impl IndexWriter {
     /// others are listed in [`DeleteReport::not_found`]. Ids of the other documents never change. When more
     /// than a fifth of the stored documents are deleted, the index is compacted.
     pub fn delete(&mut self, ids: &[String]) -> Result<DeleteReport> {
+        self.check_usable()?;
         let current = &self.index;
         let mut del: Vec<u32> = current.meta.deleted.clone();
         let mut seen = HashSet::new();
         let mut not_found = Vec::new();
+        let mut found: Vec<&str> = Vec::new();
         for id in ids {
             match current.by_id.get(id) {
                 Some(&d) if !current.deleted[d as usize] => {
                     if seen.insert(d) {
                         del.push(d);
+                        found.push(id);
                     }
                 }
                 _ => not_found.push(id.clone()),
@@ -418,41 +543,67 @@ impl IndexWriter {
             });
         }
         del.sort_unstable();
-        let mut meta = self.next_meta();
-        meta.deleted = del;
-        let compacted = meta.deleted.len() * 5 > current.ids.len();
-        let meta = if compacted {
-            compact_into(&self.dir, current, meta)?
-        } else {
-            // Same inverted lists, new generation name (search skips deleted documents).
-            write_ivf(&self.dir, &meta, Some(current), &[])?;
-            meta
-        };
-        let remaining = current.live - seen.len();
-        self.advance(meta)?;
-        Ok(DeleteReport {
-            deleted: seen.len(),
-            remaining,
-            compacted,
-            not_found,
+        let found: Vec<String> = found.into_iter().map(str::to_owned).collect();
+        self.guarded(|w| {
+            let current = &w.index;
+            let mut meta = w.next_meta();
+            meta.deleted = del;
+            let compacted = meta.deleted.len() * 5 > current.ids.len();
+            let meta = if compacted {
+                compact_into(&w.dir, current, meta)?
+            } else {
+                // Same inverted lists, new generation name (search skips deleted documents).
+                write_ivf(&w.dir, &meta, Some(current), &[])?;
+                meta
+            };
+            let remaining = current.live - found.len();
+            w.store.delete(&found, meta.generation)?;
+            w.advance(meta)?;
+            Ok(DeleteReport {
+                deleted: found.len(),
+                remaining,
+                compacted,
+                not_found,
+            })
         })
+    }
+
+    /// Deletes the documents whose metadata matches `filter` (visible after [`IndexWriter::commit`]), as
+    /// [`IndexWriter::delete`] would with their ids; no match deletes nothing.
+    pub fn delete_matching(&mut self, filter: &Filter) -> Result<DeleteReport> {
+        self.check_usable()?;
+        let ids = self.store.ids_matching(filter)?;
+        self.delete(&ids)
     }
 
     /// Rewrites the index without its deleted documents (visible after [`IndexWriter::commit`]). External
     /// ids are unchanged.
     pub fn compact(&mut self) -> Result<()> {
-        let meta = self.next_meta();
-        let meta = compact_into(&self.dir, &self.index, meta)?;
-        self.advance(meta)
+        self.guarded(|w| {
+            let meta = compact_into(&w.dir, &w.index, w.next_meta())?;
+            w.advance(meta)
+        })
     }
 
-    /// Makes every change since the last commit visible: `meta.lt` is replaced atomically, then the files it
-    /// no longer references are removed. Readers opened earlier keep their view until they reopen.
+    /// Makes every change since the last commit visible: the document store is committed with the new
+    /// generation, then `meta.lt` is replaced atomically, then the files it no longer references are
+    /// removed. Readers opened earlier keep their view until they reopen.
     pub fn commit(&mut self) -> Result<()> {
+        self.check_usable()?;
         if !self.dirty {
             return Ok(());
         }
-        commit(&self.dir, &self.index.meta)?;
+        let generation = self.index.meta.generation;
+        // Operations that change no document (a compaction) still move the store to the new generation.
+        self.store.upsert::<Doc>(&[], generation)?;
+        if let Err(e) = commit(&self.dir, &self.index.meta) {
+            // meta.lt may have been replaced before the failure (syncing the folder failed).
+            if read_meta(&self.dir).is_ok_and(|m| m.generation == generation) {
+                self.committed = self.index.meta.clone();
+                self.dirty = false;
+            }
+            return Err(e);
+        }
         self.committed = self.index.meta.clone();
         self.dirty = false;
         Ok(())
@@ -461,6 +612,15 @@ impl IndexWriter {
 
 impl Drop for IndexWriter {
     fn drop(&mut self) {
+        // Store rows written since the last commit: back to the committed generation (the next writer would
+        // do it otherwise).
+        if self
+            .store
+            .generation()
+            .is_ok_and(|g| g > self.committed.generation)
+        {
+            let _ = self.store.rollback_to(self.committed.generation);
+        }
         // Files written since the last commit (or by a failed operation) are not referenced by meta.lt.
         collect_garbage(&self.dir, Some(&self.committed));
     }

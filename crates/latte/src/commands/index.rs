@@ -5,16 +5,19 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use latte::core::beir::{self, Kind};
-use latte_index::{AddReport, DocumentSource, IndexConfig, PlaidIndex, SpoolWriter, VecSource};
+use latte_index::{
+    AddReport, Doc, DocumentSource, IndexConfig, PlaidIndex, SpoolWriter, VecSource,
+};
 
 use super::encoder::{self, Encoded, IndexModel};
-use super::index_io::{embeddings_source, read_ids};
+use super::index_io::{doc_from_fields, embeddings_source, read_ids, read_metadata};
 use super::model_args::{IndexModelArgs, ModelOptions};
 
 /// Index a corpus (encoding it with a model) or precomputed embeddings. On an existing index, adds documents.
 #[derive(Args, Debug)]
 pub struct IndexArgs {
-    /// Index directory (created if missing; an existing index gets the documents added).
+    /// Index directory (created if missing; an existing index gets the documents added, and a document whose
+    /// id the index already holds is replaced: its vectors, text and metadata).
     #[arg(long)]
     pub index: PathBuf,
     /// The model that encodes `--corpus` (remembered by the index with the options that change embeddings)
@@ -23,12 +26,23 @@ pub struct IndexArgs {
     pub model: IndexModelArgs,
     /// Corpus JSONL (`{"_id" (or "id"), "title"?, "text"}` per line) or `.txt` (one document per line, ids 0,
     /// 1, …), encoded with `--model`. The file is checked whole first, then read and encoded in chunks of
-    /// `--chunk-docs` documents, so memory does not grow with the corpus. A new index is built from the
-    /// encoded chunks spooled to a temporary file in the index folder (the k-means sample is drawn from the
-    /// whole corpus); on an existing index each chunk is added and committed in turn, so a failure part-way
-    /// leaves the chunks before it in the index.
+    /// `--chunk-docs` documents, so the embeddings in memory do not grow with the corpus. A new index is
+    /// built from the encoded chunks spooled to a temporary file in the index folder (the k-means sample is
+    /// drawn from the whole corpus); on an existing index each chunk is added and committed in turn, so a
+    /// failure part-way leaves the chunks before it in the index.
+    /// The index stores each document's `title` and `text` (unless `--no-store-text`) and every other field
+    /// of its line except the id as metadata (for `latte search --filter`, `latte get`).
     #[arg(long, conflicts_with = "embeddings", requires = "model")]
     pub corpus: Option<PathBuf>,
+    /// Metadata of `--embeddings` documents: JSONL, one `{"_id": ..., ...}` per line. `title` and `text`
+    /// are stored as the document's title and text (unless `--no-store-text`), every other field but the
+    /// id as metadata. Each id must be one of `--ids`; documents without a line are stored with their id.
+    #[arg(long, requires = "embeddings")]
+    pub metadata: Option<PathBuf>,
+    /// Do not store titles and texts (other fields are still stored as metadata); BM25 and hybrid search
+    /// then have nothing to search.
+    #[arg(long)]
+    pub no_store_text: bool,
     /// Precomputed document embeddings (`.npz` as written by `latte encode`: one array per document).
     #[arg(long, requires = "ids")]
     pub embeddings: Option<PathBuf>,
@@ -122,9 +136,13 @@ pub fn run(args: IndexArgs) -> Result<()> {
         (Some(npz), None) => {
             drop(current);
             let ids = read_ids(args.ids.as_ref().expect("clap requires --ids"))?;
+            let source = embeddings_source(npz, ids)?;
             let options = args.model.model.as_ref().map(|_| args.model.given());
             let cfg = config(&args, args.model.model.clone(), options, pool_factor);
-            let source = embeddings_source(npz, ids)?;
+            let docs = match &args.metadata {
+                Some(path) => read_metadata(path, source.as_ref(), !args.no_store_text)?,
+                None => Vec::new(),
+            };
             in_index_folder(&args.index, || {
                 if pool_factor > 1 {
                     // Pooled once, into a temporary file in the index folder rather than memory.
@@ -133,9 +151,9 @@ pub fn run(args: IndexArgs) -> Result<()> {
                             .with_context(|| {
                                 format!("pooling the documents (--pool-factor {pool_factor})")
                             })?;
-                    add_or_create(&args, exists, &pooled, cfg)
+                    add_or_create(&args, exists, &pooled, &docs, cfg)
                 } else {
-                    add_or_create(&args, exists, source.as_ref(), cfg)
+                    add_or_create(&args, exists, source.as_ref(), &docs, cfg)
                 }
             })?
         }
@@ -155,6 +173,23 @@ pub fn run(args: IndexArgs) -> Result<()> {
         report.num_centroids,
         started.elapsed().as_secs_f64()
     );
+    if !report.replaced.is_empty() {
+        let shown: Vec<String> = report
+            .replaced
+            .iter()
+            .take(10)
+            .map(|id| latte::core::short_id(id))
+            .collect();
+        let more = match report.replaced.len() {
+            n if n > 10 => format!(" and {} more", n - 10),
+            _ => String::new(),
+        };
+        eprintln!(
+            "replaced {} documents the index already held (their vectors, text and metadata): {}{more}",
+            report.replaced.len(),
+            shown.join(", ")
+        );
+    }
     if exists && report.outlier_fraction > 0.5 {
         eprintln!(
             "warning: {:.0}% of the new tokens are far from every centroid (25% is typical): the corpus has drifted \
@@ -165,32 +200,40 @@ pub fn run(args: IndexArgs) -> Result<()> {
     Ok(())
 }
 
-/// Adds `source` to the index at `--index`, or creates the index from it.
+/// Adds `source` (with the text and metadata of `docs`) to the index at `--index` and commits, or creates
+/// the index from it.
 fn add_or_create(
     args: &IndexArgs,
     exists: bool,
     source: &dyn DocumentSource,
+    docs: &[Doc],
     config: IndexConfig,
 ) -> Result<AddReport> {
     if exists {
-        PlaidIndex::add(&args.index, source)
-            .with_context(|| format!("adding to the index at {}", args.index.display()))
+        (|| {
+            let mut w = PlaidIndex::writer(&args.index)?;
+            let report = w.add_documents(source, docs)?;
+            w.commit()?;
+            Ok::<_, latte_index::Error>(report)
+        })()
+        .with_context(|| format!("adding to the index at {}", args.index.display()))
     } else {
-        PlaidIndex::create(&args.index, source, &config)
+        PlaidIndex::create_with_documents(&args.index, source, docs, &config)
             .with_context(|| format!("building the index at {}", args.index.display()))
     }
 }
 
 /// Streams `corpus` into the index: the file is first read through once to check every line (ids, JSON,
 /// duplicates) and count the documents, so bad input fails before anything is encoded. Then documents are
-/// read, encoded and pooled in chunks of `--chunk-docs`, so only one chunk's texts and embeddings are in
-/// memory at a time.
+/// read, encoded and pooled in chunks of `--chunk-docs`, so only one chunk's embeddings are in memory at a
+/// time.
 ///
 /// An existing index gets each chunk added and committed by one writer. A new index needs its centroids
 /// before any document can be stored, and they are trained on a sample drawn from the whole corpus: the
 /// encoded chunks are spooled to a temporary file in the index folder (removed when done; 4 bytes per value)
-/// and the index is built from it in one pass, streaming, exactly as a build over the whole corpus in memory
-/// would be. Peak memory is one chunk plus the bounded k-means training set, whatever the corpus size.
+/// and the index is built from it in one streaming pass, exactly as a build over the whole corpus in memory
+/// would be. The documents' store rows (text, metadata) are kept until then. Peak memory is one chunk, the
+/// bounded k-means training set and the rows, whatever the number of embeddings.
 fn index_corpus(
     args: &IndexArgs,
     exists: bool,
@@ -205,22 +248,30 @@ fn index_corpus(
     }
     let chunk = usize::try_from(args.chunk_docs).unwrap_or(usize::MAX);
     eprintln!("encoding {n} documents with {}", model.name);
-    let mut records = beir::open(corpus, Kind::Documents)?;
-    // One encoded (and pooled) chunk at a time.
-    let mut next_chunk = || -> Result<Option<Box<dyn DocumentSource>>> {
+    let mut records = beir::open(corpus, Kind::Documents)?.keep_fields();
+    let store_text = !args.no_store_text;
+    // One chunk at a time: its store rows, and its embeddings encoded and pooled.
+    let mut next_chunk = || -> Result<Option<(Vec<Doc>, Box<dyn DocumentSource>)>> {
         let batch: Vec<beir::Record> = records.by_ref().take(chunk).collect::<Result<_, _>>()?;
         if batch.is_empty() {
             return Ok(None);
         }
+        let docs: Vec<Doc> = batch
+            .iter()
+            .map(|r| match &r.fields {
+                Some(fields) => doc_from_fields(&r.id, fields.clone(), store_text)
+                    .with_context(|| format!("{}: line {}", corpus.display(), r.line)),
+                None if store_text => Ok(Doc::new(r.id.clone()).with_text(r.text.clone())),
+                None => Ok(Doc::new(r.id.clone())),
+            })
+            .collect::<Result<_>>()?;
         let (ids, texts): (Vec<String>, Vec<String>) =
             batch.into_iter().map(|r| (r.id, r.text)).unzip();
         let encoded = model.encode(&texts, false, args.batch_size)?;
         drop(texts);
         // Pooled here, once per document (the index is given pool_factor 1).
-        Ok(Some(encoder::pool_documents(
-            Box::new(to_source(ids, encoded)?),
-            pool_factor,
-        )?))
+        let source = encoder::pool_documents(Box::new(to_source(ids, encoded)?), pool_factor)?;
+        Ok(Some((docs, source)))
     };
     let several = n > chunk;
     let mut done = 0usize;
@@ -234,11 +285,12 @@ fn index_corpus(
             trained: false,
             num_centroids: 0,
             outlier_fraction: 0.0,
+            replaced: Vec::new(),
         };
         let mut outliers = 0.0f64;
-        while let Some(source) = next_chunk()? {
+        while let Some((docs, source)) = next_chunk()? {
             let report = writer
-                .add(source.as_ref())
+                .add_documents(source.as_ref(), &docs)
                 .and_then(|r| writer.commit().map(|()| r))
                 .with_context(|| format!("adding to the index at {}", args.index.display()))?;
             chunks += 1;
@@ -252,6 +304,7 @@ fn index_corpus(
             total.documents += report.documents;
             total.tokens += report.tokens;
             total.num_centroids = report.num_centroids;
+            total.replaced.extend(report.replaced);
             outliers += report.outlier_fraction * report.tokens as f64;
         }
         total.outlier_fraction = outliers / total.tokens.max(1) as f64;
@@ -259,7 +312,8 @@ fn index_corpus(
     }
     in_index_folder(&args.index, || {
         let mut spool: Option<SpoolWriter> = None;
-        while let Some(source) = next_chunk()? {
+        let mut rows: Vec<Doc> = Vec::new();
+        while let Some((docs, source)) = next_chunk()? {
             let w = match spool.as_mut() {
                 Some(w) => w,
                 None => spool.insert(SpoolWriter::new_in(&args.index, source.dim()).with_context(
@@ -268,6 +322,7 @@ fn index_corpus(
             };
             w.push_all(source.as_ref())
                 .with_context(|| format!("spooling the embeddings in {}", args.index.display()))?;
+            rows.extend(docs);
             chunks += 1;
             done += source.len();
             if several {
@@ -287,8 +342,7 @@ fn index_corpus(
             Some(model.options.clone()),
             pool_factor,
         );
-        PlaidIndex::create(&args.index, &spooled, &cfg)
-            .with_context(|| format!("building the index at {}", args.index.display()))
+        add_or_create(args, false, &spooled, &rows, cfg)
     })
 }
 

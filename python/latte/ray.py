@@ -1,0 +1,834 @@
+"""Scale-out on Ray: distributed encoding with Ray Data and sharded PLAID indexes served by Ray actors.
+
+Installed with the extra ``pip install 'latte-colbert[ray]'`` (it brings ``ray[data]``); import it as
+``import latte.ray``. Every Ray worker must be able to import ``latte`` (install the package on each node,
+or pass a ``runtime_env``).
+
+- :func:`encode`: a Ray Dataset of texts → the same rows plus an ``embeddings`` column (one float32
+  ``(tokens, dim)`` array per row), through ``map_batches`` with a callable class that loads the model once
+  per worker. The embeddings are those of :meth:`latte.models.ColBERT.encode` in one process.
+- :func:`write_embeddings`: writes such a dataset as ``.npz`` + ``.ids`` part files from the workers that hold
+  the blocks (nothing is gathered on one node); each part is what ``latte index --embeddings PART.npz --ids
+  PART.ids`` reads.
+- :func:`build_sharded`: one PLAID index per shard, built by one Ray task per shard; documents are routed by
+  a stable hash of their id (:func:`shard_of`), so adds and deletes reach the right shard later. A manifest
+  (``latte-shards.json``) names the shards and the model.
+- :class:`ShardedIndex`: one Ray actor per shard (each opens its shard memory-mapped), a query batch fanned
+  out to every shard and each query's top-``k`` merged by score. Scores are comparable across shards because
+  every shard's final rerank is an exact MaxSim from the stored half-precision embeddings.
+
+The index folder must be visible under the same path from every node that runs a shard task or actor (a
+shared or network file system); on one machine any folder works.
+
+Failure behaviour: a shard actor whose process dies is restarted by Ray (``max_restarts``) and reopens its
+shard. A search running or submitted during the restart waits for it (up to ``timeout`` seconds) and then
+returns the complete result; past the timeout, or when the actor cannot come back, it raises
+:class:`ShardUnavailableError` naming the shard. Only with ``allow_partial=True`` does a search return the
+results of the shards that answered (the missing ones are named in a :class:`PartialResultWarning` and in
+:attr:`ShardedIndex.last_missing_shards`).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+import warnings
+from typing import Any, Dict, Hashable, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+import ray
+
+from latte._arrays import matrices
+
+__all__ = [
+    "MANIFEST",
+    "PartialResultWarning",
+    "PendingSearch",
+    "ShardUnavailableError",
+    "ShardedIndex",
+    "build_sharded",
+    "encode",
+    "read_manifest",
+    "shard_of",
+    "write_embeddings",
+]
+
+#: File name of the manifest of a sharded index, in its folder.
+MANIFEST = "latte-shards.json"
+#: ``format`` field of the manifest.
+FORMAT = "latte-sharded-index"
+#: Version of the manifest layout this module writes and reads.
+VERSION = 1
+#: How document ids are routed to shards (recorded in the manifest).
+ROUTING = "blake2b-64-le(utf8(id)) mod num_shards"
+
+Result = Dict[str, Any]
+
+
+class ShardUnavailableError(RuntimeError):
+    """A shard did not answer (its actor died and did not come back in time, or failed): names the shard."""
+
+    def __init__(self, shard: str, reason: str) -> None:
+        super().__init__(f"shard {shard} is unavailable: {reason}")
+        self.shard = shard
+        self.reason = reason
+
+
+class PartialResultWarning(UserWarning):
+    """A search with ``allow_partial=True`` returned without the results of some shards (named)."""
+
+
+# -- routing ----------------------------------------------------------------------------------------------
+
+
+def shard_of(document_id: Hashable, num_shards: int) -> int:
+    """The shard of ``document_id`` among ``num_shards``: the 64-bit little-endian BLAKE2b digest of the UTF-8
+    ``str(document_id)``, modulo ``num_shards``. Stable across processes, machines and Python versions."""
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be at least 1, got {num_shards}")
+    digest = hashlib.blake2b(str(document_id).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % num_shards
+
+
+def _shard_name(i: int) -> str:
+    return f"shard-{i:05d}"
+
+
+# -- encoding ---------------------------------------------------------------------------------------------
+
+
+def _column(batch: Mapping[str, Any], name: str, what: str) -> Any:
+    if name not in batch:
+        raise ValueError(f"{what}: the dataset has no column {name!r} (columns: {sorted(batch)})")
+    return batch[name]
+
+
+def _object_column(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """A 1-D object array holding ``arrays`` (numpy would stack same-shaped arrays into one 3-D array)."""
+    out = np.empty(len(arrays), dtype=object)
+    for i, a in enumerate(arrays):
+        out[i] = a
+    return out
+
+
+class _Encoder:
+    """The ``map_batches`` callable class of :func:`encode`: loads the model once per worker."""
+
+    def __init__(
+        self,
+        model: str,
+        model_kwargs: Dict[str, Any],
+        text_column: str,
+        id_column: str,
+        output_column: str,
+        is_query: bool,
+        batch_size: int,
+        encode_kwargs: Dict[str, Any],
+    ) -> None:
+        from latte.models import ColBERT
+
+        self.model = ColBERT(model, **model_kwargs)
+        self.text_column = text_column
+        self.id_column = id_column
+        self.output_column = output_column
+        self.is_query = is_query
+        self.batch_size = batch_size
+        self.encode_kwargs = encode_kwargs
+
+    def __call__(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        _column(batch, self.id_column, "encode: id_column")
+        texts = _column(batch, self.text_column, "encode: text_column")
+        values: List[str] = []
+        for t in texts:
+            if not isinstance(t, str):
+                raise ValueError(
+                    f"encode: column {self.text_column!r} must hold strings, got {type(t).__name__} ({t!r:.80})"
+                )
+            values.append(t)
+        embeddings = self.model.encode(
+            values,
+            is_query=self.is_query,
+            batch_size=self.batch_size,
+            show_progress_bar=False,
+            **self.encode_kwargs,
+        )
+        out = dict(batch)
+        out[self.output_column] = _object_column(embeddings)
+        return out
+
+
+def encode(
+    dataset: "ray.data.Dataset",
+    model: Union[str, "os.PathLike[str]"],
+    text_column: str = "text",
+    id_column: str = "_id",
+    is_query: bool = False,
+    batch_size: int = 32,
+    concurrency: Union[int, Tuple[int, int]] = 1,
+    num_cpus: float = 1,
+    model_kwargs: Optional[Dict[str, Any]] = None,
+    embeddings_column: str = "embeddings",
+    **encode_kwargs: Any,
+) -> "ray.data.Dataset":
+    """Encodes the texts of ``dataset`` with ``model`` on Ray workers (lazily, as every Ray Data transform).
+
+    Returns ``dataset`` with one more column, ``embeddings``: per row a float32 ``(tokens, dim)`` array,
+    equal to ``latte.models.ColBERT(model, **model_kwargs).encode(texts, is_query=is_query)`` in one process.
+    ``model`` is a model folder (present on every node) or a Hugging Face Hub id; ``model_kwargs`` go to
+    :class:`latte.models.ColBERT` (``query_length``, ``document_length``, ...) and ``encode_kwargs`` to its
+    ``encode`` (``pool_factor``, ``prompt_name``, ...). ``batch_size`` is both the Ray batch and the model's
+    batch; ``concurrency`` is the number of encoder workers (or a ``(min, max)`` range), each reserving
+    ``num_cpus``. ``id_column`` must exist (it identifies the rows for :func:`write_embeddings` and
+    :func:`build_sharded`).
+    """
+    if not isinstance(model, (str, os.PathLike)):
+        raise ValueError(
+            "encode: model must be a model folder or Hub id (str), got "
+            f"{type(model).__name__}; every worker loads the model itself"
+        )
+    if batch_size < 1:
+        raise ValueError(f"encode: batch_size must be at least 1, got {batch_size}")
+    if not id_column:
+        raise ValueError("encode: id_column must name a column")
+    return dataset.map_batches(
+        _Encoder,
+        fn_constructor_kwargs={
+            "model": os.fspath(model),
+            "model_kwargs": dict(model_kwargs or {}),
+            "text_column": text_column,
+            "id_column": id_column,
+            "output_column": embeddings_column,
+            "is_query": bool(is_query),
+            "batch_size": batch_size,
+            "encode_kwargs": dict(encode_kwargs),
+        },
+        batch_format="numpy",
+        batch_size=batch_size,
+        compute=_actor_pool(concurrency),
+        num_cpus=num_cpus,
+    )
+
+
+def _actor_pool(concurrency: Union[int, Tuple[int, int]]) -> Any:
+    """Ray Data's actor pool for ``concurrency`` workers (an int, or a ``(min, max)`` range)."""
+    if isinstance(concurrency, tuple):
+        low, high = concurrency
+        if not 1 <= low <= high:
+            raise ValueError(f"encode: concurrency range must be 1 <= min <= max, got {concurrency}")
+        return ray.data.ActorPoolStrategy(min_size=low, max_size=high)
+    if concurrency < 1:
+        raise ValueError(f"encode: concurrency must be at least 1, got {concurrency}")
+    return ray.data.ActorPoolStrategy(size=concurrency)
+
+
+# -- sharded files ----------------------------------------------------------------------------------------
+
+
+def _ids_and_embeddings(
+    batch: Mapping[str, Any], id_column: str, embeddings_column: str, what: str
+) -> Tuple[List[str], List[np.ndarray]]:
+    ids = [str(i) for i in _column(batch, id_column, f"{what}: id_column")]
+    embs = matrices(list(_column(batch, embeddings_column, f"{what}: embeddings_column")), embeddings_column)
+    for i in ids:
+        if not i or "\n" in i or "\r" in i:
+            raise ValueError(f"{what}: document id {i!r} is empty or holds a line break (ids are stored one per line)")
+    if len(ids) != len(embs):
+        raise ValueError(f"{what}: {len(ids)} ids but {len(embs)} embeddings in one batch")
+    return ids, embs
+
+
+def _write_part(folder: str, ids: List[str], embs: List[np.ndarray]) -> str:
+    """Writes ``part-<digest>.npz`` (``arr_0 … arr_{n-1}``, float32) and ``part-<digest>.ids`` (one id a line)
+    atomically; the name is a digest of the ids, so the same rows give the same file. Returns the base name."""
+    os.makedirs(folder, exist_ok=True)
+    digest = hashlib.blake2b("\n".join(ids).encode("utf-8"), digest_size=10).hexdigest()
+    base = f"part-{digest}"
+    tmp = f".{base}.{uuid.uuid4().hex}"
+    np.savez(os.path.join(folder, tmp + ".npz"), *[np.ascontiguousarray(e, dtype=np.float32) for e in embs])
+    with open(os.path.join(folder, tmp + ".ids"), "w", encoding="utf-8") as f:
+        f.writelines(f"{i}\n" for i in ids)
+    os.replace(os.path.join(folder, tmp + ".ids"), os.path.join(folder, base + ".ids"))
+    os.replace(os.path.join(folder, tmp + ".npz"), os.path.join(folder, base + ".npz"))
+    return base
+
+
+def _write_batch(
+    batch: Dict[str, Any], root: str, id_column: str, embeddings_column: str, num_shards: Optional[int]
+) -> Dict[str, Any]:
+    """Writes one batch: one part file in ``root`` (``num_shards`` None) or one per shard it touches."""
+    ids, embs = _ids_and_embeddings(batch, id_column, embeddings_column, "write")
+    groups: Dict[int, List[int]] = {}
+    for row, i in enumerate(ids):
+        groups.setdefault(-1 if num_shards is None else shard_of(i, num_shards), []).append(row)
+    shards, parts, counts = [], [], []
+    for shard, rows in sorted(groups.items()):
+        folder = root if shard < 0 else os.path.join(root, _shard_name(shard))
+        parts.append(_write_part(folder, [ids[r] for r in rows], [embs[r] for r in rows]))
+        shards.append(shard)
+        counts.append(len(rows))
+    return {"shard": np.array(shards, dtype=np.int64), "part": np.array(parts), "documents": np.array(counts)}
+
+
+def write_embeddings(
+    dataset: "ray.data.Dataset",
+    path: Union[str, "os.PathLike[str]"],
+    id_column: str = "_id",
+    embeddings_column: str = "embeddings",
+) -> List[str]:
+    """Writes an encoded dataset as part files in the folder ``path``, from the workers that hold its blocks.
+
+    Each part is ``part-<digest>.npz`` (arrays ``arr_0 … arr_{n-1}``, float32 ``(tokens, dim)``, the layout
+    ``latte encode`` writes and ``latte index --embeddings`` reads) and ``part-<digest>.ids`` (the ids, one a
+    line, same order). Returns the base names of the parts written, sorted. ``path`` must be visible to the
+    workers (a shared file system on a cluster).
+    """
+    root = os.path.abspath(os.fspath(path))
+    os.makedirs(root, exist_ok=True)
+    write = functools.partial(
+        _write_batch, root=root, id_column=id_column, embeddings_column=embeddings_column, num_shards=None
+    )
+    rows = dataset.map_batches(write, batch_format="numpy").take_all()
+    return sorted(str(r["part"]) for r in rows)
+
+
+def _read_parts(folder: str, parts: Iterable[str]) -> Tuple[List[str], List[np.ndarray]]:
+    ids: List[str] = []
+    embs: List[np.ndarray] = []
+    for base in sorted(set(parts)):
+        with open(os.path.join(folder, base + ".ids"), encoding="utf-8") as f:
+            part_ids = [line.rstrip("\n") for line in f]
+        with np.load(os.path.join(folder, base + ".npz")) as npz:
+            part_embs = [npz[f"arr_{j}"] for j in range(len(npz.files))]
+        if len(part_ids) != len(part_embs):
+            raise ValueError(
+                f"{os.path.join(folder, base)}: {len(part_ids)} ids but {len(part_embs)} arrays; they must match"
+            )
+        ids.extend(part_ids)
+        embs.extend(part_embs)
+    return ids, embs
+
+
+# -- building ---------------------------------------------------------------------------------------------
+
+
+def _index_settings(
+    nbits: int, kmeans_niters: int, max_points_per_centroid: int, seed: int, pool_factor: int
+) -> Dict[str, Any]:
+    if nbits not in (1, 2, 4):
+        raise ValueError(f"nbits must be 1, 2 or 4, got {nbits}")
+    return {
+        "nbits": nbits,
+        "kmeans_niters": kmeans_niters,
+        "max_points_per_centroid": max_points_per_centroid,
+        "seed": seed,
+        "pool_factor": pool_factor,
+    }
+
+
+def _build_shard(root: str, shard: int, staging: str, parts: List[str], settings: Dict[str, Any]) -> Dict[str, Any]:
+    """Builds shard ``shard`` of the index in ``root`` from its staged parts (documents sorted by id, so the
+    shard does not depend on how the dataset was split into blocks)."""
+    from latte.indexes import PLAID
+
+    name = _shard_name(shard)
+    ids, embs = _read_parts(os.path.join(staging, name), parts)
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    for a, b in zip(order, order[1:]):
+        if ids[a] == ids[b]:
+            raise ValueError(f"build_sharded: duplicate document id {ids[a]!r} (ids must be unique)")
+    index = PLAID(index_folder=root, index_name=name, override=True, **settings)
+    if order:
+        index.add_documents([ids[i] for i in order], [embs[i] for i in order])
+    return {"shard": shard, "documents": len(order), "dim": int(embs[0].shape[1]) if embs else None}
+
+
+def _write_manifest(root: str, manifest: Dict[str, Any]) -> None:
+    tmp = os.path.join(root, f".{MANIFEST}.{uuid.uuid4().hex}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, os.path.join(root, MANIFEST))
+
+
+def read_manifest(path: Union[str, "os.PathLike[str]"]) -> Dict[str, Any]:
+    """The manifest of the sharded index in the folder ``path`` (checked: format, version, shard names)."""
+    file = os.path.join(os.fspath(path), MANIFEST)
+    try:
+        with open(file, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{file}: missing (expected a sharded index built by latte.ray.build_sharded)") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{file}: format: expected {FORMAT!r}, got {got!r}")
+    if manifest.get("version") != VERSION:
+        raise ValueError(f"{file}: version: expected {VERSION}, got {manifest.get('version')!r}")
+    n = manifest.get("num_shards")
+    shards = manifest.get("shards")
+    if not isinstance(n, int) or n < 1 or not isinstance(shards, list) or len(shards) != n:
+        raise ValueError(
+            f"{file}: num_shards: expected a positive int equal to the length of shards, got {n!r} and "
+            f"{len(shards) if isinstance(shards, list) else shards!r}"
+        )
+    for i, s in enumerate(shards):
+        if not isinstance(s, dict) or s.get("name") != _shard_name(i):
+            raise ValueError(f"{file}: shards[{i}].name: expected {_shard_name(i)!r}, got {s!r:.80}")
+    return manifest
+
+
+def build_sharded(
+    dataset: "ray.data.Dataset",
+    path: Union[str, "os.PathLike[str]"],
+    num_shards: int,
+    id_column: str = "_id",
+    embeddings_column: str = "embeddings",
+    model: Optional[Union[str, "os.PathLike[str]"]] = None,
+    model_kwargs: Optional[Dict[str, Any]] = None,
+    nbits: int = 4,
+    kmeans_niters: int = 4,
+    max_points_per_centroid: int = 256,
+    seed: int = 42,
+    pool_factor: int = 1,
+    num_cpus: float = 1,
+    override: bool = False,
+) -> Dict[str, Any]:
+    """Builds a sharded PLAID index in the folder ``path`` from a dataset of ids and embeddings (the columns
+    :func:`encode` writes) and returns its manifest.
+
+    Each row goes to shard :func:`shard_of` ``(id, num_shards)``. The workers holding the dataset's blocks
+    write each shard's rows as part files under ``path/_staging/`` (nothing is gathered on the driver), then
+    one Ray task per shard (``num_cpus`` each, spread over the nodes) builds that shard's PLAID index in
+    ``path/shard-NNNNN`` with the settings of :class:`latte.indexes.PLAID` (``nbits``, ``kmeans_niters``,
+    ``max_points_per_centroid``, ``seed``, ``pool_factor``), and the staging files are removed. ``model`` (and
+    ``model_kwargs``) are recorded in the manifest so that :meth:`ShardedIndex.search` can encode text
+    queries. ``override=True`` replaces an existing index at ``path``; otherwise one there is an error.
+    """
+    if num_shards < 1:
+        raise ValueError(f"build_sharded: num_shards must be at least 1, got {num_shards}")
+    settings = _index_settings(nbits, kmeans_niters, max_points_per_centroid, seed, pool_factor)
+    root = os.path.abspath(os.fspath(path))
+    if os.path.exists(os.path.join(root, MANIFEST)):
+        if not override:
+            raise FileExistsError(f"{root}: already holds a sharded index (pass override=True to replace it)")
+        shutil.rmtree(root)
+    os.makedirs(root, exist_ok=True)
+    staging = os.path.join(root, "_staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    write = functools.partial(
+        _write_batch, root=staging, id_column=id_column, embeddings_column=embeddings_column, num_shards=num_shards
+    )
+    written = dataset.map_batches(write, batch_format="numpy").take_all()
+    parts: Dict[int, List[str]] = {i: [] for i in range(num_shards)}
+    for row in written:
+        parts[int(row["shard"])].append(str(row["part"]))
+    build = ray.remote(_build_shard).options(num_cpus=num_cpus, scheduling_strategy="SPREAD", max_retries=0)
+    refs = [build.remote(root, i, staging, parts[i], settings) for i in range(num_shards)]
+    built = sorted(ray.get(refs), key=lambda r: r["shard"])
+    shutil.rmtree(staging, ignore_errors=True)
+    dims = {r["dim"] for r in built if r["dim"] is not None}
+    if len(dims) > 1:
+        raise ValueError(f"build_sharded: the embeddings have several dimensions {sorted(dims)}; expected one")
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "num_shards": num_shards,
+        "routing": ROUTING,
+        "shards": [{"name": _shard_name(r["shard"]), "documents": r["documents"]} for r in built],
+        "dim": dims.pop() if dims else None,
+        "model": None if model is None else os.fspath(model),
+        "model_kwargs": dict(model_kwargs or {}),
+        "index": settings,
+    }
+    _write_manifest(root, manifest)
+    return manifest
+
+
+# -- serving ----------------------------------------------------------------------------------------------
+
+
+class _ShardActor:
+    """One shard of a :class:`ShardedIndex`: its PLAID index opened (memory-mapped) in a Ray actor."""
+
+    def __init__(self, root: str, name: str, settings: Dict[str, Any], search: Dict[str, Any]) -> None:
+        from latte.indexes import PLAID
+
+        self.name = name
+        self.index = PLAID(
+            index_folder=root,
+            index_name=name,
+            n_ivf_probe=search["n_ivf_probe"],
+            n_full_scores=search["n_full_scores"],
+            **settings,
+        )
+        # Open the shard now (not at the first query), so that a restarted actor is ready when it answers.
+        self.documents = len(self.index)
+        self.started = time.time()
+
+    def info(self) -> Dict[str, Any]:
+        """Name, live documents, process id, node and start time of this shard's actor."""
+        ctx = ray.get_runtime_context()
+        return {
+            "name": self.name,
+            "documents": len(self.index),
+            "pid": os.getpid(),
+            "node_id": ctx.get_node_id(),
+            "started": self.started,
+        }
+
+    def search(
+        self, queries: List[np.ndarray], k: int, subset: Optional[List[List[str]]], filter: Optional[Any]
+    ) -> List[List[Tuple[str, float]]]:
+        if not self.index.is_indexed:
+            return [[] for _ in queries]
+        kwargs: Dict[str, Any] = {"k": k, "subset": subset}
+        if filter is not None:
+            kwargs["filter"] = filter
+        hits = self.index(queries, **kwargs)
+        return [[(str(h["id"]), float(h["score"])) for h in q] for q in hits]
+
+    def add(self, ids: List[Hashable], embeddings: List[np.ndarray], metadata: Optional[List[Any]]) -> int:
+        kwargs: Dict[str, Any] = {}
+        if metadata is not None:
+            kwargs["metadata"] = metadata
+        self.index.add_documents(ids, embeddings, **kwargs)
+        return len(self.index)
+
+    def remove(self, ids: List[Hashable]) -> int:
+        self.index.remove_documents(ids)
+        return len(self.index) if self.index.is_indexed else 0
+
+
+def _filter_supported() -> bool:
+    """Whether the single-index Python API (``latte.indexes.PLAID``) takes ``filter=`` when searching."""
+    import inspect
+
+    from latte.indexes import PLAID
+
+    return "filter" in inspect.signature(PLAID.__call__).parameters
+
+
+class PendingSearch:
+    """A search sent to every shard of a :class:`ShardedIndex` (from :meth:`ShardedIndex.search_async`)."""
+
+    def __init__(self, index: "ShardedIndex", refs: List[Any], n_queries: int, k: int, partial: bool, timeout: float):
+        self._index = index
+        self._refs = refs
+        self._n = n_queries
+        self._k = k
+        self._partial = partial
+        self._timeout = timeout
+
+    def result(self) -> List[List[Result]]:
+        """Waits for every shard (up to the timeout) and returns the merged results, as
+        :meth:`ShardedIndex.search`; raises :class:`ShardUnavailableError` naming a shard that did not answer
+        unless partial results were allowed."""
+        index = self._index
+        answers = index._gather(self._refs, allow_partial=self._partial, timeout=self._timeout)
+        index.last_missing_shards = [n for n, a in zip(index.names, answers) if a is None]
+        if index.last_missing_shards:
+            warnings.warn(
+                f"search: results without shards {index.last_missing_shards} (allow_partial=True)",
+                PartialResultWarning,
+                stacklevel=2,
+            )
+        out: List[List[Result]] = []
+        for qi in range(self._n):
+            merged = [hit for a in answers if a is not None for hit in a[qi]]
+            merged.sort(key=lambda h: -h[1])
+            out.append([{"id": i, "score": s} for i, s in merged[: self._k]])
+        return out
+
+
+class ShardedIndex:
+    """A sharded PLAID index (built by :func:`build_sharded`) served by one Ray actor per shard.
+
+    Needs a connected Ray (``ray.init(...)``). Actors are created with ``max_restarts`` (default: always
+    restart) and ``actor_options`` (default ``{"num_cpus": 1}``, spread over the nodes). ``timeout`` is how
+    long a search waits for every shard, restarts included, before :class:`ShardUnavailableError`;
+    ``allow_partial=True`` makes searches return the shards that answered instead (see the module doc).
+    ``n_ivf_probe`` and ``n_full_scores`` are the per-shard search settings of :class:`latte.indexes.PLAID`.
+    Ids come back as ``str``. Use it as a context manager, or call :meth:`close`, to stop the actors.
+    """
+
+    def __init__(
+        self,
+        path: Union[str, "os.PathLike[str]"],
+        allow_partial: bool = False,
+        timeout: float = 120.0,
+        max_restarts: int = -1,
+        actor_options: Optional[Dict[str, Any]] = None,
+        n_ivf_probe: int = 8,
+        n_full_scores: int = 8192,
+    ) -> None:
+        if not ray.is_initialized():
+            raise RuntimeError("ShardedIndex needs a connected Ray: call ray.init(...) first")
+        self.path = os.path.abspath(os.fspath(path))
+        self.manifest = read_manifest(self.path)
+        self.allow_partial = allow_partial
+        self.timeout = timeout
+        self.names: List[str] = [s["name"] for s in self.manifest["shards"]]
+        self.num_shards: int = int(self.manifest["num_shards"])
+        #: Shards missing from the last search (only ever non-empty with ``allow_partial``).
+        self.last_missing_shards: List[str] = []
+        self._model: Optional[Any] = None
+        options: Dict[str, Any] = {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
+        options.update(actor_options or {})
+        options["max_restarts"] = max_restarts
+        options["max_task_retries"] = 0
+        remote = ray.remote(_ShardActor).options(**options)
+        search = {"n_ivf_probe": n_ivf_probe, "n_full_scores": n_full_scores}
+        settings = dict(self.manifest["index"])
+        self._actors: List[Any] = [remote.remote(self.path, name, settings, search) for name in self.names]
+        self._closed = False
+        # Wait until every shard is open, so that errors in a shard surface here, named.
+        self._gather([a.info.remote() for a in self._actors], allow_partial=False, timeout=timeout)
+
+    # -- helpers ------------------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this ShardedIndex is closed")
+
+    def _gather(self, refs: List[Any], allow_partial: bool, timeout: Optional[float]) -> List[Any]:
+        """The result of each shard's call (``None`` for a shard that failed, when ``allow_partial``)."""
+        # Wait for all the answers together (fetched to this node), then read each.
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout, fetch_local=True)
+        arrived = set(ready)
+        out: List[Any] = []
+        for name, ref in zip(self.names, refs):
+            if ref not in arrived:
+                if not allow_partial:
+                    raise ShardUnavailableError(name, f"no answer within {timeout} s")
+                try:
+                    ray.cancel(ref)
+                except (TypeError, ValueError, ray.exceptions.RayError):
+                    pass  # nothing to cancel: the answer is simply not used
+                out.append(None)
+                continue
+            try:
+                out.append(ray.get(ref))
+            except ray.exceptions.RayActorError as err:
+                if not allow_partial:
+                    raise ShardUnavailableError(name, f"its actor died ({type(err).__name__})") from err
+                out.append(None)
+        return out
+
+    def _route(self, ids: List[str]) -> Dict[int, List[int]]:
+        groups: Dict[int, List[int]] = {}
+        for row, i in enumerate(ids):
+            groups.setdefault(shard_of(i, self.num_shards), []).append(row)
+        return groups
+
+    def _encode_queries(self, queries: List[str]) -> List[np.ndarray]:
+        if self._model is None:
+            model = self.manifest.get("model")
+            if not model:
+                raise ValueError(
+                    f"{self.path}: the manifest names no model; pass queries_embeddings, or build the index "
+                    "with build_sharded(..., model=...)"
+                )
+            from latte.models import ColBERT
+
+            self._model = ColBERT(model, **self.manifest.get("model_kwargs", {}))
+        embeddings: List[np.ndarray] = self._model.encode(queries, is_query=True, show_progress_bar=False)
+        return embeddings
+
+    # -- search -------------------------------------------------------------------------------------------
+
+    def search(
+        self,
+        queries_embeddings: Any = None,
+        k: int = 10,
+        filter: Optional[Any] = None,
+        queries: Optional[Union[str, List[str]]] = None,
+        subset: Optional[Union[List[Hashable], List[List[Hashable]]]] = None,
+        allow_partial: Optional[bool] = None,
+        timeout: Optional[float] = None,
+    ) -> List[List[Result]]:
+        """Per query, up to ``k`` ``{"id", "score"}`` dicts, best first, as ``latte.retrieve.ColBERT(...).retrieve``.
+
+        ``queries_embeddings``: one ``(tokens, dim)`` array per query; or ``queries``: texts, encoded with the
+        model named in the manifest. The batch goes once into Ray's object store and every shard searches it;
+        each query's hits are merged by score (ties keep shard order). ``filter`` is passed to every shard's
+        search as in the single index; ``subset`` as :class:`latte.indexes.PLAID`'s. ``allow_partial`` and
+        ``timeout`` override the index's settings for this call.
+        """
+        return self.search_async(
+            queries_embeddings=queries_embeddings,
+            k=k,
+            filter=filter,
+            queries=queries,
+            subset=subset,
+            allow_partial=allow_partial,
+            timeout=timeout,
+        ).result()
+
+    def search_async(
+        self,
+        queries_embeddings: Any = None,
+        k: int = 10,
+        filter: Optional[Any] = None,
+        queries: Optional[Union[str, List[str]]] = None,
+        subset: Optional[Union[List[Hashable], List[List[Hashable]]]] = None,
+        allow_partial: Optional[bool] = None,
+        timeout: Optional[float] = None,
+    ) -> "PendingSearch":
+        """Sends the search to every shard and returns at once; :meth:`PendingSearch.result` waits for the
+        answers and merges them (arguments as :meth:`search`; ``timeout`` counts from ``result()``)."""
+        self._check_open()
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        if (queries_embeddings is None) == (queries is None):
+            raise ValueError("search: give exactly one of queries_embeddings and queries")
+        if queries is not None:
+            texts = [queries] if isinstance(queries, str) else list(queries)
+            q = self._encode_queries(texts)
+        else:
+            q = matrices(queries_embeddings, "queries_embeddings")
+        if filter is not None and not _filter_supported():
+            raise NotImplementedError(
+                "filter: latte.indexes.PLAID has no filter= yet in this version, so its shards cannot filter"
+            )
+        subsets = None
+        if subset is not None:
+            from latte.indexes import _subset_lists
+
+            subsets = _subset_lists(subset, len(q))
+        partial = self.allow_partial if allow_partial is None else allow_partial
+        queries_ref = ray.put(q)
+        # Searches are read-only: Ray retries one on the restarted actor of a shard that died (that is the
+        # wait during a restart); with allow_partial a dead shard is skipped at once instead.
+        retries = 0 if partial else -1
+        refs = [
+            a.search.options(max_task_retries=retries).remote(queries_ref, k, subsets, filter)
+            for a in self._actors
+        ]
+        return PendingSearch(self, refs, len(q), k, partial, self.timeout if timeout is None else timeout)
+
+    def __call__(
+        self,
+        queries_embeddings: Any,
+        k: int = 10,
+        subset: Optional[Union[List[Hashable], List[List[Hashable]]]] = None,
+        filter: Optional[Any] = None,
+    ) -> List[List[Result]]:
+        """Same as :meth:`search` (so ``latte.retrieve.ColBERT(index=sharded)`` works)."""
+        return self.search(queries_embeddings=queries_embeddings, k=k, subset=subset, filter=filter)
+
+    # -- writes -------------------------------------------------------------------------------------------
+
+    def add_documents(
+        self,
+        documents_ids: Union[Hashable, List[Hashable]],
+        documents_embeddings: Any,
+        metadata: Optional[List[Any]] = None,
+        **kwargs: Any,
+    ) -> "ShardedIndex":
+        """Adds documents, each to the shard of its id (:func:`shard_of`); a shard without an index yet is
+        created from its first documents. ``metadata`` (one entry per document) goes to the shards with
+        their documents, when the single-index API takes it."""
+        self._check_open()
+        from latte.indexes import _id_list
+
+        ids = [str(i) for i in _id_list(documents_ids)]
+        embs = matrices(documents_embeddings, "documents_embeddings")
+        if len(ids) != len(embs):
+            raise ValueError(
+                f"documents_ids has {len(ids)} ids but documents_embeddings has {len(embs)} documents: they must match"
+            )
+        if len(set(ids)) != len(ids):
+            raise ValueError("documents_ids: an id repeats; ids must be unique")
+        if metadata is not None:
+            metadata = list(metadata)
+            if len(metadata) != len(ids):
+                raise ValueError(f"metadata has {len(metadata)} entries for {len(ids)} documents: they must match")
+        groups = self._route(ids)
+        refs = {
+            shard: self._actors[shard].add.remote(
+                [ids[r] for r in rows],
+                [embs[r] for r in rows],
+                None if metadata is None else [metadata[r] for r in rows],
+            )
+            for shard, rows in sorted(groups.items())
+        }
+        self._settle(refs)
+        return self
+
+    def remove_documents(self, documents_ids: Union[Hashable, List[Hashable]]) -> "ShardedIndex":
+        """Removes documents by id from their shards; ids the index does not hold are ignored."""
+        self._check_open()
+        from latte.indexes import _id_list
+
+        ids = [str(i) for i in _id_list(documents_ids)]
+        groups = self._route(ids)
+        refs = {
+            shard: self._actors[shard].remove.remote([ids[r] for r in rows]) for shard, rows in sorted(groups.items())
+        }
+        self._settle(refs)
+        return self
+
+    def update_documents(
+        self, documents_ids: Union[Hashable, List[Hashable]], documents_embeddings: Any
+    ) -> "ShardedIndex":
+        """Replaces the embeddings of documents (those not in the index are added)."""
+        from latte.indexes import _id_list
+
+        ids = _id_list(documents_ids)
+        self.remove_documents(ids)
+        return self.add_documents(ids, documents_embeddings)
+
+    def _settle(self, refs: Dict[int, Any]) -> None:
+        """Waits for writes to shards (never retried: a shard that died mid-write is named in the error) and
+        records the new document counts in the manifest."""
+        counts: Dict[int, int] = {}
+        for shard, ref in refs.items():
+            try:
+                counts[shard] = int(ray.get(ref, timeout=self.timeout))
+            except ray.exceptions.GetTimeoutError:
+                raise ShardUnavailableError(self.names[shard], f"the write did not finish within {self.timeout} s") from None
+            except ray.exceptions.RayActorError as err:
+                raise ShardUnavailableError(
+                    self.names[shard], f"its actor died during the write ({type(err).__name__}); check the shard"
+                ) from err
+        for shard, n in counts.items():
+            self.manifest["shards"][shard]["documents"] = n
+        _write_manifest(self.path, self.manifest)
+
+    # -- inspection and lifetime --------------------------------------------------------------------------
+
+    def shards(self) -> List[Dict[str, Any]]:
+        """Per shard: ``name``, live ``documents``, the actor's ``pid``, ``node_id`` and ``started`` time."""
+        self._check_open()
+        answers: List[Dict[str, Any]] = self._gather(
+            [a.info.remote() for a in self._actors], allow_partial=False, timeout=self.timeout
+        )
+        return answers
+
+    def actor(self, shard: Union[int, str]) -> Any:
+        """The Ray actor handle serving ``shard`` (an index or a name such as ``"shard-00001"``)."""
+        i = self.names.index(shard) if isinstance(shard, str) else int(shard)
+        return self._actors[i]
+
+    def __len__(self) -> int:
+        return sum(int(s["documents"]) for s in self.shards())
+
+    def close(self) -> None:
+        """Stops the shard actors (the index on disk stays)."""
+        if not self._closed:
+            for a in self._actors:
+                ray.kill(a, no_restart=True)
+            self._closed = True
+
+    def __enter__(self) -> "ShardedIndex":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
