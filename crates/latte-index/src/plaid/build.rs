@@ -359,28 +359,6 @@ pub(super) fn write_chunk(
     ))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rows_permuted_in_place_equal_rows_gathered_in_that_order() {
-        let dim = 3;
-        for n in [0usize, 1, 2, 7, 64] {
-            let rows: Vec<f32> = (0..n * dim).map(|v| v as f32 * 0.5 - 1.0).collect();
-            let mut rng = StdRng::seed_from_u64(n as u64);
-            let order = sample(&mut rng, n, n).into_vec();
-            let mut gathered = Vec::new();
-            for &i in &order {
-                gathered.extend_from_slice(&rows[i * dim..(i + 1) * dim]);
-            }
-            let mut permuted = rows.clone();
-            permute_rows(&mut permuted, dim, &order);
-            assert_eq!(permuted, gathered, "n = {n}");
-        }
-    }
-}
-
 /// Writes the inverted lists (centroid → ascending unique internal doc ids) for `meta`'s chunks: the chunks of
 /// `current` (read from disk) followed by the new chunk whose codes are `new_codes`.
 pub(super) fn write_ivf(
@@ -492,4 +470,26 @@ pub(super) fn compact_into(dir: &Path, current: &PlaidIndex, mut meta: Meta) -> 
     meta.deleted.clear();
     write_ivf(dir, &meta, None, &all_codes)?;
     Ok(meta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_permuted_in_place_equal_rows_gathered_in_that_order() {
+        let dim = 3;
+        for n in [0usize, 1, 2, 7, 64] {
+            let rows: Vec<f32> = (0..n * dim).map(|v| v as f32 * 0.5 - 1.0).collect();
+            let mut rng = StdRng::seed_from_u64(n as u64);
+            let order = sample(&mut rng, n, n).into_vec();
+            let mut gathered = Vec::new();
+            for &i in &order {
+                gathered.extend_from_slice(&rows[i * dim..(i + 1) * dim]);
+            }
+            let mut permuted = rows.clone();
+            permute_rows(&mut permuted, dim, &order);
+            assert_eq!(permuted, gathered, "n = {n}");
+        }
+    }
 }

@@ -223,6 +223,9 @@ fn add_or_create(
     }
 }
 
+/// One chunk of `--corpus`: its store rows, and its embeddings encoded and pooled.
+type Chunk = (Vec<Doc>, Box<dyn DocumentSource>);
+
 /// Streams `corpus` into the index: the file is first read through once to check every line (ids, JSON,
 /// duplicates) and count the documents, so bad input fails before anything is encoded. Then documents are
 /// read, encoded and pooled in chunks of `--chunk-docs`, so only one chunk's embeddings are in memory at a
@@ -251,7 +254,7 @@ fn index_corpus(
     let mut records = beir::open(corpus, Kind::Documents)?.keep_fields();
     let store_text = !args.no_store_text;
     // One chunk at a time: its store rows, and its embeddings encoded and pooled.
-    let mut next_chunk = || -> Result<Option<(Vec<Doc>, Box<dyn DocumentSource>)>> {
+    let mut next_chunk = || -> Result<Option<Chunk>> {
         let batch: Vec<beir::Record> = records.by_ref().take(chunk).collect::<Result<_, _>>()?;
         if batch.is_empty() {
             return Ok(None);
