@@ -88,7 +88,7 @@ class Model:
         do_query_expansion: Optional[bool] = None,
         skiplist_words: Optional[List[str]] = None,
     ) -> "Model":
-        """Builds a model from a local Transformer folder and Dense modules."""
+        """Builds a model from a local Transformer folder (see ``resolve_model``) and Dense modules."""
     def push_dense(self, dense: "DenseModule") -> None:
         """Appends a Dense module (its input must match the current output dimension)."""
     def save(self, path: str) -> None:
@@ -96,10 +96,23 @@ class Model:
     def __len__(self) -> int: ...
     def remove_module(self, index: int) -> None:
         """Removes module ``index`` (1 is the first Dense)."""
+    def set_dtype(self, dtype: str) -> None:
+        """Precision of the encoder's linear layers in inference: ``f32``, ``bf16`` or ``int8``."""
+    def dtype(self) -> str:
+        """``f32``, ``bf16`` or ``int8``."""
     def output_dim(self) -> int:
         """Output dimension of the token embeddings."""
     def settings(self) -> Dict[str, Any]:
         """The resolved ColBERT settings."""
+
+def resolve_model(
+    model: str,
+    local_files_only: bool = False,
+    cache_folder: Optional[str] = None,
+    revision: Optional[str] = None,
+    token: Optional[str] = None,
+) -> str:
+    """The local folder of ``model``: a folder as it is, or a Hub id fetched into (or read from) the cache."""
 
 class Plaid:
     """A PLAID index opened for search (a snapshot: reopen after writes)."""

@@ -36,6 +36,38 @@ _ACTIVATIONS: Dict[str, str] = {
     },
 }
 
+# Names accepted for ``ColBERT(dtype=...)`` → latte's dtype names.
+_DTYPES: Dict[str, str] = {
+    "float32": "f32",
+    "f32": "f32",
+    "bfloat16": "bf16",
+    "bf16": "bf16",
+    "int8": "int8",
+}
+# latte's dtype names → the names ``ColBERT.dtype`` reports.
+_DTYPE_NAMES: Dict[str, str] = {"f32": "float32", "bf16": "bfloat16", "int8": "int8"}
+
+
+def _dtype_name(dtype: Any) -> str:
+    """latte's name (``f32``, ``bf16``, ``int8``) of ``dtype``: a string, or a torch / numpy dtype."""
+    if isinstance(dtype, str) or str(dtype).startswith("torch."):
+        key = str(dtype)
+    else:
+        try:
+            key = np.dtype(dtype).name
+        except TypeError:
+            key = str(dtype)
+    key = key.lower()
+    if key.startswith("torch."):
+        key = key[len("torch."):]
+    if key not in _DTYPES:
+        raise ValueError(
+            "dtype: expected one of 'float32', 'bfloat16', 'int8' (or 'f32', 'bf16'), "
+            f"got {dtype!r}"
+        )
+    return _DTYPES[key]
+
+
 # Seeds of new Dense layers: a process-wide sequence from 42, so that a script building the same modules in
 # the same order gets the same weights (as PyLate under ``torch.manual_seed``).
 _DENSE_SEEDS: Iterator[int] = itertools.count(42)
@@ -56,20 +88,44 @@ def _activation_name(activation: Any) -> str:
 
 
 class Transformer:
-    """The body of a ColBERT model, as sentence-transformers' ``models.Transformer``: a local folder holding a
-    Hugging Face encoder (``config.json``, weights, tokenizer). Use it as the first of ``ColBERT(modules=[...])``.
+    """The body of a ColBERT model, as sentence-transformers' ``models.Transformer``: a Hugging Face encoder
+    (``config.json``, weights, tokenizer) given as anything :class:`ColBERT` accepts: a local folder or a
+    Hugging Face Hub id (fetched into the Hub cache; with ``local_files_only=True`` or ``HF_HUB_OFFLINE=1``
+    only the cache is read). Use it as the first of ``ColBERT(modules=[...])``.
 
-    Only local folders are accepted here (load Hub models with ``ColBERT(model_name_or_path)``).
     ``max_seq_length`` and the other sentence-transformers arguments are accepted and without effect: latte
     truncates to ``query_length`` / ``document_length``.
     """
 
-    def __init__(self, model_name_or_path: str, max_seq_length: Optional[int] = None, **kwargs: Any) -> None:
-        path = os.path.expanduser(os.fspath(model_name_or_path))
-        if not os.path.isdir(path):
+    def __init__(
+        self,
+        model_name_or_path: str,
+        max_seq_length: Optional[int] = None,
+        cache_dir: Optional[str] = None,
+        revision: Optional[str] = None,
+        local_files_only: bool = False,
+        token: Optional[Union[bool, str]] = None,
+        **kwargs: Any,
+    ) -> None:
+        name = os.fspath(model_name_or_path)
+        expanded = os.path.expanduser(name)
+        if os.path.isdir(expanded):
+            path = expanded
+        elif os.path.exists(expanded):
             raise FileNotFoundError(
-                f"Transformer: no model folder at {model_name_or_path} (latte builds modular models from local "
-                "folders; load Hub models with latte.models.ColBERT(name))"
+                f"Transformer: {name} is a file; expected a model folder or a Hugging Face Hub id"
+            )
+        elif _looks_like_path(name):
+            raise FileNotFoundError(f"Transformer: no model folder at {name}")
+        else:
+            path = os.fspath(
+                _latte.resolve_model(
+                    name,
+                    local_files_only=local_files_only,
+                    cache_folder=cache_dir or kwargs.get("cache_folder"),
+                    revision=revision,
+                    token=token if isinstance(token, str) else None,
+                )
             )
         self.model_name_or_path = path
         self.max_seq_length = max_seq_length
@@ -152,6 +208,11 @@ class ColBERT:
     (always MaxSim), ``truncation``, ``add_special_tokens``. Unlike PyLate, ``truncate_dim`` is applied: token
     embeddings keep their first ``truncate_dim`` dimensions and are re-normalised (Matryoshka).
 
+    ``dtype`` (latte's own keyword) sets the precision of the encoder's linear layers in inference:
+    ``"float32"`` (default), ``"bfloat16"`` (bf16 weights and activations, f32 accumulation) or ``"int8"``
+    (dynamic quantisation); ``"f32"`` / ``"bf16"`` and ``torch.float32`` / ``torch.bfloat16`` are accepted
+    too. Embeddings, normalisation, attention and the Dense projections stay float32; training needs float32.
+
     Modular construction, as PyLate's models page: ``ColBERT(modules=[Transformer(path), Dense(...), ...],
     query_length=32, document_length=300)``; ``append``, ``del model[i]``, ``len(model)`` and ``print(model)``
     work on the modules. ``save`` writes a PyLate folder that ``ColBERT(path)`` (and PyLate) load.
@@ -187,10 +248,12 @@ class ColBERT:
         config_kwargs: Optional[Dict[str, Any]] = None,
         model_card_data: Optional[Any] = None,
         do_query_expansion: Optional[bool] = None,
+        dtype: Any = None,
         **kwargs: Any,
     ) -> None:
         if token is None and isinstance(use_auth_token, str):
             token = use_auth_token
+        latte_dtype = _dtype_name(dtype) if dtype is not None else None
         self.device = "cpu"
         self.prompts: Dict[str, str] = dict(prompts or {})
         self.default_prompt_name = default_prompt_name
@@ -208,6 +271,8 @@ class ColBERT:
                 skiplist_words=skiplist_words,
             )
             self.model_name_or_path = modules[0].model_name_or_path
+            if latte_dtype is not None:
+                self._model.set_dtype(latte_dtype)
             self._read_settings()
             return
         if model_name_or_path is None:
@@ -236,6 +301,8 @@ class ColBERT:
             revision=revision,
             token=token if isinstance(token, str) else None,
         )
+        if latte_dtype is not None:
+            self._model.set_dtype(latte_dtype)
         self._read_settings()
 
     @staticmethod
@@ -270,6 +337,12 @@ class ColBERT:
         self.attend_to_expansion_tokens: bool = settings["attend_to_expansion_tokens"]
         self.skiplist_words: List[str] = settings["skiplist_words"]
         self.truncate_dim: Optional[int] = settings["truncate_dim"]
+
+    @property
+    def dtype(self) -> str:
+        """Precision of the encoder's linear layers in inference: ``"float32"`` (the default), ``"bfloat16"``
+        or ``"int8"`` (set with ``ColBERT(..., dtype=...)``)."""
+        return _DTYPE_NAMES[self._model.dtype()]
 
     def get_sentence_embedding_dimension(self) -> int:
         """Dimension of the token embeddings ``encode`` returns."""

@@ -13,7 +13,17 @@ use rayon::prelude::*;
 use latte_kernels::dot::{matmul_abt, normalize_rows, scan_tiles_at, TILE};
 use latte_kernels::Level;
 
+/// Points per block of the brute-force assignment, at most: each block's `block × k` scores sit in one
+/// buffer per thread.
 const ASSIGN_BLOCK: usize = 1024;
+/// Scores per thread of the brute-force assignment, at most (8 MB): with many centroids the blocks get
+/// smaller, so that memory does not grow with `k` (which grows with the corpus).
+const ASSIGN_SCORES: usize = 1 << 21;
+
+/// Points per block of [`assign`] for `k` centroids.
+fn assign_block(k: usize) -> usize {
+    (ASSIGN_SCORES / k.max(1)).clamp(64, ASSIGN_BLOCK)
+}
 
 /// Above this many centroids an [`Assigner`] uses the two-level search; at or below it, brute force.
 pub const TWO_LEVEL_MIN_CENTROIDS: usize = 16_384;
@@ -31,11 +41,12 @@ const GROUP_SEED: u64 = 0x6c61_7474_6567_7270;
 pub fn assign(points: &[f32], centroids: &[f32], dim: usize) -> Vec<u32> {
     let k = centroids.len() / dim;
     let mut codes = vec![0u32; points.len() / dim];
+    let block = assign_block(k);
     codes
-        .par_chunks_mut(ASSIGN_BLOCK)
+        .par_chunks_mut(block)
         .enumerate()
         .for_each_init(Vec::new, |scores, (b, out)| {
-            let rows = &points[b * ASSIGN_BLOCK * dim..(b * ASSIGN_BLOCK + out.len()) * dim];
+            let rows = &points[b * block * dim..(b * block + out.len()) * dim];
             scores.resize(out.len() * k, 0.0);
             matmul_abt(rows, out.len(), centroids, k, dim, scores, false);
             for (o, row) in out.iter_mut().zip(scores.chunks_exact(k)) {
@@ -357,6 +368,35 @@ mod tests {
             let mut v: Vec<f32> = (0..n * dim).map(|_| self.next()).collect();
             normalize_rows(&mut v, dim);
             v
+        }
+    }
+
+    #[test]
+    fn brute_force_assignment_with_many_centroids_uses_small_blocks_and_finds_the_best() {
+        // 5,000 centroids: blocks of 419 points, so 1,000 points span three blocks, the last one partial.
+        assert_eq!(assign_block(5000), 419);
+        assert_eq!(
+            (assign_block(100), assign_block(1 << 30)),
+            (ASSIGN_BLOCK, 64)
+        );
+        let dim = 8;
+        let mut rng = Rng(99);
+        let centroids = rng.vecs(5000, dim);
+        let points = rng.vecs(1000, dim);
+        let codes = assign(&points, &centroids, dim);
+        for (p, &c) in points.chunks_exact(dim).zip(&codes) {
+            let dot = |j: usize| -> f32 {
+                p.iter()
+                    .zip(&centroids[j * dim..(j + 1) * dim])
+                    .map(|(a, b)| a * b)
+                    .sum()
+            };
+            let best = (0..5000).map(dot).fold(f32::NEG_INFINITY, f32::max);
+            assert!(
+                dot(c as usize) >= best - 1e-5,
+                "{} vs {best}",
+                dot(c as usize)
+            );
         }
     }
 

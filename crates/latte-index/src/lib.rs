@@ -13,8 +13,8 @@
 //! * [`pool`]: token pooling (Ward hierarchical clustering), matching PyLate's `pool_embeddings_hierarchical`.
 //!
 //! * [`DocumentSource`]: documents to index, read one at a time ([`VecSource`] in memory, [`NpzSource`] lazily
-//!   from a `.npz` archive, [`SyntheticSource`] generated on the fly for scale benchmarks), so a build never
-//!   holds the whole corpus.
+//!   from a `.npz` archive, [`SpooledSource`] written once to a temporary file by a [`SpoolWriter`],
+//!   [`SyntheticSource`] generated on the fly for scale benchmarks), so a build never holds the whole corpus.
 //!
 //! Embeddings are passed as row-major `f32` matrices (`tokens × dim`) through [`EmbRef`]. The on-disk layout is
 //! documented in FORMAT.md; measured numbers and the benchmark commands are in BENCHMARKS.md.
@@ -37,6 +37,7 @@ mod plaid;
 pub mod pool;
 mod rerank_mod;
 pub mod scores;
+mod spool;
 // Memory-mapping the index files, and viewing their mapped bytes as plain numbers.
 #[allow(unsafe_code)]
 mod storage;
@@ -53,6 +54,7 @@ pub use plaid::{
 };
 pub use rerank_mod::{rerank, RerankResult};
 pub use scores::{maxsim, EmbRef};
+pub use spool::{SpoolWriter, SpooledSource};
 pub use storage::FORMAT_VERSION;
 pub use synth::{SynthConfig, SyntheticSource};
 

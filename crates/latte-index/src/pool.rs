@@ -190,6 +190,20 @@ pub fn fcluster_maxclust(z: &[Merge], n: usize, max_clusters: usize) -> Vec<usiz
     labels
 }
 
+/// Document `i` of `source` pooled (first token protected, as the index's own pooling does); a shape error
+/// names the document.
+fn pool_document(
+    source: &dyn crate::DocumentSource,
+    i: usize,
+    pool_factor: usize,
+) -> Result<Vec<f32>> {
+    let e = source.embeddings(i)?;
+    pool_embeddings_hierarchical(&e, source.dim(), pool_factor, 1).map_err(|err| match err {
+        Error::Shape(m) => Error::Shape(format!("document {:?}: {m}", source.id(i))),
+        other => other,
+    })
+}
+
 /// Pools every document of `source` exactly once (in parallel, the first token of each kept as it is, as the
 /// index's own pooling does) into an in-memory source. Index the result with `pool_factor: 1`: the index then
 /// reads each pooled document as often as it needs (training sample, encoding) without pooling it again.
@@ -198,22 +212,27 @@ pub fn pool_source(
     pool_factor: usize,
 ) -> Result<crate::VecSource> {
     use rayon::prelude::*;
-    let dim = source.dim();
     let pooled: Vec<Vec<f32>> = (0..source.len())
         .into_par_iter()
-        .map(|i| {
-            let e = source.embeddings(i)?;
-            pool_embeddings_hierarchical(&e, dim, pool_factor, 1).map_err(|err| match err {
-                Error::Shape(m) => Error::Shape(format!("document {:?}: {m}", source.id(i))),
-                other => other,
-            })
-        })
+        .map(|i| pool_document(source, i, pool_factor))
         .collect::<Result<_>>()?;
-    let mut out = crate::VecSource::new(dim);
+    let mut out = crate::VecSource::new(source.dim());
     for (i, doc) in pooled.into_iter().enumerate() {
         out.push(source.id(i), doc)?;
     }
     Ok(out)
+}
+
+/// Pools every document of `source` exactly once, as [`pool_source`] does, into a temporary file in `dir`
+/// (removed when the result is dropped) instead of memory, for corpora too large to hold pooled.
+pub fn pool_to_spool(
+    source: &dyn crate::DocumentSource,
+    pool_factor: usize,
+    dir: &std::path::Path,
+) -> Result<crate::SpooledSource> {
+    crate::spool::spool_each(dir, source, |i| {
+        pool_document(source, i, pool_factor).map(std::borrow::Cow::Owned)
+    })
 }
 
 /// Pools one document (`rows × dim`, row-major), PyLate `pool_embeddings_hierarchical` semantics.
@@ -328,7 +347,7 @@ mod tests {
     }
 
     #[test]
-    fn pool_source_pools_each_document_once() {
+    fn pool_source_and_pool_to_spool_pool_each_document_once() {
         use crate::DocumentSource;
         let docs: Vec<Vec<f32>> = (0..5)
             .map(|d| {
@@ -342,15 +361,20 @@ mod tests {
             docs: docs.clone(),
         };
         let pooled = pool_source(&src, 2).unwrap();
-        assert_eq!(pooled.len(), 5);
+        let dir = tempfile::tempdir().unwrap();
+        let spooled = pool_to_spool(&src, 2, dir.path()).unwrap();
+        assert_eq!((pooled.len(), spooled.len()), (5, 5));
         for (i, d) in docs.iter().enumerate() {
-            assert_eq!(src.reads[i].load(std::sync::atomic::Ordering::Relaxed), 1);
+            // Read once by each of the two calls.
+            assert_eq!(src.reads[i].load(std::sync::atomic::Ordering::Relaxed), 2);
             let want = pool_embeddings_hierarchical(d, 2, 2, 1).unwrap();
             // One pooling: the protected first token plus (n - 1) / 2 clusters.
             let n = d.len() / 2;
             assert_eq!(want.len() / 2, 1 + ((n - 1) / 2).max(1));
             assert_eq!(pooled.id(i), format!("d{i}"));
             assert_eq!(pooled.embeddings(i).unwrap().as_ref(), want.as_slice());
+            assert_eq!(spooled.id(i), format!("d{i}"));
+            assert_eq!(spooled.embeddings(i).unwrap().as_ref(), want.as_slice());
         }
     }
 }

@@ -448,6 +448,77 @@ fn pooling_at_index_time_reduces_tokens() {
     );
 }
 
+/// A source that counts how often each document is read.
+struct Counting {
+    inner: VecSource,
+    reads: Vec<std::sync::atomic::AtomicUsize>,
+}
+
+impl latte_index::DocumentSource for Counting {
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+    fn dim(&self) -> usize {
+        self.inner.dim()
+    }
+    fn id(&self, i: usize) -> String {
+        self.inner.id(i)
+    }
+    fn embeddings(&self, i: usize) -> latte_index::Result<std::borrow::Cow<'_, [f32]>> {
+        self.reads[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.embeddings(i)
+    }
+}
+
+#[test]
+fn a_pooled_build_reads_and_pools_each_document_once_and_equals_a_prepooled_build() {
+    use latte_index::DocumentSource;
+    let (src, _) = corpus(80, 77, "d");
+    let counting = Counting {
+        reads: (0..src.len()).map(|_| Default::default()).collect(),
+        inner: src.clone(),
+    };
+    let pooled_dir = tempfile::tempdir().unwrap();
+    let pooled = IndexConfig {
+        pool_factor: 3,
+        ..config()
+    };
+    let r = PlaidIndex::create(pooled_dir.path(), &counting, &pooled).unwrap();
+    for (i, n) in counting.reads.iter().enumerate() {
+        assert_eq!(
+            n.load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "document {i}"
+        );
+    }
+    // The same documents pooled beforehand and indexed without pooling give the same files (meta.lt records
+    // the different pool_factor) and the same results.
+    let pre = latte_index::pool::pool_source(&src, 3).unwrap();
+    let pre_dir = tempfile::tempdir().unwrap();
+    let r_pre = PlaidIndex::create(pre_dir.path(), &pre, &config()).unwrap();
+    assert_eq!(r, r_pre);
+    let files = |dir: &Path| -> Vec<(String, Vec<u8>)> {
+        snapshot(dir)
+            .into_iter()
+            .filter(|(n, _)| !n.starts_with("meta."))
+            .collect()
+    };
+    let a = files(pooled_dir.path());
+    assert!(
+        a.iter().any(|(n, _)| n.ends_with(".res.lt")),
+        "{:?}",
+        a.iter().map(|f| &f.0).collect::<Vec<_>>()
+    );
+    assert_eq!(a, files(pre_dir.path()));
+    // Nothing but the index's files and its document store is left in the folder (the temporary file is gone).
+    assert!(
+        a.iter()
+            .all(|(n, _)| n.ends_with(".lt") || n == "documents.sqlite"),
+        "{:?}",
+        a.iter().map(|f| &f.0).collect::<Vec<_>>()
+    );
+}
+
 #[test]
 fn assign_probe_is_kept_and_used_by_a_two_level_index_and_its_adds() {
     use latte_index::{SynthConfig, SyntheticSource};

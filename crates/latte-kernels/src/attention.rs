@@ -69,13 +69,29 @@ pub struct Bias<'a> {
 /// and the `lk` values to fill with `0` or the keep scale, the same on every call for a row.
 pub type DropRows<'a> = &'a (dyn Fn(usize, &mut [f32]) + Sync);
 
+type Buffer = std::cell::RefCell<Vec<f32>>;
+
 thread_local! {
-    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Packed operands of one head (the AVX-512 kernels).
+    static SCRATCH: Buffer = const { std::cell::RefCell::new(Vec::new()) };
+    /// The `lq × lk` scores of one head when the caller keeps no probabilities (inference), reused from call
+    /// to call instead of allocated per head.
+    static SCORES: Buffer = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` on a per-thread buffer of `len` values (contents unspecified).
 fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    SCRATCH.with(|cell| {
+    with_buffer(&SCRATCH, len, f)
+}
+
+/// Runs `f` on the per-thread buffer `key`, at least `len` values long (contents unspecified). The kernels
+/// called inside never enter rayon, so a thread never re-enters the buffer it holds.
+fn with_buffer<R>(
+    key: &'static std::thread::LocalKey<Buffer>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    key.with(|cell| {
         let mut buf = cell.borrow_mut();
         if buf.len() < len {
             buf.resize(len, 0.0);
@@ -208,10 +224,9 @@ pub fn forward_at(
                 .enumerate()
                 .for_each(|(t, p)| head(t, p));
         }
-        None => (0..b * h).into_par_iter().for_each(|t| {
-            let mut p = vec![0f32; lq * lk];
-            head(t, &mut p)
-        }),
+        None => (0..b * h)
+            .into_par_iter()
+            .for_each(|t| with_buffer(&SCORES, lq * lk, |p| head(t, p))),
     }
     let _ = lv;
 }
@@ -895,33 +910,42 @@ mod tests {
         }
         for level in crate::cpu::levels_here() {
             eprintln!("strided attention at {level}");
-            let mut out = vec![f32::NAN; want.len()];
-            forward_at(
-                level,
-                Strided {
-                    data: &q,
-                    s: [h * lq * d, lq * d, d],
-                },
-                Strided {
-                    data: &k,
-                    s: [h * lk * d, lk * d, d],
-                },
-                Strided {
-                    data: &v,
-                    s: [h * lk * dv, lk * dv, dv],
-                },
-                dims,
-                0.5,
-                Bias {
-                    data: &bias,
-                    s: [0, 0, lk],
-                    window: None,
-                },
-                None,
-                None,
-                &mut out,
-            );
+            let run = |probs: Option<&mut [f32]>| {
+                let mut out = vec![f32::NAN; want.len()];
+                forward_at(
+                    level,
+                    Strided {
+                        data: &q,
+                        s: [h * lq * d, lq * d, d],
+                    },
+                    Strided {
+                        data: &k,
+                        s: [h * lk * d, lk * d, d],
+                    },
+                    Strided {
+                        data: &v,
+                        s: [h * lk * dv, lk * dv, dv],
+                    },
+                    dims,
+                    0.5,
+                    Bias {
+                        data: &bias,
+                        s: [0, 0, lk],
+                        window: None,
+                    },
+                    None,
+                    probs,
+                    &mut out,
+                );
+                out
+            };
+            let out = run(None);
             close(&out, &want, 2e-5);
+            // The per-thread score buffers, reused with the previous call's values in them, change nothing,
+            // and the scores written to a caller's buffer give the same output bit for bit.
+            assert_eq!(run(None), out);
+            let mut probs = vec![f32::NAN; b * h * lq * lk];
+            assert_eq!(run(Some(&mut probs)), out);
         }
     }
 

@@ -14,6 +14,26 @@ use crate::cpu::{self, Level};
 use crate::dot::matmul_abt;
 use crate::search::LANES;
 
+/// Rounds an f32 to bf16, to nearest with ties to even; NaN stays NaN (made quiet), infinities stay. The one
+/// f32 → bf16 conversion of the workspace (the bf16 linear layers, the bf16 centroid query).
+#[inline(always)]
+pub fn f32_to_bf16(v: f32) -> u16 {
+    let b = v.to_bits();
+    if v.is_nan() {
+        ((b >> 16) | 0x0040) as u16
+    } else {
+        // The carry out of the low half rounds up, ties going to the even upper half; an overflow lands on
+        // the infinity of the right sign.
+        (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
+    }
+}
+
+/// The f32 a bf16 stands for (exact).
+#[inline(always)]
+pub fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits(u32::from(h) << 16)
+}
+
 /// Transposes a query (`lq × dim`) into the padded layout above.
 pub fn transpose_query(q: &[f32], lq: usize, dim: usize) -> (Vec<f32>, usize) {
     let stride = lq.div_ceil(LANES).max(1) * LANES;
@@ -99,7 +119,7 @@ pub fn bf16_query_at(level: Level, qt: &[f32], dim: usize, stride: usize) -> Opt
     #[cfg(target_arch = "x86_64")]
     {
         if bf16_here(level) && dim.is_multiple_of(2) {
-            let bits = |v: f32| half::bf16::from_f32(v).to_bits() as u32;
+            let bits = |v: f32| f32_to_bf16(v) as u32;
             let mut pairs = vec![0u32; dim / 2 * stride];
             for p in 0..dim / 2 {
                 for j in 0..stride {
@@ -178,7 +198,7 @@ unsafe fn dots_bf16(
                 d += 32;
             }
             while d < dim {
-                *dst.add(d) = half::bf16::from_f32(rows[(r0 + i) * dim + d].to_f32()).to_bits();
+                *dst.add(d) = f32_to_bf16(rows[(r0 + i) * dim + d].to_f32());
                 d += 1;
             }
         }
@@ -279,6 +299,30 @@ unsafe fn dots_avx512(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bf16_rounding_is_the_half_crates_to_nearest_even() {
+        // Every sign, every exponent, mantissas around the rounding point (ties, just below and above) and
+        // a sweep: the same bits as the `half` crate's conversion, NaN aside (both quiet NaNs).
+        let mut bits: Vec<u32> = (0..=0xffff_u32)
+            .map(|i| i.wrapping_mul(0x9e37_79b9))
+            .collect();
+        for hi in (0..=0xffff_u32).step_by(7) {
+            for lo in [0u32, 1, 0x7fff, 0x8000, 0x8001, 0xffff] {
+                bits.push(hi << 16 | lo);
+            }
+        }
+        for b in bits {
+            let v = f32::from_bits(b);
+            let got = f32_to_bf16(v);
+            if v.is_nan() {
+                assert!(bf16_to_f32(got).is_nan(), "{b:#010x}");
+            } else {
+                assert_eq!(got, half::bf16::from_f32(v).to_bits(), "{b:#010x}");
+                assert_eq!(bf16_to_f32(got), half::bf16::from_bits(got).to_f32());
+            }
+        }
+    }
 
     #[test]
     fn kernel_matches_naive_dot_products() {

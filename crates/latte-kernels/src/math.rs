@@ -1,8 +1,10 @@
 //! Element-wise math of the models: `exp` (vectorised), erf, the normal CDF, exact GELU and its
 //! derivative, and the row softmax — one implementation of each per level.
 //!
-//! Portable: the scalar functions below ([`erf`], [`normal_cdf`], [`gelu`], [`gelu_grad`], libm's `exp`).
-//! AVX-512: the same erf (Abramowitz & Stegun 7.1.26) on 16 lanes, with a Cephes `exp` (about 1 ulp,
+//! Portable: the scalar functions below ([`erf`], [`normal_cdf`], [`gelu`], [`gelu_grad`], one
+//! implementation each, used by the f32 path and by the reduced-precision kernels of [`crate::lowp`]
+//! through [`gelu_in_place`]), with a Cephes `exp` polynomial written branch-free.
+//! AVX-512: the same erf (Abramowitz & Stegun 7.1.26) on 16 lanes, with the same Cephes `exp` (about 1 ulp,
 //! `2ⁿ` through `scalef`). There is no AVX2 variant: AVX2 runs the portable code.
 
 use rayon::prelude::*;
@@ -12,36 +14,117 @@ use crate::Level;
 /// `1 / √(2π)`.
 const INV_SQRT_2PI: f32 = 0.398_942_3;
 
-/// erf with |error| < 1.5e-7 (Abramowitz & Stegun 7.1.26).
+/// The error function in f32 (Abramowitz & Stegun 7.1.26, absolute error below 1.5e-7, plus f32 rounding),
+/// branch-free so that loops over it vectorise.
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
-    let s = x.signum();
-    let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let y = 1.0
-        - (((((1.061_405_4 * t - 1.453_152_1) * t) + 1.421_413_7) * t - 0.284_496_72) * t
-            + 0.254_829_6)
-            * t
-            * (-a * a).exp();
-    s * y
+    (1.0 - erfc_pos(x.abs())).copysign(x)
 }
 
-/// The standard normal CDF `Φ(x) = (1 + erf(x/√2)) / 2`.
+/// The standard normal CDF `Φ(x) = (1 + erf(x/√2)) / 2`. For negative `x` it uses `1 + erf(-z) = erfc(z)`
+/// directly, so the small values of the negative tail keep their relative accuracy.
 #[inline(always)]
 pub fn normal_cdf(x: f32) -> f32 {
-    0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+    0.5 * two_phi(x)
 }
 
-/// Exact-form GELU, `0.5·x·(1 + erf(x/√2))`.
+/// `2 Φ(x)` (see [`normal_cdf`]).
+#[inline(always)]
+fn two_phi(x: f32) -> f32 {
+    let c = erfc_pos(x.abs() * std::f32::consts::FRAC_1_SQRT_2);
+    if x < 0.0 {
+        c
+    } else {
+        2.0 - c
+    }
+}
+
+/// The exact GELU, `x Φ(x) = x (1 + erf(x / √2)) / 2`, with the tail-accurate Φ of [`normal_cdf`].
 #[inline(always)]
 pub fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+    0.5 * x * two_phi(x)
 }
 
 /// The derivative of exact GELU, `Φ(x) + x·φ(x)`.
 #[inline(always)]
 pub fn gelu_grad(x: f32) -> f32 {
-    normal_cdf(x) + x * (-0.5 * x * x).exp() * INV_SQRT_2PI
+    normal_cdf(x) + x * exp_neg(0.5 * x * x) * INV_SQRT_2PI
+}
+
+/// `erfc(z)` for `z >= 0` (A & S 7.1.26: `t (a1 + t (a2 + ...)) e^-z²`, `t = 1 / (1 + p z)`).
+#[inline(always)]
+fn erfc_pos(z: f32) -> f32 {
+    let t = 1.0 / (1.0 + 0.327_591_1 * z);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
+    poly * exp_neg(z * z)
+}
+
+/// `e^-w` for `w >= 0` to f32 accuracy, 0 past `w = 87` (where [`erf`] has long saturated):
+/// `2^n e^r`, `n` the integer nearest `-w / ln 2`, `|r| <= ln 2 / 2`, and a degree-7 polynomial for `e^r`
+/// (the polynomial of the AVX-512 `exp`, branch-free so that loops over it vectorise).
+#[inline(always)]
+fn exp_neg(w: f32) -> f32 {
+    // 1.5 × 2^23: adding it rounds to an integer, which then sits in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let y = -w.min(87.0);
+    let t = y * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
+    // ln 2 in two parts (Cody and Waite), so that n ln 2 is subtracted almost exactly.
+    let r = (y - n * 0.693_359_4) - n * -2.121_944_4e-4;
+    let p = ((((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 0.166_666_65)
+        * r
+        + 0.5)
+        * r
+        + 1.0)
+        * r
+        + 1.0;
+    let e = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let scale = f32::from_bits(((e + 127) as u32) << 23);
+    // Below e^-87 the answer is 0 for every use here (erfc(9.3) < 1e-38).
+    p * if w > 87.0 { 0.0 } else { scale }
+}
+
+/// In place: `v[i] ← GELU(v[i])` with the scalar [`gelu`], bit for bit at every level (the plain loop
+/// compiled for the widest vector level here; Rust never contracts into fused multiply-adds). The reduced
+/// precision kernels use it, so that their levels agree exactly.
+pub fn gelu_in_place(v: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let c = crate::cpu::cpu();
+        if c.avx512() {
+            // SAFETY: the CPU has AVX512F and AVX512BW (`Level::Avx512`, from `cpu()`).
+            return unsafe { gelu_in_place_avx512(v) };
+        }
+        if c.avx2() {
+            // SAFETY: the CPU has AVX2 and FMA (`Level::Avx2`, from `cpu()`).
+            return unsafe { gelu_in_place_avx2(v) };
+        }
+    }
+    gelu_in_place_plain(v)
+}
+
+#[inline(always)]
+fn gelu_in_place_plain(v: &mut [f32]) {
+    for x in v {
+        *x = gelu(*x);
+    }
+}
+
+/// The plain loop compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn gelu_in_place_avx512(v: &mut [f32]) {
+    gelu_in_place_plain(v)
+}
+
+/// The plain loop compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn gelu_in_place_avx2(v: &mut [f32]) {
+    gelu_in_place_plain(v)
 }
 
 /// The level the kernels of this module run at when asked for `level`: never above the process's
@@ -482,5 +565,88 @@ mod tests {
                 assert_eq!(rows, one);
             }
         }
+    }
+
+    /// Abramowitz & Stegun 7.1.26 as `erfc` in f64, for `z >= 0`.
+    fn erfc_f64(z: f64) -> f64 {
+        let t = 1.0 / (1.0 + 0.327_591_1 * z);
+        t * (0.254_829_592
+            + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))))
+            * (-z * z).exp()
+    }
+
+    #[test]
+    fn gelu_and_erf_match_known_values() {
+        for (x, want) in [
+            (0.0f32, 0.0f64),
+            (0.5, 0.520_499_877_813_046_5),
+            (1.0, 0.842_700_792_949_714_9),
+            (-2.0, -0.995_322_265_018_952_7),
+            (3.5, 0.999_999_256_901_627_7),
+        ] {
+            assert!(
+                (f64::from(erf(x)) - want).abs() < 4e-7,
+                "erf({x}) = {}",
+                erf(x)
+            );
+        }
+        // The f32 evaluation stays within f32 rounding of the formula evaluated in f64, over the whole range.
+        let mut worst = 0f64;
+        for i in -12_000..=12_000 {
+            let x = i as f32 * 1e-3;
+            worst = worst.max((f64::from(erf(x)) - erf_f64(f64::from(x))).abs());
+        }
+        assert!(
+            worst < 4e-7,
+            "erf: worst distance to the f64 formula {worst:e}"
+        );
+        // GELU and Φ in the negative tail keep their relative accuracy (erfc without cancellation).
+        for x in [-1.0f32, -3.0, -5.0, -8.0] {
+            let erfc = erfc_f64(f64::from(-x) / 2f64.sqrt());
+            let want = 0.5 * f64::from(x) * erfc;
+            let got = f64::from(gelu(x));
+            assert!(
+                (got - want).abs() <= 1e-5 * want.abs(),
+                "gelu({x}) = {got}, want {want}"
+            );
+            let got = f64::from(normal_cdf(x));
+            assert!(
+                (got - 0.5 * erfc).abs() <= 1e-5 * 0.5 * erfc,
+                "normal_cdf({x}) = {got}, want {}",
+                0.5 * erfc
+            );
+        }
+        assert_eq!(erf(20.0), 1.0);
+        assert_eq!(erf(-1e30), -1.0);
+        assert!((f64::from(gelu(1.0)) - 0.841_344_746_068_542_9).abs() < 4e-7);
+        assert!((f64::from(gelu(-1.0)) + 0.158_655_253_931_457_05).abs() < 4e-7);
+        assert_eq!(gelu(0.0), 0.0);
+        assert_eq!(gelu(-30.0), 0.0);
+        assert_eq!(gelu(30.0), 30.0);
+        assert!(erf(f32::NAN).is_nan() && gelu(f32::NAN).is_nan());
+        eprintln!("erf: worst distance to A&S 7.1.26 in f64 on [-12, 12]: {worst:e}");
+    }
+
+    #[test]
+    fn gelu_in_place_is_the_scalar_gelu_bit_for_bit() {
+        let mut v: Vec<f32> = (0..1003).map(|i| (i as f32 - 501.0) * 0.013).collect();
+        v.extend([
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -0.0,
+            1e-30,
+            88.0,
+            -88.0,
+        ]);
+        let want: Vec<f32> = v.iter().map(|&x| gelu(x)).collect();
+        gelu_in_place(&mut v);
+        for (g, w) in v.iter().zip(&want) {
+            assert!(
+                g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                "{g} vs {w}"
+            );
+        }
+        eprintln!("gelu_in_place at {}", crate::cpu());
     }
 }

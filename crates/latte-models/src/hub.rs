@@ -192,7 +192,8 @@ pub fn resolve(model: &str, opts: &HubOptions) -> Result<PathBuf> {
     let Some(dir) = snapshot else {
         let reason = if is_offline(opts) {
             format!(
-                "not in the Hub cache {} and offline mode is on (HF_HUB_OFFLINE)",
+                "not in the Hub cache {} and offline mode is on (HF_HUB_OFFLINE, --offline or local_files_only): \
+                 download it once without offline mode, or give a local folder",
                 cache_dir(opts).display()
             )
         } else {

@@ -33,7 +33,7 @@ pub(crate) use layers::nn;
 pub use dense::{Activation, Dense, DenseConfig};
 pub use dtype::{Dtype, ParseDtypeError};
 pub use error::{Error, Result};
-pub use hub::HubOptions;
+pub use hub::{resolve as resolve_model, HubOptions};
 pub use model::{ColBERT, Embedding, EncodeOptions, LoadOptions, Origin};
 pub use nn::Mode;
 pub use recorded::ModelOptions;

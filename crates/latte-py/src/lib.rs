@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{PoisonError, RwLock};
 
 use latte_index::{EmbRef, ExactIndex, IndexConfig, PlaidIndex, SearchParams, VecSource};
-use latte_models::{ColBERT, Dense, DenseConfig, EncodeOptions, LoadOptions, PartialSettings};
+use latte_models::{
+    ColBERT, Dense, DenseConfig, Dtype, EncodeOptions, HubOptions, LoadOptions, PartialSettings,
+};
 use numpy::ndarray::{Array2, Array3};
 use numpy::{PyArray2, PyArray3, PyReadonlyArray2, PyReadonlyArray3, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyException, PyFileNotFoundError, PyIndexError, PyValueError};
@@ -114,6 +116,28 @@ fn to_numpy2(
 
 // ------------------------------------------------------------------------------------------------
 // Models
+
+/// The local folder of `model`: a folder path as it is, or a Hugging Face Hub id fetched into (or, with
+/// `local_files_only`, only read from) the Hub cache.
+#[pyfunction]
+#[pyo3(signature = (model, local_files_only=false, cache_folder=None, revision=None, token=None))]
+fn resolve_model(
+    py: Python<'_>,
+    model: String,
+    local_files_only: bool,
+    cache_folder: Option<PathBuf>,
+    revision: Option<String>,
+    token: Option<String>,
+) -> PyResult<PathBuf> {
+    let opts = HubOptions {
+        cache_dir: cache_folder,
+        revision,
+        offline: local_files_only.then_some(true),
+        token,
+    };
+    py.detach(|| latte_models::resolve_model(&model, &opts))
+        .map_err(model_err)
+}
 
 /// A loaded ColBERT model (latte_models::ColBERT).
 #[pyclass(frozen, module = "latte._latte")]
@@ -303,6 +327,26 @@ impl Model {
     fn push_dense(&self, dense: PyRef<'_, DenseModule>) -> PyResult<()> {
         let mut model = self.inner.write().map_err(lock_poisoned)?;
         model.push_dense(dense.inner.clone()).map_err(model_err)
+    }
+
+    /// Sets the precision of the encoder's linear layers in inference: `f32`, `bf16` or `int8`.
+    fn set_dtype(&self, dtype: &str) -> PyResult<()> {
+        let d: Dtype = dtype
+            .parse()
+            .map_err(|e: latte_models::ParseDtypeError| PyValueError::new_err(e.to_string()))?;
+        self.inner.write().map_err(lock_poisoned)?.set_dtype(d);
+        Ok(())
+    }
+
+    /// The precision of the encoder's linear layers in inference: `f32`, `bf16` or `int8`.
+    fn dtype(&self) -> PyResult<String> {
+        Ok(self
+            .inner
+            .read()
+            .map_err(lock_poisoned)?
+            .dtype()
+            .as_str()
+            .to_string())
     }
 
     /// Output dimension of the token embeddings.
@@ -1003,6 +1047,7 @@ fn _latte(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("LatteError", m.py().get_type::<LatteError>())?;
     m.add_class::<Model>()?;
+    m.add_function(wrap_pyfunction!(resolve_model, m)?)?;
     m.add_class::<DenseModule>()?;
     m.add_function(wrap_pyfunction!(train_model, m)?)?;
     m.add_class::<Plaid>()?;

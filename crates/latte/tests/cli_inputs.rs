@@ -578,3 +578,77 @@ fn corpus_streams_in_chunks_into_an_existing_index() {
     let chunked = build("idx-chunked", "1", 4);
     assert_eq!(chunked, whole);
 }
+
+#[test]
+fn a_new_index_from_a_corpus_is_the_same_whatever_the_chunk_size() {
+    // The chunks are spooled and the index built from all of them at once: the k-means sample is drawn from
+    // the whole corpus, so the files do not depend on --chunk-docs, and nothing but the index is left.
+    let t = sets();
+    let m = s(&model());
+    let corpus = s(&t.under.join("corpus.jsonl"));
+    let build = |name: &str, chunk: &str, pool: &str| -> (Vec<(String, Vec<u8>)>, String) {
+        let index = t.dir.join(name);
+        let out = ok(
+            &t.dir,
+            &[
+                "index",
+                "--index",
+                &s(&index),
+                "--model",
+                &m,
+                "--corpus",
+                &corpus,
+                "--chunk-docs",
+                chunk,
+                "--pool-factor",
+                pool,
+                "--centroids",
+                "4",
+            ],
+        );
+        let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&index)
+            .unwrap()
+            .flatten()
+            .map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                (name, std::fs::read(e.path()).unwrap())
+            })
+            .collect();
+        files.sort();
+        (files, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    for pool in ["1", "2"] {
+        let (whole, log) = build(&format!("new-whole-{pool}"), "2048", pool);
+        assert!(log.contains("indexed 6 documents"), "{log}");
+        assert_eq!(log.matches("chunk ").count(), 0, "{log}");
+        let (chunked, log) = build(&format!("new-chunked-{pool}"), "4", pool);
+        assert_eq!(log.matches("chunk ").count(), 2, "{log}");
+        let names: Vec<&str> = whole.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(
+            names.contains(&"meta.lt")
+                && names
+                    .iter()
+                    .all(|n| n.ends_with(".lt") || *n == "documents.sqlite"),
+            "{names:?}"
+        );
+        assert_eq!(chunked, whole, "pool factor {pool}");
+    }
+    // A build that fails after encoding (here: an impossible setting) leaves no folder behind.
+    let missing = t.dir.join("never-built");
+    fails(
+        &t.dir,
+        &[
+            "index",
+            "--index",
+            &s(&missing),
+            "--model",
+            &m,
+            "--corpus",
+            &corpus,
+            "--centroids",
+            "0",
+        ],
+        "num_centroids must be at least 1",
+    );
+    assert!(!missing.exists());
+}

@@ -17,6 +17,7 @@ use super::layout::{chunk_file, ChunkMeta, Meta};
 use super::{Codes, DocumentSource, PlaidIndex};
 use crate::codec::Codec;
 use crate::ivf;
+use crate::spool::{spool_each, SpooledSource};
 use crate::storage::{as_bytes, cast, write_sections, Mapped, StreamWriter};
 use crate::{kmeans, pool, Error, Result};
 
@@ -98,7 +99,24 @@ fn check_f16_range(e: &[f32], dim: usize, id: impl Fn() -> String) -> Result<()>
     }
 }
 
-/// Samples documents, trains centroids (k-means) and the residual codec.
+/// Pools every document of `source` once (each checked as [`load_doc`] checks it) into a temporary file in
+/// `dir`, so the build reads each pooled document as often as it needs (training sample, encoding) without
+/// pooling it again or holding the corpus in memory.
+pub(super) fn pool_to_spool(
+    dir: &Path,
+    source: &dyn DocumentSource,
+    pool_factor: usize,
+) -> Result<SpooledSource> {
+    spool_each(dir, source, |i| load_doc(source, i, pool_factor))
+}
+
+/// Samples documents, trains centroids (k-means) and the residual codec. `source` holds the documents as they
+/// will be indexed (already pooled).
+///
+/// Memory is bounded by the k-means training set, not by the corpus: the sampled documents are streamed and
+/// each token is kept with the probability that makes the set about `num_centroids ×
+/// kmeans_points_per_centroid` tokens plus a held-out set of at most 50,000 for the codec; the kept tokens
+/// are shuffled in place.
 pub(super) fn train(
     source: &dyn DocumentSource,
     config: &IndexConfig,
@@ -117,7 +135,7 @@ pub(super) fn train(
         .collect();
     let probe_tokens: usize = probe
         .par_iter()
-        .map(|&i| load_doc(source, i, config.pool_factor).map(|e| e.len() / dim))
+        .map(|&i| load_doc(source, i, 1).map(|e| e.len() / dim))
         .sum::<Result<usize>>()?;
     let avg = probe_tokens as f64 / probe.len() as f64;
     let est_tokens = avg * n as f64;
@@ -126,12 +144,14 @@ pub(super) fn train(
     let heldout_cap = 50_000usize;
     let target = k_want * config.kmeans_points_per_centroid + heldout_cap;
     let keep_p = (target as f64 / (avg * n_sample as f64)).min(1.0);
-    // Stream the sample, keeping each token with probability keep_p.
-    let mut points: Vec<f32> = Vec::new();
+    // Stream the sample, keeping each token with probability keep_p. The expected number of kept rows is
+    // reserved with a margin: pages of the reserve that are never written cost no memory.
+    let expected = (keep_p * avg * n_sample as f64 * 1.25) as usize + 1024;
+    let mut points: Vec<f32> = Vec::with_capacity(expected.saturating_mul(dim));
     for batch in picked.chunks(256) {
         let docs: Vec<Cow<'_, [f32]>> = batch
             .par_iter()
-            .map(|&i| load_doc(source, i, config.pool_factor))
+            .map(|&i| load_doc(source, i, 1))
             .collect::<Result<_>>()?;
         for d in docs {
             for row in d.chunks_exact(dim) {
@@ -157,28 +177,26 @@ pub(super) fn train(
     let train_n = (total - heldout)
         .min(k_want * config.kmeans_points_per_centroid)
         .max(1);
-    let gather = |idx: &[usize]| -> Vec<f32> {
-        let mut v = Vec::with_capacity(idx.len() * dim);
-        idx.iter()
-            .for_each(|&i| v.extend_from_slice(&points[i * dim..(i + 1) * dim]));
-        v
-    };
-    let train_pts = gather(&order[heldout..heldout + train_n.min(total - heldout)]);
+    // Rows in shuffled order (row j = old row order[j]): held-out rows first, then the training rows.
+    permute_rows(&mut points, dim, &order);
+    points.truncate((heldout + train_n.min(total - heldout)) * dim);
+    points.shrink_to_fit();
+    let train_pts = &points[heldout * dim..];
     let held_pts = if heldout > 0 {
-        gather(&order[..heldout])
+        points[..heldout * dim].to_vec()
     } else {
-        train_pts.clone()
+        train_pts.to_vec()
     };
-    drop(points);
     let k = k_want.min(train_pts.len() / dim);
     let centroids = kmeans::train(
-        &train_pts,
+        train_pts,
         dim,
         k,
         config.kmeans_iters,
         config.seed,
         config.probe(),
     );
+    drop(points);
     let codes = kmeans::Assigner::new(&centroids, dim, config.probe()).assign(&held_pts);
     let mut residuals = held_pts;
     for (t, &c) in codes.iter().enumerate() {
@@ -193,7 +211,36 @@ pub(super) fn train(
     Ok((centroids, Codec::train(config.nbits, dim, &residuals)))
 }
 
-/// Encodes every document of `source` into a new chunk (codes, residuals, f16 copy, doclens + ids), streaming.
+/// Reorders the `dim`-wide rows of `rows` in place so that row `j` becomes the old row `order[j]` (`order` a
+/// permutation), following the permutation's cycles with one spare row.
+fn permute_rows(rows: &mut [f32], dim: usize, order: &[usize]) {
+    let n = order.len();
+    debug_assert_eq!(rows.len(), n * dim);
+    let mut done = vec![false; n];
+    let mut spare = vec![0f32; dim];
+    for start in 0..n {
+        if done[start] || order[start] == start {
+            done[start] = true;
+            continue;
+        }
+        // Cycle start → order[start] → order[order[start]] → … back to start.
+        spare.copy_from_slice(&rows[start * dim..(start + 1) * dim]);
+        let mut j = start;
+        loop {
+            done[j] = true;
+            let from = order[j];
+            if from == start {
+                rows[j * dim..(j + 1) * dim].copy_from_slice(&spare);
+                break;
+            }
+            rows.copy_within(from * dim..(from + 1) * dim, j * dim);
+            j = from;
+        }
+    }
+}
+
+/// Encodes every document of `source` into a new chunk (codes, residuals, f16 copy, doclens + ids), streaming;
+/// documents are pooled by `pool_factor` as they are read (1 when `source` holds them pooled already).
 /// Returns the chunk, its codes (for the inverted lists) and the number of outlier tokens.
 pub(super) fn write_chunk(
     dir: &Path,
@@ -202,6 +249,7 @@ pub(super) fn write_chunk(
     codec: &Codec,
     source: &dyn DocumentSource,
     ids: &[String],
+    pool_factor: usize,
 ) -> Result<(ChunkMeta, Vec<u32>, u64)> {
     let dim = meta.dim;
     let id = meta.next_chunk;
@@ -228,7 +276,7 @@ pub(super) fn write_chunk(
         let end = (start + BATCH_DOCS).min(source.len());
         let docs: Vec<Cow<'_, [f32]>> = (start..end)
             .into_par_iter()
-            .map(|i| load_doc(source, i, meta.config.pool_factor))
+            .map(|i| load_doc(source, i, pool_factor))
             .collect::<Result<_>>()?;
         if full_w.is_some() {
             for (j, d) in docs.iter().enumerate() {
@@ -422,4 +470,26 @@ pub(super) fn compact_into(dir: &Path, current: &PlaidIndex, mut meta: Meta) -> 
     meta.deleted.clear();
     write_ivf(dir, &meta, None, &all_codes)?;
     Ok(meta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_permuted_in_place_equal_rows_gathered_in_that_order() {
+        let dim = 3;
+        for n in [0usize, 1, 2, 7, 64] {
+            let rows: Vec<f32> = (0..n * dim).map(|v| v as f32 * 0.5 - 1.0).collect();
+            let mut rng = StdRng::seed_from_u64(n as u64);
+            let order = sample(&mut rng, n, n).into_vec();
+            let mut gathered = Vec::new();
+            for &i in &order {
+                gathered.extend_from_slice(&rows[i * dim..(i + 1) * dim]);
+            }
+            let mut permuted = rows.clone();
+            permute_rows(&mut permuted, dim, &order);
+            assert_eq!(permuted, gathered, "n = {n}");
+        }
+    }
 }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use half::f16;
 use latte_store::{Doc, DocStore, Filter};
 
-use super::build::{compact_into, train, validate_ids, write_chunk, write_ivf};
+use super::build::{compact_into, pool_to_spool, train, validate_ids, write_chunk, write_ivf};
 use super::config::IndexConfig;
 use super::documents::{build_store, open_writer_store, remove_store, store_rows};
 use super::layout::{collect_garbage, commit, read_meta, Meta, CODEC, LOCK, META};
@@ -189,6 +189,10 @@ impl PlaidIndex {
 
     /// Builds a new index in `dir` (created if missing) from `source`. Fails if `dir` already holds an index;
     /// a folder left by an interrupted creation (no committed `meta.lt`) is cleared and built again.
+    ///
+    /// `source` is streamed (a sample for k-means, then every document in batches): memory is bounded by the
+    /// k-means training set, not the corpus. With `pool_factor > 1` each document is pooled once, into an
+    /// unnamed temporary file in `dir` that the build then reads.
     pub fn create(
         dir: impl AsRef<Path>,
         source: &dyn DocumentSource,
@@ -230,6 +234,14 @@ impl PlaidIndex {
         remove_store(dir);
         let ids = validate_ids(source, &|_| false)?;
         let rows = store_rows(&ids, docs)?;
+        // Each document is pooled once: into a temporary file the training sample and the encoding pass read.
+        let pooled;
+        let source: &dyn DocumentSource = if config.pool_factor > 1 {
+            pooled = pool_to_spool(dir, source, config.pool_factor)?;
+            &pooled
+        } else {
+            source
+        };
         let (centroids, codec) = train(source, config)?;
         let k = centroids.len() / source.dim();
         // Centroids are stored in half precision; documents are encoded against the rounded values.
@@ -257,7 +269,7 @@ impl PlaidIndex {
                 deleted: Vec::new(),
             };
             let (chunk, codes, outliers) =
-                write_chunk(dir, &mut meta, &centroids, &codec, source, &ids)?;
+                write_chunk(dir, &mut meta, &centroids, &codec, source, &ids, 1)?;
             let tokens = chunk.tokens;
             meta.chunks.push(chunk);
             write_ivf(dir, &meta, None, &codes)?;
@@ -478,6 +490,7 @@ impl IndexWriter {
                 &current.codec,
                 source,
                 &ids,
+                current.meta.config.pool_factor,
             )?;
             let tokens = chunk.tokens;
             meta.chunks.push(chunk);

@@ -6,28 +6,10 @@ use super::{
     check_len, checked_len, for_each_block, round_up, Epilogue, LowpError, OutPtr, BLOCK, PANEL,
 };
 use crate::cpu::{cpu, Level};
+use crate::half::{bf16_to_f32, f32_to_bf16};
 
 /// k is padded to this (the depth of one AMX bf16 tile row: 32 values, 64 bytes).
 pub(crate) const K_ALIGN: usize = 32;
-
-/// Rounds an f32 to bf16, to nearest with ties to even; NaN stays NaN (made quiet), infinities stay.
-#[inline(always)]
-pub fn f32_to_bf16(v: f32) -> u16 {
-    let b = v.to_bits();
-    if v.is_nan() {
-        ((b >> 16) | 0x0040) as u16
-    } else {
-        // The carry out of the low half rounds up, ties going to the even upper half; an overflow lands on
-        // the infinity of the right sign.
-        (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16
-    }
-}
-
-/// The f32 a bf16 stands for (exact).
-#[inline(always)]
-pub fn bf16_to_f32(h: u16) -> f32 {
-    f32::from_bits(u32::from(h) << 16)
-}
 
 /// Weights of a linear layer rounded to bf16 and laid out for the bf16 kernels (see the module docs).
 #[derive(Debug, Clone, PartialEq)]

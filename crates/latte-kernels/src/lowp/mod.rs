@@ -26,7 +26,7 @@ mod int8;
 #[cfg(test)]
 mod tests;
 
-pub use bf16::{bf16_level, bf16_to_f32, f32_to_bf16, linear_bf16, PackedBf16};
+pub use bf16::{bf16_level, linear_bf16, PackedBf16};
 pub use int8::{i8_level, linear_i8, PackedI8, MAX_K_I8};
 
 use rayon::prelude::*;
@@ -113,96 +113,6 @@ pub(crate) fn check_len(what: &'static str, expected: usize, got: usize) -> Resu
     }
 }
 
-/// The exact GELU, `x Φ(x) = x (1 + erf(x / √2)) / 2`, in f32. For negative `x` it uses `1 + erf(-z) =
-/// erfc(z)` directly, so the small values of the negative tail keep their relative accuracy.
-#[inline(always)]
-pub fn gelu(x: f32) -> f32 {
-    let c = erfc_pos(x.abs() * std::f32::consts::FRAC_1_SQRT_2);
-    let two_phi = if x < 0.0 { c } else { 2.0 - c };
-    0.5 * x * two_phi
-}
-
-/// [`gelu`] over a slice, in place; vectorised where the CPU allows, with the very same results.
-pub fn gelu_slice(v: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let c = crate::cpu::cpu();
-        if c.avx512() {
-            // SAFETY: the CPU has AVX512F and AVX512BW (`Level::Avx512`, from `cpu()`).
-            return unsafe { gelu_slice_avx512(v) };
-        }
-        if c.avx2() {
-            // SAFETY: the CPU has AVX2 and FMA (`Level::Avx2`, from `cpu()`).
-            return unsafe { gelu_slice_avx2(v) };
-        }
-    }
-    gelu_slice_plain(v)
-}
-
-#[inline(always)]
-fn gelu_slice_plain(v: &mut [f32]) {
-    for x in v {
-        *x = gelu(*x);
-    }
-}
-
-/// The plain loop compiled for AVX-512 (no fused multiply-adds: Rust never contracts, so the results are
-/// the scalar ones).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
-fn gelu_slice_avx512(v: &mut [f32]) {
-    gelu_slice_plain(v)
-}
-
-/// The plain loop compiled for AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn gelu_slice_avx2(v: &mut [f32]) {
-    gelu_slice_plain(v)
-}
-
-/// The error function in f32 (Abramowitz & Stegun 7.1.26, absolute error below 1.5e-7, plus f32 rounding),
-/// branch-free so that loops over it vectorise.
-#[inline(always)]
-pub fn erf(x: f32) -> f32 {
-    (1.0 - erfc_pos(x.abs())).copysign(x)
-}
-
-/// `erfc(z)` for `z >= 0` (A & S 7.1.26: `t (a1 + t (a2 + ...)) e^-z²`, `t = 1 / (1 + p z)`).
-#[inline(always)]
-fn erfc_pos(z: f32) -> f32 {
-    let t = 1.0 / (1.0 + 0.327_591_1 * z);
-    let poly = t
-        * (0.254_829_6
-            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
-    poly * exp_neg(z * z)
-}
-
-/// `e^-w` for `w >= 0` to f32 accuracy, 0 past `w = 87` (where [`erf`] has long saturated):
-/// `2^n e^r`, `n` the integer nearest `-w / ln 2`, `|r| <= ln 2 / 2`, and a degree-7 polynomial for `e^r`.
-#[inline(always)]
-fn exp_neg(w: f32) -> f32 {
-    // 1.5 × 2^23: adding it rounds to an integer, which then sits in the low mantissa bits.
-    const ROUND: f32 = 12_582_912.0;
-    let y = -w.min(87.0);
-    let t = y * std::f32::consts::LOG2_E + ROUND;
-    let n = t - ROUND;
-    // ln 2 in two parts (Cody and Waite), so that n ln 2 is subtracted almost exactly.
-    let r = (y - n * 0.693_359_4) - n * -2.121_944_4e-4;
-    let p = ((((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 0.166_666_65)
-        * r
-        + 0.5)
-        * r
-        + 1.0)
-        * r
-        + 1.0;
-    let e = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
-    let scale = f32::from_bits(((e + 127) as u32) << 23);
-    // Below e^-87 the answer is 0 for every use here (erfc(9.3) < 1e-38).
-    p * if w > 87.0 { 0.0 } else { scale }
-}
-
 /// What follows the product: bias, residual and activation, for an output of `n` columns.
 #[derive(Clone, Copy)]
 pub(crate) struct Epilogue<'a> {
@@ -242,7 +152,7 @@ impl Epilogue<'_> {
             }
         }
         if self.gelu {
-            gelu_slice(row);
+            crate::math::gelu_in_place(row);
         }
     }
 }

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use latte::core::beir::{self, Kind};
-use latte_index::{AddReport, Doc, DocumentSource, IndexConfig, PlaidIndex, VecSource};
+use latte_index::{
+    AddReport, Doc, DocumentSource, IndexConfig, PlaidIndex, SpoolWriter, VecSource,
+};
 
 use super::encoder::{self, Encoded, IndexModel};
 use super::index_io::{doc_from_fields, embeddings_source, read_ids, read_metadata};
@@ -23,9 +25,11 @@ pub struct IndexArgs {
     #[command(flatten)]
     pub model: IndexModelArgs,
     /// Corpus JSONL (`{"_id" (or "id"), "title"?, "text"}` per line) or `.txt` (one document per line, ids 0,
-    /// 1, …), encoded with `--model`. The file is checked whole first, then read, encoded and added in chunks of
-    /// `--chunk-docs` documents, so memory does not grow with the corpus.
-    /// Each chunk is committed as it is added: a failure part-way leaves the chunks before it in the index.
+    /// 1, …), encoded with `--model`. The file is checked whole first, then read and encoded in chunks of
+    /// `--chunk-docs` documents, so the embeddings in memory do not grow with the corpus. A new index is
+    /// built from the encoded chunks spooled to a temporary file in the index folder (the k-means sample is
+    /// drawn from the whole corpus); on an existing index each chunk is added and committed in turn, so a
+    /// failure part-way leaves the chunks before it in the index.
     /// The index stores each document's `title` and `text` (unless `--no-store-text`) and every other field
     /// of its line except the id as metadata (for `latte search --filter`, `latte get`).
     #[arg(long, conflicts_with = "embeddings", requires = "model")]
@@ -67,8 +71,7 @@ pub struct IndexArgs {
     /// Encoding batch size.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
-    /// Documents read, encoded and added at a time with `--corpus` (the first chunk of a new index is larger
-    /// when the k-means training sample needs it).
+    /// Documents read and encoded (and, on an existing index, added) at a time with `--corpus`.
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..))]
     pub chunk_docs: u64,
 }
@@ -133,14 +136,26 @@ pub fn run(args: IndexArgs) -> Result<()> {
         (Some(npz), None) => {
             drop(current);
             let ids = read_ids(args.ids.as_ref().expect("clap requires --ids"))?;
-            let source = encoder::pool_documents(embeddings_source(npz, ids)?, pool_factor)?;
+            let source = embeddings_source(npz, ids)?;
             let options = args.model.model.as_ref().map(|_| args.model.given());
             let cfg = config(&args, args.model.model.clone(), options, pool_factor);
             let docs = match &args.metadata {
                 Some(path) => read_metadata(path, source.as_ref(), !args.no_store_text)?,
                 None => Vec::new(),
             };
-            add_or_create(&args, exists, source.as_ref(), &docs, cfg)?
+            in_index_folder(&args.index, || {
+                if pool_factor > 1 {
+                    // Pooled once, into a temporary file in the index folder rather than memory.
+                    let pooled =
+                        latte_index::pool::pool_to_spool(source.as_ref(), pool_factor, &args.index)
+                            .with_context(|| {
+                                format!("pooling the documents (--pool-factor {pool_factor})")
+                            })?;
+                    add_or_create(&args, exists, &pooled, &docs, cfg)
+                } else {
+                    add_or_create(&args, exists, source.as_ref(), &docs, cfg)
+                }
+            })?
         }
         (None, Some(corpus)) => {
             let name = args.model.model.clone().expect("clap requires --model");
@@ -208,35 +223,20 @@ fn add_or_create(
     }
 }
 
-/// How many documents the index build samples for k-means out of `n` (the rule of `PlaidIndex::create`).
-fn training_sample(n: usize) -> usize {
-    ((1.0 + 16.0 * (120.0 * n as f64).sqrt()) as usize).min(n)
-}
-
-/// Token vectors a document of `rows` tokens keeps after pooling by `pool_factor` (the first token is
-/// protected), as `latte_index::pool` counts them.
-fn pooled_rows(rows: usize, pool_factor: usize) -> usize {
-    let p = rows.min(1);
-    let n = rows - p;
-    let k = (n / pool_factor.max(1)).max(1);
-    if k >= n {
-        rows
-    } else {
-        p + k
-    }
-}
+/// One chunk of `--corpus`: its store rows, and its embeddings encoded and pooled.
+type Chunk = (Vec<Doc>, Box<dyn DocumentSource>);
 
 /// Streams `corpus` into the index: the file is first read through once to check every line (ids, JSON,
 /// duplicates) and count the documents, so bad input fails before anything is encoded. Then documents are
-/// read, encoded and added in chunks of `--chunk-docs`, so only one chunk's texts and embeddings are in
-/// memory at a time.
+/// read, encoded and pooled in chunks of `--chunk-docs`, so only one chunk's embeddings are in memory at a
+/// time.
 ///
-/// The first chunk of a new index creates it, and is what k-means trains on: it holds at least as many
-/// documents as the build samples from the whole corpus today (`1 + 16·√(120·n)`, capped at `n`), and when
-/// the corpus spans more chunks, the default number of centroids is set from the whole corpus (the first
-/// chunk's average tokens per document × the number of documents), as a build over the whole corpus would
-/// choose it. A corpus that fits in the first chunk is indexed exactly as by a single build. Later chunks
-/// are added with `PlaidIndex::add`.
+/// An existing index gets each chunk added and committed by one writer. A new index needs its centroids
+/// before any document can be stored, and they are trained on a sample drawn from the whole corpus: the
+/// encoded chunks are spooled to a temporary file in the index folder (removed when done; 4 bytes per value)
+/// and the index is built from it in one streaming pass, exactly as a build over the whole corpus in memory
+/// would be. The documents' store rows (text, metadata) are kept until then. Peak memory is one chunk, the
+/// bounded k-means training set and the rows, whatever the number of embeddings.
 fn index_corpus(
     args: &IndexArgs,
     exists: bool,
@@ -250,31 +250,15 @@ fn index_corpus(
         n += 1;
     }
     let chunk = usize::try_from(args.chunk_docs).unwrap_or(usize::MAX);
-    let first = if exists {
-        chunk
-    } else {
-        chunk.max(training_sample(n))
-    };
     eprintln!("encoding {n} documents with {}", model.name);
     let mut records = beir::open(corpus, Kind::Documents)?.keep_fields();
-    let mut total = AddReport {
-        documents: 0,
-        tokens: 0,
-        trained: false,
-        num_centroids: 0,
-        outlier_fraction: 0.0,
-        replaced: Vec::new(),
-    };
-    let mut outliers = 0.0f64;
-    let mut created = exists;
-    let mut chunks = 0usize;
-    loop {
-        let want = if created { chunk } else { first };
-        let batch: Vec<beir::Record> = records.by_ref().take(want).collect::<Result<_, _>>()?;
+    let store_text = !args.no_store_text;
+    // One chunk at a time: its store rows, and its embeddings encoded and pooled.
+    let mut next_chunk = || -> Result<Option<Chunk>> {
+        let batch: Vec<beir::Record> = records.by_ref().take(chunk).collect::<Result<_, _>>()?;
         if batch.is_empty() {
-            break;
+            return Ok(None);
         }
-        let store_text = !args.no_store_text;
         let docs: Vec<Doc> = batch
             .iter()
             .map(|r| match &r.fields {
@@ -288,54 +272,94 @@ fn index_corpus(
             batch.into_iter().map(|r| (r.id, r.text)).unzip();
         let encoded = model.encode(&texts, false, args.batch_size)?;
         drop(texts);
-        let raw = to_source(ids, encoded)?;
-        let in_chunk = raw.len();
         // Pooled here, once per document (the index is given pool_factor 1).
-        let source = encoder::pool_documents(Box::new(raw), pool_factor)?;
-        let report = if created {
-            add_or_create(args, true, source.as_ref(), &docs, IndexConfig::default())?
-        } else {
-            let mut cfg = config(
-                args,
-                Some(model.name.clone()),
-                Some(model.options.clone()),
-                pool_factor,
-            );
-            if cfg.num_centroids.is_none() && in_chunk < n {
-                cfg.num_centroids = Some(default_centroids(source.as_ref(), n, 1)?);
-            }
-            created = true;
-            add_or_create(args, false, source.as_ref(), &docs, cfg)?
+        let source = encoder::pool_documents(Box::new(to_source(ids, encoded)?), pool_factor)?;
+        Ok(Some((docs, source)))
+    };
+    let several = n > chunk;
+    let mut done = 0usize;
+    let mut chunks = 0usize;
+    if exists {
+        let mut writer = PlaidIndex::writer(&args.index)
+            .with_context(|| format!("adding to the index at {}", args.index.display()))?;
+        let mut total = AddReport {
+            documents: 0,
+            tokens: 0,
+            trained: false,
+            num_centroids: 0,
+            outlier_fraction: 0.0,
+            replaced: Vec::new(),
         };
-        chunks += 1;
-        if chunks > 1 || total.documents + report.documents < n {
-            eprintln!(
-                "chunk {chunks}: {} documents ({} of {n})",
-                report.documents,
-                total.documents + report.documents
-            );
+        let mut outliers = 0.0f64;
+        while let Some((docs, source)) = next_chunk()? {
+            let report = writer
+                .add_documents(source.as_ref(), &docs)
+                .and_then(|r| writer.commit().map(|()| r))
+                .with_context(|| format!("adding to the index at {}", args.index.display()))?;
+            chunks += 1;
+            done += report.documents;
+            if several {
+                eprintln!(
+                    "chunk {chunks}: {} documents ({done} of {n})",
+                    report.documents
+                );
+            }
+            total.documents += report.documents;
+            total.tokens += report.tokens;
+            total.num_centroids = report.num_centroids;
+            total.replaced.extend(report.replaced);
+            outliers += report.outlier_fraction * report.tokens as f64;
         }
-        total.documents += report.documents;
-        total.tokens += report.tokens;
-        total.trained |= report.trained;
-        total.num_centroids = report.num_centroids;
-        total.replaced.extend(report.replaced);
-        outliers += report.outlier_fraction * report.tokens as f64;
+        total.outlier_fraction = outliers / total.tokens.max(1) as f64;
+        return Ok(total);
     }
-    total.outlier_fraction = outliers / total.tokens.max(1) as f64;
-    Ok(total)
+    in_index_folder(&args.index, || {
+        let mut spool: Option<SpoolWriter> = None;
+        let mut rows: Vec<Doc> = Vec::new();
+        while let Some((docs, source)) = next_chunk()? {
+            let w = match spool.as_mut() {
+                Some(w) => w,
+                None => spool.insert(SpoolWriter::new_in(&args.index, source.dim()).with_context(
+                    || format!("spooling the embeddings in {}", args.index.display()),
+                )?),
+            };
+            w.push_all(source.as_ref())
+                .with_context(|| format!("spooling the embeddings in {}", args.index.display()))?;
+            rows.extend(docs);
+            chunks += 1;
+            done += source.len();
+            if several {
+                eprintln!(
+                    "chunk {chunks}: {} documents encoded ({done} of {n})",
+                    source.len()
+                );
+            }
+        }
+        let spooled = match spool {
+            Some(w) => w.finish()?,
+            None => bail!("{}: no documents to index", corpus.display()),
+        };
+        let cfg = config(
+            args,
+            Some(model.name.clone()),
+            Some(model.options.clone()),
+            pool_factor,
+        );
+        add_or_create(args, false, &spooled, &rows, cfg)
+    })
 }
 
-/// The number of centroids a build over all `n` documents would choose by default, estimated from the
-/// first chunk: `2^floor(log2(16·√tokens))` with tokens = average (pooled) tokens per document × `n`.
-fn default_centroids(first: &dyn DocumentSource, n: usize, pool_factor: usize) -> Result<usize> {
-    let dim = first.dim();
-    let mut tokens = 0usize;
-    for i in 0..first.len() {
-        tokens += pooled_rows(first.embeddings(i)?.len() / dim, pool_factor);
+/// Runs `f` with the index folder created; when `f` fails and the folder was created for it and is still
+/// empty, it is removed again (a folder holding anything is left as it is).
+fn in_index_folder<T>(dir: &std::path::Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let created = !dir.exists();
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating the index folder {}", dir.display()))?;
+    let result = f();
+    if result.is_err() && created {
+        let _ = std::fs::remove_dir(dir);
     }
-    let est = tokens as f64 / first.len().max(1) as f64 * n as f64;
-    Ok(1usize << ((16.0 * est.sqrt()).log2().floor().max(0.0) as u32))
+    result
 }
 
 /// What the index records in `model_options`: the model's options, and the pooling applied here.
@@ -369,34 +393,4 @@ fn to_source(ids: Vec<String>, encoded: Vec<Encoded>) -> Result<VecSource> {
         src.push(id, e.data)?;
     }
     Ok(src)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn training_sample_and_pooling_follow_the_index_rules() {
-        assert_eq!(training_sample(10), 10);
-        assert_eq!(training_sample(1_000_000), 175_272);
-        assert_eq!(pooled_rows(0, 2), 0);
-        assert_eq!(pooled_rows(1, 2), 1);
-        assert_eq!(pooled_rows(3, 2), 2);
-        assert_eq!(pooled_rows(11, 2), 6);
-        assert_eq!(pooled_rows(11, 1), 11);
-    }
-
-    #[test]
-    fn default_centroids_are_estimated_for_the_whole_corpus() {
-        let mut first = VecSource::new(8);
-        for i in 0..4 {
-            first.push(format!("d{i}"), vec![0.5; 10 * 8]).unwrap();
-        }
-        // 10 tokens × 100 documents: 2^floor(log2(16·√1000)) = 256.
-        assert_eq!(default_centroids(&first, 100, 1).unwrap(), 256);
-        // The first chunk alone would give 2^floor(log2(16·√40)) = 64.
-        assert_eq!(default_centroids(&first, 4, 1).unwrap(), 64);
-        // Pooling by 2 keeps 1 + 4 = 5 tokens of 10: 2^floor(log2(16·√500)) = 256.
-        assert_eq!(default_centroids(&first, 100, 2).unwrap(), 256);
-    }
 }
