@@ -554,7 +554,10 @@ class ShardedIndex:
     restart) and ``actor_options`` (default ``{"num_cpus": 1}``, spread over the nodes). ``timeout`` is how
     long a search waits for every shard, restarts included, before :class:`ShardUnavailableError`;
     ``allow_partial=True`` makes searches return the shards that answered instead (see the module doc).
-    ``n_ivf_probe`` and ``n_full_scores`` are the per-shard search settings of :class:`latte.indexes.PLAID`.
+    ``n_ivf_probe`` and ``n_full_scores`` are the per-shard search settings of :class:`latte.indexes.PLAID`;
+    shards probe 12 inverted lists per query token by default (one index probes 8): each shard trains its own
+    centroids on fewer tokens, and the deeper probe brings the shards' recall of the exact top 10 back to (or
+    above) one index's (BENCHMARKS.md, "Scale-out on Ray").
     Ids come back as ``str``. Use it as a context manager, or call :meth:`close`, to stop the actors.
     """
 
@@ -565,7 +568,7 @@ class ShardedIndex:
         timeout: float = 120.0,
         max_restarts: int = -1,
         actor_options: Optional[Dict[str, Any]] = None,
-        n_ivf_probe: int = 8,
+        n_ivf_probe: int = 12,
         n_full_scores: int = 8192,
     ) -> None:
         if not ray.is_initialized():
