@@ -1,7 +1,7 @@
 """PyLate PLAID (fast-plaid backend, defaults) on the same embeddings as `bench` (run by hand, never in CI).
 
-    /work/venv/bin/python scripts/bench_fastplaid.py /work/bench/rustbooks_docs.npz \
-        /work/bench/rustbooks_queries.npz /work/bench/truth500.txt /tmp/fp_index 200
+    $WORK/venv/bin/python scripts/bench_fastplaid.py $WORK/bench/rustbooks_docs.npz \
+        $WORK/bench/rustbooks_queries.npz $WORK/bench/truth500.txt /tmp/fp_index 200
 
 Prints build seconds, peak RSS, single-query p50/p95 and recall@10 against the exact top-10 in TRUTH (document ids
 are positions, as written by `bench truth`).

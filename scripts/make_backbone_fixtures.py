@@ -5,7 +5,7 @@ Gemma 3 (EmbeddingGemma) backbones of `latte-models`.
 Adds cases to ``crates/latte-models/tests/fixtures`` (the folder `make_fixtures.py` writes) without touching
 the other cases; run it after `make_fixtures.py`::
 
-    HF_HUB_OFFLINE=1 /work/venv/bin/python scripts/make_backbone_fixtures.py \
+    HF_HUB_OFFLINE=1 $WORK/venv/bin/python scripts/make_backbone_fixtures.py \
         --jina-remote-code /path/to/xlm-roberta-flash-implementation [--only jina_flash]
 
 ``--jina-remote-code`` names a folder holding the REAL remote code of ``jinaai/xlm-roberta-flash-implementation``

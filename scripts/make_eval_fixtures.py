@@ -3,7 +3,7 @@
 
 Run by hand, never in CI:
 
-    /work/venv/bin/python scripts/make_eval_fixtures.py            # ranx expectations
+    $WORK/venv/bin/python scripts/make_eval_fixtures.py            # ranx expectations
     <python with pytrec_eval> scripts/make_eval_fixtures.py --trec-eval   # trec_eval ties
 
 Outputs under crates/latte-eval/tests/fixtures/:

@@ -1,6 +1,6 @@
 """Writes PyLate reference outputs for latte-index's tests (run by hand, never in CI):
 
-    /work/venv/bin/python scripts/make_index_fixtures.py crates/latte-index/tests/fixtures
+    $WORK/venv/bin/python scripts/make_index_fixtures.py crates/latte-index/tests/fixtures
 
 pylate==1.6.0. Inputs are small random arrays (seeded); outputs are PyLate's colbert_scores (with and without
 masks), colbert_scores_pairwise, colbert_kd_scores, rank.rerank and pool_embeddings_hierarchical.

@@ -24,7 +24,7 @@ Output (deleted and recreated): crates/latte-train/tests/fixtures/
 Parameter names: `0.<backbone weight name>` for the transformer, `<i>.<name>` for the i-th module after it.
 
 Run by hand from the repository root (never in CI; about a minute on CPU):
-    HF_HUB_OFFLINE=1 /work/venv/bin/python scripts/make_train_fixtures.py
+    HF_HUB_OFFLINE=1 $WORK/venv/bin/python scripts/make_train_fixtures.py
 Pinned: pylate==1.6.0, sentence-transformers==5.3.0, transformers==5.3.0, torch==2.11 (CPU).
 """
 

@@ -5,8 +5,8 @@ Trains `--model` on a triplet JSONL (`query`, `positive`, `negative...`, as `lat
 PyLate's Contrastive loss and the same hyper-parameters `latte train` takes, then saves the model and
 prints a JSON line with the training time and examples/s (model loading and saving excluded):
 
-    HF_HUB_OFFLINE=1 venv/bin/python scripts/pylate_train.py --model /work/minilm-colbert \
-        --train /work/rb-split/train_triplets.jsonl --output /work/ft-pylate \
+    HF_HUB_OFFLINE=1 venv/bin/python scripts/pylate_train.py --model $WORK/minilm-colbert \
+        --train $WORK/rb-split/train_triplets.jsonl --output $WORK/ft-pylate \
         --batch-size 16 --lr 3e-5 --epochs 1 --warmup-ratio 0.1 --weight-decay 0.01 [--no-dropout]
 """
 

@@ -2,7 +2,7 @@
 """Split a BEIR folder's queries into a training and a held-out split (deterministic, by a hash of the
 query id), for the fine-tuning benchmark:
 
-    python3 scripts/split_beir.py ../shared/data/rustbooks /work/rb-split --from test --train-share 0.65
+    python3 scripts/split_beir.py ../shared/data/rustbooks $WORK/rb-split --from test --train-share 0.65
 
 writes OUT/corpus.jsonl and OUT/queries.jsonl (symlinks to the source) and OUT/qrels/train.tsv,
 OUT/qrels/test.tsv: a query lands in train when sha256(id) mod 1000 < 1000 · share. No third-party

@@ -47,6 +47,9 @@ impl Kind {
     }
 }
 
+/// The JSON object of one line.
+type Fields = serde_json::Map<String, Value>;
+
 /// One document or query.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
@@ -56,6 +59,9 @@ pub struct Record {
     pub text: String,
     /// The 1-based line it came from.
     pub line: usize,
+    /// The whole JSON object of the line, when the reader was asked to keep it ([`Reader::keep_fields`];
+    /// JSONL only): the title, text and any other fields (metadata) as they stand.
+    pub fields: Option<Fields>,
 }
 
 /// Python's `str.strip()` with no argument: Unicode whitespace plus the ASCII separators U+001C–U+001F.
@@ -81,6 +87,7 @@ pub struct Reader {
     count: usize,
     seen: HashMap<String, usize>,
     done: bool,
+    keep_fields: bool,
 }
 
 /// Opens `path` for streaming (see the module documentation for the format).
@@ -98,6 +105,7 @@ pub fn open(path: impl AsRef<Path>, kind: Kind) -> Result<Reader> {
         count: 0,
         seen: HashMap::new(),
         done: false,
+        keep_fields: false,
     })
 }
 
@@ -123,6 +131,12 @@ impl Reader {
         &self.path
     }
 
+    /// Keeps each JSONL line's whole object in [`Record::fields`] (for storing titles, texts and metadata).
+    pub fn keep_fields(mut self) -> Reader {
+        self.keep_fields = true;
+        self
+    }
+
     /// Records yielded so far.
     pub fn yielded(&self) -> usize {
         self.count
@@ -136,7 +150,7 @@ impl Reader {
         }
     }
 
-    fn parse(&self, line: &str) -> Result<(String, String)> {
+    fn parse(&self, line: &str) -> Result<(String, String, Option<Fields>)> {
         let v: Value = serde_json::from_str(line)
             .map_err(|e| self.input(format!("invalid JSON record: {e}")))?;
         let Value::Object(obj) = v else {
@@ -179,7 +193,7 @@ impl Reader {
                 py_strip(&format!("{title} {text}")).to_string()
             }
         };
-        Ok((id, text))
+        Ok((id, text, self.keep_fields.then_some(obj)))
     }
 
     fn next_record(&mut self) -> Option<Result<Record>> {
@@ -207,12 +221,13 @@ impl Reader {
                     id,
                     text: line,
                     line: self.line,
+                    fields: None,
                 }));
             }
             if line.trim().is_empty() {
                 continue;
             }
-            let (id, text) = match self.parse(&line) {
+            let (id, text, fields) = match self.parse(&line) {
                 Ok(r) => r,
                 Err(e) => return Some(Err(e)),
             };
@@ -230,6 +245,7 @@ impl Reader {
                 id,
                 text,
                 line: self.line,
+                fields,
             }));
         }
     }
@@ -279,15 +295,28 @@ mod tests {
                 Record {
                     id: "a".into(),
                     text: "T body".into(),
-                    line: 1
+                    line: 1,
+                    fields: None,
                 },
                 Record {
                     id: "7".into(),
                     text: "x".into(),
-                    line: 3
+                    line: 3,
+                    fields: None,
                 }
             ]
         );
+        // Asked for, the fields of each line are kept as they stand.
+        let kept: Vec<Record> = open(&p, Kind::Documents)
+            .unwrap()
+            .keep_fields()
+            .collect::<Result<_>>()
+            .unwrap();
+        assert_eq!(
+            kept[0].fields.as_ref().unwrap()["title"],
+            Value::String("T".into())
+        );
+        assert_eq!(kept[1].fields.as_ref().unwrap()["_id"], Value::from(7));
         // Queries keep their text as it stands and ignore titles.
         let q = read_all(&p, Kind::Queries).unwrap();
         assert_eq!(q[0].text, "body");

@@ -45,7 +45,7 @@ mod synth;
 pub use error::{Error, Result};
 pub use exact::ExactIndex;
 pub use hybrid::{search_bm25, Fusion, HYBRID_DEPTH};
-pub use latte_store::{Doc, DocStore, Filter, FilterError, StoreError};
+pub use latte_store::{Doc, DocStore, Filter, FilterError, StoreError, RRF_K};
 pub use npz_source::NpzSource;
 pub use plaid::{
     AddReport, DeleteReport, DocumentSource, IndexConfig, IndexInfo, IndexWriter, PlaidIndex,

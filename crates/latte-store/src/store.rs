@@ -427,6 +427,21 @@ impl DocStore {
         })
     }
 
+    /// Number of documents with a title or a text (what BM25 can find).
+    pub fn count_with_text(&self) -> Result<u64, StoreError> {
+        let path = &self.path;
+        self.read(|conn| {
+            let n: i64 = conn
+                .query_row(
+                    "SELECT count(*) FROM documents WHERE coalesce(title, '') <> '' OR coalesce(text, '') <> ''",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(sql_err(path))?;
+            Ok(n as u64)
+        })
+    }
+
     /// Starts a write transaction for `generation`: checks it is not older than the store's, and when it
     /// is newer, forgets the undo log of the previous generation (the caller has confirmed it by writing a
     /// newer one) and records the generation to roll back to.

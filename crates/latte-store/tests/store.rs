@@ -58,6 +58,7 @@ fn create_write_reopen_read() {
     assert_eq!(store.path(), path);
     assert_eq!(store.generation().unwrap(), 1);
     assert_eq!(store.count().unwrap(), 3);
+    assert_eq!(store.count_with_text().unwrap(), 2);
     let got = store.get(&["d3", "nope", "d1", "d2"]).unwrap();
     assert_eq!(
         got,

@@ -34,6 +34,10 @@ enum Command {
     Search(commands::search::SearchArgs),
     /// Delete documents by id.
     Delete(commands::delete::DeleteArgs),
+    /// Print stored documents (text and metadata) by id, as JSONL.
+    Get(commands::get::GetArgs),
+    /// Show what an index holds: model, dimension, counts, bytes on disk, format version.
+    Info(commands::info::InfoArgs),
     /// Fine-tune a model with PyLate's losses (contrastive, cached-contrastive, distillation).
     Train(Box<commands::train::TrainArgs>),
     /// Mine hard negatives from a BEIR folder into training triplets (JSONL).
@@ -65,6 +69,8 @@ fn main() -> ExitCode {
         Command::Index(args) => commands::index::run(args),
         Command::Search(args) => commands::search::run(args),
         Command::Delete(args) => commands::delete::run(args),
+        Command::Get(args) => commands::get::run(args),
+        Command::Info(args) => commands::info::run(args),
         Command::Train(args) => commands::train::run(*args),
         Command::Mine(args) => commands::mine::run(args),
     };

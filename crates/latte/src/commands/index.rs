@@ -5,16 +5,17 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use latte::core::beir::{self, Kind};
-use latte_index::{AddReport, DocumentSource, IndexConfig, PlaidIndex, VecSource};
+use latte_index::{AddReport, Doc, DocumentSource, IndexConfig, PlaidIndex, VecSource};
 
 use super::encoder::{self, Encoded, IndexModel};
-use super::index_io::{embeddings_source, read_ids};
+use super::index_io::{doc_from_fields, embeddings_source, read_ids, read_metadata};
 use super::model_args::{IndexModelArgs, ModelOptions};
 
 /// Index a corpus (encoding it with a model) or precomputed embeddings. On an existing index, adds documents.
 #[derive(Args, Debug)]
 pub struct IndexArgs {
-    /// Index directory (created if missing; an existing index gets the documents added).
+    /// Index directory (created if missing; an existing index gets the documents added, and a document whose
+    /// id the index already holds is replaced: its vectors, text and metadata).
     #[arg(long)]
     pub index: PathBuf,
     /// The model that encodes `--corpus` (remembered by the index with the options that change embeddings)
@@ -25,8 +26,19 @@ pub struct IndexArgs {
     /// 1, …), encoded with `--model`. The file is checked whole first, then read, encoded and added in chunks of
     /// `--chunk-docs` documents, so memory does not grow with the corpus.
     /// Each chunk is committed as it is added: a failure part-way leaves the chunks before it in the index.
+    /// The index stores each document's `title` and `text` (unless `--no-store-text`) and every other field
+    /// of its line except the id as metadata (for `latte search --filter`, `latte get`).
     #[arg(long, conflicts_with = "embeddings", requires = "model")]
     pub corpus: Option<PathBuf>,
+    /// Metadata of `--embeddings` documents: JSONL, one `{"_id": ..., ...}` per line. `title` and `text`
+    /// are stored as the document's title and text (unless `--no-store-text`), every other field but the
+    /// id as metadata. Each id must be one of `--ids`; documents without a line are stored with their id.
+    #[arg(long, requires = "embeddings")]
+    pub metadata: Option<PathBuf>,
+    /// Do not store titles and texts (other fields are still stored as metadata); BM25 and hybrid search
+    /// then have nothing to search.
+    #[arg(long)]
+    pub no_store_text: bool,
     /// Precomputed document embeddings (`.npz` as written by `latte encode`: one array per document).
     #[arg(long, requires = "ids")]
     pub embeddings: Option<PathBuf>,
@@ -124,7 +136,11 @@ pub fn run(args: IndexArgs) -> Result<()> {
             let source = encoder::pool_documents(embeddings_source(npz, ids)?, pool_factor)?;
             let options = args.model.model.as_ref().map(|_| args.model.given());
             let cfg = config(&args, args.model.model.clone(), options, pool_factor);
-            add_or_create(&args, exists, source.as_ref(), cfg)?
+            let docs = match &args.metadata {
+                Some(path) => read_metadata(path, source.as_ref(), !args.no_store_text)?,
+                None => Vec::new(),
+            };
+            add_or_create(&args, exists, source.as_ref(), &docs, cfg)?
         }
         (None, Some(corpus)) => {
             let name = args.model.model.clone().expect("clap requires --model");
@@ -142,6 +158,23 @@ pub fn run(args: IndexArgs) -> Result<()> {
         report.num_centroids,
         started.elapsed().as_secs_f64()
     );
+    if !report.replaced.is_empty() {
+        let shown: Vec<String> = report
+            .replaced
+            .iter()
+            .take(10)
+            .map(|id| latte::core::short_id(id))
+            .collect();
+        let more = match report.replaced.len() {
+            n if n > 10 => format!(" and {} more", n - 10),
+            _ => String::new(),
+        };
+        eprintln!(
+            "replaced {} documents the index already held (their vectors, text and metadata): {}{more}",
+            report.replaced.len(),
+            shown.join(", ")
+        );
+    }
     if exists && report.outlier_fraction > 0.5 {
         eprintln!(
             "warning: {:.0}% of the new tokens are far from every centroid (25% is typical): the corpus has drifted \
@@ -152,18 +185,25 @@ pub fn run(args: IndexArgs) -> Result<()> {
     Ok(())
 }
 
-/// Adds `source` to the index at `--index`, or creates the index from it.
+/// Adds `source` (with the text and metadata of `docs`) to the index at `--index` and commits, or creates
+/// the index from it.
 fn add_or_create(
     args: &IndexArgs,
     exists: bool,
     source: &dyn DocumentSource,
+    docs: &[Doc],
     config: IndexConfig,
 ) -> Result<AddReport> {
     if exists {
-        PlaidIndex::add(&args.index, source)
-            .with_context(|| format!("adding to the index at {}", args.index.display()))
+        (|| {
+            let mut w = PlaidIndex::writer(&args.index)?;
+            let report = w.add_documents(source, docs)?;
+            w.commit()?;
+            Ok::<_, latte_index::Error>(report)
+        })()
+        .with_context(|| format!("adding to the index at {}", args.index.display()))
     } else {
-        PlaidIndex::create(&args.index, source, &config)
+        PlaidIndex::create_with_documents(&args.index, source, docs, &config)
             .with_context(|| format!("building the index at {}", args.index.display()))
     }
 }
@@ -216,7 +256,7 @@ fn index_corpus(
         chunk.max(training_sample(n))
     };
     eprintln!("encoding {n} documents with {}", model.name);
-    let mut records = beir::open(corpus, Kind::Documents)?;
+    let mut records = beir::open(corpus, Kind::Documents)?.keep_fields();
     let mut total = AddReport {
         documents: 0,
         tokens: 0,
@@ -234,6 +274,16 @@ fn index_corpus(
         if batch.is_empty() {
             break;
         }
+        let store_text = !args.no_store_text;
+        let docs: Vec<Doc> = batch
+            .iter()
+            .map(|r| match &r.fields {
+                Some(fields) => doc_from_fields(&r.id, fields.clone(), store_text)
+                    .with_context(|| format!("{}: line {}", corpus.display(), r.line)),
+                None if store_text => Ok(Doc::new(r.id.clone()).with_text(r.text.clone())),
+                None => Ok(Doc::new(r.id.clone())),
+            })
+            .collect::<Result<_>>()?;
         let (ids, texts): (Vec<String>, Vec<String>) =
             batch.into_iter().map(|r| (r.id, r.text)).unzip();
         let encoded = model.encode(&texts, false, args.batch_size)?;
@@ -243,8 +293,7 @@ fn index_corpus(
         // Pooled here, once per document (the index is given pool_factor 1).
         let source = encoder::pool_documents(Box::new(raw), pool_factor)?;
         let report = if created {
-            PlaidIndex::add(&args.index, source.as_ref())
-                .with_context(|| format!("adding to the index at {}", args.index.display()))?
+            add_or_create(args, true, source.as_ref(), &docs, IndexConfig::default())?
         } else {
             let mut cfg = config(
                 args,
@@ -256,8 +305,7 @@ fn index_corpus(
                 cfg.num_centroids = Some(default_centroids(source.as_ref(), n, 1)?);
             }
             created = true;
-            PlaidIndex::create(&args.index, source.as_ref(), &cfg)
-                .with_context(|| format!("building the index at {}", args.index.display()))?
+            add_or_create(args, false, source.as_ref(), &docs, cfg)?
         };
         chunks += 1;
         if chunks > 1 || total.documents + report.documents < n {

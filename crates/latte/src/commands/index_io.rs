@@ -3,7 +3,8 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use latte_index::{DocumentSource, NpzSource, VecSource};
+use latte_index::{Doc, DocumentSource, NpzSource, VecSource};
+use serde_json::{Map, Value};
 
 /// Reads ids, one per line (a trailing `\r` is dropped). Empty lines are an error, except at the very end.
 pub fn read_ids(path: &Path) -> Result<Vec<String>> {
@@ -89,4 +90,99 @@ fn crate_npz_read(path: &Path) -> Result<Vec<latte::npz::Matrix>> {
         .into_iter()
         .map(|(_, m)| m)
         .collect())
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The stored document of one JSONL line (`fields`, its whole object): `title` and `text` as the title and
+/// text (dropped when `store_text` is false; empty ones are not stored), every other field except the id
+/// (`_id`, or `id` when there is no `_id`) as metadata.
+pub fn doc_from_fields(id: &str, mut fields: Map<String, Value>, store_text: bool) -> Result<Doc> {
+    if fields.remove("_id").is_none() {
+        fields.remove("id");
+    }
+    let mut take = |key: &str| -> Result<Option<String>> {
+        match fields.remove(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if s.is_empty() => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => bail!("\"{key}\" must be a string, got {}", type_name(&other)),
+        }
+    };
+    let title = take("title")?;
+    let text = take("text")?;
+    let mut doc = Doc::new(id);
+    if store_text {
+        doc.title = title;
+        doc.text = text;
+    }
+    if !fields.is_empty() {
+        doc.metadata = Some(fields);
+    }
+    Ok(doc)
+}
+
+/// Reads `--metadata`: JSONL, one `{"_id": ..., ...}` per line (blank lines skipped), every id one of
+/// `source`'s and at most once. Errors name the file and line.
+pub fn read_metadata(
+    path: &Path,
+    source: &dyn DocumentSource,
+    store_text: bool,
+) -> Result<Vec<Doc>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read metadata from {}", path.display()))?;
+    let known: std::collections::HashSet<String> =
+        (0..source.len()).map(|i| source.id(i)).collect();
+    let mut seen = std::collections::HashMap::new();
+    let mut docs = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("{}: line {n}", path.display());
+        let value: Value =
+            serde_json::from_str(line).with_context(|| format!("{}: invalid JSON", at()))?;
+        let Value::Object(fields) = value else {
+            bail!(
+                "{}: expected a JSON object, got {}",
+                at(),
+                type_name(&value)
+            );
+        };
+        let id = match fields.get("_id").or_else(|| fields.get("id")) {
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(Value::Number(x)) => x.to_string(),
+            other => bail!(
+                "{}: expected an id: \"_id\" as a non-empty string or a number, got {}",
+                at(),
+                other.map_or("none", type_name)
+            ),
+        };
+        if !known.contains(&id) {
+            bail!(
+                "{}: id {} is not among the --ids of the embeddings",
+                at(),
+                latte::core::short_id(&id)
+            );
+        }
+        if let Some(first) = seen.insert(id.clone(), n) {
+            bail!(
+                "{}: duplicate id {} (first on line {first})",
+                at(),
+                latte::core::short_id(&id)
+            );
+        }
+        docs.push(doc_from_fields(&id, fields, store_text).with_context(at)?);
+    }
+    Ok(docs)
 }
