@@ -243,9 +243,12 @@ def _ids_and_embeddings(
     return ids, embs
 
 
-def _write_part(folder: str, ids: List[str], embs: List[np.ndarray]) -> str:
-    """Writes ``part-<digest>.npz`` (``arr_0 … arr_{n-1}``, float32) and ``part-<digest>.ids`` (one id a line)
-    atomically; the name is a digest of the ids, so the same rows give the same file. Returns the base name."""
+def _write_part(
+    folder: str, ids: List[str], embs: List[np.ndarray], metadata: Optional[List[Dict[str, Any]]] = None
+) -> str:
+    """Writes ``part-<digest>.npz`` (``arr_0 … arr_{n-1}``, float32), ``part-<digest>.ids`` (one id a line) and,
+    with ``metadata``, ``part-<digest>.jsonl`` (one ``{"_id", ...}`` object a line) atomically; the name is a
+    digest of the ids, so the same rows give the same files. Returns the base name."""
     os.makedirs(folder, exist_ok=True)
     digest = hashlib.blake2b("\n".join(ids).encode("utf-8"), digest_size=10).hexdigest()
     base = f"part-{digest}"
@@ -253,23 +256,57 @@ def _write_part(folder: str, ids: List[str], embs: List[np.ndarray]) -> str:
     np.savez(os.path.join(folder, tmp + ".npz"), *[np.ascontiguousarray(e, dtype=np.float32) for e in embs])
     with open(os.path.join(folder, tmp + ".ids"), "w", encoding="utf-8") as f:
         f.writelines(f"{i}\n" for i in ids)
-    os.replace(os.path.join(folder, tmp + ".ids"), os.path.join(folder, base + ".ids"))
-    os.replace(os.path.join(folder, tmp + ".npz"), os.path.join(folder, base + ".npz"))
+    suffixes = [".ids", ".npz"]
+    if metadata is not None:
+        with open(os.path.join(folder, tmp + ".jsonl"), "w", encoding="utf-8") as f:
+            for i, fields in zip(ids, metadata):
+                f.write(json.dumps({"_id": i, **fields}, ensure_ascii=False) + "\n")
+        suffixes.insert(0, ".jsonl")
+    for suffix in suffixes:
+        os.replace(os.path.join(folder, tmp + suffix), os.path.join(folder, base + suffix))
     return base
 
 
+def _json_value(value: Any, what: str) -> Any:
+    """A JSON-ready copy of one cell of a numpy batch (numpy scalars and arrays become Python values)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return [_json_value(v, what) for v in value.tolist()] if value.dtype == object else value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _json_value(v, what) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v, what) for v in value]
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    raise ValueError(f"{what}: a value of type {type(value).__name__} cannot be stored as JSON metadata")
+
+
 def _write_batch(
-    batch: Dict[str, Any], root: str, id_column: str, embeddings_column: str, num_shards: Optional[int]
+    batch: Dict[str, Any],
+    root: str,
+    id_column: str,
+    embeddings_column: str,
+    num_shards: Optional[int],
+    metadata_columns: Sequence[str] = (),
 ) -> Dict[str, Any]:
     """Writes one batch: one part file in ``root`` (``num_shards`` None) or one per shard it touches."""
     ids, embs = _ids_and_embeddings(batch, id_column, embeddings_column, "write")
+    metadata: Optional[List[Dict[str, Any]]] = None
+    if metadata_columns:
+        columns = {c: _column(batch, c, "write: metadata_columns") for c in metadata_columns}
+        metadata = [
+            {c: _json_value(values[row], f"write: column {c!r}") for c, values in columns.items()}
+            for row in range(len(ids))
+        ]
     groups: Dict[int, List[int]] = {}
     for row, i in enumerate(ids):
         groups.setdefault(-1 if num_shards is None else shard_of(i, num_shards), []).append(row)
     shards, parts, counts = [], [], []
     for shard, rows in sorted(groups.items()):
         folder = root if shard < 0 else os.path.join(root, _shard_name(shard))
-        parts.append(_write_part(folder, [ids[r] for r in rows], [embs[r] for r in rows]))
+        meta = None if metadata is None else [metadata[r] for r in rows]
+        parts.append(_write_part(folder, [ids[r] for r in rows], [embs[r] for r in rows], meta))
         shards.append(shard)
         counts.append(len(rows))
     return {"shard": np.array(shards, dtype=np.int64), "part": np.array(parts), "documents": np.array(counts)}
@@ -280,18 +317,27 @@ def write_embeddings(
     path: Union[str, "os.PathLike[str]"],
     id_column: str = "_id",
     embeddings_column: str = "embeddings",
+    metadata_columns: Sequence[str] = (),
 ) -> List[str]:
     """Writes an encoded dataset as part files in the folder ``path``, from the workers that hold its blocks.
 
     Each part is ``part-<digest>.npz`` (arrays ``arr_0 … arr_{n-1}``, float32 ``(tokens, dim)``, the layout
     ``latte encode`` writes and ``latte index --embeddings`` reads) and ``part-<digest>.ids`` (the ids, one a
-    line, same order). Returns the base names of the parts written, sorted. ``path`` must be visible to the
-    workers (a shared file system on a cluster).
+    line, same order). With ``metadata_columns`` (e.g. ``["title", "text", "lang"]``) a third file,
+    ``part-<digest>.jsonl``, holds one ``{"_id", column: value, ...}`` object per document: what
+    ``latte index --embeddings ... --metadata`` stores (``title`` and ``text`` as the document's text, the other
+    fields as metadata for ``latte search --filter``). Returns the base names of the parts written, sorted.
+    ``path`` must be visible to the workers (a shared file system on a cluster).
     """
     root = os.path.abspath(os.fspath(path))
     os.makedirs(root, exist_ok=True)
     write = functools.partial(
-        _write_batch, root=root, id_column=id_column, embeddings_column=embeddings_column, num_shards=None
+        _write_batch,
+        root=root,
+        id_column=id_column,
+        embeddings_column=embeddings_column,
+        num_shards=None,
+        metadata_columns=tuple(metadata_columns),
     )
     rows = dataset.map_batches(write, batch_format="numpy").take_all()
     return sorted(str(r["part"]) for r in rows)
@@ -554,7 +600,10 @@ class ShardedIndex:
     restart) and ``actor_options`` (default ``{"num_cpus": 1}``, spread over the nodes). ``timeout`` is how
     long a search waits for every shard, restarts included, before :class:`ShardUnavailableError`;
     ``allow_partial=True`` makes searches return the shards that answered instead (see the module doc).
-    ``n_ivf_probe`` and ``n_full_scores`` are the per-shard search settings of :class:`latte.indexes.PLAID`.
+    ``n_ivf_probe`` and ``n_full_scores`` are the per-shard search settings of :class:`latte.indexes.PLAID`;
+    shards probe 12 inverted lists per query token by default (one index probes 8): each shard trains its own
+    centroids on fewer tokens, and the deeper probe brings the shards' recall of the exact top 10 back to (or
+    above) one index's (BENCHMARKS.md, "Scale-out on Ray").
     Ids come back as ``str``. Use it as a context manager, or call :meth:`close`, to stop the actors.
     """
 
@@ -565,7 +614,7 @@ class ShardedIndex:
         timeout: float = 120.0,
         max_restarts: int = -1,
         actor_options: Optional[Dict[str, Any]] = None,
-        n_ivf_probe: int = 8,
+        n_ivf_probe: int = 12,
         n_full_scores: int = 8192,
     ) -> None:
         if not ray.is_initialized():

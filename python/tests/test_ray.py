@@ -119,14 +119,20 @@ def test_encode_names_a_missing_column(cluster):
         lray.encode(ds, str(MODEL), num_cpus=0.5).take_all()
 
 
-def test_write_embeddings_parts_read_by_latte_index(cluster, encoded, tmp_path):
+def test_write_embeddings_parts_read_by_latte_index(cluster, encoded, corpus, tmp_path):
     ids = sorted(encoded)[:60]
-    ds = ray.data.from_items([{"_id": i, "embeddings": encoded[i]} for i in ids], override_num_blocks=3)
-    parts = lray.write_embeddings(ds, tmp_path / "parts")
+    text = {r["_id"]: r["text"] for r in corpus}
+    rows = [{"_id": i, "embeddings": encoded[i], "text": text[i], "book": i.split("/")[0], "n": j} for j, i in enumerate(ids)]
+    ds = ray.data.from_items(rows, override_num_blocks=3)
+    parts = lray.write_embeddings(ds, tmp_path / "parts", metadata_columns=["text", "book", "n"])
     assert len(parts) == 3
     seen = {}
     for base in parts:
         part_ids = (tmp_path / "parts" / f"{base}.ids").read_text(encoding="utf-8").split("\n")[:-1]
+        meta = read_jsonl(tmp_path / "parts" / f"{base}.jsonl")
+        assert [m["_id"] for m in meta] == part_ids
+        for m in meta:
+            assert m == {"_id": m["_id"], "text": text[m["_id"]], "book": m["_id"].split("/")[0], "n": ids.index(m["_id"])}
         with np.load(tmp_path / "parts" / f"{base}.npz") as arrays:
             assert len(arrays.files) == len(part_ids)
             for j, i in enumerate(part_ids):
@@ -140,16 +146,26 @@ def test_write_embeddings_parts_read_by_latte_index(cluster, encoded, tmp_path):
         pytest.skip(f"no latte CLI at {binary} to index the parts with")
     index = tmp_path / "cli-index"
     for base in parts:
+        part = tmp_path / "parts" / base
         subprocess.run(
             [
-                str(binary), "index", "--index", str(index),
-                "--embeddings", str(tmp_path / "parts" / f"{base}.npz"),
-                "--ids", str(tmp_path / "parts" / f"{base}.ids"),
+                str(binary), "index", "--index", str(index), "--embeddings", f"{part}.npz",
+                "--ids", f"{part}.ids", "--metadata", f"{part}.jsonl",
             ],
             check=True,
             capture_output=True,
         )
     assert len(indexes.PLAID(index_folder=str(tmp_path), index_name="cli-index")) == len(ids)
+    (tmp_path / "get.ids").write_text(ids[7] + "\n", encoding="utf-8")
+    got = subprocess.run(
+        [str(binary), "get", "--index", str(index), "--ids", str(tmp_path / "get.ids")],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    doc = json.loads(got)
+    assert doc["_id"] == ids[7] and doc["text"] == text[ids[7]]
+    assert doc["metadata"] == {"book": ids[7].split("/")[0], "n": 7}
 
 
 @pytest.fixture(scope="module")
