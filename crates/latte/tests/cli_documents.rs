@@ -330,6 +330,51 @@ fn corpus_documents_are_stored_filtered_and_searched_by_keywords() {
     ok(&["delete", "--index", s(&index), "--ids", s(&del)]);
     let (success, got, err) = get(&index, t, &[id5]);
     assert!(!success && got.is_empty() && err.contains(id5), "{err}");
+    // Deleting by filter: exactly the matching documents go (year 2000 + i % 30 < 2003 for i % 30 in 0..3;
+    // the replaced first document has year 1999, the deleted sixth is gone, "fresh" has no year).
+    let before: Value =
+        serde_json::from_str(&ok(&["info", "--index", s(&index), "--json"])).unwrap();
+    let old_years: Vec<String> = lines
+        .iter()
+        .filter(|v| v["year"].as_u64().unwrap() < 2003)
+        .map(|v| v["_id"].as_str().unwrap().to_string())
+        .filter(|id| id != id5)
+        .collect();
+    assert!(!old_years.is_empty());
+    let err = ok_stderr(&[
+        "delete",
+        "--index",
+        s(&index),
+        "--filter",
+        r#"{"year": {"$lt": 2003}}"#,
+    ]);
+    assert!(
+        err.contains(&format!("deleted {} documents", old_years.len())),
+        "{err}"
+    );
+    let after: Value =
+        serde_json::from_str(&ok(&["info", "--index", s(&index), "--json"])).unwrap();
+    assert_eq!(
+        after["documents"].as_u64().unwrap() + old_years.len() as u64,
+        before["documents"].as_u64().unwrap()
+    );
+    let refs: Vec<&str> = old_years.iter().map(String::as_str).collect();
+    let (success, got, _) = get(&index, t, &refs);
+    assert!(!success && got.is_empty());
+    // A filter matching nothing deletes nothing; a bad filter names the problem; one way to choose is needed.
+    let err = ok_stderr(&["delete", "--index", s(&index), "--filter", r#"{"year": 1}"#]);
+    assert!(err.contains("deleted 0 documents"), "{err}");
+    fails(
+        &[
+            "delete",
+            "--index",
+            s(&index),
+            "--filter",
+            r#"{"year": {"$foo": 1}}"#,
+        ],
+        &["--filter", "$foo"],
+    );
+    fails(&["delete", "--index", s(&index)], &["--ids", "--filter"]);
 }
 
 #[test]

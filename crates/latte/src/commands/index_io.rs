@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use latte_core::beir::type_name;
-use latte_index::{Doc, DocumentSource, NpzSource, VecSource};
+use latte_index::{Doc, DocumentSource, Filter, NpzSource, VecSource};
 use serde_json::{Map, Value};
 
 /// Reads ids, one per line (a trailing `\r` is dropped). Empty lines are an error, except at the very end.
@@ -175,4 +175,23 @@ pub fn read_metadata(
         docs.push(doc_from_fields(&id, fields, store_text).with_context(at)?);
     }
     Ok(docs)
+}
+
+/// The filter of `--filter TEXT` or `--filter-file FILE` (at most one is given), parsed; errors name the
+/// option or the file and the position.
+pub fn read_filter(text: Option<&str>, file: Option<&Path>) -> Result<Option<Filter>> {
+    if let Some(text) = text {
+        return Ok(Some(
+            text.parse::<Filter>()
+                .with_context(|| "--filter is not a valid filter")?,
+        ));
+    }
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the filter from {}", path.display()))?;
+        return Ok(Some(text.parse::<Filter>().with_context(|| {
+            format!("{} is not a valid filter", path.display())
+        })?));
+    }
+    Ok(None)
 }

@@ -5,12 +5,12 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use latte_index::{search_bm25, EmbRef, Filter, Fusion, Hit, PlaidIndex, SearchParams};
+use latte_index::{search_bm25, EmbRef, Fusion, Hit, PlaidIndex, SearchParams};
 
 use latte::core::beir::{self, Kind};
 
 use super::encoder::IndexModel;
-use super::index_io::{embeddings_source, read_ids, require_unique};
+use super::index_io::{embeddings_source, read_filter, read_ids, require_unique};
 use super::model_args::IndexModelArgs;
 
 /// Search an index; writes `qid Q0 docid rank score latte` lines.
@@ -93,24 +93,6 @@ pub enum FusionKind {
     Linear,
 }
 
-/// The filter of `--filter` or `--filter-file`, parsed (errors name the position).
-fn read_filter(args: &SearchArgs) -> Result<Option<Filter>> {
-    if let Some(text) = &args.filter {
-        return Ok(Some(
-            text.parse::<Filter>()
-                .with_context(|| "--filter is not a valid filter")?,
-        ));
-    }
-    if let Some(path) = &args.filter_file {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the filter from {}", path.display()))?;
-        return Ok(Some(text.parse::<Filter>().with_context(|| {
-            format!("{} is not a valid filter", path.display())
-        })?));
-    }
-    Ok(None)
-}
-
 fn fusion(args: &SearchArgs) -> Result<Fusion> {
     match (args.fusion.unwrap_or(FusionKind::Rrf), args.alpha) {
         (FusionKind::Rrf, Some(_)) => bail!("--alpha applies to --fusion linear only"),
@@ -131,7 +113,7 @@ pub fn run(args: SearchArgs) -> Result<()> {
     let index = PlaidIndex::open(&args.index)
         .with_context(|| format!("opening {}", args.index.display()))?;
     let k = args.k as usize;
-    let filter = read_filter(&args)?;
+    let filter = read_filter(args.filter.as_deref(), args.filter_file.as_deref())?;
     let keyword = if args.bm25_only {
         Some("--bm25-only")
     } else if args.hybrid {
