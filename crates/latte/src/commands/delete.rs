@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use latte_index::{Filter, PlaidIndex};
+use latte_index::PlaidIndex;
 
 use super::index_io::{read_filter, read_ids};
 
