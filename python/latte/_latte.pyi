@@ -168,8 +168,54 @@ def plaid_create(
     seed: int = 42,
     num_centroids: Optional[int] = None,
     pool_factor: int = 1,
+    codec: Optional["Codec"] = None,
 ) -> int:
-    """Creates a PLAID index; returns the number of documents indexed."""
+    """Creates a PLAID index (with ``codec``'s centroids and residual codec when given, instead of training
+    them); returns the number of documents indexed."""
+
+class Codec:
+    """A PLAID index's trained centroids and residual codec, shared by indexes built with it (picklable)."""
+
+    def __init__(
+        self, centroids: _F32, cutoffs: List[float], weights: List[float], cluster_threshold: float, nbits: int
+    ) -> None: ...
+    @staticmethod
+    def train(
+        embeddings: List[_F32],
+        nbits: int = 2,
+        kmeans_niters: int = 4,
+        kmeans_points_per_centroid: int = 32,
+        seed: int = 42,
+        num_centroids: Optional[int] = None,
+        pool_factor: int = 1,
+    ) -> "Codec":
+        """Trains a codec on documents or a sample of them (then give ``num_centroids`` for the collection)."""
+    @staticmethod
+    def from_index(path: str) -> "Codec":
+        """The codec of the PLAID index in ``path``."""
+    @staticmethod
+    def load(path: str) -> "Codec":
+        """Reads a codec file written by :meth:`save`."""
+    def save(self, path: str) -> None:
+        """Writes the codec to a file."""
+    @property
+    def dim(self) -> int: ...
+    @property
+    def nbits(self) -> int: ...
+    @property
+    def num_centroids(self) -> int: ...
+    @property
+    def centroids(self) -> _F32:
+        """``num_centroids × dim`` float32 (the half-precision values an index stores)."""
+    @property
+    def cutoffs(self) -> List[float]: ...
+    @property
+    def weights(self) -> List[float]: ...
+    @property
+    def cluster_threshold(self) -> float: ...
+
+def default_num_centroids(tokens: int) -> int:
+    """The default number of centroids of an index of ``tokens`` token vectors."""
 
 def plaid_add(path: str, ids: List[str], embeddings: List[_F32]) -> int:
     """Adds documents; returns how many."""
