@@ -132,6 +132,29 @@ class Plaid:
         exact: bool = False,
     ) -> List[List[Tuple[str, float]]]:
         """Per query, ``(id, score)`` pairs best first (GIL released)."""
+    def has_store(self) -> bool:
+        """Whether the index has a document store (text, metadata, filters, BM25)."""
+    def ids_matching(self, filter: str) -> List[str]:
+        """Ids of the live documents whose metadata matches ``filter`` (JSON text)."""
+    def get_documents(self, ids: List[str]) -> List[Optional[Tuple[str, Optional[str], Optional[str], Optional[str]]]]:
+        """Per id ``(id, title, text, metadata as JSON text)``, or ``None`` for an id not held."""
+    def search_documents(
+        self,
+        queries: List[_F32],
+        k: int = 10,
+        filter: Optional[str] = None,
+        subset: Optional[List[List[str]]] = None,
+        texts: Optional[List[str]] = None,
+        fusion: Optional[str] = None,
+        alpha: Optional[float] = None,
+        rrf_k: Optional[float] = None,
+        n_ivf_probe: Optional[int] = None,
+        n_full_scores: Optional[int] = None,
+    ) -> List[List[Tuple[str, float]]]:
+        """Filtered (``filter``: JSON text) and hybrid (``texts``: BM25 beside MaxSim, fused by ``fusion``
+        ``rrf`` or ``linear``) search; per query ``(id, score)`` pairs best first (GIL released)."""
+    def bm25(self, texts: List[str], k: int = 10, filter: Optional[str] = None) -> List[List[Tuple[str, float]]]:
+        """BM25 alone over the stored titles and texts; per query ``(id, score)`` pairs best first."""
 
 class Exact:
     """An in-memory exact (brute-force MaxSim) index."""
@@ -168,10 +191,14 @@ def plaid_create(
     seed: int = 42,
     num_centroids: Optional[int] = None,
     pool_factor: int = 1,
+    titles: Optional[List[Optional[str]]] = None,
+    texts: Optional[List[Optional[str]]] = None,
+    metadata: Optional[List[Optional[str]]] = None,
     codec: Optional["Codec"] = None,
 ) -> int:
-    """Creates a PLAID index (with ``codec``'s centroids and residual codec when given, instead of training
-    them); returns the number of documents indexed."""
+    """Creates a PLAID index (with the documents' titles, texts and metadata as JSON text, one entry per
+    id; with ``codec``'s centroids and residual codec when given, instead of training them); returns the
+    number of documents indexed."""
 
 class Codec:
     """A PLAID index's trained centroids and residual codec, shared by indexes built with it (picklable)."""
@@ -217,11 +244,24 @@ class Codec:
 def default_num_centroids(tokens: int) -> int:
     """The default number of centroids of an index of ``tokens`` token vectors."""
 
-def plaid_add(path: str, ids: List[str], embeddings: List[_F32]) -> int:
-    """Adds documents; returns how many."""
+def plaid_add(
+    path: str,
+    ids: List[str],
+    embeddings: List[_F32],
+    titles: Optional[List[Optional[str]]] = None,
+    texts: Optional[List[Optional[str]]] = None,
+    metadata: Optional[List[Optional[str]]] = None,
+) -> Tuple[int, List[str]]:
+    """Adds documents (an id the index holds is replaced); returns how many and the replaced ids."""
 
 def plaid_delete(path: str, ids: List[str]) -> int:
     """Deletes documents; returns how many."""
+
+def check_filter(filter: str) -> None:
+    """Checks a metadata filter (JSON text); ``ValueError`` naming the position of what is wrong."""
+
+def plaid_delete_matching(path: str, filter: str) -> Tuple[int, int]:
+    """Deletes the documents whose metadata matches ``filter`` (JSON text); returns (deleted, remaining)."""
 
 def plaid_compact(path: str) -> None:
     """Rewrites the index without its deleted documents."""

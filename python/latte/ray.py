@@ -701,15 +701,33 @@ class _ShardActor:
         hits = self.index(queries, **kwargs)
         return [[(str(h["id"]), float(h["score"])) for h in q] for q in hits]
 
-    def add(self, ids: List[Hashable], embeddings: List[np.ndarray], metadata: Optional[List[Any]]) -> int:
-        kwargs: Dict[str, Any] = {}
+    def add(
+        self,
+        ids: List[Hashable],
+        embeddings: List[np.ndarray],
+        metadata: Optional[List[Any]],
+        fields: Optional[Dict[str, Any]] = None,
+        update: bool = False,
+    ) -> int:
+        """Adds (or, with ``update``, updates in place) documents; ``fields``: ``documents_texts`` /
+        ``documents_titles`` lists for these documents."""
+        kwargs: Dict[str, Any] = dict(fields or {})
         if metadata is not None:
             kwargs["metadata"] = metadata
-        self.index.add_documents(ids, embeddings, **kwargs)
+        if update:
+            self.index.update_documents(ids, embeddings, **kwargs)
+        else:
+            self.index.add_documents(ids, embeddings, **kwargs)
         return len(self.index)
 
     def remove(self, ids: List[Hashable]) -> int:
         self.index.remove_documents(ids)
+        return len(self.index) if self.index.is_indexed else 0
+
+    def remove_matching(self, filter: str) -> int:
+        """Removes the documents of this shard whose metadata matches ``filter`` (JSON text)."""
+        if self.index.is_indexed:
+            self.index.remove_documents(filter=filter)
         return len(self.index) if self.index.is_indexed else 0
 
 
@@ -723,15 +741,6 @@ def _sibling_codec(root: str, name: str) -> Any:
         if entry != name and entry.startswith("shard-") and _latte.plaid_exists(path):
             return Codec.from_index(path)
     return None
-
-
-def _filter_supported() -> bool:
-    """Whether the single-index Python API (``latte.indexes.PLAID``) takes ``filter=`` when searching."""
-    import inspect
-
-    from latte.indexes import PLAID
-
-    return "filter" in inspect.signature(PLAID.__call__).parameters
 
 
 class PendingSearch:
@@ -915,10 +924,11 @@ class ShardedIndex:
             q = self._encode_queries(texts)
         else:
             q = matrices(queries_embeddings, "queries_embeddings")
-        if filter is not None and not _filter_supported():
-            raise NotImplementedError(
-                "filter: latte.indexes.PLAID has no filter= yet in this version, so its shards cannot filter"
-            )
+        if filter is not None:
+            from latte.indexes import _filter_json
+
+            # Checked (and turned into JSON text) once here, so a bad filter fails before any shard runs.
+            filter = _filter_json(filter, check=True)
         subsets = None
         if subset is not None:
             from latte.indexes import _subset_lists
@@ -952,11 +962,25 @@ class ShardedIndex:
         documents_ids: Union[Hashable, List[Hashable]],
         documents_embeddings: Any,
         metadata: Optional[List[Any]] = None,
+        documents_texts: Optional[List[Optional[str]]] = None,
+        documents_titles: Optional[List[Optional[str]]] = None,
         **kwargs: Any,
     ) -> "ShardedIndex":
         """Adds documents, each to the shard of its id (:func:`shard_of`); a shard without an index yet is
-        created from its first documents. ``metadata`` (one entry per document) goes to the shards with
-        their documents, when the single-index API takes it."""
+        created from its first documents. ``metadata``, ``documents_texts`` and ``documents_titles`` (one
+        entry per document, as :meth:`latte.indexes.PLAID.add_documents` takes them) go to the shards with
+        their documents; an id the index holds is replaced."""
+        return self._write(documents_ids, documents_embeddings, metadata, documents_texts, documents_titles, False)
+
+    def _write(
+        self,
+        documents_ids: Union[Hashable, List[Hashable]],
+        documents_embeddings: Any,
+        metadata: Optional[List[Any]],
+        texts: Optional[List[Optional[str]]],
+        titles: Optional[List[Optional[str]]],
+        update: bool,
+    ) -> "ShardedIndex":
         self._check_open()
         from latte.indexes import _id_list
 
@@ -968,27 +992,38 @@ class ShardedIndex:
             )
         if len(set(ids)) != len(ids):
             raise ValueError("documents_ids: an id repeats; ids must be unique")
-        if metadata is not None:
-            metadata = list(metadata)
-            if len(metadata) != len(ids):
-                raise ValueError(f"metadata has {len(metadata)} entries for {len(ids)} documents: they must match")
+        per_doc: Dict[str, List[Any]] = {}
+        for what, values in (("metadata", metadata), ("documents_texts", texts), ("documents_titles", titles)):
+            if values is not None:
+                values = list(values)
+                if len(values) != len(ids):
+                    raise ValueError(f"{what} has {len(values)} entries for {len(ids)} documents: they must match")
+                per_doc[what] = values
         groups = self._route(ids)
-        refs = {
-            shard: self._actors[shard].add.remote(
-                [ids[r] for r in rows],
-                [embs[r] for r in rows],
-                None if metadata is None else [metadata[r] for r in rows],
+        refs = {}
+        for shard, rows in sorted(groups.items()):
+            fields = {w: [v[r] for r in rows] for w, v in per_doc.items() if w != "metadata"}
+            meta = [per_doc["metadata"][r] for r in rows] if "metadata" in per_doc else None
+            refs[shard] = self._actors[shard].add.remote(
+                [ids[r] for r in rows], [embs[r] for r in rows], meta, fields, update
             )
-            for shard, rows in sorted(groups.items())
-        }
         self._settle(refs)
         return self
 
-    def remove_documents(self, documents_ids: Union[Hashable, List[Hashable]]) -> "ShardedIndex":
-        """Removes documents by id from their shards; ids the index does not hold are ignored."""
+    def remove_documents(
+        self, documents_ids: Optional[Union[Hashable, List[Hashable]]] = None, filter: Optional[Any] = None
+    ) -> "ShardedIndex":
+        """Removes documents by id from their shards (ids the index does not hold are ignored), or, with
+        ``filter``, every document whose metadata matches it, from every shard: give one of the two."""
         self._check_open()
-        from latte.indexes import _id_list
+        from latte.indexes import _filter_json, _id_list
 
+        if (documents_ids is None) == (filter is None):
+            raise ValueError("remove_documents: give exactly one of documents_ids and filter")
+        if filter is not None:
+            text = _filter_json(filter, check=True)
+            self._settle({s: a.remove_matching.remote(text) for s, a in enumerate(self._actors)})
+            return self
         ids = [str(i) for i in _id_list(documents_ids)]
         groups = self._route(ids)
         refs = {
@@ -998,14 +1033,16 @@ class ShardedIndex:
         return self
 
     def update_documents(
-        self, documents_ids: Union[Hashable, List[Hashable]], documents_embeddings: Any
+        self,
+        documents_ids: Union[Hashable, List[Hashable]],
+        documents_embeddings: Any,
+        metadata: Optional[List[Any]] = None,
+        documents_texts: Optional[List[Optional[str]]] = None,
+        documents_titles: Optional[List[Optional[str]]] = None,
     ) -> "ShardedIndex":
-        """Replaces the embeddings of documents (those not in the index are added)."""
-        from latte.indexes import _id_list
-
-        ids = _id_list(documents_ids)
-        self.remove_documents(ids)
-        return self.add_documents(ids, documents_embeddings)
+        """Replaces documents in place (those not in the index are added), as
+        :meth:`latte.indexes.PLAID.update_documents`: fields left out keep their stored values."""
+        return self._write(documents_ids, documents_embeddings, metadata, documents_texts, documents_titles, True)
 
     def _settle(self, refs: Dict[int, Any]) -> None:
         """Waits for writes to shards (never retried: a shard that died mid-write is named in the error) and

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Hashable, List, Optional, Union
+from typing import Any, Dict, Hashable, List, Mapping, Optional, Union
 
 __all__ = ["ColBERT"]
 
@@ -26,7 +26,15 @@ class ColBERT:
         device: Optional[str] = None,
         batch_size: Optional[int] = None,
         subset: Optional[Union[List[Hashable], List[List[Hashable]]]] = None,
+        filter: Optional[Union[Mapping[str, Any], str]] = None,
+        **kwargs: Any,
     ) -> List[List[Dict[str, Any]]]:
-        """Per query, up to ``k`` ``{"id", "score"}`` dicts, best first (``subset`` restricts the ids)."""
-        results: List[List[Dict[str, Any]]] = self.index(queries_embeddings, k=k, subset=subset)
+        """Per query, up to ``k`` ``{"id", "score"}`` dicts, best first (``subset`` restricts the ids).
+
+        ``filter`` (a metadata filter, as :class:`latte.indexes.PLAID` takes it) and any further keyword
+        (``queries_texts``, ``fusion``, ``alpha``, ``return_documents``) are passed to the index; left out,
+        the index is called exactly as PyLate calls it."""
+        if filter is not None:
+            kwargs["filter"] = filter
+        results: List[List[Dict[str, Any]]] = self.index(queries_embeddings, k=k, subset=subset, **kwargs)
         return results

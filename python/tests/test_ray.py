@@ -284,6 +284,39 @@ def test_sharded_add_and_remove_reach_the_right_shard(sharded, encoded, query_em
     assert all(h["id"] not in new_ids for h in index.search(queries_embeddings=query_embeddings[:5], k=10)[0])
 
 
+def test_sharded_filtered_search_equals_the_filtered_single_index(sharded, encoded, query_embeddings):
+    _, index, single, ids = sharded
+    # Documents with metadata, added to both (the shards were built from embeddings alone).
+    new_ids = [f"meta/{j}" for j in range(24)]
+    new_embs = [encoded[ids[j]] for j in range(24)]
+    meta = [{"part": "a" if j % 3 == 0 else "b", "n": j} for j in range(24)]
+    index.add_documents(new_ids, new_embs, metadata=meta)
+    single.add_documents(new_ids, new_embs, metadata=meta)
+    try:
+        cases = [
+            ({"part": "a"}, lambda m: m["part"] == "a"),
+            ('{"n": {"$gte": 10}, "part": "b"}', lambda m: m["n"] >= 10 and m["part"] == "b"),
+        ]
+        for flt, pred in cases:
+            allowed = {i for i, m in zip(new_ids, meta) if pred(m)}
+            got = index.search(queries_embeddings=query_embeddings, k=5, filter=flt)
+            want = single(query_embeddings, k=5, filter=flt)
+            assert len(got) == len(want) == len(query_embeddings)
+            for g, w in zip(got, want):
+                assert len(g) == 5 and {h["id"] for h in g} <= allowed
+                assert [h["id"] for h in g] == [h["id"] for h in w]
+                for a, b in zip(g, w):
+                    assert abs(a["score"] - b["score"]) <= 1e-5, (a, b)
+            assert retrieve.ColBERT(index=index).retrieve(query_embeddings[:2], k=5, filter=flt) == got[:2]
+        with pytest.raises(ValueError, match=r"\$foo"):
+            index.search(queries_embeddings=query_embeddings[:1], k=5, filter={"n": {"$foo": 1}})
+    finally:
+        index.remove_documents(filter={"n": {"$exists": True}})
+        single.remove_documents(new_ids)
+    assert len(index) == len(ids)
+    assert index.search(queries_embeddings=query_embeddings[:1], k=5, filter={"part": "a"}) == [[]]
+
+
 def test_killed_shard_actor_is_restarted_and_searches_wait(sharded, query_embeddings):
     _, index, _, _ = sharded
     want = index.search(queries_embeddings=query_embeddings, k=10)

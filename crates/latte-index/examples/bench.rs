@@ -13,6 +13,12 @@
 //! bench synth-truth  OUT.txt --docs N --queries Q [--tokens T] [--topics N] [--seed S]
 //! bench synth-search DIR TRUTH.txt --docs N --queries Q [search flags as above]
 //!
+//! Filtered search on an index with a document store whose metadata has an integer field (default `bucket`,
+//! uniform in 0..1000): for each selectivity (per mille), the filter `{FIELD: {"$lt": S}}`; recall@k of
+//! `search_filtered` against exact MaxSim over the matching documents, and single-query p50/p95 (filter
+//! evaluation in the store included):
+//! bench filtered DIR QUERIES.npz [--nq N] [--k K] [--field bucket] [--per-mille 1,10,100,500]
+//!
 //! Two-level vs brute-force nearest-centroid assignment (centroids trained on a sample of the corpus):
 //! bench assign (DOCS.npz | --synth N) [--centroids K] [--probe P] [--ppc P] [--iters I] [--test T] [--skip-brute]
 //! ```
@@ -162,6 +168,7 @@ fn main() {
             measure_search(&index, &refs, &truth, &args);
         }
         "assign" => assign_bench(&args),
+        "filtered" => filtered_bench(&args, nq),
         other => panic!("unknown command {other}"),
     }
 }
@@ -476,4 +483,57 @@ fn assign_bench(args: &[String]) {
         brute_s / two_s,
         peak_rss_mb()
     );
+}
+
+/// `bench filtered`: recall and latency of filtered search at several selectivities (see the header).
+fn filtered_bench(args: &[String], nq: usize) {
+    let index = PlaidIndex::open(&args[1]).unwrap();
+    let store = index.open_store().unwrap();
+    let qs = load_queries(&args[2], nq);
+    let refs: Vec<EmbRef> = qs
+        .iter()
+        .map(|(q, d)| EmbRef::new(q, *d).unwrap())
+        .collect();
+    let k: usize = flag(args, "--k").unwrap_or(10);
+    let field: String = flag(args, "--field").unwrap_or_else(|| "bucket".to_string());
+    let levels: String = flag(args, "--per-mille").unwrap_or_else(|| "1,10,100,500".to_string());
+    let p = SearchParams::for_k(k);
+    let total = store.count().unwrap() as f64;
+    for q in refs.iter().take(20) {
+        let _ = index.search(*q, &p, None).unwrap();
+    }
+    for level in levels.split(',') {
+        let level: u32 = level.parse().expect("--per-mille: integers");
+        let filter =
+            latte_store::Filter::parse(&serde_json::json!({ field.as_str(): { "$lt": level } }))
+                .unwrap();
+        let matching = store.ids_matching(&filter).unwrap();
+        let (mut found, mut wanted) = (0usize, 0usize);
+        let mut lat = Vec::with_capacity(refs.len());
+        let mut exact_lat = Vec::with_capacity(refs.len());
+        for q in &refs {
+            let t = Instant::now();
+            let hits = index.search_filtered(*q, &p, &store, &filter).unwrap();
+            lat.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            let exact = index.search_exact(*q, k, Some(&matching)).unwrap();
+            exact_lat.push(t.elapsed().as_secs_f64() * 1e3);
+            let got: std::collections::HashSet<&str> = hits.iter().map(|h| h.id.as_str()).collect();
+            wanted += exact.len();
+            found += exact.iter().filter(|h| got.contains(h.id.as_str())).count();
+        }
+        lat.sort_by(f64::total_cmp);
+        exact_lat.sort_by(f64::total_cmp);
+        let n = lat.len();
+        println!(
+            "filtered: {field} < {level} ({} matching, {:.2} %), {n} queries threads={}: recall@{k} {:.4} p50 {:.2} ms p95 {:.2} ms; exact over the matching set p50 {:.2} ms",
+            matching.len(),
+            100.0 * matching.len() as f64 / total,
+            rayon::current_num_threads(),
+            found as f64 / wanted.max(1) as f64,
+            lat[n / 2],
+            lat[n * 95 / 100],
+            exact_lat[n / 2],
+        );
+    }
 }

@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{PoisonError, RwLock};
 
 use latte_index::{
-    EmbRef, ExactIndex, IndexCodec, IndexConfig, PlaidIndex, SearchParams, VecSource,
+    Doc, DocStore, EmbRef, ExactIndex, Filter, Fusion, IndexCodec, IndexConfig, PlaidIndex,
+    SearchParams, VecSource,
 };
 use latte_models::{
     ColBERT, Dense, DenseConfig, Dtype, EncodeOptions, HubOptions, LoadOptions, PartialSettings,
@@ -70,7 +71,20 @@ fn index_err(e: latte_index::Error) -> PyErr {
         | E::EmptyIndex
         | E::UnknownIds(_)
         | E::DuplicateId(_)
-        | E::EmptyDocument(_) => PyValueError::new_err(msg),
+        | E::EmptyDocument(_)
+        | E::Fusion(_) => PyValueError::new_err(msg),
+        E::Store(s) => store_err_kind(s, msg),
+        _ => latte_error(msg),
+    }
+}
+
+/// A document store error: bad filters, queries and documents are `ValueError`s.
+fn store_err_kind(e: &latte_index::StoreError, msg: String) -> PyErr {
+    use latte_index::StoreError as S;
+    match e {
+        S::Filter(_) | S::QueryTooLong { .. } | S::InvalidDocument { .. } => {
+            PyValueError::new_err(msg)
+        }
         _ => latte_error(msg),
     }
 }
@@ -643,7 +657,7 @@ fn vec_source(ids: Vec<String>, embeddings: &[PyReadonlyArray2<'_, f32>]) -> PyR
 /// that codec's centroids and residual codec instead of training them.
 #[pyfunction]
 #[pyo3(signature = (path, ids, embeddings, nbits=2, kmeans_niters=4, kmeans_points_per_centroid=32,
-    seed=42, num_centroids=None, pool_factor=1, codec=None))]
+    seed=42, num_centroids=None, pool_factor=1, titles=None, texts=None, metadata=None, codec=None))]
 #[allow(clippy::too_many_arguments)]
 fn plaid_create(
     py: Python<'_>,
@@ -656,8 +670,12 @@ fn plaid_create(
     seed: u64,
     num_centroids: Option<usize>,
     pool_factor: usize,
+    titles: Option<Vec<Option<String>>>,
+    texts: Option<Vec<Option<String>>>,
+    metadata: Option<Vec<Option<String>>>,
     codec: Option<PyRef<'_, Codec>>,
 ) -> PyResult<usize> {
+    let docs = stored_documents(&ids, titles, texts, metadata)?;
     let source = vec_source(ids, &embeddings)?;
     let config = IndexConfig {
         nbits,
@@ -671,8 +689,8 @@ fn plaid_create(
     let codec = codec.map(|c| c.codec.clone());
     let report = py
         .detach(|| match &codec {
-            Some(c) => PlaidIndex::create_with_codec(&path, &source, &[], c, &config),
-            None => PlaidIndex::create(&path, &source, &config),
+            Some(c) => PlaidIndex::create_with_codec(&path, &source, &docs, c, &config),
+            None => PlaidIndex::create_with_documents(&path, &source, &docs, &config),
         })
         .map_err(index_err)?;
     Ok(report.documents)
@@ -832,19 +850,119 @@ fn default_num_centroids(tokens: u64) -> usize {
     latte_index::default_num_centroids(tokens)
 }
 
-/// Adds documents to the PLAID index in `path` (its centroids are kept).
+/// Adds documents to the PLAID index in `path` (its centroids are kept), with their optional titles,
+/// texts and metadata (JSON objects as strings), one entry per id. An id the index holds is replaced
+/// (vectors, text and metadata together). Returns the number of documents written and the replaced ids.
 #[pyfunction]
+#[pyo3(signature = (path, ids, embeddings, titles=None, texts=None, metadata=None))]
 fn plaid_add(
     py: Python<'_>,
     path: PathBuf,
     ids: Vec<String>,
     embeddings: Vec<PyReadonlyArray2<'_, f32>>,
-) -> PyResult<usize> {
+    titles: Option<Vec<Option<String>>>,
+    texts: Option<Vec<Option<String>>>,
+    metadata: Option<Vec<Option<String>>>,
+) -> PyResult<(usize, Vec<String>)> {
+    let docs = stored_documents(&ids, titles, texts, metadata)?;
     let source = vec_source(ids, &embeddings)?;
     let report = py
-        .detach(|| PlaidIndex::add(&path, &source))
+        .detach(|| -> latte_index::Result<_> {
+            let mut writer = PlaidIndex::writer(&path)?;
+            let report = writer.add_documents(&source, &docs)?;
+            writer.commit()?;
+            Ok(report)
+        })
         .map_err(index_err)?;
-    Ok(report.documents)
+    Ok((report.documents, report.replaced))
+}
+
+/// Deletes the documents of the PLAID index in `path` whose metadata matches `filter` (a JSON string).
+/// Returns the number deleted and the number of live documents left.
+#[pyfunction]
+fn plaid_delete_matching(py: Python<'_>, path: PathBuf, filter: &str) -> PyResult<(usize, usize)> {
+    let filter = parse_filter(filter)?;
+    let report = py
+        .detach(|| -> latte_index::Result<_> {
+            let mut writer = PlaidIndex::writer(&path)?;
+            let report = writer.delete_matching(&filter)?;
+            writer.commit()?;
+            Ok(report)
+        })
+        .map_err(index_err)?;
+    Ok((report.deleted, report.remaining))
+}
+
+/// Checks a metadata filter (JSON text): a `ValueError` naming the position of what is wrong.
+#[pyfunction]
+fn check_filter(filter: &str) -> PyResult<()> {
+    parse_filter(filter).map(|_| ())
+}
+
+/// A filter given as a JSON string (`{"lang": "rust", "year": {"$gte": 2020}}`), or a `ValueError` naming
+/// the position of what is wrong.
+fn parse_filter(filter: &str) -> PyResult<Filter> {
+    let value: serde_json::Value = serde_json::from_str(filter)
+        .map_err(|e| PyValueError::new_err(format!("filter: not valid JSON: {e}")))?;
+    Filter::parse(&value).map_err(|e| PyValueError::new_err(format!("filter: {e}")))
+}
+
+/// The store rows of documents `ids`: `titles`, `texts` and `metadata` are each absent or one entry per id
+/// (`None` for a document without that field); metadata entries are JSON objects as strings.
+fn stored_documents(
+    ids: &[String],
+    titles: Option<Vec<Option<String>>>,
+    texts: Option<Vec<Option<String>>>,
+    metadata: Option<Vec<Option<String>>>,
+) -> PyResult<Vec<Doc>> {
+    fn aligned<T>(what: &str, v: Option<Vec<Option<T>>>, n: usize) -> PyResult<Vec<Option<T>>> {
+        match v {
+            None => Ok((0..n).map(|_| None).collect()),
+            Some(v) if v.len() == n => Ok(v),
+            Some(v) => Err(PyValueError::new_err(format!(
+                "{what} has {} entries for {n} documents: give one per document (None for none)",
+                v.len()
+            ))),
+        }
+    }
+    if titles.is_none() && texts.is_none() && metadata.is_none() {
+        return Ok(Vec::new());
+    }
+    let n = ids.len();
+    let titles = aligned("documents_titles", titles, n)?;
+    let texts = aligned("documents_texts", texts, n)?;
+    let metadata = aligned("metadata", metadata, n)?;
+    ids.iter()
+        .zip(titles)
+        .zip(texts)
+        .zip(metadata)
+        .enumerate()
+        .map(|(i, (((id, title), text), meta))| {
+            let metadata = match meta {
+                None => None,
+                Some(json) => match serde_json::from_str::<serde_json::Value>(&json) {
+                    Ok(serde_json::Value::Object(map)) => Some(map),
+                    Ok(other) => {
+                        return Err(PyValueError::new_err(format!(
+                            "metadata[{i}] (document {id:?}): expected a JSON object, got {}",
+                            latte_core::beir::type_name(&other)
+                        )))
+                    }
+                    Err(e) => {
+                        return Err(PyValueError::new_err(format!(
+                            "metadata[{i}] (document {id:?}): not valid JSON: {e}"
+                        )))
+                    }
+                },
+            };
+            Ok(Doc {
+                id: id.clone(),
+                title,
+                text,
+                metadata,
+            })
+        })
+        .collect()
 }
 
 /// Deletes documents by id from the PLAID index in `path` (fails, deleting nothing, on an unknown id).
@@ -969,6 +1087,270 @@ impl Plaid {
             .into_iter()
             .map(|h| h.into_iter().map(|x| (x.id, x.score)).collect())
             .collect())
+    }
+
+    /// Whether the index has a document store (`documents.sqlite`: text, metadata, filters, BM25).
+    fn has_store(&self) -> bool {
+        self.index.has_store()
+    }
+
+    /// Ids of the live documents whose metadata matches `filter` (a JSON string), in store order.
+    fn ids_matching(&self, py: Python<'_>, filter: &str) -> PyResult<Vec<String>> {
+        let filter = parse_filter(filter)?;
+        py.detach(|| self.with_store(|_, store| Ok(store.ids_matching(&filter)?)))
+            .map_err(index_err)
+    }
+
+    /// The stored documents with these ids: per id `(id, title, text, metadata as JSON)`, or `None` for an
+    /// id the index holds no live document for.
+    fn get_documents(&self, py: Python<'_>, ids: Vec<String>) -> PyResult<Vec<Option<StoredDoc>>> {
+        let docs = py
+            .detach(|| -> latte_index::Result<Vec<Option<Doc>>> {
+                if !self.index.has_store() {
+                    return self.index.get_documents(&ids);
+                }
+                self.with_store(|_, store| Ok(store.get(&ids)?))
+            })
+            .map_err(index_err)?;
+        Ok(docs
+            .into_iter()
+            .map(|d| {
+                d.map(|d| {
+                    let meta = d.metadata.map(|m| serde_json::Value::Object(m).to_string());
+                    (d.id, d.title, d.text, meta)
+                })
+            })
+            .collect())
+    }
+
+    /// Filtered and hybrid search. `filter` (a JSON string) keeps the documents whose metadata matches (the
+    /// strategy chosen by selectivity, as `latte search --filter`); `subset` (one id list for all queries or
+    /// one per query) further restricts them. With `texts` (one per query), BM25 over the stored text runs
+    /// beside MaxSim and the two lists are fused: `fusion` `rrf` (default, rank offset `rrf_k`, default 60)
+    /// or `linear` (weight `alpha` of MaxSim, default 0.5). Returns, per query, `(id, score)` best first.
+    #[pyo3(signature = (queries, k=10, filter=None, subset=None, texts=None, fusion=None, alpha=None,
+        rrf_k=None, n_ivf_probe=None, n_full_scores=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn search_documents(
+        &self,
+        py: Python<'_>,
+        queries: Vec<PyReadonlyArray2<'_, f32>>,
+        k: usize,
+        filter: Option<&str>,
+        subset: Option<Vec<Vec<String>>>,
+        texts: Option<Vec<String>>,
+        fusion: Option<&str>,
+        alpha: Option<f64>,
+        rrf_k: Option<f64>,
+        n_ivf_probe: Option<usize>,
+        n_full_scores: Option<usize>,
+    ) -> PyResult<Vec<Vec<(String, f32)>>> {
+        let q: Vec<EmbRef<'_>> = queries
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let what = format!("queries_embeddings[{i}]");
+                let (data, dim) = matrix(a, &what)?;
+                emb(data, dim, &what)
+            })
+            .collect::<PyResult<_>>()?;
+        if let Some(s) = &subset {
+            if s.len() != 1 && s.len() != q.len() {
+                return Err(PyValueError::new_err(format!(
+                    "subset: expected one id list for all queries or one per query ({}), got {}",
+                    q.len(),
+                    s.len()
+                )));
+            }
+        }
+        let filter = filter.map(parse_filter).transpose()?;
+        let fusion = match &texts {
+            Some(t) => {
+                if t.len() != q.len() {
+                    return Err(PyValueError::new_err(format!(
+                        "queries_texts has {} texts for {} queries_embeddings: give one text per query",
+                        t.len(),
+                        q.len()
+                    )));
+                }
+                if subset.is_some() {
+                    return Err(PyValueError::new_err(
+                        "subset cannot be combined with hybrid search (queries_texts); restrict the \
+                         documents with filter instead",
+                    ));
+                }
+                Some(parse_fusion(fusion, alpha, rrf_k)?)
+            }
+            None if fusion.is_some() || alpha.is_some() || rrf_k.is_some() => {
+                return Err(PyValueError::new_err(
+                    "fusion, alpha and rrf_k apply to hybrid search: give queries_texts too",
+                ))
+            }
+            None => None,
+        };
+        if filter.is_none() && fusion.is_none() {
+            return Err(PyValueError::new_err(
+                "search_documents needs a filter or query texts (use search otherwise)",
+            ));
+        }
+        let mut params = SearchParams::for_k(k);
+        if let Some(p) = n_ivf_probe {
+            params.n_ivf_probe = p;
+        }
+        if let Some(n) = n_full_scores {
+            params.ndocs = n;
+        }
+        let hits: Vec<Vec<latte_index::Hit>> = py
+            .detach(|| {
+                self.with_store(|index, store| match (fusion, &texts) {
+                    (Some(fusion), Some(texts)) => q
+                        .iter()
+                        .zip(texts)
+                        .map(|(query, text)| {
+                            index.search_hybrid(
+                                store,
+                                *query,
+                                text,
+                                &params,
+                                filter.as_ref(),
+                                fusion,
+                            )
+                        })
+                        .collect(),
+                    _ => {
+                        let filter = filter.as_ref().expect("checked: a filter or texts");
+                        let ids = store.ids_matching(filter)?;
+                        q.iter()
+                            .enumerate()
+                            .map(|(i, query)| match &subset {
+                                None => index.search_subset(*query, &params, &ids),
+                                Some(s) => {
+                                    let keep: std::collections::HashSet<&str> = s
+                                        [if s.len() == 1 { 0 } else { i }]
+                                    .iter()
+                                    .map(String::as_str)
+                                    .collect();
+                                    let both: Vec<String> = ids
+                                        .iter()
+                                        .filter(|id| keep.contains(id.as_str()))
+                                        .cloned()
+                                        .collect();
+                                    index.search_subset(*query, &params, &both)
+                                }
+                            })
+                            .collect()
+                    }
+                })
+            })
+            .map_err(index_err)?;
+        Ok(hits
+            .into_iter()
+            .map(|h| h.into_iter().map(|x| (x.id, x.score)).collect())
+            .collect())
+    }
+
+    /// BM25 alone over the stored title and text: per query text, the `k` best documents matching
+    /// `filter` (a JSON string), as `(id, score)` pairs best first.
+    #[pyo3(signature = (texts, k=10, filter=None))]
+    fn bm25(
+        &self,
+        py: Python<'_>,
+        texts: Vec<String>,
+        k: usize,
+        filter: Option<&str>,
+    ) -> PyResult<Vec<Vec<(String, f32)>>> {
+        let filter = filter.map(parse_filter).transpose()?;
+        let hits = py
+            .detach(|| {
+                self.with_store(|_, store| {
+                    texts
+                        .iter()
+                        .map(|t| latte_index::search_bm25(store, t, k, filter.as_ref()))
+                        .collect::<latte_index::Result<Vec<_>>>()
+                })
+            })
+            .map_err(index_err)?;
+        Ok(hits
+            .into_iter()
+            .map(|h| h.into_iter().map(|x| (x.id, x.score)).collect())
+            .collect())
+    }
+}
+
+/// A stored document as it crosses to Python: id, title, text, metadata as a JSON string.
+type StoredDoc = (String, Option<String>, Option<String>, Option<String>);
+
+/// How many times a store read is retried on a freshly opened index when writers moved past this reader's
+/// view (the store keeps the rows of the last two generations).
+const STALE_VIEW_RETRIES: usize = 3;
+
+impl Plaid {
+    /// Runs `f` with the index and a read view of its document store. When writers moved the index on by
+    /// more than one generation since this object opened it (its store view is gone), `f` runs again on the
+    /// index opened afresh.
+    fn with_store<T>(
+        &self,
+        f: impl Fn(&PlaidIndex, &DocStore) -> latte_index::Result<T>,
+    ) -> latte_index::Result<T> {
+        let stale = |e: &latte_index::Error| {
+            matches!(
+                e,
+                latte_index::Error::Store(latte_index::StoreError::ViewUnavailable { .. })
+            )
+        };
+        let first = self.index.open_store().and_then(|s| f(&self.index, &s));
+        match first {
+            Err(e) if stale(&e) => {
+                let mut last = e;
+                for _ in 0..STALE_VIEW_RETRIES {
+                    let fresh = PlaidIndex::open(self.index.dir())?;
+                    match fresh.open_store().and_then(|s| f(&fresh, &s)) {
+                        Err(e) if stale(&e) => last = e,
+                        other => return other,
+                    }
+                }
+                Err(last)
+            }
+            other => other,
+        }
+    }
+}
+
+/// The fusion of hybrid search: `rrf` (default; rank offset `rrf_k`, default 60) or `linear` (MaxSim weight
+/// `alpha` in [0, 1], default 0.5).
+fn parse_fusion(fusion: Option<&str>, alpha: Option<f64>, rrf_k: Option<f64>) -> PyResult<Fusion> {
+    match fusion.unwrap_or("rrf") {
+        "rrf" => {
+            if alpha.is_some() {
+                return Err(PyValueError::new_err(
+                    "alpha applies to fusion=\"linear\", not \"rrf\"",
+                ));
+            }
+            let k = rrf_k.unwrap_or(latte_index::RRF_K);
+            if !(k.is_finite() && k >= 0.0) {
+                return Err(PyValueError::new_err(format!(
+                    "rrf_k must be a finite number of at least 0, got {k}"
+                )));
+            }
+            Ok(Fusion::Rrf { k })
+        }
+        "linear" => {
+            if rrf_k.is_some() {
+                return Err(PyValueError::new_err(
+                    "rrf_k applies to fusion=\"rrf\", not \"linear\"",
+                ));
+            }
+            let alpha = alpha.unwrap_or(0.5);
+            if !(0.0..=1.0).contains(&alpha) {
+                return Err(PyValueError::new_err(format!(
+                    "alpha must be in [0, 1], got {alpha}"
+                )));
+            }
+            Ok(Fusion::Linear { alpha })
+        }
+        other => Err(PyValueError::new_err(format!(
+            "fusion must be \"rrf\" or \"linear\", got {other:?}"
+        ))),
     }
 }
 
@@ -1221,6 +1603,8 @@ fn _latte(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(plaid_create, m)?)?;
     m.add_function(wrap_pyfunction!(plaid_add, m)?)?;
     m.add_function(wrap_pyfunction!(plaid_delete, m)?)?;
+    m.add_function(wrap_pyfunction!(plaid_delete_matching, m)?)?;
+    m.add_function(wrap_pyfunction!(check_filter, m)?)?;
     m.add_function(wrap_pyfunction!(plaid_exists, m)?)?;
     m.add_function(wrap_pyfunction!(plaid_compact, m)?)?;
     m.add_function(wrap_pyfunction!(evaluate, m)?)?;

@@ -67,6 +67,24 @@ impl Default for EncodeConfig {
     }
 }
 
+/// Searches: how many run at once on the blocking pool, and how many more may wait for a turn.
+#[derive(Debug, Clone)]
+pub struct SearchConfig {
+    /// Searches running at once (each on a blocking thread; a search uses one core).
+    pub workers: usize,
+    /// Searches admitted beyond those running, waiting for a turn; one more gets 503 with `Retry-After`.
+    pub queue: usize,
+}
+
+impl Default for SearchConfig {
+    fn default() -> Self {
+        Self {
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            queue: 256,
+        }
+    }
+}
+
 /// Everything `latte serve` is given.
 #[derive(Debug, Clone, Default)]
 pub struct Config {
@@ -84,6 +102,8 @@ pub struct Config {
     pub limits: Limits,
     /// Encoding pool.
     pub encode: EncodeConfig,
+    /// Search admission.
+    pub search: SearchConfig,
 }
 
 impl Config {

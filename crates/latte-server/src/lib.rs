@@ -48,10 +48,10 @@ use utoipa::OpenApi;
 use utoipa_swagger_ui::SwaggerUi;
 
 pub use auth::{ApiKeys, KeyFileError, Scope};
-pub use config::{Config, EncodeConfig, Limits};
+pub use config::{Config, EncodeConfig, Limits, SearchConfig};
 pub use error::ApiError;
 
-use state::{AppState, Indexes, Models, Writes};
+use state::{AppState, Indexes, Models, SearchGate, Writes};
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -194,12 +194,14 @@ impl Server {
                 addr: addr.to_string(),
                 source,
             })?;
+        let searches = Arc::new(SearchGate::new(&config.search));
         let state = AppState {
             config,
             models: Arc::new(models),
             indexes: Arc::new(indexes),
             metrics: Default::default(),
             writes: Arc::new(Writes::default()),
+            searches,
         };
         Ok(Server { state, listener })
     }

@@ -20,9 +20,9 @@ use axum::http::StatusCode;
 use latte_index::PlaidIndex;
 use latte_models::{ColBERT, ModelOptions};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use crate::config::Config;
+use crate::config::{Config, SearchConfig};
 use crate::encoder::Encoder;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -46,6 +46,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Writes in progress (shutdown waits for them).
     pub writes: Arc<Writes>,
+    /// Search admission: a bounded number run, a bounded number wait, the rest get 503.
+    pub searches: Arc<SearchGate>,
 }
 
 /// Loaded models with their encoding pools, each loaded once per (name, options).
@@ -422,5 +424,98 @@ impl Drop for WriteGuard {
         if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.idle.notify_waiters();
         }
+    }
+}
+
+/// Admission of searches. A search first takes one of `workers + queue` admission permits without waiting
+/// (none left: 503 `overloaded` with `Retry-After`), then waits for one of `workers` run permits, which it
+/// holds on the blocking thread until the search ends — even when the request itself timed out meanwhile, so
+/// abandoned searches still count against the bound.
+pub struct SearchGate {
+    admitted: Arc<Semaphore>,
+    running: Arc<Semaphore>,
+}
+
+/// A search's admission and its turn to run.
+pub struct SearchPermit {
+    _admitted: OwnedSemaphorePermit,
+    _running: OwnedSemaphorePermit,
+}
+
+impl SearchGate {
+    /// A gate with the given bounds (each at least 1 worker).
+    pub fn new(config: &SearchConfig) -> Self {
+        let workers = config.workers.max(1);
+        Self {
+            admitted: Arc::new(Semaphore::new(workers + config.queue)),
+            running: Arc::new(Semaphore::new(workers)),
+        }
+    }
+
+    /// Admits a search, or answers 503 when `workers + queue` are already admitted; then waits for its turn.
+    pub async fn enter(&self) -> Result<SearchPermit, ApiError> {
+        let admitted = self.admitted.clone().try_acquire_owned().map_err(|_| {
+            ApiError::unavailable(
+                "overloaded",
+                "too many searches in flight; retry after the time in Retry-After",
+                1,
+            )
+        })?;
+        let running = self
+            .running
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ApiError::internal("search gate closed"))?;
+        Ok(SearchPermit {
+            _admitted: admitted,
+            _running: running,
+        })
+    }
+
+    /// Searches admitted now (running or waiting).
+    pub fn in_flight(&self, config: &SearchConfig) -> usize {
+        (config.workers.max(1) + config.queue).saturating_sub(self.admitted.available_permits())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+
+    use super::*;
+
+    fn poll_once<F: Future>(f: std::pin::Pin<&mut F>) -> Poll<F::Output> {
+        f.poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    #[tokio::test]
+    async fn search_gate_bounds_running_and_waiting_searches() {
+        let config = SearchConfig {
+            workers: 1,
+            queue: 1,
+        };
+        let gate = SearchGate::new(&config);
+        let first = gate.enter().await.expect("a free gate admits");
+        assert_eq!(gate.in_flight(&config), 1);
+        // The second is admitted but waits for the one running search.
+        let mut second = pin!(gate.enter());
+        assert!(poll_once(second.as_mut()).is_pending());
+        assert_eq!(gate.in_flight(&config), 2);
+        // The third finds workers + queue admitted: 503 with Retry-After, at once.
+        let err = gate.enter().await.err().expect("a full gate refuses");
+        assert_eq!(err.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(err.retry_after, Some(1));
+        // The running search ends: the waiting one runs.
+        drop(first);
+        let Poll::Ready(second) = poll_once(second.as_mut()) else {
+            panic!("the waiting search runs once the running one ends");
+        };
+        let second = second.expect("admitted");
+        assert_eq!(gate.in_flight(&config), 1);
+        drop(second);
+        assert_eq!(gate.in_flight(&config), 0);
     }
 }

@@ -24,7 +24,7 @@ pub const DEFAULT_K: usize = 10;
         (status = 400, description = "Invalid request", body = ErrorBody),
         (status = 404, description = "No such index", body = ErrorBody),
         (status = 409, description = "The index has no documents yet", body = ErrorBody),
-        (status = 503, description = "Encoding queue full (see Retry-After)", body = ErrorBody),
+        (status = 503, description = "Encoding queue or search queue full (see Retry-After)", body = ErrorBody),
     ))]
 pub async fn search(
     State(state): State<AppState>,
@@ -104,7 +104,11 @@ pub async fn search(
         texts,
         queries,
     };
+    // Admission (503 when too many searches are in flight), then a turn among the running searches; the
+    // permit moves onto the blocking thread, so a search abandoned by a timed-out request still holds it.
+    let permit = state.searches.enter().await?;
     let results = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
         // A read of the document store whose view was overtaken by two commits retries on the served index.
         let mut index = index;
         for _ in 0..RETRIES {

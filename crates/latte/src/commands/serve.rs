@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use latte_server::{ApiKeys, Config, EncodeConfig, Limits};
+use latte_server::{ApiKeys, Config, EncodeConfig, Limits, SearchConfig};
 
 use super::model_args::HubArgs;
 
@@ -60,6 +60,12 @@ pub struct ServeArgs {
     /// Encoding requests queued per model before new ones get 503.
     #[arg(long, default_value_t = 256)]
     pub encode_queue: usize,
+    /// Searches running at once (default: the number of CPUs).
+    #[arg(long)]
+    pub search_workers: Option<usize>,
+    /// Searches waiting for a turn before new ones get 503.
+    #[arg(long, default_value_t = 256)]
+    pub search_queue: usize,
     #[command(flatten)]
     pub hub: HubArgs,
 }
@@ -92,6 +98,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
             max_batch: args.encode_batch,
             max_wait: Duration::from_millis(args.encode_wait_ms),
             queue: args.encode_queue,
+        },
+        search: SearchConfig {
+            workers: args
+                .search_workers
+                .unwrap_or_else(|| SearchConfig::default().workers),
+            queue: args.search_queue,
         },
     };
     // Refuse an exposed open server before loading anything.
