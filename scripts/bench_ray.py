@@ -5,7 +5,7 @@ Starts a local Ray cluster of two nodes (separate processes, 1 CPU each). Each R
 run the engine on one thread (RAYON_NUM_THREADS=1), so that "2 workers" means two cores and the numbers compare.
 
     RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled PYTHONPATH=<staged latte> \\
-        python scripts/bench_ray.py --dataset data/demo --model MODEL [--docs N] [--out DIR]
+        python scripts/bench_ray.py --dataset data/demo --model MODEL [--docs N] [--out DIR] [--no-ray-encode]
 """
 
 from __future__ import annotations
@@ -49,6 +49,11 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=None, help="first N passages (default: all)")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--out", default=None, help="folder for the indexes (default: a temporary one)")
+    ap.add_argument(
+        "--no-ray-encode",
+        action="store_true",
+        help="skip the Ray encoding runs (the sharded index is built from the one-process embeddings)",
+    )
     args = ap.parse_args()
 
     corpus = [
@@ -77,7 +82,7 @@ def main() -> None:
     tokens = sum(e.shape[0] for e in single)
     print(f"encode, one process, no Ray:  {secs:7.2f} s  {len(texts) / secs:7.1f} passages/s  {tokens / secs:8.0f} tokens/s")
     encoded = None
-    for workers in (1, 2):
+    for workers in () if args.no_ray_encode else (1, 2):
         ds = ray.data.from_items(corpus, override_num_blocks=max(8, 4 * workers))
         t = time.perf_counter()
         encoded = lray.encode(ds, args.model, batch_size=32, concurrency=workers, num_cpus=1).materialize()
@@ -86,10 +91,14 @@ def main() -> None:
             f"encode, Ray, {workers} worker(s):     {secs:7.2f} s  {len(texts) / secs:7.1f} passages/s  "
             f"{tokens / secs:8.0f} tokens/s  (model load and actor start included)"
         )
-    assert encoded is not None
-    embeddings = {str(r["_id"]): r["embeddings"] for r in encoded.take_all()}
-    same = all(np.array_equal(embeddings[r["_id"]], e) for r, e in zip(corpus, single))
-    print(f"Ray embeddings identical to the one-process ones: {same}")
+    if encoded is None:
+        rows = [{"_id": r["_id"], "embeddings": e} for r, e in zip(corpus, single)]
+        encoded = ray.data.from_items(rows, override_num_blocks=8)
+        embeddings = {r["_id"]: e for r, e in zip(corpus, single)}
+    else:
+        embeddings = {str(r["_id"]): r["embeddings"] for r in encoded.take_all()}
+        same = all(np.array_equal(embeddings[r["_id"]], e) for r, e in zip(corpus, single))
+        print(f"Ray embeddings identical to the one-process ones: {same}")
 
     # Indexes: one PLAID index and a 2-shard index over the same documents.
     ids = sorted(embeddings)
@@ -122,9 +131,30 @@ def main() -> None:
                 f"p95 {lat[int(0.95 * (len(lat) - 1))]:6.2f} ms;  batch of {len(q)}: {len(q) / batch_secs:7.1f} queries/s"
             )
         got = sharded.search(queries_embeddings=q, k=10)
-    want = one(q, k=10)
-    equal = sum([h["id"] for h in g] == [h["id"] for h in w] for g, w in zip(got, want))
-    print(f"top-10 equal to the one index for {equal} of {len(q)} queries")
+    # One index built with the codec the shards share, and the exact top 10 (brute-force MaxSim).
+    codec = indexes.Codec.from_index(str(out / "sharded" / "shard-00000"))
+    shared = indexes.PLAID(index_folder=str(out), index_name="single-shared-codec", override=True, codec=codec)
+    shared.add_documents(ids, [embeddings[i] for i in ids])
+    exact = indexes.Exact()
+    exact.add_documents(ids, [embeddings[i] for i in ids])
+    truth = exact(q, k=10)
+
+    def ids_of(res: list) -> list:
+        return [[h["id"] for h in r] for r in res]
+
+    def recall(res: list) -> float:
+        return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids_of(res), ids_of(truth))]))
+
+    own = one(q, k=10)
+    same_codec = shared(q, k=10)
+    for name, other in (("one index, its own codec", own), ("one index, the shards' codec", same_codec)):
+        equal = sum(a == b for a, b in zip(ids_of(got), ids_of(other)))
+        print(f"2 shards vs {name}: top-10 equal for {equal} of {len(q)} queries")
+    diff = max(abs(a["score"] - b["score"]) for g, w in zip(got, same_codec) for a, b in zip(g, w))
+    print(f"largest score difference, 2 shards vs one index with the shards' codec: {diff:.2e}")
+    for name, res in (("one index, own codec", own), ("one index, shards' codec", same_codec), ("2 shards", got)):
+        exact_top = sum(a == b for a, b in zip(ids_of(res), ids_of(truth)))
+        print(f"{name}: recall@10 {recall(res):.4f}, top-10 exact for {exact_top} of {len(q)} queries")
     ray.shutdown()
     cluster.shutdown()
 

@@ -194,9 +194,55 @@ def plaid_create(
     titles: Optional[List[Optional[str]]] = None,
     texts: Optional[List[Optional[str]]] = None,
     metadata: Optional[List[Optional[str]]] = None,
+    codec: Optional["Codec"] = None,
 ) -> int:
     """Creates a PLAID index (with the documents' titles, texts and metadata as JSON text, one entry per
-    id); returns the number of documents indexed."""
+    id; with ``codec``'s centroids and residual codec when given, instead of training them); returns the
+    number of documents indexed."""
+
+class Codec:
+    """A PLAID index's trained centroids and residual codec, shared by indexes built with it (picklable)."""
+
+    def __init__(
+        self, centroids: _F32, cutoffs: List[float], weights: List[float], cluster_threshold: float, nbits: int
+    ) -> None: ...
+    @staticmethod
+    def train(
+        embeddings: List[_F32],
+        nbits: int = 2,
+        kmeans_niters: int = 4,
+        kmeans_points_per_centroid: int = 32,
+        seed: int = 42,
+        num_centroids: Optional[int] = None,
+        pool_factor: int = 1,
+    ) -> "Codec":
+        """Trains a codec on documents or a sample of them (then give ``num_centroids`` for the collection)."""
+    @staticmethod
+    def from_index(path: str) -> "Codec":
+        """The codec of the PLAID index in ``path``."""
+    @staticmethod
+    def load(path: str) -> "Codec":
+        """Reads a codec file written by :meth:`save`."""
+    def save(self, path: str) -> None:
+        """Writes the codec to a file."""
+    @property
+    def dim(self) -> int: ...
+    @property
+    def nbits(self) -> int: ...
+    @property
+    def num_centroids(self) -> int: ...
+    @property
+    def centroids(self) -> _F32:
+        """``num_centroids × dim`` float32 (the half-precision values an index stores)."""
+    @property
+    def cutoffs(self) -> List[float]: ...
+    @property
+    def weights(self) -> List[float]: ...
+    @property
+    def cluster_threshold(self) -> float: ...
+
+def default_num_centroids(tokens: int) -> int:
+    """The default number of centroids of an index of ``tokens`` token vectors."""
 
 def plaid_add(
     path: str,

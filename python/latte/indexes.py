@@ -34,7 +34,12 @@ import numpy as np
 from latte import _latte
 from latte._arrays import matrices
 
-__all__ = ["PLAID", "Exact", "WARP", "Voyager", "ScaNN", "TachiomIndex"]
+__all__ = ["PLAID", "Exact", "WARP", "Voyager", "ScaNN", "TachiomIndex", "Codec", "train_codec"]
+
+#: A PLAID index's trained centroids and residual codec (``latte._latte.Codec``): several indexes built with one
+#: (``PLAID(codec=...)``, ``latte index --codec-from``) encode every token the same way. Picklable; also
+#: ``Codec.from_index(path)``, ``Codec.load(path)`` / ``codec.save(path)``.
+Codec = _latte.Codec
 
 RerankResult = Dict[str, Any]
 
@@ -172,7 +177,10 @@ class PLAID:
     left at PyLate's defaults (8 and 8192), latte's measured defaults for the requested ``k`` apply.
     Accepted without effect: ``use_fast``, ``n_samples_kmeans``, ``use_triton``, ``batch_size``,
     ``num_threads`` (latte uses all cores), ``show_progress``, ``device`` (CPU), ``low_memory`` and the
-    Stanford backend's keywords. latte's extra keyword ``pool_factor`` pools document tokens at index time.
+    Stanford backend's keywords. latte's extra keyword ``pool_factor`` pools document tokens at index time;
+    ``codec`` (a :class:`Codec`, e.g. from :func:`train_codec` or ``Codec.from_index``) builds the index with
+    those centroids and that residual codec instead of training them (its ``nbits`` replaces ``nbits``), so
+    that indexes sharing it (the shards of one collection) encode every token the same way.
 
     Beyond PyLate: documents carry text and metadata (``add_documents(..., documents_texts=...,
     metadata=...)``), calls take ``filter=``, ``queries_texts=`` (hybrid or BM25 search) and
@@ -200,8 +208,13 @@ class PLAID:
         device: Optional[Union[str, List[str]]] = None,
         low_memory: bool = False,
         pool_factor: int = 1,
+        codec: Optional[Codec] = None,
         **kwargs: Any,
     ) -> None:
+        if codec is not None:
+            if not isinstance(codec, Codec):
+                raise ValueError(f"codec: expected a latte.indexes.Codec, got {type(codec).__name__}")
+            nbits = codec.nbits
         if nbits not in (1, 2, 4):
             raise ValueError(f"nbits must be 1, 2 or 4, got {nbits}")
         self.index_folder = index_folder
@@ -214,6 +227,7 @@ class PLAID:
         self.n_ivf_probe = n_ivf_probe
         self.n_full_scores = n_full_scores
         self.pool_factor = pool_factor
+        self.codec = codec
         self._ids: Dict[str, Hashable] = {}
         self._searcher: Optional[Any] = None
         self._lock = threading.RLock()
@@ -290,6 +304,7 @@ class PLAID:
                     kmeans_points_per_centroid=self.max_points_per_centroid,
                     seed=self.seed,
                     pool_factor=self.pool_factor,
+                    codec=self.codec,
                     **fields,
                 )
                 replaced, created = [], True
@@ -458,6 +473,31 @@ class PLAID:
     def get_documents_embeddings(self, documents_ids: Any) -> Any:
         """Not available (as in PyLate's PLAID)."""
         raise NotImplementedError("PLAID does not return stored document embeddings")
+
+
+def train_codec(
+    documents_embeddings: Any,
+    nbits: int = 4,
+    kmeans_niters: int = 4,
+    max_points_per_centroid: int = 256,
+    seed: int = 42,
+    num_centroids: Optional[int] = None,
+    pool_factor: int = 1,
+) -> Codec:
+    """Trains the centroids and residual codec :class:`PLAID` would train on these documents with these
+    settings, without building an index; ``PLAID(codec=...)`` then builds indexes with it. Given a sample of
+    a larger collection, pass ``num_centroids`` for the whole collection
+    (``latte._latte.default_num_centroids(total_tokens)`` is the default a build would pick)."""
+    embs = matrices(documents_embeddings, "documents_embeddings")
+    return _latte.Codec.train(
+        embs,
+        nbits=nbits,
+        kmeans_niters=kmeans_niters,
+        kmeans_points_per_centroid=max_points_per_centroid,
+        seed=seed,
+        num_centroids=num_centroids,
+        pool_factor=pool_factor,
+    )
 
 
 class Exact:

@@ -11,11 +11,14 @@ or pass a ``runtime_env``).
   the blocks (nothing is gathered on one node); each part is what ``latte index --embeddings PART.npz --ids
   PART.ids`` reads.
 - :func:`build_sharded`: one PLAID index per shard, built by one Ray task per shard; documents are routed by
-  a stable hash of their id (:func:`shard_of`), so adds and deletes reach the right shard later. A manifest
-  (``latte-shards.json``) names the shards and the model.
+  a stable hash of their id (:func:`shard_of`), so adds and deletes reach the right shard later. Every shard
+  is built with one codec (centroids and residual codec) trained once on a sample drawn across the dataset
+  and passed to the shard tasks through Ray's object store. A manifest (``latte-shards.json``) names the
+  shards, the model and the shared codec.
 - :class:`ShardedIndex`: one Ray actor per shard (each opens its shard memory-mapped), a query batch fanned
   out to every shard and each query's top-``k`` merged by score. Scores are comparable across shards because
-  every shard's final rerank is an exact MaxSim from the stored half-precision embeddings.
+  every shard's final rerank is an exact MaxSim from the stored half-precision embeddings, and with the shared
+  codec the merged top-``k`` is that of one index built with that codec over all the documents.
 
 The index folder must be visible under the same path from every node that runs a shard task or actor (a
 shared or network file system); on one machine any folder works.
@@ -55,6 +58,7 @@ __all__ = [
     "build_sharded",
     "encode",
     "read_manifest",
+    "sample_key",
     "shard_of",
     "write_embeddings",
 ]
@@ -302,14 +306,20 @@ def _write_batch(
     groups: Dict[int, List[int]] = {}
     for row, i in enumerate(ids):
         groups.setdefault(-1 if num_shards is None else shard_of(i, num_shards), []).append(row)
-    shards, parts, counts = [], [], []
+    shards, parts, counts, tokens = [], [], [], []
     for shard, rows in sorted(groups.items()):
         folder = root if shard < 0 else os.path.join(root, _shard_name(shard))
         meta = None if metadata is None else [metadata[r] for r in rows]
         parts.append(_write_part(folder, [ids[r] for r in rows], [embs[r] for r in rows], meta))
         shards.append(shard)
         counts.append(len(rows))
-    return {"shard": np.array(shards, dtype=np.int64), "part": np.array(parts), "documents": np.array(counts)}
+        tokens.append(sum(int(embs[r].shape[0]) for r in rows))
+    return {
+        "shard": np.array(shards, dtype=np.int64),
+        "part": np.array(parts),
+        "documents": np.array(counts, dtype=np.int64),
+        "tokens": np.array(tokens, dtype=np.int64),
+    }
 
 
 def write_embeddings(
@@ -377,9 +387,89 @@ def _index_settings(
     }
 
 
-def _build_shard(root: str, shard: int, staging: str, parts: List[str], settings: Dict[str, Any]) -> Dict[str, Any]:
+#: How the documents the shared codec is trained on are chosen (recorded in the manifest).
+SAMPLING = "the sample_documents ids with the smallest blake2b-64-le(utf8(id), salt=seed as 16 bytes little-endian)"
+#: Tokens held out of k-means for the residual codec when a codec is trained (as the Rust build does).
+_HELDOUT_TOKENS = 50_000
+
+
+def sample_key(document_id: Hashable, seed: int) -> int:
+    """The key that orders documents for the shared codec's training sample: the 64-bit little-endian BLAKE2b
+    digest of the UTF-8 ``str(document_id)`` salted with ``seed``. :func:`build_sharded` trains on the
+    documents with the smallest keys, so the sample depends only on the ids and the seed."""
+    salt = int(seed).to_bytes(16, "little", signed=False)
+    digest = hashlib.blake2b(str(document_id).encode("utf-8"), digest_size=8, salt=salt).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _codec_plan(
+    documents: int, tokens: int, settings: Dict[str, Any], sample_cap: Optional[int]
+) -> Tuple[int, int]:
+    """``(num_centroids, sample_documents)`` of the shared codec of ``documents`` documents holding ``tokens``
+    tokens: the number of centroids one index over them would get, and as many documents as one index's
+    build samples (``1 + 16·sqrt(120·n)``) but no more than hold its k-means training set plus the held-out
+    tokens (``num_centroids × max_points_per_centroid + 50,000``), nor ``sample_cap``."""
+    from latte import _latte
+
+    pooled = max(1, tokens // max(1, int(settings["pool_factor"])))
+    k = int(_latte.default_num_centroids(pooled))
+    budget = k * int(settings["max_points_per_centroid"]) + _HELDOUT_TOKENS
+    per_doc = pooled / max(1, documents)
+    n = min(documents, int(1 + 16 * (120 * documents) ** 0.5), max(1, int(-(-budget // per_doc))))
+    if sample_cap is not None:
+        n = min(n, sample_cap)
+    return k, max(1, n)
+
+
+def _sample_candidates(staging: str, shard: int, parts: List[str], seed: int, below: int) -> List[Tuple[int, str, str]]:
+    """The staged documents of one shard whose :func:`sample_key` is below ``below``: ``(key, id, part)``."""
+    folder = os.path.join(staging, _shard_name(shard))
+    out: List[Tuple[int, str, str]] = []
+    for base in sorted(set(parts)):
+        with open(os.path.join(folder, base + ".ids"), encoding="utf-8") as f:
+            for line in f:
+                i = line.rstrip("\n")
+                key = sample_key(i, seed)
+                if key < below:
+                    out.append((key, i, base))
+    return out
+
+
+def _train_shared_codec(
+    staging: str, chosen: List[Tuple[int, int, str, str]], settings: Dict[str, Any], num_centroids: int
+) -> Any:
+    """Trains the shared codec on the chosen documents (``(key, shard, id, part)``, read from the staged parts
+    in key order) with ``num_centroids`` centroids; returns a :class:`latte.indexes.Codec`."""
+    from latte.indexes import train_codec
+
+    by_part: Dict[Tuple[int, str], List[str]] = {}
+    for _, shard, i, base in chosen:
+        by_part.setdefault((shard, base), []).append(i)
+    found: Dict[str, np.ndarray] = {}
+    for (shard, base), wanted in sorted(by_part.items()):
+        stem = os.path.join(staging, _shard_name(shard), base)
+        with open(stem + ".ids", encoding="utf-8") as f:
+            position = {line.rstrip("\n"): j for j, line in enumerate(f)}
+        with np.load(stem + ".npz") as npz:
+            for i in wanted:
+                found[i] = npz[f"arr_{position[i]}"]
+    sample = [found[i] for _, _, i, _ in chosen]
+    return train_codec(
+        sample,
+        nbits=settings["nbits"],
+        kmeans_niters=settings["kmeans_niters"],
+        max_points_per_centroid=settings["max_points_per_centroid"],
+        seed=settings["seed"],
+        num_centroids=num_centroids,
+        pool_factor=settings["pool_factor"],
+    )
+
+
+def _build_shard(
+    root: str, shard: int, staging: str, parts: List[str], settings: Dict[str, Any], codec: Any = None
+) -> Dict[str, Any]:
     """Builds shard ``shard`` of the index in ``root`` from its staged parts (documents sorted by id, so the
-    shard does not depend on how the dataset was split into blocks)."""
+    shard does not depend on how the dataset was split into blocks), with the shared ``codec`` when given."""
     from latte.indexes import PLAID
 
     name = _shard_name(shard)
@@ -388,10 +478,15 @@ def _build_shard(root: str, shard: int, staging: str, parts: List[str], settings
     for a, b in zip(order, order[1:]):
         if ids[a] == ids[b]:
             raise ValueError(f"build_sharded: duplicate document id {ids[a]!r} (ids must be unique)")
-    index = PLAID(index_folder=root, index_name=name, override=True, **settings)
+    index = PLAID(index_folder=root, index_name=name, override=True, codec=codec, **settings)
     if order:
         index.add_documents([ids[i] for i in order], [embs[i] for i in order])
-    return {"shard": shard, "documents": len(order), "dim": int(embs[0].shape[1]) if embs else None}
+    return {
+        "shard": shard,
+        "documents": len(order),
+        "dim": int(embs[0].shape[1]) if embs else None,
+        "num_centroids": None if codec is None else int(codec.num_centroids),
+    }
 
 
 def _write_manifest(root: str, manifest: Dict[str, Any]) -> None:
@@ -445,6 +540,7 @@ def build_sharded(
     pool_factor: int = 1,
     num_cpus: float = 1,
     override: bool = False,
+    codec_sample: Optional[int] = None,
 ) -> Dict[str, Any]:
     """Builds a sharded PLAID index in the folder ``path`` from a dataset of ids and embeddings (the columns
     :func:`encode` writes) and returns its manifest.
@@ -456,6 +552,14 @@ def build_sharded(
     ``max_points_per_centroid``, ``seed``, ``pool_factor``), and the staging files are removed. ``model`` (and
     ``model_kwargs``) are recorded in the manifest so that :meth:`ShardedIndex.search` can encode text
     queries. ``override=True`` replaces an existing index at ``path``; otherwise one there is an error.
+
+    Every shard is built with one shared codec (centroids and residual codec), so the shards encode every
+    token as one index over the whole dataset built with that codec would, and their merged results are
+    that index's. It is trained once, by one Ray task, on a deterministic sample drawn across all shards:
+    the documents with the smallest :func:`sample_key` (as many as one index's build samples, no more than
+    hold its k-means training set, and at most ``codec_sample`` when given), with the number of centroids
+    one index over all the documents would get; it reaches the shard tasks through Ray's object store. The
+    manifest's ``codec`` entry records it (``shared``, ``num_centroids``, ``sample_documents``, ...).
     """
     if num_shards < 1:
         raise ValueError(f"build_sharded: num_shards must be at least 1, got {num_shards}")
@@ -473,12 +577,21 @@ def build_sharded(
     )
     written = dataset.map_batches(write, batch_format="numpy").take_all()
     parts: Dict[int, List[str]] = {i: [] for i in range(num_shards)}
+    documents = tokens = 0
     for row in written:
         parts[int(row["shard"])].append(str(row["part"]))
+        documents += int(row["documents"])
+        tokens += int(row["tokens"])
+    codec_ref, codec_info = None, None
+    if documents:
+        codec_ref, codec_info = _shared_codec(staging, parts, documents, tokens, settings, num_cpus, codec_sample)
     build = ray.remote(_build_shard).options(num_cpus=num_cpus, scheduling_strategy="SPREAD", max_retries=0)
-    refs = [build.remote(root, i, staging, parts[i], settings) for i in range(num_shards)]
+    refs = [build.remote(root, i, staging, parts[i], settings, codec_ref) for i in range(num_shards)]
     built = sorted(ray.get(refs), key=lambda r: r["shard"])
     shutil.rmtree(staging, ignore_errors=True)
+    if codec_info is not None:
+        # What the trained codec has (fewer centroids than planned when the sample holds fewer tokens).
+        codec_info["num_centroids"] = built[0]["num_centroids"]
     dims = {r["dim"] for r in built if r["dim"] is not None}
     if len(dims) > 1:
         raise ValueError(f"build_sharded: the embeddings have several dimensions {sorted(dims)}; expected one")
@@ -492,9 +605,52 @@ def build_sharded(
         "model": None if model is None else os.fspath(model),
         "model_kwargs": dict(model_kwargs or {}),
         "index": settings,
+        "codec": codec_info,
     }
     _write_manifest(root, manifest)
     return manifest
+
+
+def _shared_codec(
+    staging: str,
+    parts: Dict[int, List[str]],
+    documents: int,
+    tokens: int,
+    settings: Dict[str, Any],
+    num_cpus: float,
+    sample_cap: Optional[int],
+) -> Tuple[Any, Dict[str, Any]]:
+    """Draws the codec's sample (one task per shard lists its candidates; the driver keeps the ids with the
+    smallest keys) and trains the codec in one task. Returns the codec's object ref and its manifest entry."""
+    if sample_cap is not None and sample_cap < 1:
+        raise ValueError(f"build_sharded: codec_sample must be at least 1, got {sample_cap}")
+    seed = int(settings["seed"])
+    num_centroids, n = _codec_plan(documents, tokens, settings, sample_cap)
+    # Keys are uniform: a bound a little above the n-th smallest key's expected value leaves a few more than
+    # n candidates (the ids only, never the embeddings, come to the driver); the bound is raised if too few.
+    fraction = n / documents
+    task = ray.remote(_sample_candidates).options(num_cpus=num_cpus, scheduling_strategy="SPREAD", max_retries=0)
+    chosen: List[Tuple[int, int, str, str]] = []
+    while True:
+        below = 1 << 64 if fraction >= 1 else int(min(1.0, fraction * 1.1 + 32 / documents) * (1 << 64))
+        found = ray.get([task.remote(staging, i, parts[i], seed, below) for i in range(len(parts))])
+        chosen = sorted((key, shard, i, base) for shard, rows in enumerate(found) for key, i, base in rows)
+        if len(chosen) >= n or below >= 1 << 64:
+            break
+        fraction = min(1.0, fraction * 2)
+    chosen = chosen[:n]
+    train = ray.remote(_train_shared_codec).options(num_cpus=num_cpus, max_retries=0)
+    codec_ref = train.remote(staging, chosen, settings, num_centroids)
+    info = {
+        "shared": True,
+        "num_centroids": num_centroids,
+        "nbits": settings["nbits"],
+        "sample_documents": len(chosen),
+        "documents": documents,
+        "tokens": tokens,
+        "sampling": SAMPLING,
+    }
+    return codec_ref, info
 
 
 # -- serving ----------------------------------------------------------------------------------------------
@@ -503,7 +659,9 @@ def build_sharded(
 class _ShardActor:
     """One shard of a :class:`ShardedIndex`: its PLAID index opened (memory-mapped) in a Ray actor."""
 
-    def __init__(self, root: str, name: str, settings: Dict[str, Any], search: Dict[str, Any]) -> None:
+    def __init__(
+        self, root: str, name: str, settings: Dict[str, Any], search: Dict[str, Any], shared_codec: bool = False
+    ) -> None:
         from latte.indexes import PLAID
 
         self.name = name
@@ -514,6 +672,9 @@ class _ShardActor:
             n_full_scores=search["n_full_scores"],
             **settings,
         )
+        if shared_codec and not self.index.is_indexed:
+            # A shard still without documents is created, at its first add, with the codec the others share.
+            self.index.codec = _sibling_codec(root, name)
         # Open the shard now (not at the first query), so that a restarted actor is ready when it answers.
         self.documents = len(self.index)
         self.started = time.time()
@@ -570,6 +731,18 @@ class _ShardActor:
         return len(self.index) if self.index.is_indexed else 0
 
 
+def _sibling_codec(root: str, name: str) -> Any:
+    """The shared codec, read from the first other shard of ``root`` that holds an index (None if none does)."""
+    from latte import _latte
+    from latte.indexes import Codec
+
+    for entry in sorted(os.listdir(root)):
+        path = os.path.join(root, entry)
+        if entry != name and entry.startswith("shard-") and _latte.plaid_exists(path):
+            return Codec.from_index(path)
+    return None
+
+
 class PendingSearch:
     """A search sent to every shard of a :class:`ShardedIndex` (from :meth:`ShardedIndex.search_async`)."""
 
@@ -609,10 +782,9 @@ class ShardedIndex:
     restart) and ``actor_options`` (default ``{"num_cpus": 1}``, spread over the nodes). ``timeout`` is how
     long a search waits for every shard, restarts included, before :class:`ShardUnavailableError`;
     ``allow_partial=True`` makes searches return the shards that answered instead (see the module doc).
-    ``n_ivf_probe`` and ``n_full_scores`` are the per-shard search settings of :class:`latte.indexes.PLAID`;
-    shards probe 12 inverted lists per query token by default (one index probes 8): each shard trains its own
-    centroids on fewer tokens, and the deeper probe brings the shards' recall of the exact top 10 back to (or
-    above) one index's (BENCHMARKS.md, "Scale-out on Ray").
+    ``n_ivf_probe`` and ``n_full_scores`` are the per-shard search settings of :class:`latte.indexes.PLAID`,
+    with its defaults: the shards share one codec (:func:`build_sharded`), so with the same settings they
+    probe the lists one index with that codec would and the merged top ``k`` is that index's.
     Ids come back as ``str``. Use it as a context manager, or call :meth:`close`, to stop the actors.
     """
 
@@ -623,7 +795,7 @@ class ShardedIndex:
         timeout: float = 120.0,
         max_restarts: int = -1,
         actor_options: Optional[Dict[str, Any]] = None,
-        n_ivf_probe: int = 12,
+        n_ivf_probe: int = 8,
         n_full_scores: int = 8192,
     ) -> None:
         if not ray.is_initialized():
@@ -644,7 +816,8 @@ class ShardedIndex:
         remote = ray.remote(_ShardActor).options(**options)
         search = {"n_ivf_probe": n_ivf_probe, "n_full_scores": n_full_scores}
         settings = dict(self.manifest["index"])
-        self._actors: List[Any] = [remote.remote(self.path, name, settings, search) for name in self.names]
+        shared = bool((self.manifest.get("codec") or {}).get("shared"))
+        self._actors: List[Any] = [remote.remote(self.path, name, settings, search, shared) for name in self.names]
         self._closed = False
         # Wait until every shard is open, so that errors in a shard surface here, named.
         self._gather([a.info.remote() for a in self._actors], allow_partial=False, timeout=timeout)

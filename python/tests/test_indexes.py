@@ -120,3 +120,33 @@ def test_bad_shapes_are_value_errors(tmp_path, rng):
     exact.add_documents(["a"], docs[:1])
     with pytest.raises(ValueError):
         exact.add_documents(["b"], [np.ones((2, 8), dtype=np.float32)])
+
+
+def test_shared_codec_builds_indexes_that_encode_alike(tmp_path, rng):
+    import pickle
+
+    docs = random_docs(rng, 80)
+    ids = [f"doc{i}" for i in range(80)]
+    codec = indexes.train_codec(docs, nbits=2, num_centroids=16)
+    assert (codec.nbits, codec.num_centroids, codec.dim) == (2, 16, docs[0].shape[1])
+    assert codec.centroids.shape == (16, codec.dim) and codec.centroids.dtype == np.float32
+    assert len(codec.cutoffs) == 3 and len(codec.weights) == 4
+    # Through pickle (Ray's object store), a file, and an index built with it: the same codec.
+    assert pickle.loads(pickle.dumps(codec)) == codec
+    codec.save(str(tmp_path / "codec.lt"))
+    assert indexes.Codec.load(str(tmp_path / "codec.lt")) == codec
+    # nbits comes from the codec (PLAID's default is 4).
+    a = indexes.PLAID(index_folder=str(tmp_path), index_name="a", codec=codec)
+    a.add_documents(ids[:40], docs[:40])
+    b = indexes.PLAID(index_folder=str(tmp_path), index_name="b", codec=codec)
+    b.add_documents(ids[40:], docs[40:])
+    for name in ("a", "b"):
+        assert indexes.Codec.from_index(str(tmp_path / name)) == codec
+    # An index built without a codec trains its own; training alone gives the same one.
+    own = indexes.PLAID(index_folder=str(tmp_path), index_name="own", nbits=2)
+    own.add_documents(ids, docs)
+    assert indexes.Codec.from_index(str(tmp_path / "own")) == indexes.train_codec(docs, nbits=2)
+    with pytest.raises(ValueError, match="cutoffs"):
+        indexes.Codec(codec.centroids, [0.0], codec.weights, codec.cluster_threshold, 2)
+    with pytest.raises(ValueError, match="codec"):
+        indexes.PLAID(index_folder=str(tmp_path), index_name="c", codec="not a codec")

@@ -6,6 +6,8 @@
 //! * [`ExactIndex`]: brute-force in-memory index, the ground truth.
 //! * [`PlaidIndex`]: on-disk PLAID index (k-means centroids, residual codec, inverted lists) with add, delete,
 //!   compaction, subset search and a half-precision copy of the embeddings for an exact final rerank.
+//! * [`IndexCodec`]: an index's trained centroids and residual codec ([`PlaidIndex::train_codec`],
+//!   [`IndexCodec::from_index`]), to build several indexes with one ([`PlaidIndex::create_with_codec`]).
 //! * [`IndexWriter`]: the one writer of a [`PlaidIndex`] ([`PlaidIndex::writer`]), holding an OS lock on the
 //!   index's `LOCK` file; add, delete and compact, then [`IndexWriter::commit`].
 //! * [`kmeans`]: spherical k-means and nearest-centroid assignment (brute force, or two-level above 16,384
@@ -49,8 +51,9 @@ pub use hybrid::{search_bm25, Fusion, HYBRID_DEPTH};
 pub use latte_store::{Doc, DocStore, Filter, FilterError, StoreError, RRF_K};
 pub use npz_source::NpzSource;
 pub use plaid::{
-    AddReport, DeleteReport, DocumentSource, IndexConfig, IndexInfo, IndexWriter, PlaidIndex,
-    SearchParams, VecSource, EXACT_SUBSET_MAX_DOCS, EXACT_SUBSET_MAX_FRACTION_INV,
+    default_num_centroids, AddReport, DeleteReport, DocumentSource, IndexCodec, IndexConfig,
+    IndexInfo, IndexWriter, PlaidIndex, SearchParams, VecSource, EXACT_SUBSET_MAX_DOCS,
+    EXACT_SUBSET_MAX_FRACTION_INV,
 };
 pub use rerank_mod::{rerank, RerankResult};
 pub use scores::{maxsim, EmbRef};

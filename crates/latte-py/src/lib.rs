@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{PoisonError, RwLock};
 
 use latte_index::{
-    Doc, DocStore, EmbRef, ExactIndex, Filter, Fusion, IndexConfig, PlaidIndex, SearchParams,
-    VecSource,
+    Doc, DocStore, EmbRef, ExactIndex, Filter, Fusion, IndexCodec, IndexConfig, PlaidIndex,
+    SearchParams, VecSource,
 };
 use latte_models::{
     ColBERT, Dense, DenseConfig, Dtype, EncodeOptions, HubOptions, LoadOptions, PartialSettings,
@@ -653,10 +653,11 @@ fn vec_source(ids: Vec<String>, embeddings: &[PyReadonlyArray2<'_, f32>]) -> PyR
     Ok(source)
 }
 
-/// Creates a PLAID index in `path` from documents (fails if one exists there).
+/// Creates a PLAID index in `path` from documents (fails if one exists there); with `codec`, built with
+/// that codec's centroids and residual codec instead of training them.
 #[pyfunction]
 #[pyo3(signature = (path, ids, embeddings, nbits=2, kmeans_niters=4, kmeans_points_per_centroid=32,
-    seed=42, num_centroids=None, pool_factor=1, titles=None, texts=None, metadata=None))]
+    seed=42, num_centroids=None, pool_factor=1, titles=None, texts=None, metadata=None, codec=None))]
 #[allow(clippy::too_many_arguments)]
 fn plaid_create(
     py: Python<'_>,
@@ -672,6 +673,7 @@ fn plaid_create(
     titles: Option<Vec<Option<String>>>,
     texts: Option<Vec<Option<String>>>,
     metadata: Option<Vec<Option<String>>>,
+    codec: Option<PyRef<'_, Codec>>,
 ) -> PyResult<usize> {
     let docs = stored_documents(&ids, titles, texts, metadata)?;
     let source = vec_source(ids, &embeddings)?;
@@ -684,10 +686,168 @@ fn plaid_create(
         pool_factor,
         ..IndexConfig::default()
     };
+    let codec = codec.map(|c| c.codec.clone());
     let report = py
-        .detach(|| PlaidIndex::create_with_documents(&path, &source, &docs, &config))
+        .detach(|| match &codec {
+            Some(c) => PlaidIndex::create_with_codec(&path, &source, &docs, c, &config),
+            None => PlaidIndex::create_with_documents(&path, &source, &docs, &config),
+        })
         .map_err(index_err)?;
     Ok(report.documents)
+}
+
+/// A PLAID index's trained centroids and residual codec, to build several indexes (the shards of one
+/// collection) with the same one. Pickles through its arrays (so it crosses Ray's object store).
+#[pyclass(frozen, eq, module = "latte._latte")]
+#[derive(PartialEq)]
+struct Codec {
+    codec: IndexCodec,
+}
+
+#[pymethods]
+impl Codec {
+    /// A codec from its arrays: `centroids` (`k × dim` float32, rounded to half precision), the
+    /// `2^nbits − 1` ascending `cutoffs`, the `2^nbits` `weights` and the `cluster_threshold`.
+    #[new]
+    #[pyo3(signature = (centroids, cutoffs, weights, cluster_threshold, nbits))]
+    fn new(
+        centroids: PyReadonlyArray2<'_, f32>,
+        cutoffs: Vec<f32>,
+        weights: Vec<f32>,
+        cluster_threshold: f32,
+        nbits: usize,
+    ) -> PyResult<Self> {
+        let (data, dim) = matrix(&centroids, "centroids")?;
+        let codec = IndexCodec::new(dim, nbits, data, cutoffs, weights, cluster_threshold)
+            .map_err(index_err)?;
+        Ok(Self { codec })
+    }
+
+    /// Trains a codec on `embeddings` (documents, or a sample of them: then give `num_centroids` for the
+    /// whole collection) exactly as `plaid_create` with these settings would.
+    #[staticmethod]
+    #[pyo3(signature = (embeddings, nbits=2, kmeans_niters=4, kmeans_points_per_centroid=32, seed=42,
+        num_centroids=None, pool_factor=1))]
+    #[allow(clippy::too_many_arguments)]
+    fn train(
+        py: Python<'_>,
+        embeddings: Vec<PyReadonlyArray2<'_, f32>>,
+        nbits: usize,
+        kmeans_niters: usize,
+        kmeans_points_per_centroid: usize,
+        seed: u64,
+        num_centroids: Option<usize>,
+        pool_factor: usize,
+    ) -> PyResult<Self> {
+        let ids = (0..embeddings.len()).map(|i| i.to_string()).collect();
+        let source = vec_source(ids, &embeddings)?;
+        let config = IndexConfig {
+            nbits,
+            num_centroids,
+            kmeans_iters: kmeans_niters,
+            kmeans_points_per_centroid,
+            seed,
+            pool_factor,
+            ..IndexConfig::default()
+        };
+        let codec = py
+            .detach(|| PlaidIndex::train_codec(&source, &config))
+            .map_err(index_err)?;
+        Ok(Self { codec })
+    }
+
+    /// The codec of the PLAID index in `path`.
+    #[staticmethod]
+    fn from_index(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let codec = py
+            .detach(|| IndexCodec::from_index(&path))
+            .map_err(index_err)?;
+        Ok(Self { codec })
+    }
+
+    /// Reads a codec file written by `save`.
+    #[staticmethod]
+    fn load(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let codec = py.detach(|| IndexCodec::load(&path)).map_err(index_err)?;
+        Ok(Self { codec })
+    }
+
+    /// Writes the codec to the file `path` (`latte index --codec-from` reads it).
+    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        py.detach(|| self.codec.save(&path)).map_err(index_err)
+    }
+
+    #[getter]
+    fn dim(&self) -> usize {
+        self.codec.dim()
+    }
+
+    #[getter]
+    fn nbits(&self) -> usize {
+        self.codec.nbits()
+    }
+
+    #[getter]
+    fn num_centroids(&self) -> usize {
+        self.codec.num_centroids()
+    }
+
+    /// The centroids, `num_centroids × dim` float32.
+    #[getter]
+    fn centroids(&self, py: Python<'_>) -> PyResult<Py<PyArray2<f32>>> {
+        let c = &self.codec;
+        to_numpy2(py, c.num_centroids(), c.dim(), c.centroids())
+    }
+
+    #[getter]
+    fn cutoffs(&self) -> Vec<f32> {
+        self.codec.cutoffs().to_vec()
+    }
+
+    #[getter]
+    fn weights(&self) -> Vec<f32> {
+        self.codec.weights().to_vec()
+    }
+
+    #[getter]
+    fn cluster_threshold(&self) -> f32 {
+        self.codec.cluster_threshold()
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn __reduce__<'py>(
+        slf: &Bound<'py, Self>,
+    ) -> PyResult<(
+        Bound<'py, pyo3::types::PyType>,
+        (Py<PyArray2<f32>>, Vec<f32>, Vec<f32>, f32, usize),
+    )> {
+        let me = slf.get();
+        Ok((
+            slf.get_type(),
+            (
+                me.centroids(slf.py())?,
+                me.cutoffs(),
+                me.weights(),
+                me.cluster_threshold(),
+                me.nbits(),
+            ),
+        ))
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Codec(dim={}, nbits={}, num_centroids={})",
+            self.codec.dim(),
+            self.codec.nbits(),
+            self.codec.num_centroids()
+        )
+    }
+}
+
+/// The default number of centroids of an index of `tokens` token vectors: `2^floor(log2(16·sqrt(tokens)))`.
+#[pyfunction]
+fn default_num_centroids(tokens: u64) -> usize {
+    latte_index::default_num_centroids(tokens)
 }
 
 /// Adds documents to the PLAID index in `path` (its centroids are kept), with their optional titles,
@@ -1435,6 +1595,8 @@ fn _latte(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<DenseModule>()?;
     m.add_function(wrap_pyfunction!(train_model, m)?)?;
     m.add_class::<Plaid>()?;
+    m.add_class::<Codec>()?;
+    m.add_function(wrap_pyfunction!(default_num_centroids, m)?)?;
     m.add_class::<Exact>()?;
     m.add_function(wrap_pyfunction!(colbert_scores, m)?)?;
     m.add_function(wrap_pyfunction!(rerank, m)?)?;

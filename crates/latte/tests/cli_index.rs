@@ -383,3 +383,115 @@ fn compressed_npz_falls_back_to_a_full_read() {
         "each document is its own best match:\n{out}"
     );
 }
+
+#[test]
+fn codec_from_builds_shards_with_one_codec() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let first = t.join("shard-0");
+    let second = t.join("shard-1");
+    let (s, f) = (
+        first.to_string_lossy().to_string(),
+        second.to_string_lossy().to_string(),
+    );
+    let (docs_a, ids_a) = write_set(t, "a", 40, DIM, 1, "a");
+    let (docs_b, ids_b) = write_set(t, "b", 25, DIM, 500, "b");
+    ok(&[
+        "index",
+        "--index",
+        &s,
+        "--embeddings",
+        &docs_a,
+        "--ids",
+        &ids_a,
+        "--centroids",
+        "8",
+        "--nbits",
+        "4",
+    ]);
+    // The second index takes the first's codec (and its nbits, without --nbits).
+    ok(&[
+        "index",
+        "--index",
+        &f,
+        "--embeddings",
+        &docs_b,
+        "--ids",
+        &ids_b,
+        "--codec-from",
+        &s,
+    ]);
+    let a = latte_index::IndexCodec::from_index(&first).unwrap();
+    let b = latte_index::IndexCodec::from_index(&second).unwrap();
+    assert_eq!(a, b);
+    assert_eq!(
+        std::fs::read(first.join("codec.lt")).unwrap(),
+        std::fs::read(second.join("codec.lt")).unwrap()
+    );
+    let info = latte_index::PlaidIndex::open(&second).unwrap().info();
+    assert_eq!((info.documents, info.nbits), (25, 4));
+    // A codec file works as well as an index folder.
+    let file = t.join("shared.codec");
+    a.save(&file).unwrap();
+    let third = t.join("shard-2").to_string_lossy().to_string();
+    ok(&[
+        "index",
+        "--index",
+        &third,
+        "--embeddings",
+        &docs_b,
+        "--ids",
+        &ids_b,
+        "--codec-from",
+        &file.to_string_lossy(),
+    ]);
+    assert_eq!(latte_index::IndexCodec::from_index(&third).unwrap(), a);
+    // Refused: on an existing index, with a path that holds no codec, with a different --nbits.
+    fails(
+        &[
+            "index",
+            "--index",
+            &f,
+            "--embeddings",
+            &docs_b,
+            "--ids",
+            &ids_b,
+            "--codec-from",
+            &s,
+        ],
+        "--codec-from: the index at",
+    );
+    let missing = t.join("nothing-here").to_string_lossy().to_string();
+    let fourth = t.join("shard-3").to_string_lossy().to_string();
+    fails(
+        &[
+            "index",
+            "--index",
+            &fourth,
+            "--embeddings",
+            &docs_b,
+            "--ids",
+            &ids_b,
+            "--codec-from",
+            &missing,
+        ],
+        "--codec-from",
+    );
+    fails(
+        &[
+            "index",
+            "--index",
+            &fourth,
+            "--embeddings",
+            &docs_b,
+            "--ids",
+            &ids_b,
+            "--codec-from",
+            &s,
+            "--nbits",
+            "2",
+        ],
+        "nbits",
+    );
+    assert!(!t.join("shard-3").join("meta.lt").exists());
+}

@@ -110,6 +110,16 @@ pub(super) fn pool_to_spool(
     spool_each(dir, source, |i| load_doc(source, i, pool_factor))
 }
 
+/// The default number of centroids of an index of `tokens` token vectors (after pooling):
+/// `2^floor(log2(16·sqrt(tokens)))`, at least 1. A build estimates the token count from a probe of its sample.
+pub fn default_num_centroids(tokens: u64) -> usize {
+    centroids_for(tokens as f64)
+}
+
+fn centroids_for(tokens: f64) -> usize {
+    1usize << ((16.0 * tokens.sqrt()).log2().floor().max(0.0) as u32)
+}
+
 /// Samples documents, trains centroids (k-means) and the residual codec. `source` holds the documents as they
 /// will be indexed (already pooled).
 ///
@@ -139,7 +149,7 @@ pub(super) fn train(
         .sum::<Result<usize>>()?;
     let avg = probe_tokens as f64 / probe.len() as f64;
     let est_tokens = avg * n as f64;
-    let k_default = 1usize << ((16.0 * est_tokens.sqrt()).log2().floor().max(0.0) as u32);
+    let k_default = centroids_for(est_tokens);
     let k_want = config.num_centroids.unwrap_or(k_default).max(1);
     let heldout_cap = 50_000usize;
     let target = k_want * config.kmeans_points_per_centroid + heldout_cap;

@@ -3,6 +3,8 @@
 //! * `config`: [`IndexConfig`] and [`SearchParams`] with their validation.
 //! * `layout`: file names, `meta.lt` (the commit point), the codec file, garbage collection.
 //! * `build`: training the codec, writing chunks and inverted lists, compaction's rewrite.
+//! * `shared_codec`: [`IndexCodec`], the trained centroids and residual codec as a value that several indexes
+//!   (the shards of one collection) can be built with.
 //! * `documents`: the document store (`documents.sqlite`) as the writer keeps it in step with the vectors.
 //! * `writer`: [`IndexWriter`], the one writer of an index (an OS lock on `LOCK`), and the convenience
 //!   functions [`PlaidIndex::create`], [`PlaidIndex::add`], [`PlaidIndex::delete`], [`PlaidIndex::compact`].
@@ -13,6 +15,7 @@ mod config;
 mod documents;
 mod layout;
 mod search;
+mod shared_codec;
 mod writer;
 
 use std::borrow::Cow;
@@ -27,8 +30,10 @@ use crate::storage::{cast, Mapped};
 use crate::{Error, Result};
 use latte_store::{Doc, DocStore};
 
+pub use build::default_num_centroids;
 pub use config::{IndexConfig, SearchParams};
 pub use search::{EXACT_SUBSET_MAX_DOCS, EXACT_SUBSET_MAX_FRACTION_INV};
+pub use shared_codec::IndexCodec;
 pub use writer::{AddReport, DeleteReport, IndexWriter};
 
 use layout::{chunk_file, parse_codec, read_meta, Meta, CODEC, META};

@@ -15,13 +15,13 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use half::f16;
 use latte_store::{Doc, DocStore, Filter};
 
 use super::build::{compact_into, pool_to_spool, train, validate_ids, write_chunk, write_ivf};
 use super::config::IndexConfig;
 use super::documents::{build_store, open_writer_store, remove_store, store_rows};
 use super::layout::{collect_garbage, commit, read_meta, Meta, CODEC, LOCK, META};
+use super::shared_codec::{IndexCodec, PoolingSource};
 use super::{DocumentSource, PlaidIndex};
 use crate::error::IoContext;
 use crate::storage::{as_bytes, write_sections, FORMAT_VERSION};
@@ -132,6 +132,16 @@ fn still_at(_file: &File, path: &Path) -> bool {
     path.exists()
 }
 
+/// Refuses an embedding dimension the index cannot store (residuals are packed whole bytes per 8 dimensions).
+fn check_dim(dim: usize) -> Result<()> {
+    if dim == 0 || !dim.is_multiple_of(8) {
+        return Err(Error::InvalidArgument(format!(
+            "embedding dimension must be a positive multiple of 8, got {dim}"
+        )));
+    }
+    Ok(())
+}
+
 /// The writer of one index: [`PlaidIndex::writer`] opens it. It holds the index's lock until dropped, and
 /// keeps the document store (`documents.sqlite`) in step with the vector files: each operation writes its
 /// vector files, then its store rows under the generation the next `meta.lt` will have; [`IndexWriter::commit`]
@@ -210,13 +220,64 @@ impl PlaidIndex {
         docs: &[Doc],
         config: &IndexConfig,
     ) -> Result<AddReport> {
-        let dir = dir.as_ref();
+        Self::create_inner(dir.as_ref(), source, docs, None, config)
+    }
+
+    /// Builds a new index in `dir` like [`PlaidIndex::create_with_documents`], with the centroids and
+    /// residual codec of `codec` instead of training them: indexes built with one codec encode every token
+    /// the same way (the shards of one collection). `codec` must have the documents' dimension and
+    /// `config.nbits` (and `config.num_centroids` when given); the other training settings of `config` are
+    /// recorded but unused. [`PlaidIndex::create`] is [`PlaidIndex::train_codec`] on the documents followed
+    /// by this, byte for byte.
+    pub fn create_with_codec(
+        dir: impl AsRef<Path>,
+        source: &dyn DocumentSource,
+        docs: &[Doc],
+        codec: &IndexCodec,
+        config: &IndexConfig,
+    ) -> Result<AddReport> {
+        Self::create_inner(dir.as_ref(), source, docs, Some(codec), config)
+    }
+
+    /// Trains the centroids and residual codec that [`PlaidIndex::create`] would train on `sample` with
+    /// `config` (documents pooled by `config.pool_factor` first, as the index will pool them), without
+    /// building an index. Memory is bounded by the k-means training set, as in a build.
+    ///
+    /// `sample` may be the whole collection or a sample of it: when it is a sample, set
+    /// `config.num_centroids` for the whole collection (the default counts the tokens of `sample`;
+    /// [`default_num_centroids`](super::default_num_centroids) gives the default for a token count).
+    pub fn train_codec(sample: &dyn DocumentSource, config: &IndexConfig) -> Result<IndexCodec> {
         config.validate()?;
-        if source.dim() == 0 || !source.dim().is_multiple_of(8) {
-            return Err(Error::InvalidArgument(format!(
-                "embedding dimension must be a positive multiple of 8, got {}",
-                source.dim()
-            )));
+        check_dim(sample.dim())?;
+        if sample.is_empty() {
+            return Err(Error::InvalidArgument(
+                "no documents to train a codec on".into(),
+            ));
+        }
+        let (centroids, codec) = if config.pool_factor > 1 {
+            let pooled = PoolingSource {
+                inner: sample,
+                pool_factor: config.pool_factor,
+            };
+            train(&pooled, config)?
+        } else {
+            train(sample, config)?
+        };
+        Ok(IndexCodec::from_trained(&centroids, codec))
+    }
+
+    /// The one build path: `codec` given, or trained on `source` (pooled).
+    fn create_inner(
+        dir: &Path,
+        source: &dyn DocumentSource,
+        docs: &[Doc],
+        given: Option<&IndexCodec>,
+        config: &IndexConfig,
+    ) -> Result<AddReport> {
+        config.validate()?;
+        check_dim(source.dim())?;
+        if let Some(c) = given {
+            c.check_fits(source.dim(), config)?;
         }
         if source.is_empty() {
             return Err(Error::InvalidArgument("no documents to index".into()));
@@ -242,17 +303,26 @@ impl PlaidIndex {
         } else {
             source
         };
-        let (centroids, codec) = train(source, config)?;
-        let k = centroids.len() / source.dim();
+        let trained;
+        let shared = match given {
+            Some(c) => c,
+            None => {
+                let (centroids, codec) = train(source, config)?;
+                trained = IndexCodec::from_trained(&centroids, codec);
+                &trained
+            }
+        };
+        let k = shared.num_centroids();
         // Centroids are stored in half precision; documents are encoded against the rounded values.
-        let half: Vec<f16> = centroids.iter().map(|&v| f16::from_f32(v)).collect();
-        let centroids: Vec<f32> = half.iter().map(|v| v.to_f32()).collect();
+        let half = shared.half();
+        let centroids: Vec<f32> = shared.centroids();
+        let codec = shared.codec();
         let written = (|| -> Result<(u64, u64)> {
             write_sections(
                 &dir.join(CODEC),
                 b"CODC",
                 &[
-                    as_bytes(&half),
+                    as_bytes(half),
                     as_bytes(&codec.cutoffs),
                     as_bytes(&codec.weights),
                     as_bytes(&[codec.cluster_threshold]),
@@ -285,7 +355,7 @@ impl PlaidIndex {
         Ok(AddReport {
             documents: source.len(),
             tokens,
-            trained: true,
+            trained: given.is_none(),
             num_centroids: k,
             outlier_fraction: outliers as f64 / tokens.max(1) as f64,
             replaced: Vec::new(),

@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use latte::core::beir::{self, Kind};
 use latte_index::{
-    AddReport, Doc, DocumentSource, IndexConfig, PlaidIndex, SpoolWriter, VecSource,
+    AddReport, Doc, DocumentSource, IndexCodec, IndexConfig, PlaidIndex, SpoolWriter, VecSource,
 };
 
 use super::encoder::{self, Encoded, IndexModel};
@@ -49,9 +49,15 @@ pub struct IndexArgs {
     /// Document ids, one per line, in the order of `--embeddings`.
     #[arg(long)]
     pub ids: Option<PathBuf>,
-    /// Residual bits per dimension: 1, 2 or 4 (new index only).
-    #[arg(long, default_value_t = 2)]
-    pub nbits: usize,
+    /// Residual bits per dimension: 1, 2 or 4 (new index only; default 2, or the codec's with
+    /// `--codec-from`).
+    #[arg(long)]
+    pub nbits: Option<usize>,
+    /// Build the new index with the centroids and residual codec of another index (its folder) or of a
+    /// codec file, instead of training them: indexes built with one codec (the shards of a collection)
+    /// encode every token the same way, so their merged results equal one index's. New index only.
+    #[arg(long, value_name = "INDEX", conflicts_with = "centroids")]
+    pub codec_from: Option<PathBuf>,
     /// Token pooling factor (default 1 = no pooling; new index only, later adds use the index's): each
     /// document is pooled once, before indexing.
     #[arg(long)]
@@ -80,12 +86,13 @@ pub struct IndexArgs {
 /// so the index itself is given `pool_factor: 1` and the factor is recorded in `model_options`.
 fn config(
     args: &IndexArgs,
+    codec: Option<&IndexCodec>,
     model: Option<String>,
     options: Option<ModelOptions>,
     pool_factor: usize,
 ) -> IndexConfig {
     IndexConfig {
-        nbits: args.nbits,
+        nbits: args.nbits.or(codec.map(IndexCodec::nbits)).unwrap_or(2),
         num_centroids: args.centroids,
         kmeans_iters: args.kmeans_iters,
         seed: args.seed,
@@ -131,6 +138,14 @@ pub fn run(args: IndexArgs) -> Result<()> {
     };
     let where_ = args.index.display().to_string();
     let pool_factor = pool_factor(&args, current.as_ref(), &where_)?;
+    let codec = match &args.codec_from {
+        None => None,
+        Some(_) if exists => bail!(
+            "--codec-from: the index at {where_} exists already (a codec is chosen when an index is \
+             created; adds use the index's own)"
+        ),
+        Some(from) => Some(read_codec(from)?),
+    };
     let started = std::time::Instant::now();
     let report = match (&args.embeddings, &args.corpus) {
         (Some(npz), None) => {
@@ -138,7 +153,13 @@ pub fn run(args: IndexArgs) -> Result<()> {
             let ids = read_ids(args.ids.as_ref().expect("clap requires --ids"))?;
             let source = embeddings_source(npz, ids)?;
             let options = args.model.model.as_ref().map(|_| args.model.given());
-            let cfg = config(&args, args.model.model.clone(), options, pool_factor);
+            let cfg = config(
+                &args,
+                codec.as_ref(),
+                args.model.model.clone(),
+                options,
+                pool_factor,
+            );
             let docs = match &args.metadata {
                 Some(path) => read_metadata(path, source.as_ref(), !args.no_store_text)?,
                 None => Vec::new(),
@@ -151,9 +172,9 @@ pub fn run(args: IndexArgs) -> Result<()> {
                             .with_context(|| {
                                 format!("pooling the documents (--pool-factor {pool_factor})")
                             })?;
-                    add_or_create(&args, exists, &pooled, &docs, cfg)
+                    add_or_create(&args, exists, &pooled, &docs, codec.as_ref(), cfg)
                 } else {
-                    add_or_create(&args, exists, source.as_ref(), &docs, cfg)
+                    add_or_create(&args, exists, source.as_ref(), &docs, codec.as_ref(), cfg)
                 }
             })?
         }
@@ -161,7 +182,18 @@ pub fn run(args: IndexArgs) -> Result<()> {
             let name = args.model.model.clone().expect("clap requires --model");
             let m = IndexModel::for_documents(&args.model, name, current.as_ref(), &where_)?;
             drop(current);
-            index_corpus(&args, exists, corpus, &m, pool_factor)?
+            if let Some(c) = &codec {
+                let dim = m.model.output_dim();
+                if dim != c.dim() {
+                    bail!(
+                        "--codec-from {}: the codec is for dimension {}, the model's embeddings have \
+                         dimension {dim}",
+                        args.codec_from.as_ref().expect("codec given").display(),
+                        c.dim()
+                    );
+                }
+            }
+            index_corpus(&args, exists, corpus, &m, codec.as_ref(), pool_factor)?
         }
         _ => bail!("give either --embeddings with --ids, or --corpus with --model"),
     };
@@ -200,13 +232,29 @@ pub fn run(args: IndexArgs) -> Result<()> {
     Ok(())
 }
 
+/// The codec of `--codec-from`: an index folder's, or a codec file's.
+fn read_codec(from: &std::path::Path) -> Result<IndexCodec> {
+    let codec = if from.is_dir() {
+        IndexCodec::from_index(from)
+    } else {
+        IndexCodec::load(from)
+    };
+    codec.with_context(|| {
+        format!(
+            "--codec-from {}: expected an index folder or a codec file",
+            from.display()
+        )
+    })
+}
+
 /// Adds `source` (with the text and metadata of `docs`) to the index at `--index` and commits, or creates
-/// the index from it.
+/// the index from it (with `codec` when given).
 fn add_or_create(
     args: &IndexArgs,
     exists: bool,
     source: &dyn DocumentSource,
     docs: &[Doc],
+    codec: Option<&IndexCodec>,
     config: IndexConfig,
 ) -> Result<AddReport> {
     if exists {
@@ -218,8 +266,11 @@ fn add_or_create(
         })()
         .with_context(|| format!("adding to the index at {}", args.index.display()))
     } else {
-        PlaidIndex::create_with_documents(&args.index, source, docs, &config)
-            .with_context(|| format!("building the index at {}", args.index.display()))
+        match codec {
+            Some(c) => PlaidIndex::create_with_codec(&args.index, source, docs, c, &config),
+            None => PlaidIndex::create_with_documents(&args.index, source, docs, &config),
+        }
+        .with_context(|| format!("building the index at {}", args.index.display()))
     }
 }
 
@@ -242,6 +293,7 @@ fn index_corpus(
     exists: bool,
     corpus: &std::path::Path,
     model: &IndexModel,
+    codec: Option<&IndexCodec>,
     pool_factor: usize,
 ) -> Result<AddReport> {
     let mut n = 0usize;
@@ -341,11 +393,12 @@ fn index_corpus(
         };
         let cfg = config(
             args,
+            codec,
             Some(model.name.clone()),
             Some(model.options.clone()),
             pool_factor,
         );
-        add_or_create(args, false, &spooled, &rows, cfg)
+        add_or_create(args, false, &spooled, &rows, codec, cfg)
     })
 }
 
