@@ -50,8 +50,13 @@ pub struct EncodeConfig {
     pub workers: usize,
     /// Most texts in one forward pass.
     pub max_batch: usize,
-    /// How long a worker waits for more requests once it holds one.
+    /// How long a worker waits for more requests once it holds one, while the pool is busy (see
+    /// `wait_when_idle`).
     pub max_wait: Duration,
+    /// Whether a request reaching an idle pool also waits `max_wait` for others. When false (the default)
+    /// the window is used only while the pool is busy — its previous forward pass ended less than
+    /// `max_wait` ago, or more requests are already queued — so a lone client pays no batching delay.
+    pub wait_when_idle: bool,
     /// Requests waiting or being encoded per model; one more gets 503 with `Retry-After`.
     pub queue: usize,
 }
@@ -62,6 +67,7 @@ impl Default for EncodeConfig {
             workers: 1,
             max_batch: 64,
             max_wait: Duration::from_millis(3),
+            wait_when_idle: false,
             queue: 256,
         }
     }

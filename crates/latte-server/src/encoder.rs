@@ -1,6 +1,8 @@
 //! The encoding pool of one model: worker threads outside the async runtime that take requests from a
 //! bounded queue and encode the texts of the requests that arrived within a few milliseconds of each other
-//! in one forward pass (queries and documents apart: their lengths differ). At most `queue` requests per
+//! in one forward pass (queries and documents apart: their lengths differ). The wait for more requests is
+//! paid only under load (requests already queued, or the previous pass just ended): a request reaching an
+//! idle pool is encoded at once, with whatever else is queued. At most `queue` requests per
 //! model wait or are being encoded; one more is a 503 with `Retry-After` at once, never a wait. A request
 //! whose client has gone is skipped.
 
@@ -150,22 +152,42 @@ impl Encoder {
 }
 
 fn worker(rx: &Mutex<Receiver<Job>>, model: &ColBERT, stats: &PoolStats, cfg: &EncodeConfig) {
+    // When this worker's last forward pass ended: a request arriving soon after finds the pool busy.
+    let mut last_end: Option<Instant> = None;
     loop {
         // One worker at a time gathers a batch; the others wait for the receiver.
         let batch = {
             let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
             let Ok(first) = rx.recv() else { return };
+            let start = Instant::now();
             let mut n = first.texts.len();
             let mut batch = vec![first];
-            let deadline = Instant::now() + cfg.max_wait;
+            // What is queued already joins at once.
             while n < cfg.max_batch {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match rx.recv_timeout(left) {
+                match rx.try_recv() {
                     Ok(job) => {
                         n += job.texts.len();
                         batch.push(job);
                     }
-                    Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
+                    Err(_) => break,
+                }
+            }
+            // Then wait for more only under load (or when asked to always wait).
+            let busy =
+                batch.len() > 1 || last_end.is_some_and(|t| start.duration_since(t) < cfg.max_wait);
+            if busy || cfg.wait_when_idle {
+                let deadline = start + cfg.max_wait;
+                while n < cfg.max_batch {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match rx.recv_timeout(left) {
+                        Ok(job) => {
+                            n += job.texts.len();
+                            batch.push(job);
+                        }
+                        Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                            break
+                        }
+                    }
                 }
             }
             batch
@@ -175,6 +197,7 @@ fn worker(rx: &Mutex<Receiver<Job>>, model: &ColBERT, stats: &PoolStats, cfg: &E
         for group in [queries, documents] {
             run(group, model, stats, cfg);
         }
+        last_end = Some(Instant::now());
     }
 }
 

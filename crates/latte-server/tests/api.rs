@@ -968,6 +968,7 @@ async fn a_full_encoding_queue_is_a_503_and_embeddings_search_does_not_wait() {
         c.encode.max_batch = 1000;
         // The worker holds the first request this long, waiting for others to share its forward pass.
         c.encode.max_wait = Duration::from_secs(3);
+        c.encode.wait_when_idle = true;
     })
     .await;
     let (status, _) = s.call("POST", "/indexes", Some(json!({"name": "v"}))).await;
@@ -1086,6 +1087,7 @@ async fn a_slow_request_times_out_with_a_503() {
         c.encode.max_batch = 1000;
         // The pool holds a lone request this long, far past the request timeout.
         c.encode.max_wait = Duration::from_secs(2);
+        c.encode.wait_when_idle = true;
     })
     .await;
     let res = s

@@ -54,9 +54,13 @@ pub struct ServeArgs {
     /// Most texts in one forward pass of the encoding pool.
     #[arg(long, default_value_t = 64)]
     pub encode_batch: usize,
-    /// Milliseconds a worker waits for more requests to join a forward pass.
+    /// Milliseconds a worker waits for more requests to join a forward pass while the pool is busy (a
+    /// request reaching an idle pool is encoded at once unless --encode-wait-when-idle).
     #[arg(long, default_value_t = 3)]
     pub encode_wait_ms: u64,
+    /// Make a request reaching an idle pool wait --encode-wait-ms for others too.
+    #[arg(long)]
+    pub encode_wait_when_idle: bool,
     /// Encoding requests queued per model before new ones get 503.
     #[arg(long, default_value_t = 256)]
     pub encode_queue: usize,
@@ -97,6 +101,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             workers: args.encode_workers,
             max_batch: args.encode_batch,
             max_wait: Duration::from_millis(args.encode_wait_ms),
+            wait_when_idle: args.encode_wait_when_idle,
             queue: args.encode_queue,
         },
         search: SearchConfig {
