@@ -21,6 +21,7 @@
 //!
 //! Two-level vs brute-force nearest-centroid assignment (centroids trained on a sample of the corpus):
 //! bench assign (DOCS.npz | --synth N) [--centroids K] [--probe P] [--ppc P] [--iters I] [--test T] [--skip-brute]
+//!                        [--two-level-min K]
 //! ```
 //! `--probe` is the IVF probe for searches and the assignment probe (`assign_probe`) for builds and `assign`.
 //! Set the thread count with `RAYON_NUM_THREADS`.
@@ -437,12 +438,14 @@ fn assign_bench(args: &[String]) {
         t.elapsed().as_secs_f64()
     );
     let t = Instant::now();
-    let centroids = kmeans::train(&train, dim, k.min(n_train), iters, 42, probe);
+    let min_k: usize = flag(args, "--two-level-min").unwrap_or(kmeans::TWO_LEVEL_MIN_CENTROIDS);
+    let centroids =
+        kmeans::train_with_min_centroids(&train, dim, k.min(n_train), iters, 42, probe, min_k);
     let train_s = t.elapsed().as_secs_f64();
     drop(train);
     let k = centroids.len() / dim;
     let t = Instant::now();
-    let assigner = Assigner::new(&centroids, dim, probe);
+    let assigner = Assigner::with_min_centroids(&centroids, dim, probe, min_k);
     let build_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let two = assigner.assign(&test);

@@ -26,7 +26,12 @@ fn assign_block(k: usize) -> usize {
 }
 
 /// Above this many centroids an [`Assigner`] uses the two-level search; at or below it, brute force.
-pub const TWO_LEVEL_MIN_CENTROIDS: usize = 16_384;
+///
+/// Measured on rustbooks (763,580 MiniLM ColBERT tokens, K = 8,192, probe 16, AMD EPYC Zen 4, 2 threads): the
+/// two-level k-means takes 3.2 s instead of 15.1 s and the assignment runs 5.4× faster, agreeing with brute force
+/// on 98.8 % of tokens (the others get a centroid with nearly the same score: mean loss 0.0009); the whole build
+/// takes 7.5 s instead of 28.1 s and recall@10 against exact MaxSim is unchanged (0.9750 vs 0.9742, 500 queries).
+pub const TWO_LEVEL_MIN_CENTROIDS: usize = 4_096;
 /// Default number of centroid groups each point is compared with in the two-level search.
 pub const DEFAULT_PROBE: usize = 16;
 
@@ -114,8 +119,9 @@ impl<'a> Assigner<'a> {
         Self::with_min_centroids(centroids, dim, probe, TWO_LEVEL_MIN_CENTROIDS)
     }
 
-    /// [`Self::new`] with the brute-force/two-level threshold given (tests use small ones).
-    pub(crate) fn with_min_centroids(
+    /// [`Self::new`] with the brute-force/two-level threshold given: two-level above `min_centroids` centroids
+    /// (tests and benchmarks use other values than [`TWO_LEVEL_MIN_CENTROIDS`]).
+    pub fn with_min_centroids(
         centroids: &'a [f32],
         dim: usize,
         probe: usize,
@@ -313,6 +319,23 @@ pub fn train(
     seed: u64,
     probe: usize,
 ) -> Vec<f32> {
+    train_with_min_centroids(points, dim, k, iters, seed, probe, TWO_LEVEL_MIN_CENTROIDS)
+}
+
+/// [`train`] with the brute-force/two-level threshold of its assignments given (see
+/// [`Assigner::with_min_centroids`]).
+///
+/// # Panics
+/// If `k` is 0 or there are fewer than `k` points.
+pub fn train_with_min_centroids(
+    points: &[f32],
+    dim: usize,
+    k: usize,
+    iters: usize,
+    seed: u64,
+    probe: usize,
+    min_centroids: usize,
+) -> Vec<f32> {
     let n = points.len() / dim;
     assert!(k >= 1 && n >= k, "k-means needs at least k points");
     let mut rng = StdRng::seed_from_u64(seed);
@@ -322,7 +345,8 @@ pub fn train(
     }
     normalize_rows(&mut centroids, dim);
     for _ in 0..iters {
-        let codes = Assigner::new(&centroids, dim, probe).assign(points);
+        let codes =
+            Assigner::with_min_centroids(&centroids, dim, probe, min_centroids).assign(points);
         let mut sums = vec![0f64; k * dim];
         let mut counts = vec![0usize; k];
         for (i, &c) in codes.iter().enumerate() {

@@ -10,7 +10,7 @@
 //!   [`IndexCodec::from_index`]), to build several indexes with one ([`PlaidIndex::create_with_codec`]).
 //! * [`IndexWriter`]: the one writer of a [`PlaidIndex`] ([`PlaidIndex::writer`]), holding an OS lock on the
 //!   index's `LOCK` file; add, delete and compact, then [`IndexWriter::commit`].
-//! * [`kmeans`]: spherical k-means and nearest-centroid assignment (brute force, or two-level above 16,384
+//! * [`kmeans`]: spherical k-means and nearest-centroid assignment (brute force, or two-level above 4,096
 //!   centroids through a reusable [`kmeans::Assigner`]).
 //! * [`pool`]: token pooling (Ward hierarchical clustering), matching PyLate's `pool_embeddings_hierarchical`.
 //!

@@ -536,7 +536,7 @@ fn assign_probe_is_kept_and_used_by_a_two_level_index_and_its_adds() {
     };
     let src = synth(3000, 1);
     let dir = tempfile::tempdir().unwrap();
-    // More than 16,384 centroids: assignment is two-level, probing 4 groups.
+    // More than 4,096 centroids: assignment is two-level, probing 4 groups.
     let config = IndexConfig {
         num_centroids: Some(20_000),
         kmeans_points_per_centroid: 1,

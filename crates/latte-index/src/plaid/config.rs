@@ -29,7 +29,7 @@ pub struct IndexConfig {
     /// older metadata.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_options: Option<serde_json::Value>,
-    /// Centroid groups probed by the two-level nearest-centroid assignment (used above 16,384 centroids, in
+    /// Centroid groups probed by the two-level nearest-centroid assignment (used above 4,096 centroids, in
     /// k-means training, encoding and later adds); `None` = 16. Absent in older metadata.
     #[serde(default)]
     pub assign_probe: Option<usize>,
