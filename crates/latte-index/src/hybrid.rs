@@ -55,7 +55,8 @@ pub fn search_bm25(
 
 impl PlaidIndex {
     /// MaxSim search restricted to the documents of `store` matching `filter`, with the strategy chosen by
-    /// selectivity ([`PlaidIndex::search_subset`]).
+    /// selectivity ([`PlaidIndex::search_subset`]); the matching ids come from [`PlaidIndex::ids_matching`]
+    /// (kept per filter for this generation).
     pub fn search_filtered(
         &self,
         query: EmbRef<'_>,
@@ -63,7 +64,7 @@ impl PlaidIndex {
         store: &DocStore,
         filter: &Filter,
     ) -> Result<Vec<Hit>> {
-        let ids = store.ids_matching(filter)?;
+        let ids = self.ids_matching(store, filter)?;
         self.search_subset(query, params, &ids)
     }
 

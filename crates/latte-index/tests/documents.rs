@@ -344,3 +344,58 @@ fn an_index_is_shared_across_threads_and_each_opens_its_own_store() {
         assert_eq!(h.join().unwrap().unwrap().id, format!("d{t}"));
     }
 }
+
+#[test]
+fn matching_ids_are_kept_per_filter_for_one_generation_and_a_new_generation_reads_them_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let base = corpus(24, 5, "d");
+    PlaidIndex::create_with_documents(dir, &base.source(), &docs_for(24, 1), &config()).unwrap();
+    let old = PlaidIndex::open(dir).unwrap();
+    let store = old.open_store().unwrap();
+    let f: Filter = r#"{"bucket": {"$in": [1, 2]}}"#.parse().unwrap();
+    let g: Filter = r#"{"bucket": 3}"#.parse().unwrap();
+    let first = old.ids_matching(&store, &f).unwrap();
+    assert_eq!(*first, store.ids_matching(&f).unwrap());
+    // The same filter again (parsed anew) is the kept answer; another filter has its own.
+    let again = old
+        .ids_matching(&store, &r#"{"bucket": {"$in": [1, 2]}}"#.parse().unwrap())
+        .unwrap();
+    assert!(std::sync::Arc::ptr_eq(&first, &again));
+    let other = old.ids_matching(&store, &g).unwrap();
+    assert_eq!(*other, store.ids_matching(&g).unwrap());
+    assert_ne!(*other, *first);
+
+    // A writer adds a matching document; its live store is never answered from the reader's memory.
+    let extra = corpus(1, 6, "n");
+    let mut src = VecSource::new(DIM);
+    src.push("n0", extra.embs[0].clone()).unwrap();
+    let mut w = PlaidIndex::writer(dir).unwrap();
+    w.add_documents(
+        &src,
+        &[Doc::new("n0").with_metadata(meta(json!({"bucket": 2})))],
+    )
+    .unwrap();
+    let live = w.index().ids_matching(w.store(), &f).unwrap();
+    assert!(live.contains(&"n0".to_string()), "{live:?}");
+    w.commit().unwrap();
+    drop(w);
+
+    // The old reader keeps answering for its generation (as its vectors do); a new reader sees n0.
+    assert!(std::sync::Arc::ptr_eq(
+        &old.ids_matching(&store, &f).unwrap(),
+        &first
+    ));
+    let new = PlaidIndex::open(dir).unwrap();
+    let new_store = new.open_store().unwrap();
+    let now = new.ids_matching(&new_store, &f).unwrap();
+    assert_eq!(now.len(), first.len() + 1);
+    assert!(now.contains(&"n0".to_string()));
+    // A store of another generation is read, not answered from the cache.
+    assert_eq!(*new.ids_matching(&store, &f).unwrap(), *first);
+    let q = EmbRef::new(&extra.embs[0], DIM).unwrap();
+    let hits = new
+        .search_filtered(q, &SearchParams::for_k(3), &new_store, &f)
+        .unwrap();
+    assert_eq!(hits[0].id, "n0");
+}

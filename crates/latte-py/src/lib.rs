@@ -1219,7 +1219,7 @@ impl Plaid {
                         .collect(),
                     _ => {
                         let filter = filter.as_ref().expect("checked: a filter or texts");
-                        let ids = store.ids_matching(filter)?;
+                        let ids = index.ids_matching(store, filter)?;
                         q.iter()
                             .enumerate()
                             .map(|(i, query)| match &subset {

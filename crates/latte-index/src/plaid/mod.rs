@@ -21,6 +21,7 @@ mod writer;
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use crate::centroids::Centroids;
 use crate::codec::Codec;
@@ -28,7 +29,7 @@ use crate::ivf::InvertedLists;
 use crate::scores::EmbRef;
 use crate::storage::{cast, Mapped};
 use crate::{Error, Result};
-use latte_store::{Doc, DocStore};
+use latte_store::{Doc, DocStore, Filter};
 
 pub use build::default_num_centroids;
 pub use config::{IndexConfig, SearchParams};
@@ -154,6 +155,20 @@ pub struct PlaidIndex {
     deleted: Vec<bool>,
     live: usize,
     ivf: InvertedLists,
+    /// Ids matching the filters used recently, for one generation ([`PlaidIndex::ids_matching`]).
+    filter_cache: Mutex<FilterCache>,
+}
+
+/// Most filters [`PlaidIndex::ids_matching`] keeps the answer of.
+const FILTER_CACHE_FILTERS: usize = 64;
+
+/// The matching ids of recent filters (keyed by the parsed filter's canonical form) at `generation`. Bounded
+/// in entries and in ids held (at most four times the index's documents); a bound reached empties it.
+#[derive(Default)]
+struct FilterCache {
+    generation: u64,
+    ids_held: usize,
+    entries: HashMap<String, Arc<Vec<String>>>,
 }
 
 impl std::fmt::Debug for PlaidIndex {
@@ -318,6 +333,7 @@ impl PlaidIndex {
             deleted,
             live,
             ivf,
+            filter_cache: Mutex::default(),
         })
     }
 
@@ -383,6 +399,40 @@ impl PlaidIndex {
             return Err(Error::NoDocumentStore(self.dir.clone()));
         }
         Ok(DocStore::open_view(&path, self.meta.generation)?)
+    }
+
+    /// Ids of the documents matching `filter`, in id order, read from `store` — this index's
+    /// [`Self::open_store`]. The answer is kept for this generation (up to 64 filters), so a filter used
+    /// again (a tenant, a language) costs a hash lookup instead of a scan of the store; a store that is not a
+    /// view at this index's generation is read every time.
+    pub fn ids_matching(&self, store: &DocStore, filter: &Filter) -> Result<Arc<Vec<String>>> {
+        let generation = self.meta.generation;
+        if store.view_generation() != Some(generation) {
+            return Ok(Arc::new(store.ids_matching(filter)?));
+        }
+        let key = format!("{filter:?}");
+        {
+            let cache = self.filter_cache.lock().unwrap_or_else(|e| e.into_inner());
+            if cache.generation == generation {
+                if let Some(ids) = cache.entries.get(&key) {
+                    return Ok(ids.clone());
+                }
+            }
+        }
+        let ids = Arc::new(store.ids_matching(filter)?);
+        let mut cache = self.filter_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.generation != generation
+            || cache.entries.len() >= FILTER_CACHE_FILTERS
+            || cache.ids_held + ids.len() > 4 * self.ids.len().max(1)
+        {
+            *cache = FilterCache {
+                generation,
+                ..FilterCache::default()
+            };
+        }
+        cache.ids_held += ids.len();
+        cache.entries.insert(key, ids.clone());
+        Ok(ids)
     }
 
     /// The stored documents with these ids (`None` for an id this index holds no live document for), read

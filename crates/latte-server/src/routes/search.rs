@@ -236,7 +236,7 @@ impl Query {
                 .collect::<latte_index::Result<_>>()?,
             (Some(store), None) if self.filter.is_some() => {
                 let filter = self.filter.as_ref().expect("checked");
-                let ids = store.ids_matching(filter)?;
+                let ids = index.ids_matching(store, filter)?;
                 refs.iter()
                     .map(|q| index.search_subset(*q, &params, &ids))
                     .collect::<latte_index::Result<_>>()?
