@@ -45,6 +45,11 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8], max_depth: usize) -> Result<T, A
             "the JSON body is nested {depth} levels deep; at most {max_depth} are allowed"
         )));
     }
+    // The common case, a valid body, is parsed without tracking the path (which costs per element: a query
+    // by embeddings carries thousands of numbers); only a body that fails is parsed again to name the field.
+    if let Ok(value) = serde_json::from_slice::<T>(bytes) {
+        return Ok(value);
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
