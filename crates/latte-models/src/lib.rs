@@ -44,4 +44,4 @@ pub use io::atomic_write;
 pub use layers::nn::dropout;
 pub use ops::dropout::{dropout_seed, with_dropout};
 pub use ops::train::with_fused_layers;
-pub use tokenize::{py_strip, Tokenized};
+pub use tokenize::{py_strip, ColbertTokenizer, Tokenized};

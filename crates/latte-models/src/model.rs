@@ -310,11 +310,11 @@ impl ColBERT {
                     }
                 }
             })?;
-        let tokenizer = ColbertTokenizer {
-            tokenizer: transformer.tokenizer.clone(),
-            do_lower_case: transformer.do_lower_case,
+        let tokenizer = ColbertTokenizer::new(
+            transformer.tokenizer.clone(),
+            transformer.do_lower_case,
             pad_id,
-        };
+        );
         let unk = sp.unk.as_deref();
         let prefix_id = |p: &str| {
             (!p.is_empty())

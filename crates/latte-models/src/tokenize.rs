@@ -3,6 +3,7 @@
 //! expansion) and documents to the longest in the batch.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use tokenizers::{
     AddedToken, Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy,
@@ -174,15 +175,51 @@ pub struct Tokenized {
 /// The ColBERT tokenizer: a Hugging Face tokenizer plus PyLate's prefix, length and padding rules.
 #[derive(Debug, Clone)]
 pub struct ColbertTokenizer {
-    /// The underlying tokenizer (prefix tokens already added).
+    /// The underlying tokenizer (prefix tokens already added). Build a new `ColbertTokenizer` rather than
+    /// changing it in place: the truncating copies [`Self::encode`] keeps are made from it once per length.
     pub tokenizer: Tokenizer,
     /// Lower-case texts before tokenising (`do_lower_case` of `sentence_bert_config.json`).
     pub do_lower_case: bool,
     /// Id used for padding and query expansion (mask, else EOS, else pad).
     pub pad_id: u32,
+    /// `tokenizer` with truncation set, one per maximum length used so far (a query and a document length,
+    /// usually): a tokenizer clone copies its whole vocabulary, which cost more than encoding one query.
+    truncating: Arc<Mutex<Vec<(usize, Arc<Tokenizer>)>>>,
 }
 
 impl ColbertTokenizer {
+    /// A ColBERT tokenizer over `tokenizer`.
+    pub fn new(tokenizer: Tokenizer, do_lower_case: bool, pad_id: u32) -> Self {
+        Self {
+            tokenizer,
+            do_lower_case,
+            pad_id,
+            truncating: Arc::default(),
+        }
+    }
+
+    /// `tokenizer` truncating to `max_len` tokens, special tokens included (made once per length).
+    fn truncating(&self, max_len: usize) -> Result<Arc<Tokenizer>> {
+        let mut cache = self.truncating.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, t)) = cache.iter().find(|(l, _)| *l == max_len) {
+            return Ok(t.clone());
+        }
+        let mut tok = self.tokenizer.clone();
+        tok.with_truncation(Some(TruncationParams {
+            max_length: max_len,
+            strategy: TruncationStrategy::LongestFirst,
+            stride: 0,
+            direction: TruncationDirection::Right,
+        }))
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let tok = Arc::new(tok);
+        if cache.len() >= 8 {
+            cache.remove(0);
+        }
+        cache.push((max_len, tok.clone()));
+        Ok(tok)
+    }
+
     /// The id of `token` as `convert_tokens_to_ids` gives it: the vocab id, else the unknown-token id.
     pub fn token_id(&self, token: &str, unk: Option<&str>) -> Option<u32> {
         self.tokenizer
@@ -199,14 +236,7 @@ impl ColbertTokenizer {
         max_len: usize,
         prefix: Option<u32>,
     ) -> Result<Vec<Tokenized>> {
-        let mut tok = self.tokenizer.clone();
-        tok.with_truncation(Some(TruncationParams {
-            max_length: max_len,
-            strategy: TruncationStrategy::LongestFirst,
-            stride: 0,
-            direction: TruncationDirection::Right,
-        }))
-        .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let tok = self.truncating(max_len)?;
         let inputs: Vec<String> = texts
             .iter()
             .map(|t| {

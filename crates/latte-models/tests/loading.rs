@@ -560,3 +560,28 @@ fn unknown_hidden_act_is_a_load_error_naming_it() {
         "{err}"
     );
 }
+
+/// The tokenizer keeps one truncating copy per maximum length (a clone of the vocabulary per call cost more
+/// than encoding a query): every length, used in any order, truncates exactly as a fresh tokenizer does.
+#[test]
+fn the_tokenizer_truncates_each_length_as_a_fresh_one_in_any_order() {
+    let m = ColBERT::load_dir(&fixture("bert_pylate"), &LoadOptions::default()).unwrap();
+    let t = m.tokenizer();
+    let fresh = |len: usize| {
+        latte_models::ColbertTokenizer::new(t.tokenizer.clone(), t.do_lower_case, t.pad_id)
+            .encode(&docs(), len, None)
+            .unwrap()
+    };
+    let mut lengths = Vec::new();
+    for len in [5, 12, 5, 3, 40, 12, 3] {
+        let got = t.encode(&docs(), len, None).unwrap();
+        assert_eq!(got, fresh(len), "max_len {len}");
+        assert!(got.iter().all(|x| x.ids.len() <= len), "max_len {len}");
+        lengths.push(got.iter().map(|x| x.ids.len()).max().unwrap());
+    }
+    // The lengths really differ (the texts are longer than the short limits).
+    assert!(
+        lengths[0] < lengths[1] && lengths[3] < lengths[0],
+        "{lengths:?}"
+    );
+}
