@@ -8,7 +8,9 @@
 //! ```
 //!
 //! The server runs in this process on 127.0.0.1 (port 0), with the default settings of `latte serve`; each
-//! level stops after `--requests` requests or `--seconds`, whichever comes first.
+//! level stops after `--requests` requests or `--seconds`, whichever comes first. With `--rounds R`, the overhead
+//! at one client is then measured R times in alternation (every query through the library, then over HTTP, by
+//! text and by embeddings), and the median is printed: single runs drift by ±10 % on a shared host.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,6 +30,7 @@ struct Args {
     requests: usize,
     seconds: u64,
     k: usize,
+    rounds: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -39,6 +42,7 @@ fn parse_args() -> Result<Args, String> {
         requests: 2000,
         seconds: 30,
         k: 10,
+        rounds: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -56,11 +60,12 @@ fn parse_args() -> Result<Args, String> {
             "--requests" => a.requests = value.parse().map_err(|e| format!("--requests: {e}"))?,
             "--seconds" => a.seconds = value.parse().map_err(|e| format!("--seconds: {e}"))?,
             "--k" => a.k = value.parse().map_err(|e| format!("--k: {e}"))?,
+            "--rounds" => a.rounds = value.parse().map_err(|e| format!("--rounds: {e}"))?,
             other => return Err(format!("unknown flag {other}")),
         }
     }
     if a.index.is_empty() || a.queries.as_os_str().is_empty() || a.data.as_os_str().is_empty() {
-        return Err("usage: load --data DIR --index NAME --queries FILE [--clients 1,8,64] [--requests N] [--seconds S] [--k K]".into());
+        return Err("usage: load --data DIR --index NAME --queries FILE [--clients 1,8,64] [--requests N] [--seconds S] [--k K] [--rounds R]".into());
     }
     Ok(a)
 }
@@ -204,8 +209,6 @@ async fn main() -> Result<(), String> {
     }
     let lib_wall = start.elapsed();
     let emb_wall: f64 = lib_emb.iter().sum::<f64>() / 1e3;
-    drop(model);
-    drop(index);
 
     let config = Config {
         data: args.data.clone(),
@@ -258,6 +261,65 @@ async fn main() -> Result<(), String> {
             let (wall, lat, errors) = run_level(&url, bodies.clone(), c, n, args.seconds).await;
             report(label, c, wall, lat, errors);
         }
+    }
+    // The overhead at one client, measured in alternation (library, HTTP, library, HTTP, ...) so that the
+    // host's drift between the two falls on both sides; each pass sends every query once, one at a time.
+    if args.rounds > 0 {
+        println!();
+        println!("| round | library text q/s | HTTP text q/s | overhead | library embeddings q/s | HTTP embeddings q/s | overhead |");
+        println!("|---|---|---|---|---|---|---|");
+        let (mut over_text, mut over_emb) = (Vec::new(), Vec::new());
+        for r in 1..=args.rounds {
+            let t = Instant::now();
+            for q in qs {
+                let e = model
+                    .encode(std::slice::from_ref(q), true, &opts)
+                    .map_err(|e| e.to_string())?
+                    .remove(0);
+                index
+                    .search(
+                        EmbRef::new(&e.data, e.cols).map_err(|e| e.to_string())?,
+                        &params,
+                        None,
+                    )
+                    .map_err(|e| e.to_string())?;
+            }
+            let lib_t = n as f64 / t.elapsed().as_secs_f64();
+            let (wall, _, errors) = run_level(&url, text_bodies.clone(), 1, n, 86_400).await;
+            let http_t = n as f64 / wall.as_secs_f64();
+            let t = Instant::now();
+            for e in &embs {
+                index
+                    .search(
+                        EmbRef::new(&e.data, e.cols).map_err(|e| e.to_string())?,
+                        &params,
+                        None,
+                    )
+                    .map_err(|e| e.to_string())?;
+            }
+            let lib_e = n as f64 / t.elapsed().as_secs_f64();
+            let (wall, _, errors_e) = run_level(&url, emb_bodies.clone(), 1, n, 86_400).await;
+            let http_e = n as f64 / wall.as_secs_f64();
+            if errors + errors_e > 0 {
+                return Err(format!("round {r}: {} errors", errors + errors_e));
+            }
+            let (ot, oe) = (1.0 - http_t / lib_t, 1.0 - http_e / lib_e);
+            over_text.push(ot);
+            over_emb.push(oe);
+            println!(
+                "| {r} | {lib_t:.1} | {http_t:.1} | {:.1} % | {lib_e:.1} | {http_e:.1} | {:.1} % |",
+                100.0 * ot,
+                100.0 * oe
+            );
+        }
+        over_text.sort_by(f64::total_cmp);
+        over_emb.sort_by(f64::total_cmp);
+        println!(
+            "median overhead at 1 client over {} rounds: text {:.1} %, embeddings {:.1} %",
+            args.rounds,
+            100.0 * over_text[over_text.len() / 2],
+            100.0 * over_emb[over_emb.len() / 2]
+        );
     }
     let _ = stop.send(());
     handle

@@ -54,8 +54,8 @@ pub struct EncodeConfig {
     /// `wait_when_idle`).
     pub max_wait: Duration,
     /// Whether a request reaching an idle pool also waits `max_wait` for others. When false (the default)
-    /// the window is used only while the pool is busy — its previous forward pass ended less than
-    /// `max_wait` ago, or more requests are already queued — so a lone client pays no batching delay.
+    /// the window is used only under load — the request was already queued when a worker came for it (it
+    /// arrived while the pool was busy), or more are — so a lone client pays no batching delay.
     pub wait_when_idle: bool,
     /// Requests waiting or being encoded per model; one more gets 503 with `Retry-After`.
     pub queue: usize,

@@ -1,8 +1,8 @@
 //! The encoding pool of one model: worker threads outside the async runtime that take requests from a
 //! bounded queue and encode the texts of the requests that arrived within a few milliseconds of each other
 //! in one forward pass (queries and documents apart: their lengths differ). The wait for more requests is
-//! paid only under load (requests already queued, or the previous pass just ended): a request reaching an
-//! idle pool is encoded at once, with whatever else is queued. At most `queue` requests per
+//! paid only under load (a request that was already queued when a worker came for it, i.e. it arrived while
+//! the pool was busy): a request reaching an idle pool is encoded at once, with whatever else is queued. At most `queue` requests per
 //! model wait or are being encoded; one more is a 503 with `Retry-After` at once, never a wait. A request
 //! whose client has gone is skipped.
 
@@ -152,13 +152,20 @@ impl Encoder {
 }
 
 fn worker(rx: &Mutex<Receiver<Job>>, model: &ColBERT, stats: &PoolStats, cfg: &EncodeConfig) {
-    // When this worker's last forward pass ended: a request arriving soon after finds the pool busy.
-    let mut last_end: Option<Instant> = None;
     loop {
         // One worker at a time gathers a batch; the others wait for the receiver.
         let batch = {
             let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
-            let Ok(first) = rx.recv() else { return };
+            // A request already queued arrived while the pool was busy (encoding, or another worker
+            // gathering): that is load, and the batching window is worth its wait. A request that wakes an
+            // idle worker is alone (a lone client's next request comes only after its previous answer).
+            let (first, queued) = match rx.try_recv() {
+                Ok(job) => (job, true),
+                Err(_) => match rx.recv() {
+                    Ok(job) => (job, false),
+                    Err(_) => return,
+                },
+            };
             let start = Instant::now();
             let mut n = first.texts.len();
             let mut batch = vec![first];
@@ -173,8 +180,7 @@ fn worker(rx: &Mutex<Receiver<Job>>, model: &ColBERT, stats: &PoolStats, cfg: &E
                 }
             }
             // Then wait for more only under load (or when asked to always wait).
-            let busy =
-                batch.len() > 1 || last_end.is_some_and(|t| start.duration_since(t) < cfg.max_wait);
+            let busy = queued || batch.len() > 1;
             if busy || cfg.wait_when_idle {
                 let deadline = start + cfg.max_wait;
                 while n < cfg.max_batch {
@@ -197,7 +203,6 @@ fn worker(rx: &Mutex<Receiver<Job>>, model: &ColBERT, stats: &PoolStats, cfg: &E
         for group in [queries, documents] {
             run(group, model, stats, cfg);
         }
-        last_end = Some(Instant::now());
     }
 }
 
