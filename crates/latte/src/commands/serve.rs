@@ -54,8 +54,9 @@ pub struct ServeArgs {
     /// Most texts in one forward pass of the encoding pool.
     #[arg(long, default_value_t = 64)]
     pub encode_batch: usize,
-    /// Milliseconds a worker waits for more requests to join a forward pass while the pool is busy (a
-    /// request reaching an idle pool is encoded at once unless --encode-wait-when-idle).
+    /// Milliseconds a worker waits for more requests to join a forward pass under load (when the request it
+    /// took arrived while the pool was busy; one reaching an idle pool is encoded at once unless
+    /// --encode-wait-when-idle).
     #[arg(long, default_value_t = 3)]
     pub encode_wait_ms: u64,
     /// Make a request reaching an idle pool wait --encode-wait-ms for others too.
