@@ -184,8 +184,11 @@ pub struct ColbertTokenizer {
     pub pad_id: u32,
     /// `tokenizer` with truncation set, one per maximum length used so far (a query and a document length,
     /// usually): a tokenizer clone copies its whole vocabulary, which cost more than encoding one query.
-    truncating: Arc<Mutex<Vec<(usize, Arc<Tokenizer>)>>>,
+    truncating: Arc<Mutex<TruncatingCopies>>,
 }
+
+/// Truncating copies of a tokenizer, by maximum length.
+type TruncatingCopies = Vec<(usize, Arc<Tokenizer>)>;
 
 impl ColbertTokenizer {
     /// A ColBERT tokenizer over `tokenizer`.
