@@ -630,6 +630,26 @@ fn rerank(
 // ------------------------------------------------------------------------------------------------
 // Indexes
 
+/// The build settings the Python keyword arguments of `plaid_create` and `Codec.train` give.
+fn build_config(
+    nbits: usize,
+    kmeans_niters: usize,
+    kmeans_points_per_centroid: usize,
+    seed: u64,
+    num_centroids: Option<usize>,
+    pool_factor: usize,
+) -> IndexConfig {
+    IndexConfig {
+        nbits,
+        num_centroids,
+        kmeans_iters: kmeans_niters,
+        kmeans_points_per_centroid,
+        seed,
+        pool_factor,
+        ..IndexConfig::default()
+    }
+}
+
 fn vec_source(ids: Vec<String>, embeddings: &[PyReadonlyArray2<'_, f32>]) -> PyResult<VecSource> {
     if ids.len() != embeddings.len() {
         return Err(PyValueError::new_err(format!(
@@ -677,15 +697,14 @@ fn plaid_create(
 ) -> PyResult<usize> {
     let docs = stored_documents(&ids, titles, texts, metadata)?;
     let source = vec_source(ids, &embeddings)?;
-    let config = IndexConfig {
+    let config = build_config(
         nbits,
-        num_centroids,
-        kmeans_iters: kmeans_niters,
+        kmeans_niters,
         kmeans_points_per_centroid,
         seed,
+        num_centroids,
         pool_factor,
-        ..IndexConfig::default()
-    };
+    );
     let codec = codec.map(|c| c.codec.clone());
     let report = py
         .detach(|| match &codec {
@@ -741,15 +760,14 @@ impl Codec {
     ) -> PyResult<Self> {
         let ids = (0..embeddings.len()).map(|i| i.to_string()).collect();
         let source = vec_source(ids, &embeddings)?;
-        let config = IndexConfig {
+        let config = build_config(
             nbits,
-            num_centroids,
-            kmeans_iters: kmeans_niters,
+            kmeans_niters,
             kmeans_points_per_centroid,
             seed,
+            num_centroids,
             pool_factor,
-            ..IndexConfig::default()
-        };
+        );
         let codec = py
             .detach(|| PlaidIndex::train_codec(&source, &config))
             .map_err(index_err)?;

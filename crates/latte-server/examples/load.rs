@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use latte_index::{EmbRef, PlaidIndex, SearchParams};
-use latte_models::{ColBERT, EncodeOptions, ModelOptions};
+use latte_models::{ColBERT, Embedding, EncodeOptions, ModelOptions};
 use latte_server::{Config, Server};
 use serde_json::{json, Value};
 
@@ -187,22 +187,25 @@ async fn main() -> Result<(), String> {
         show_progress: Some(false),
         ..Default::default()
     };
+    let encode_one = |q: &String| -> Result<_, String> {
+        model
+            .encode(std::slice::from_ref(q), true, &opts)
+            .map_err(|e| e.to_string())?
+            .pop()
+            .ok_or_else(|| "the model returned no embedding".to_string())
+    };
+    let search_one = |e: &Embedding| -> Result<(), String> {
+        let q = EmbRef::new(&e.data, e.cols).map_err(|e| e.to_string())?;
+        index.search(q, &params, None).map_err(|e| e.to_string())?;
+        Ok(())
+    };
     let (mut lib_text, mut lib_emb, mut embs) = (Vec::new(), Vec::new(), Vec::new());
     let start = Instant::now();
     for q in qs {
         let t = Instant::now();
-        let e = model
-            .encode(std::slice::from_ref(q), true, &opts)
-            .map_err(|e| e.to_string())?
-            .remove(0);
+        let e = encode_one(q)?;
         let t_search = Instant::now();
-        index
-            .search(
-                EmbRef::new(&e.data, e.cols).map_err(|e| e.to_string())?,
-                &params,
-                None,
-            )
-            .map_err(|e| e.to_string())?;
+        search_one(&e)?;
         lib_emb.push(t_search.elapsed().as_secs_f64() * 1e3);
         lib_text.push(t.elapsed().as_secs_f64() * 1e3);
         embs.push(e);
@@ -272,30 +275,14 @@ async fn main() -> Result<(), String> {
         for r in 1..=args.rounds {
             let t = Instant::now();
             for q in qs {
-                let e = model
-                    .encode(std::slice::from_ref(q), true, &opts)
-                    .map_err(|e| e.to_string())?
-                    .remove(0);
-                index
-                    .search(
-                        EmbRef::new(&e.data, e.cols).map_err(|e| e.to_string())?,
-                        &params,
-                        None,
-                    )
-                    .map_err(|e| e.to_string())?;
+                search_one(&encode_one(q)?)?;
             }
             let lib_t = n as f64 / t.elapsed().as_secs_f64();
             let (wall, _, errors) = run_level(&url, text_bodies.clone(), 1, n, 86_400).await;
             let http_t = n as f64 / wall.as_secs_f64();
             let t = Instant::now();
             for e in &embs {
-                index
-                    .search(
-                        EmbRef::new(&e.data, e.cols).map_err(|e| e.to_string())?,
-                        &params,
-                        None,
-                    )
-                    .map_err(|e| e.to_string())?;
+                search_one(e)?;
             }
             let lib_e = n as f64 / t.elapsed().as_secs_f64();
             let (wall, _, errors_e) = run_level(&url, emb_bodies.clone(), 1, n, 86_400).await;
