@@ -2,9 +2,9 @@
 //! bounded queue and encode the texts of the requests that arrived within a few milliseconds of each other
 //! in one forward pass (queries and documents apart: their lengths differ). The wait for more requests is
 //! paid only under load (a request that was already queued when a worker came for it, i.e. it arrived while
-//! the pool was busy): a request reaching an idle pool is encoded at once, with whatever else is queued. At most `queue` requests per
-//! model wait or are being encoded; one more is a 503 with `Retry-After` at once, never a wait. A request
-//! whose client has gone is skipped.
+//! the pool was busy): a request reaching an idle pool is encoded at once, with whatever else is queued. At
+//! most `queue` requests per model wait or are being encoded; one more is a 503 with `Retry-After` at once,
+//! never a wait. A request whose client has gone is skipped.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
