@@ -12,7 +12,7 @@ import os
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from latte import _latte
-from latte.models import ColBERT
+from latte.models import ColBERT, _dtype_name
 
 __all__ = ["train"]
 
@@ -57,12 +57,26 @@ def _config(loss: str, output: str, hyperparameters: Dict[str, Any]) -> Dict[str
         raise ValueError(f"train: unknown loss {loss!r}; expected one of {', '.join(_LOSSES)}")
     config: Dict[str, Any] = {"loss": name, "output_dir": output, "progress": False}
     for key, value in hyperparameters.items():
+        if key == "dtype":
+            # "float32" / "bfloat16" (or torch.bfloat16, "bf16"); int8 cannot train.
+            name = _dtype_name(value)
+            if name == "int8":
+                raise ValueError("train: dtype int8 cannot train; use float32 or bfloat16")
+            config["dtype"] = name
+            continue
+        if key == "bf16":
+            # PyLate's (sentence-transformers') training argument: bf16 products, f32 master weights.
+            if _check_type(key, value, _BOOL):
+                config["dtype"] = "bf16"
+            continue
         if key in ("no_dropout", "no_normalize_scores"):
             config[key[3:]] = not _check_type(key, value, _BOOL)
             continue
         name = _ALIASES.get(key, key)
         if name not in _HYPERPARAMETERS:
-            known = sorted(set(_HYPERPARAMETERS) | set(_ALIASES) | {"no_dropout", "no_normalize_scores"})
+            known = sorted(
+                set(_HYPERPARAMETERS) | set(_ALIASES) | {"no_dropout", "no_normalize_scores", "dtype", "bf16"}
+            )
             raise ValueError(f"train: unknown hyper-parameter {key!r}; expected one of {', '.join(known)}")
         if value is None and name in ("max_steps", "eval_steps", "save_steps", "save_total_limit"):
             config[name] = None
@@ -95,7 +109,9 @@ def train(
     add evaluators; ``resume=True`` continues from the newest checkpoint in ``output``, a path from that
     checkpoint. ``hyperparameters`` are the ``latte train`` flags with underscores (``batch_size``,
     ``learning_rate`` or ``lr``, ``epochs``, ``max_steps``, ``warmup_ratio``, ``lr_scheduler``, ``seed`` or
-    ``train_seed``, ``logging_steps``, ``save_steps``, ``no_dropout``, ...).
+    ``train_seed``, ``logging_steps``, ``save_steps``, ``no_dropout``, ...). ``dtype="bfloat16"`` (or PyLate's
+    ``bf16=True``) runs the encoder's products forward and backward in bf16 with f32 accumulation, on f32
+    weights; the default keeps the model's dtype (float32 unless it was loaded with ``dtype="bfloat16"``).
 
     Returns the output folder (a PyLate model folder, with ``checkpoints/`` and ``metrics.jsonl``) and the
     logged metrics (the records of ``metrics.jsonl``, one dict per logging step and evaluation). The GIL is

@@ -150,6 +150,31 @@ def test_train_tiny_run(tmp_path):
     np.testing.assert_array_equal(before, model.encode(TEXTS[:1], is_query=False)[0])
 
 
+def test_train_bf16_runs_and_writes_float32(tmp_path):
+    data = tmp_path / "train.jsonl"
+    write_triplets(data)
+    args = dict(train=data, loss="contrastive", batch_size=3, epochs=2, lr=1e-3, logging_steps=1,
+                train_seed=7, no_dropout=True)
+    out32, m32 = latte.train(model=str(BASE), output=tmp_path / "f32", **args)
+    out16, m16 = latte.train(model=str(BASE), output=tmp_path / "bf16", dtype="bfloat16", **args)
+    _, mflag = latte.train(model=str(BASE), output=tmp_path / "flag", bf16=True, **args)
+    loss = lambda ms: [m["loss"] for m in ms if "loss" in m]
+    assert len(loss(m16)) == len(loss(m32)) > 0
+    assert loss(mflag) == loss(m16), "bf16=True is dtype='bfloat16'"
+    for a, b in zip(loss(m32), loss(m16)):
+        assert abs(a - b) <= 0.05 * max(abs(a), 0.05), (loss(m32), loss(m16))
+    e32 = models.ColBERT(out32).encode(TEXTS[:1], is_query=False)[0]
+    e16 = models.ColBERT(out16).encode(TEXTS[:1], is_query=False)[0]
+    assert e16.dtype == np.float32
+    assert not np.array_equal(e32, e16), "bf16 products did not run"
+    cos = (e32 * e16).sum(axis=1) / (np.linalg.norm(e32, axis=1) * np.linalg.norm(e16, axis=1))
+    assert cos.min() > 0.98, cos
+    with pytest.raises(ValueError, match="int8"):
+        latte.train(model=str(BASE), output=tmp_path / "i8", dtype="int8", **args)
+    with pytest.raises(ValueError, match="dtype"):
+        latte.train(model=str(BASE), output=tmp_path / "x", dtype="fp8", **args)
+
+
 def test_train_errors(tmp_path):
     data = tmp_path / "train.jsonl"
     write_triplets(data)

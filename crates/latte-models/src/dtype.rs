@@ -6,7 +6,9 @@
 //! with `int8` they quantise weights per output channel and activations per row, accumulate in i32 and
 //! dequantise in f32 ([`latte_kernels::lowp::linear_i8`]). Embeddings, layer norms, attention (q·kᵀ,
 //! softmax, p·v) and the final Dense projections always run in f32. Only CPU inference on float32 weights
-//! uses reduced precision; training rejects it.
+//! uses reduced precision. Training takes f32 or bf16: with bf16 the fused training layers (and the
+//! elementary path's linear op) run the forward, input-gradient and weight-gradient products in bf16 with
+//! f32 accumulation, on f32 master weights; int8 training is refused.
 
 use std::fmt;
 use std::str::FromStr;

@@ -410,8 +410,9 @@ impl ColBERT {
     /// Runs the encoder's linear layers (q/k/v, attention output, MLP) at `dtype` in [`Mode::Infer`]
     /// forward passes on the CPU: bf16 weights and activations with f32 accumulation, or int8 with
     /// per-channel weight and per-row activation scales. Embeddings, normalisation, attention and the
-    /// Dense projections stay f32. The weights are packed once per layer, on first use. Training forward
-    /// passes ([`Mode::Train`]) of a model set to anything but f32 are refused.
+    /// Dense projections stay f32. The weights are packed once per layer, on first use. In training
+    /// forward passes ([`Mode::Train`]) bf16 runs the encoder layers' products forward and backward in
+    /// bf16 with f32 accumulation and f32 weights (`latte train --dtype bf16`); int8 is refused there.
     pub fn set_dtype(&mut self, dtype: Dtype) {
         self.dtype = dtype;
     }
@@ -580,13 +581,17 @@ impl ColBERT {
             Mode::Infer => crate::dtype::with_dtype(self.dtype, || {
                 self.transformer.forward(input_ids, attention_mask, mode)
             })?,
-            Mode::Train if self.dtype != Dtype::F32 => {
+            Mode::Train if self.dtype == Dtype::Int8 => {
                 return Err(Error::Invalid(format!(
-                    "dtype {}: training runs in f32 only; load the model with dtype f32",
+                    "dtype {}: training runs in f32 or bf16; load the model with dtype f32 or bf16",
                     self.dtype
                 )))
             }
-            Mode::Train => self.transformer.forward(input_ids, attention_mask, mode)?,
+            // bf16: the training ops built in this forward pass keep bf16 products for their backward
+            // pass too; the weights (and the optimiser's state) stay f32.
+            Mode::Train => crate::dtype::with_dtype(self.dtype, || {
+                self.transformer.forward(input_ids, attention_mask, mode)
+            })?,
         };
         for d in &self.denses {
             x = d.forward(&x)?;

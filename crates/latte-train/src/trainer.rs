@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use candle_nn::VarMap;
-use latte_models::{ColBERT, LoadOptions};
+use latte_models::{ColBERT, Dtype, LoadOptions};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
@@ -114,6 +114,11 @@ pub struct TrainConfig {
     /// Apply the dropout of the model's config in training, as PyTorch's `model.train()` does
     /// (`hidden_dropout_prob`, `attention_probs_dropout_prob`, ModernBERT's dropouts).
     pub dropout: bool,
+    /// Precision of the encoder's products in training: `f32`, or `bf16` (forward and backward products in
+    /// bf16 with f32 accumulation, f32 master weights and optimiser state; PyLate's `bf16=True`). `None`
+    /// (the default) keeps the model's own dtype (`latte train --dtype`, [`ColBERT::set_dtype`]); int8
+    /// cannot train.
+    pub dtype: Option<Dtype>,
 }
 
 impl Default for TrainConfig {
@@ -147,6 +152,7 @@ impl Default for TrainConfig {
             drop_last: false,
             progress: true,
             dropout: true,
+            dtype: None,
         }
     }
 }
@@ -208,6 +214,11 @@ impl TrainConfig {
         }
         if self.max_steps == Some(0) {
             return Err(Error::Invalid("max_steps must be at least 1".into()));
+        }
+        if self.dtype == Some(Dtype::Int8) {
+            return Err(Error::Invalid(
+                "dtype int8: training runs in f32 or bf16".into(),
+            ));
         }
         Ok(())
     }
@@ -458,7 +469,9 @@ impl Trainer {
                         ),
                     });
                 }
-                let m = ColBERT::load_dir(dir, &LoadOptions::default())?;
+                let mut m = ColBERT::load_dir(dir, &LoadOptions::default())?;
+                // A checkpoint folder records no dtype: the run goes on at the one it was asked for.
+                m.set_dtype(model.dtype());
                 let device = m.transformer.device().clone();
                 let opt = AdamW::load(c.adamw(), &dir.join("optimizer.safetensors"), &device)?;
                 (m, opt, state)
@@ -479,6 +492,16 @@ impl Trainer {
             ),
         };
         state.total_steps = total;
+        let mut base = base;
+        if let Some(d) = c.dtype {
+            base.set_dtype(d);
+        }
+        if base.dtype() == Dtype::Int8 {
+            return Err(Error::Invalid(
+                "dtype int8: training runs in f32 or bf16; load the model with dtype f32 or bf16"
+                    .into(),
+            ));
+        }
 
         let varmap = VarMap::new();
         let trainable = base.to_trainable(&varmap)?;

@@ -352,6 +352,63 @@ fn training_lowers_the_loss_and_writes_a_loadable_model() {
 }
 
 #[test]
+fn bf16_training_follows_f32_training_and_keeps_f32_weights() {
+    // `dtype = bf16`: the same run with bf16 products forward and backward. The loss path stays close
+    // to f32's (bf16 rounds each product's operands to 8 bits of mantissa), the weights written are f32 and
+    // differ from f32 training's (the bf16 products really ran), and the model written loads as f32.
+    let dir = tempfile::tempdir().unwrap();
+    let data = triplets();
+    let m = model("bert_pylate");
+    let all: Vec<usize> = (0..data.len()).collect();
+    let batch = data.batch(&all);
+    let before = Contrastive::default().loss(&m, &batch).unwrap();
+    let run = |name: &str, dtype: Option<latte_models::Dtype>| {
+        let mut cfg = config(&dir.path().join(name));
+        cfg.epochs = 8;
+        cfg.dropout = false;
+        cfg.dtype = dtype;
+        Trainer::new(cfg).train(&m, &data, None).unwrap()
+    };
+    let f32_run = run("f32", None);
+    let bf16_run = run("bf16", Some(latte_models::Dtype::Bf16));
+    assert_eq!(bf16_run.global_step, f32_run.global_step);
+    let trained = ColBERT::load_dir(&dir.path().join("bf16"), &LoadOptions::default()).unwrap();
+    assert_eq!(trained.dtype(), latte_models::Dtype::F32);
+    let after = Contrastive::default().loss(&trained, &batch).unwrap();
+    assert!(
+        after < before * 0.7,
+        "bf16 training: loss {before} -> {after}"
+    );
+    let (lf, lb) = (f32_run.last_loss, bf16_run.last_loss);
+    assert!(
+        (lf - lb).abs() <= 0.05 * lf.abs().max(0.05),
+        "final loss f32 {lf} vs bf16 {lb}"
+    );
+    let (wf, wb) = (
+        weights(&dir.path().join("f32")),
+        weights(&dir.path().join("bf16")),
+    );
+    let mut differ = false;
+    for ((nf, tf), (nb, tb)) in wf.iter().zip(&wb) {
+        assert_eq!(nf, nb);
+        assert_eq!(tb.dtype(), candle_core::DType::F32, "{nb}");
+        differ |= max_abs_diff(tf, tb) > 0.0;
+    }
+    assert!(
+        differ,
+        "bf16 training gave f32 training's weights bit for bit"
+    );
+    // A model loaded at bf16 trains at bf16 without the config saying so; int8 is refused.
+    let mut m8 = m.clone();
+    m8.set_dtype(latte_models::Dtype::Int8);
+    let e = Trainer::new(config(&dir.path().join("i8")))
+        .train(&m8, &data, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("int8") && e.contains("bf16"), "{e}");
+}
+
+#[test]
 fn resumed_training_ends_where_uninterrupted_training_does() {
     let dir = tempfile::tempdir().unwrap();
     let data = triplets();
@@ -437,6 +494,10 @@ fn bad_configurations_are_refused() {
         (
             Box::new(|c: &mut TrainConfig| c.max_steps = Some(0)),
             "max_steps",
+        ),
+        (
+            Box::new(|c: &mut TrainConfig| c.dtype = Some(latte_models::Dtype::Int8)),
+            "int8",
         ),
     ] {
         let mut c = config(&dir.path().join("x"));

@@ -53,6 +53,46 @@ impl PackedBf16 {
         Ok(PackedBf16 { n, k, kp, data })
     }
 
+    /// Packs the weights of a layer with `n` outputs × `k` inputs given as `wt`, the transpose of W
+    /// (`k` rows of `n`, row-major): `w[j][kk] = wt[kk · n + j]`. The same layout as [`PackedBf16::pack`]
+    /// without a transposed copy; training uses it for the products of its backward pass (`dy · W` packs
+    /// W itself, `dyᵀ · x` packs the activations `x`).
+    pub fn pack_transposed(wt: &[f32], n: usize, k: usize) -> Result<PackedBf16, LowpError> {
+        if n == 0 || k == 0 {
+            return Err(LowpError::Empty {
+                what: "bf16 weights (transposed)",
+                n,
+                k,
+            });
+        }
+        check_len(
+            "bf16 weights (transposed)",
+            checked_len("bf16 weights (transposed)", k, n)?,
+            wt.len(),
+        )?;
+        let kp = round_up(k, K_ALIGN);
+        let np = round_up(n, BLOCK);
+        let panel_len = kp * PANEL;
+        let mut data = vec![0u16; checked_len("bf16 weights (transposed)", np, kp)?];
+        data.par_chunks_mut(panel_len)
+            .enumerate()
+            .for_each(|(jp, panel)| {
+                let j0 = jp * PANEL;
+                if j0 >= n {
+                    return;
+                }
+                let cols = PANEL.min(n - j0);
+                for kk in 0..k {
+                    let src = &wt[kk * n + j0..][..cols];
+                    let base = (kk / 2) * 2 * PANEL + kk % 2;
+                    for (c, &v) in src.iter().enumerate() {
+                        panel[base + c * 2] = f32_to_bf16(v);
+                    }
+                }
+            });
+        Ok(PackedBf16 { n, k, kp, data })
+    }
+
     /// Outputs (rows of W).
     pub fn n(&self) -> usize {
         self.n

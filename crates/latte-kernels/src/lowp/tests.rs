@@ -391,6 +391,21 @@ fn packing_layouts_hold_every_weight_and_zero_padding() {
             assert_eq!(p.get(j, kk), want, "bf16 layout at [{j}][{kk}]");
         }
     }
+    // Packing the transpose gives the same layout, byte for byte, for shapes on and off the panel width.
+    for (n, k) in [(n, k), (16, 32), (1, 1), (33, 3)] {
+        let w = Rng(6).vec(n * k, 2.0);
+        let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+        let from_t = PackedBf16::pack_transposed(&wt, n, k).unwrap();
+        assert_eq!(from_t, PackedBf16::pack(&w, n, k).unwrap(), "[{n}, {k}]");
+    }
+    assert!(matches!(
+        PackedBf16::pack_transposed(&w, n, k + 1),
+        Err(LowpError::Length { .. })
+    ));
+    assert!(matches!(
+        PackedBf16::pack_transposed(&[], 0, 3),
+        Err(LowpError::Empty { .. })
+    ));
     let mut w8 = w.clone();
     w8[3 * k..4 * k].iter_mut().for_each(|v| *v = 0.0); // an all-zero channel
     let q = PackedI8::pack(&w8, n, k).unwrap();

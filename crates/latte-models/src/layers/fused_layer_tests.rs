@@ -127,10 +127,10 @@ fn max_diff(a: &Tensor, b: &Tensor) -> (f32, f32) {
 
 /// Every kernel set this CPU runs.
 fn kernels() -> Vec<Kernels> {
-    let mut k = vec![Kernels::Portable];
+    let mut k = vec![Kernels::f32(latte_kernels::Level::Portable)];
     #[cfg(target_arch = "x86_64")]
     if latte_kernels::level() >= latte_kernels::Level::Avx512 {
-        k.push(Kernels::Avx512);
+        k.push(Kernels::f32(latte_kernels::Level::Avx512));
     }
     k
 }
@@ -194,6 +194,72 @@ fn matches_the_elementary_ops_across_panels_and_depth_blocks() {
     // d = 40 (two panels), f = 72, 3 × 100 tokens: the weight-gradient products run over more than
     // one depth block (KC = 256).
     check_against_reference(3, 100, 80, 2, 72, &[100, 37, 1]);
+}
+
+#[test]
+fn bf16_products_stay_within_bf16_rounding_of_the_f32_layer() {
+    // `latte train --dtype bf16`: the same layer with its six products (forward, input gradient, weight
+    // gradient) in bf16 with f32 accumulation; outputs and every gradient within bf16's rounding of the
+    // f32 reference, and not the f32 values themselves (the bf16 products really ran).
+    let (b, n, h, heads, f) = (3, 40, 48, 2, 72);
+    let l = layer(h, f, 21);
+    let (x, bias, r) = inputs(b, n, h, &[40, 17, 1]);
+    let want = reference(&l, x.as_tensor(), &bias, heads);
+    let g_want = (&want * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    for kern in kernels() {
+        let kern = Kernels::bf16(kern.level);
+        let fused = bert_layer_on(
+            kern,
+            x.as_tensor(),
+            &bias,
+            &params(&l),
+            heads,
+            HiddenAct::Gelu,
+            NO_DROPOUT,
+        )
+        .unwrap()
+        .expect("the fused op applies");
+        let (d, m) = max_diff(&fused, &want);
+        assert!(
+            d <= 3e-2 * m.max(1.0) && d > 0.0,
+            "{kern:?}: output differs by {d} (max {m})"
+        );
+        let g = (&fused * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let mut all = vec![x.clone()];
+        all.extend(l.vars.iter().cloned());
+        for (i, v) in all.iter().enumerate() {
+            let gf = g.get(v.as_tensor()).expect("fused gradient");
+            let gw = g_want.get(v.as_tensor()).expect("reference gradient");
+            let (d, m) = max_diff(gf, gw);
+            assert!(
+                d <= 3e-2 * m.max(1.0),
+                "{kern:?}: gradient of tensor {i} {:?} differs by {d} (max {m})",
+                v.dims()
+            );
+            // Relative error over the whole gradient (a norm, so one small entry cannot dominate).
+            let (a, w) = (
+                gf.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                gw.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            let num: f32 = a.iter().zip(&w).map(|(a, w)| (a - w) * (a - w)).sum();
+            let den: f32 = w.iter().map(|w| w * w).sum();
+            if den.sqrt() < 1e-3 * (w.len() as f32).sqrt() {
+                // Zero in exact arithmetic (the key bias: softmax ignores a per-row constant); the
+                // absolute check above holds it.
+                continue;
+            }
+            assert!(
+                num.sqrt() <= 2e-2 * den.sqrt().max(1e-6),
+                "{kern:?}: gradient of tensor {i} relative error {}",
+                num.sqrt() / den.sqrt()
+            );
+        }
+    }
 }
 
 #[test]

@@ -107,6 +107,23 @@ pub async fn search(
     // Admission (503 when too many searches are in flight), then a turn among the running searches; the
     // permit moves onto the blocking thread, so a search abandoned by a timed-out request still holds it.
     let permit = state.searches.enter().await?;
+    if !request.needs_store() {
+        // Vectors only (no filter, no BM25, no stored fields): pure computation, started on the search
+        // thread pool itself rather than on a blocking thread that would hand it to that pool and wait.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        rayon::spawn(move || {
+            let _permit = permit;
+            let out =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| request.run(&index)));
+            let _ = tx.send(out);
+        });
+        let results = match rx.await {
+            Ok(Ok(r)) => r?,
+            Ok(Err(_)) => return Err(ApiError::internal("the search panicked")),
+            Err(_) => return Err(ApiError::internal("the search's worker went away")),
+        };
+        return Ok(Json(SearchResponse { results }));
+    }
     let results = tokio::task::spawn_blocking(move || {
         let _permit = permit;
         // A read of the document store whose view was overtaken by two commits retries on the served index.
@@ -213,6 +230,11 @@ struct Query {
 }
 
 impl Query {
+    /// Whether the search reads the document store (a filter, BM25 or stored fields to return).
+    fn needs_store(&self) -> bool {
+        self.filter.is_some() || self.fusion.is_some() || self.fields.any()
+    }
+
     fn run(&self, index: &PlaidIndex) -> latte_index::Result<Vec<Vec<SearchHit>>> {
         let refs = self
             .queries
@@ -220,8 +242,7 @@ impl Query {
             .map(|(q, d)| EmbRef::new(q, *d))
             .collect::<Result<Vec<_>, _>>()?;
         let params = SearchParams::for_k(self.k);
-        let needs_store = self.filter.is_some() || self.fusion.is_some() || self.fields.any();
-        let store: Option<DocStore> = if needs_store {
+        let store: Option<DocStore> = if self.needs_store() {
             Some(index.open_store()?)
         } else {
             None

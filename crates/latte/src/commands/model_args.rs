@@ -40,7 +40,8 @@ pub struct SettingsArgs {
     pub truncate_dim: Option<usize>,
     /// Precision of the encoder's linear layers: f32 (default), bf16 (bf16 weights and activations, f32
     /// accumulation) or int8 (dynamically quantised). Normalisation, attention and the final projection
-    /// stay f32. CPU inference only; recorded in an index, which `latte search` reuses.
+    /// stay f32. CPU only; recorded in an index, which `latte search` reuses. `latte train` takes f32 or
+    /// bf16 (bf16 products forward and backward with f32 accumulation; f32 weights and optimiser).
     #[arg(long, value_name = "f32|bf16|int8")]
     pub dtype: Option<Dtype>,
 }

@@ -150,6 +150,10 @@ fn config(args: &TrainArgs) -> Result<TrainConfig> {
     if let Some(v) = args.max_steps {
         c.max_steps = Some(v);
     }
+    // `--dtype bf16`: bf16 products forward and backward (the TOML key `dtype` says the same).
+    if let Some(d) = args.model.settings.dtype {
+        c.dtype = Some(d);
+    }
     if let Some(v) = args.eval_steps {
         c.eval_steps = Some(v);
     }

@@ -373,21 +373,34 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
 
 /// `y[m, n] = x[m, k] · Wᵀ + b` on the AVX-512 kernel, with a backward pass on the same kernel:
 /// `dx = dy · W`, `dW = dyᵀ · x`, `db = Σ dy`. Weights change every step, so they are packed per call
-/// (`O(n·k)` against the `O(m·n·k)` product).
-struct TrainLinear;
+/// (`O(n·k)` against the `O(m·n·k)` product). With `bf16` (inside `latte train --dtype bf16`) the three
+/// products round their operands to bf16 and accumulate in f32.
+struct TrainLinear {
+    bf16: bool,
+}
 
-fn kernel_product(
-    a: &[f32],
-    m: usize,
-    b_rows: &[f32],
-    n: usize,
-    k: usize,
-    bias: Option<&[f32]>,
-) -> Vec<f32> {
-    // a[m, k] · b_rowsᵀ where b_rows is [n, k].
-    let mut out = vec![0f32; m * n];
-    gemm::linear_rows_at(Level::Avx512, a, m, b_rows, bias, n, k, &mut out);
-    out
+impl TrainLinear {
+    fn product(
+        &self,
+        a: &[f32],
+        m: usize,
+        b_rows: &[f32],
+        n: usize,
+        k: usize,
+        bias: Option<&[f32]>,
+    ) -> Vec<f32> {
+        // a[m, k] · b_rowsᵀ where b_rows is [n, k].
+        let mut out = vec![0f32; m * n];
+        if self.bf16 && m > 0 && n > 0 && k > 0 {
+            let p = latte_kernels::lowp::PackedBf16::pack(b_rows, n, k)
+                .expect("bf16 linear: shapes checked by the op");
+            latte_kernels::lowp::linear_bf16(a, m, &p, bias, None, false, &mut out)
+                .expect("bf16 linear: shapes checked by the op");
+            return out;
+        }
+        gemm::linear_rows_at(Level::Avx512, a, m, b_rows, bias, n, k, &mut out);
+        out
+    }
 }
 
 impl CustomOp3 for TrainLinear {
@@ -409,7 +422,7 @@ impl CustomOp3 for TrainLinear {
         let b = slice(s3, l3, self.name())?;
         let (n, k) = l2.shape().dims2()?;
         let m = x.len() / k.max(1);
-        let y = kernel_product(x, m, w, n, k, Some(b));
+        let y = self.product(x, m, w, n, k, Some(b));
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
@@ -427,10 +440,10 @@ impl CustomOp3 for TrainLinear {
         let ws = w.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let gs = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         // dx[m, k] = g[m, n] · W[n, k] = g · (Wᵀ)ᵀ, Wᵀ as rows [k, n].
-        let dx = kernel_product(&gs, m, &gemm::transpose(&ws, n, k), k, n, None);
+        let dx = self.product(&gs, m, &gemm::transpose(&ws, n, k), k, n, None);
         // dW[n, k] = gᵀ[n, m] · x[m, k] = gᵀ · (xᵀ)ᵀ, xᵀ as rows [k, m].
         let gt = gemm::transpose(&gs, m, n);
-        let dw = kernel_product(&gt, n, &gemm::transpose(&xs, m, k), k, m, None);
+        let dw = self.product(&gt, n, &gemm::transpose(&xs, m, k), k, m, None);
         let db: Vec<f32> = gt.par_chunks(m.max(1)).map(|r| r.iter().sum()).collect();
         let dev = x.device();
         Ok((
@@ -463,7 +476,9 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Opti
             let y = x.reshape((m, k))?.contiguous()?.apply_op3(
                 &weight.contiguous()?,
                 b,
-                TrainLinear,
+                TrainLinear {
+                    bf16: crate::dtype::current() == crate::Dtype::Bf16,
+                },
             )?;
             let mut out = dims;
             *out.last_mut().expect("rank ≥ 1") = n;

@@ -6,12 +6,35 @@
 
 use candle_core::Layout;
 use latte_kernels::attention::{self as kattn, PackedDims};
+use latte_kernels::lowp::{self, PackedBf16};
 use latte_kernels::{gemm, math, Level};
 use rayon::prelude::*;
 
 /// The kernels an op runs on, chosen when it is built: the register tile and vectorised `exp` / erf from
-/// [`Level::Avx512`] up, the `gemm` crate and scalar element-wise code below.
-pub(crate) type Kernels = Level;
+/// [`Level::Avx512`] up, the `gemm` crate and scalar element-wise code below; and the precision of its
+/// products (the linear layers forward and backward).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Kernels {
+    /// The level of the f32 kernels (register tile, attention, GELU).
+    pub(crate) level: Level,
+    /// bf16 products with f32 accumulation ([`latte_kernels::lowp::linear_bf16`]) for the linear layers'
+    /// forward, input-gradient and weight-gradient products; everything else stays f32, and so do the
+    /// weights the optimiser updates (they are rounded as they are packed for each product).
+    pub(crate) bf16: bool,
+}
+
+#[cfg(test)]
+impl Kernels {
+    /// f32 products at `level`.
+    pub(crate) const fn f32(level: Level) -> Self {
+        Self { level, bf16: false }
+    }
+
+    /// bf16 products, the rest at `level`.
+    pub(crate) const fn bf16(level: Level) -> Self {
+        Self { level, bf16: true }
+    }
+}
 
 #[cfg(test)]
 thread_local! {
@@ -19,13 +42,21 @@ thread_local! {
     pub(crate) static FORCE_PORTABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// The level of an op built now.
+/// The kernels of an op built now: this CPU's level, and bf16 products inside a
+/// [`crate::dtype::with_dtype`] scope of [`Dtype::Bf16`](crate::Dtype::Bf16) (`latte train --dtype bf16`).
 pub(super) fn detect() -> Kernels {
+    let bf16 = crate::dtype::current() == crate::Dtype::Bf16;
     #[cfg(test)]
     if FORCE_PORTABLE.with(|c| c.get()) {
-        return Level::Portable;
+        return Kernels {
+            level: Level::Portable,
+            bf16,
+        };
     }
-    latte_kernels::level()
+    Kernels {
+        level: latte_kernels::level(),
+        bf16,
+    }
 }
 
 /// Rows of `x` per task in the row-wise passes (layer norm, dropout, residual).
@@ -287,7 +318,7 @@ impl Attn {
             .as_ref()
             .map(|f| f as &(dyn Fn(usize, &mut [f32]) + Sync));
         kattn::forward_packed_at(
-            self.kern,
+            self.kern.level,
             self.packed(),
             self.scale,
             self.window,
@@ -308,7 +339,7 @@ impl Attn {
             .as_ref()
             .map(|f| f as &(dyn Fn(usize, &mut [f32]) + Sync));
         kattn::backward_packed_at(
-            self.kern,
+            self.kern.level,
             self.packed(),
             self.scale,
             drop_ref,
@@ -331,7 +362,14 @@ pub(super) fn linear_fwd(
     k: usize,
 ) -> Vec<f32> {
     let mut out = vec![0f32; m * n];
-    gemm::linear_rows_at(kern, x, m, w, Some(b), n, k, &mut out);
+    if kern.bf16 && m > 0 {
+        // The op checked the shapes; n and k are at least 1 in every layer.
+        let p = PackedBf16::pack(w, n, k).expect("bf16 forward: weight shape checked by the op");
+        lowp::linear_bf16(x, m, &p, Some(b), None, false, &mut out)
+            .expect("bf16 forward: shapes checked by the op");
+        return out;
+    }
+    gemm::linear_rows_at(kern.level, x, m, w, Some(b), n, k, &mut out);
     out
 }
 
@@ -345,7 +383,16 @@ pub(super) fn grad_weight(
     k: usize,
     out: &mut [f32],
 ) {
-    gemm::grad_weight_at(kern, g, t, n, x, k, out)
+    if kern.bf16 && t > 0 {
+        // gᵀ [n, t] times the "weights" xᵀ (k outputs of t inputs), packed straight from x [t, k].
+        let gt = gemm::transpose(&g[..t * n], t, n);
+        let p = PackedBf16::pack_transposed(&x[..t * k], k, t)
+            .expect("bf16 weight gradient: shapes checked by the op");
+        lowp::linear_bf16(&gt, n, &p, None, None, false, &mut out[..n * k])
+            .expect("bf16 weight gradient: shapes checked by the op");
+        return;
+    }
+    gemm::grad_weight_at(kern.level, g, t, n, x, k, out)
 }
 
 /// `out[t, k] (+)= g · w` for `g` `[t, n]` and `w` `[n, k]` (an input gradient).
@@ -360,7 +407,17 @@ pub(super) fn grad_input(
     out: &mut [f32],
     accumulate: bool,
 ) {
-    gemm::grad_input_at(kern, g, t, n, w, k, out, accumulate)
+    if kern.bf16 && t > 0 {
+        // g [t, n] times the "weights" Wᵀ (k outputs of n inputs), packed straight from W [n, k].
+        let p = PackedBf16::pack_transposed(&w[..n * k], k, n)
+            .expect("bf16 input gradient: shapes checked by the op");
+        let out = &mut out[..t * k];
+        let prev = accumulate.then(|| out.to_vec());
+        lowp::linear_bf16(&g[..t * n], t, &p, None, prev.as_deref(), false, out)
+            .expect("bf16 input gradient: shapes checked by the op");
+        return;
+    }
+    gemm::grad_input_at(kern.level, g, t, n, w, k, out, accumulate)
 }
 
 /// Exact GELU of every element.
@@ -368,7 +425,7 @@ pub(super) fn gelu_fwd(kern: Kernels, x: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
     out.par_chunks_mut(1 << 14)
         .zip(x.par_chunks(1 << 14))
-        .for_each(|(o, x)| math::gelu_slice_at(kern, x, o));
+        .for_each(|(o, x)| math::gelu_slice_at(kern.level, x, o));
     out
 }
 
@@ -376,7 +433,7 @@ pub(super) fn gelu_fwd(kern: Kernels, x: &[f32]) -> Vec<f32> {
 pub(super) fn gelu_bwd(kern: Kernels, x: &[f32], g: &mut [f32]) {
     g.par_chunks_mut(1 << 14)
         .zip(x.par_chunks(1 << 14))
-        .for_each(|(g, x)| math::gelu_backward_at(kern, x, g));
+        .for_each(|(g, x)| math::gelu_backward_at(kern.level, x, g));
 }
 
 /// The float32 elements of a contiguous CPU tensor's storage, borrowed.
@@ -486,10 +543,10 @@ pub(super) fn rotary_qk(
 
 /// GELU of one row into `out`, single-threaded.
 pub(super) fn gelu_row(kern: Kernels, x: &[f32], out: &mut [f32]) {
-    math::gelu_slice_at(kern, x, out)
+    math::gelu_slice_at(kern.level, x, out)
 }
 
 /// `g ← g ⊙ GELU′(x)` over one row, single-threaded.
 pub(super) fn gelu_grad_row(kern: Kernels, x: &[f32], g: &mut [f32]) {
-    math::gelu_backward_at(kern, x, g)
+    math::gelu_backward_at(kern.level, x, g)
 }
