@@ -160,7 +160,7 @@ def test_train_bf16_runs_and_writes_float32(tmp_path):
     _, mflag = latte.train(model=str(BASE), output=tmp_path / "flag", bf16=True, **args)
     loss = lambda ms: [m["loss"] for m in ms if "loss" in m]
     assert len(loss(m16)) == len(loss(m32)) > 0
-    assert loss(mflag) == loss(m16), "bf16=True is dtype='bfloat16'"
+    np.testing.assert_allclose(loss(mflag), loss(m16), rtol=1e-4, err_msg="bf16=True is dtype='bfloat16'")
     for a, b in zip(loss(m32), loss(m16)):
         assert abs(a - b) <= 0.05 * max(abs(a), 0.05), (loss(m32), loss(m16))
     e32 = models.ColBERT(out32).encode(TEXTS[:1], is_query=False)[0]

@@ -518,6 +518,13 @@ fn bad_configurations_are_refused() {
     .unwrap();
     assert_eq!(c.learning_rate, 1e-5);
     assert_eq!(c.lr_scheduler, Schedule::Cosine);
+    assert_eq!(c.dtype, None);
+    let c = TrainConfig::from_toml("dtype = \"bf16\"\n").unwrap();
+    assert_eq!(c.dtype, Some(latte_models::Dtype::Bf16));
+    let e = TrainConfig::from_toml("dtype = \"fp8\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("fp8") && e.contains("bf16"), "{e}");
 }
 
 #[test]

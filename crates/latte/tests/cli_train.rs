@@ -106,6 +106,40 @@ fn distillation_from_pylate_layout() {
 }
 
 #[test]
+fn train_with_dtype_bf16_writes_an_f32_model_that_differs_from_f32_training() {
+    // `--dtype bf16`: the same steps with bf16 products; the model written is f32 and loads as any other.
+    let dir = tempfile::tempdir().unwrap();
+    let train = |dtype: &str| -> PathBuf {
+        let out = dir.path().join(dtype);
+        let (ok, stdout, stderr) = run(latte()
+            .args(["train", "--model"])
+            .arg(fixture("models/bert_pylate"))
+            .arg("--train")
+            .arg(fixture("expected/bert_contrastive.train.jsonl"))
+            .args([
+                "--batch-size",
+                "2",
+                "--epochs",
+                "2",
+                "--lr",
+                "1e-3",
+                "--no-dropout",
+            ])
+            .args(["--dtype", dtype, "--json", "--output"])
+            .arg(&out));
+        assert!(ok, "{dtype}: {stderr}");
+        let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert!(v["loss"].as_f64().is_some_and(f64::is_finite), "{v}");
+        out
+    };
+    let (a, b) = (train("f32"), train("bf16"));
+    let wa = std::fs::read(a.join("model.safetensors")).unwrap();
+    let wb = std::fs::read(b.join("model.safetensors")).unwrap();
+    assert_eq!(wa.len(), wb.len(), "same f32 tensors");
+    assert_ne!(wa, wb, "bf16 products change the trained weights");
+}
+
+#[test]
 fn train_errors_are_clear() {
     let dir = tempfile::tempdir().unwrap();
     let model = fixture("models/bert_pylate");
@@ -162,6 +196,19 @@ fn train_errors_are_clear() {
                 dir.path().join("w").display().to_string(),
             ],
             "missing.jsonl",
+        ),
+        (
+            vec![
+                "--train".into(),
+                fixture("expected/bert_contrastive.train.jsonl")
+                    .display()
+                    .to_string(),
+                "--dtype".into(),
+                "int8".into(),
+                "--output".into(),
+                dir.path().join("v").display().to_string(),
+            ],
+            "training runs in f32 or bf16",
         ),
     ];
     for (args, want) in cases {
