@@ -391,6 +391,15 @@ impl TrainLinear {
     ) -> Vec<f32> {
         // a[m, k] · b_rowsᵀ where b_rows is [n, k].
         let mut out = vec![0f32; m * n];
+        if self.bf16 && !shared::bf16_native() {
+            // No bf16 arithmetic on this CPU: the f32 kernel on operands rounded to bf16 (the same products).
+            let (a, b) = (
+                shared::bf16_rounded(&a[..m * k]),
+                shared::bf16_rounded(&b_rows[..n * k]),
+            );
+            gemm::linear_rows_at(Level::Avx512, &a, m, &b, bias, n, k, &mut out);
+            return out;
+        }
         if self.bf16 && m > 0 && n > 0 && k > 0 {
             let p = latte_kernels::lowp::PackedBf16::pack(b_rows, n, k)
                 .expect("bf16 linear: shapes checked by the op");

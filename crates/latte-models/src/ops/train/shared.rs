@@ -7,7 +7,7 @@
 use candle_core::Layout;
 use latte_kernels::attention::{self as kattn, PackedDims};
 use latte_kernels::lowp::{self, PackedBf16};
-use latte_kernels::{gemm, math, Level};
+use latte_kernels::{gemm, half, math, Level};
 use rayon::prelude::*;
 
 /// The kernels an op runs on, chosen when it is built: the register tile and vectorised `exp` / erf from
@@ -21,6 +21,14 @@ pub(crate) struct Kernels {
     /// forward, input-gradient and weight-gradient products; everything else stays f32, and so do the
     /// weights the optimiser updates (they are rounded as they are packed for each product).
     pub(crate) bf16: bool,
+}
+
+impl Kernels {
+    /// Whether the bf16 products run on the bf16 kernels: from [`Level::Avx512`] up, on a CPU with bf16
+    /// arithmetic; below, they run on the f32 kernels with rounded operands (see [`bf16_native`]).
+    pub(crate) fn bf16_native(self) -> bool {
+        self.level >= Level::Avx512 && bf16_native()
+    }
 }
 
 #[cfg(test)]
@@ -362,6 +370,11 @@ pub(super) fn linear_fwd(
     k: usize,
 ) -> Vec<f32> {
     let mut out = vec![0f32; m * n];
+    if kern.bf16 && !kern.bf16_native() {
+        let (x, w) = (bf16_rounded(&x[..m * k]), bf16_rounded(&w[..n * k]));
+        gemm::linear_rows_at(kern.level, &x, m, &w, Some(b), n, k, &mut out);
+        return out;
+    }
     if kern.bf16 && m > 0 {
         // The op checked the shapes; n and k are at least 1 in every layer.
         let p = PackedBf16::pack(w, n, k).expect("bf16 forward: weight shape checked by the op");
@@ -383,6 +396,10 @@ pub(super) fn grad_weight(
     k: usize,
     out: &mut [f32],
 ) {
+    if kern.bf16 && !kern.bf16_native() {
+        let (g, x) = (bf16_rounded(&g[..t * n]), bf16_rounded(&x[..t * k]));
+        return gemm::grad_weight_at(kern.level, &g, t, n, &x, k, out);
+    }
     if kern.bf16 && t > 0 {
         // gᵀ [n, t] times the "weights" xᵀ (k outputs of t inputs), packed straight from x [t, k].
         let gt = gemm::transpose(&g[..t * n], t, n);
@@ -407,6 +424,10 @@ pub(super) fn grad_input(
     out: &mut [f32],
     accumulate: bool,
 ) {
+    if kern.bf16 && !kern.bf16_native() {
+        let (g, w) = (bf16_rounded(&g[..t * n]), bf16_rounded(&w[..n * k]));
+        return gemm::grad_input_at(kern.level, &g, t, n, &w, k, out, accumulate);
+    }
     if kern.bf16 && t > 0 {
         // g [t, n] times the "weights" Wᵀ (k outputs of n inputs), packed straight from W [n, k].
         let p = PackedBf16::pack_transposed(&w[..n * k], k, n)
@@ -418,6 +439,27 @@ pub(super) fn grad_input(
         return;
     }
     gemm::grad_input_at(kern.level, g, t, n, w, k, out, accumulate)
+}
+
+/// Whether this CPU multiplies bf16 in hardware (AVX512_BF16 or AMX, [`lowp::bf16_level`]). Where it does
+/// not, the bf16 products run on the f32 kernels with both operands rounded to bf16 first: the same numbers
+/// (a product of two bf16 values is exact in f32; only the order of the f32 additions differs) at f32
+/// speed, instead of the portable bf16 kernel's scalar loops.
+pub(crate) fn bf16_native() -> bool {
+    lowp::bf16_level() >= Level::Avx512
+}
+
+/// `x` rounded to bf16 (to nearest even), kept as f32 values.
+pub(crate) fn bf16_rounded(x: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(1 << 14)
+        .zip(x.par_chunks(1 << 14))
+        .for_each(|(o, x)| {
+            for (o, &v) in o.iter_mut().zip(x) {
+                *o = half::bf16_to_f32(half::f32_to_bf16(v));
+            }
+        });
+    out
 }
 
 /// Exact GELU of every element.
