@@ -134,21 +134,34 @@ fn bf16_and_int8_track_f32_on_every_fixture_model_at_every_level() {
 }
 
 #[test]
-fn training_refuses_reduced_precision() {
+fn training_takes_bf16_and_refuses_int8() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/bert_pylate");
-    let opts = LoadOptions {
-        dtype: Dtype::Bf16,
-        ..Default::default()
+    let load = |dtype| {
+        let opts = LoadOptions {
+            dtype,
+            ..Default::default()
+        };
+        ColBERT::load_dir(&dir, &opts).unwrap()
     };
-    let model = ColBERT::load_dir(&dir, &opts).unwrap();
-    assert_eq!(model.dtype(), Dtype::Bf16);
-    let toks = model.tokenize(&texts()[..1], false).unwrap();
-    let err = model
+    let int8 = load(Dtype::Int8);
+    assert_eq!(int8.dtype(), Dtype::Int8);
+    let toks = int8.tokenize(&texts()[..1], false).unwrap();
+    let err = int8
         .forward_tokens(&toks, latte_models::Mode::Train)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("bf16") && err.contains("f32"), "{err}");
-    assert!(model
+    assert!(err.contains("int8") && err.contains("f32 or bf16"), "{err}");
+    assert!(int8
         .forward_tokens(&toks, latte_models::Mode::Infer)
         .is_ok());
+    // bf16 trains (bf16 products, f32 weights): its training forward pass runs.
+    let bf16 = load(Dtype::Bf16);
+    let f32m = load(Dtype::F32);
+    let a = bf16
+        .forward_tokens(&toks, latte_models::Mode::Train)
+        .unwrap();
+    let b = f32m
+        .forward_tokens(&toks, latte_models::Mode::Train)
+        .unwrap();
+    assert_eq!(a.0.dims(), b.0.dims());
 }
