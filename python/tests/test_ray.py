@@ -94,7 +94,9 @@ def test_encode_matches_single_process_and_cli(encoded, corpus, tmp_path):
     for r, want in zip(corpus, single):
         got = encoded[r["_id"]]
         assert got.dtype == np.float32 and got.shape == want.shape, r["_id"]
-        np.testing.assert_array_equal(got, want, err_msg=r["_id"])
+        # Bit for bit where the kernels are independent of the batch's shape (AVX-512); the AVX2 path can round
+        # a row differently in batches of other shapes (seen: 1.8e-7 on a Zen 3).
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=r["_id"])
 
     binary = latte_binary()
     if not binary.exists():
@@ -110,7 +112,7 @@ def test_encode_matches_single_process_and_cli(encoded, corpus, tmp_path):
     cli_ids = ids.read_text(encoding="utf-8").split("\n")[:-1]
     with np.load(npz) as arrays:
         for j, i in enumerate(cli_ids):
-            np.testing.assert_array_equal(encoded[i], arrays[f"arr_{j}"], err_msg=i)
+            np.testing.assert_allclose(encoded[i], arrays[f"arr_{j}"], rtol=0, atol=1e-6, err_msg=i)
 
 
 def test_encode_names_a_missing_column(cluster):
