@@ -25,19 +25,8 @@ pub struct PackedBf16 {
 impl PackedBf16 {
     /// Packs `w`, `n` outputs × `k` inputs, row-major (PyTorch's `Linear.weight`).
     pub fn pack(w: &[f32], n: usize, k: usize) -> Result<PackedBf16, LowpError> {
-        if n == 0 || k == 0 {
-            return Err(LowpError::Empty {
-                what: "bf16 weights",
-                n,
-                k,
-            });
-        }
-        check_len("bf16 weights", checked_len("bf16 weights", n, k)?, w.len())?;
-        let kp = round_up(k, K_ALIGN);
-        let np = round_up(n, BLOCK);
-        let panel_len = kp * PANEL;
-        let mut data = vec![0u16; checked_len("bf16 weights", np, kp)?];
-        data.par_chunks_mut(panel_len)
+        let (kp, mut data) = Self::zeroed("bf16 weights", w.len(), n, k)?;
+        data.par_chunks_mut(kp * PANEL)
             .enumerate()
             .for_each(|(jp, panel)| {
                 for c in 0..PANEL {
@@ -58,23 +47,8 @@ impl PackedBf16 {
     /// without a transposed copy; training uses it for the products of its backward pass (`dy · W` packs
     /// W itself, `dyᵀ · x` packs the activations `x`).
     pub fn pack_transposed(wt: &[f32], n: usize, k: usize) -> Result<PackedBf16, LowpError> {
-        if n == 0 || k == 0 {
-            return Err(LowpError::Empty {
-                what: "bf16 weights (transposed)",
-                n,
-                k,
-            });
-        }
-        check_len(
-            "bf16 weights (transposed)",
-            checked_len("bf16 weights (transposed)", k, n)?,
-            wt.len(),
-        )?;
-        let kp = round_up(k, K_ALIGN);
-        let np = round_up(n, BLOCK);
-        let panel_len = kp * PANEL;
-        let mut data = vec![0u16; checked_len("bf16 weights (transposed)", np, kp)?];
-        data.par_chunks_mut(panel_len)
+        let (kp, mut data) = Self::zeroed("bf16 weights (transposed)", wt.len(), n, k)?;
+        data.par_chunks_mut(kp * PANEL)
             .enumerate()
             .for_each(|(jp, panel)| {
                 let j0 = jp * PANEL;
@@ -91,6 +65,21 @@ impl PackedBf16 {
                 }
             });
         Ok(PackedBf16 { n, k, kp, data })
+    }
+
+    /// Checks the shape (`n`, `k` ≥ 1, `len` = n·k values) and returns the padded depth and a zeroed layout.
+    fn zeroed(
+        what: &'static str,
+        len: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<(usize, Vec<u16>), LowpError> {
+        if n == 0 || k == 0 {
+            return Err(LowpError::Empty { what, n, k });
+        }
+        check_len(what, checked_len(what, n, k)?, len)?;
+        let kp = round_up(k, K_ALIGN);
+        Ok((kp, vec![0u16; checked_len(what, round_up(n, BLOCK), kp)?]))
     }
 
     /// Outputs (rows of W).
