@@ -10,6 +10,8 @@
 
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use crate::gemm::x86::Tile;
 use crate::gemm::{strided_mm, OutPtr};
 use crate::math::usable;
 use crate::Level;
@@ -208,10 +210,10 @@ pub fn forward_at(
         // this task only.
         let o = unsafe { { out_p }.0.add(bi * lq * ldc + hi * dv) };
         #[cfg(target_arch = "x86_64")]
-        if lv >= Level::Avx512 {
+        if let Some(tile) = Tile::at(lv) {
             // SAFETY: `o` holds this head's output rows, written by this task only (see above); the
             // operand slices hold the rows their strides reach (asserted above).
-            unsafe { x86::head_forward(&hd, dims, scale, drop, p, o, ldc) };
+            unsafe { x86::head_forward(tile, &hd, dims, scale, drop, p, o, ldc) };
             return;
         }
         // SAFETY: as above.
@@ -414,10 +416,10 @@ pub fn backward_packed_at(
     (0..b * heads).into_par_iter().for_each(|t| {
         let _ = &out;
         #[cfg(target_arch = "x86_64")]
-        if lv >= Level::Avx512 {
+        if let Some(tile) = Tile::at(lv) {
             // SAFETY: `out` is `dqkv` (its length asserted above); task `t` writes only the rows of its
             // (sequence, head).
-            unsafe { x86::head_backward(dims, scale, drop, qkv, probs, dctx, out, t) };
+            unsafe { x86::head_backward(tile, dims, scale, drop, qkv, probs, dctx, out, t) };
             return;
         }
         // SAFETY: as above.
@@ -530,13 +532,26 @@ unsafe fn head_backward_portable(
     }
 }
 
-/// The AVX-512 heads. The functions check for AVX-512F.
+/// The heads on the register tiles (AVX-512 or AVX2 + FMA). The functions check the tile's instructions.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{dropped, softmax_grad_rows, with_scratch, AttnDims, DropRows, Head, PackedDims};
-    use crate::gemm::x86::{check, gemm_tiles};
+    use crate::gemm::x86::{gemm_tiles, Tile};
     use crate::gemm::{OutPtr, NR};
     use crate::math::x86::softmax_row_unchecked;
+
+    /// In place: `row ← softmax(row · scale + bias)` with the tile's instructions.
+    ///
+    /// # Safety
+    /// The CPU has the tile's instructions.
+    unsafe fn softmax_row(tile: Tile, row: &mut [f32], scale: f32, bias: &[f32]) {
+        match tile {
+            // SAFETY: AVX-512F is present (the caller's contract); the bias row holds the row's length.
+            Tile::Avx512 => unsafe { softmax_row_unchecked(row, scale, Some(bias)) },
+            // SAFETY: AVX2 and FMA are present (the caller's contract).
+            Tile::Avx2 => unsafe { crate::math::softmax_row_avx2(row, scale, Some(bias)) },
+        }
+    }
 
     /// Transposes an `r × c` block (row stride `lds`) into `dst` (`c × r`, row stride `r`).
     fn transpose_block(src: &[f32], lds: usize, r: usize, c: usize, dst: &mut [f32]) {
@@ -576,7 +591,9 @@ mod x86 {
     ///
     /// # Safety
     /// As [`super::head_forward_portable`].
+    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn head_forward(
+        tile: Tile,
         hd: &Head,
         dims: AttnDims,
         scale: f32,
@@ -585,7 +602,7 @@ mod x86 {
         out: *mut f32,
         ldc: usize,
     ) {
-        check();
+        tile.check();
         let AttnDims { lq, lk, d, dv, .. } = dims;
         let kp_len = lk.div_ceil(NR) * d * NR;
         let vp_len = dv.div_ceil(NR) * lk * NR;
@@ -596,10 +613,11 @@ mod x86 {
             pack_rows_into(hd.k, hd.ks, lk, d, kp);
             pack_cols_into(hd.v, hd.vs, lk, dv, vp);
             let qrow = |i: usize| hd.q[i * hd.qs..].as_ptr();
-            // SAFETY: AVX-512F is present (checked above); q rows hold d values (bounds asserted by
+            // SAFETY: the tile's instructions are present (checked above); q rows hold d values (bounds asserted by
             // `forward_at`), kp holds ceil(lk / NR) panels of d × NR, and `p` is lq × lk.
             unsafe {
                 gemm_tiles(
+                    tile,
                     lq,
                     lk,
                     d,
@@ -614,8 +632,8 @@ mod x86 {
             let mut tmp = Vec::new();
             for (i, row) in p.chunks_mut(lk).enumerate() {
                 let brow = hd.bias_row(i, lk, &mut tmp);
-                // SAFETY: AVX-512F is present; the bias row holds lk values.
-                unsafe { softmax_row_unchecked(row, scale, Some(brow)) };
+                // SAFETY: the tile's instructions are present (checked above).
+                unsafe { softmax_row(tile, row, scale, brow) };
             }
             let src: &[f32] = match drop {
                 Some(dr) => {
@@ -625,11 +643,22 @@ mod x86 {
                 None => p,
             };
             let prow = |i: usize| src[i * lk..].as_ptr();
-            // SAFETY: AVX-512F is present; the probability rows hold lk values, vp holds ceil(dv / NR)
+            // SAFETY: the tile's instructions are present; the probability rows hold lk values, vp holds ceil(dv / NR)
             // panels of lk × NR, and `out` is valid for lq rows of dv values ldc apart, written by this
             // task only (the caller's contract).
             unsafe {
-                gemm_tiles(lq, dv, lk, &prow, vp.as_ptr(), lk * NR, out, ldc, false);
+                gemm_tiles(
+                    tile,
+                    lq,
+                    dv,
+                    lk,
+                    &prow,
+                    vp.as_ptr(),
+                    lk * NR,
+                    out,
+                    ldc,
+                    false,
+                );
             }
         });
     }
@@ -640,6 +669,7 @@ mod x86 {
     /// As [`super::head_backward_portable`].
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn head_backward(
+        tile: Tile,
         dims: PackedDims,
         scale: f32,
         drop: Option<DropRows>,
@@ -649,7 +679,7 @@ mod x86 {
         out: OutPtr,
         t: usize,
     ) {
-        check();
+        tile.check();
         let PackedDims { l, h, heads, .. } = dims;
         let d = h / heads;
         let h3 = 3 * h;
@@ -679,12 +709,13 @@ mod x86 {
             // dPd = dC · Vᵀ.
             pack_rows_into(v, h3, l, d, bp_l);
             let dcrow = |i: usize| dc[i * h..].as_ptr();
-            // SAFETY (this and the products below): AVX-512F is present (checked above); every row
+            // SAFETY (this and the products below): the tile's instructions are present (checked above); every row
             // pointer is readable for the depth given, every packed panel holds depth × NR values, and
             // every output block lies inside its buffer (the dqkv rows of this (sequence, head), written
             // by this task only).
             unsafe {
                 gemm_tiles(
+                    tile,
                     l,
                     l,
                     d,
@@ -704,6 +735,7 @@ mod x86 {
             // SAFETY: as above.
             unsafe {
                 gemm_tiles(
+                    tile,
                     l,
                     d,
                     l,
@@ -722,6 +754,7 @@ mod x86 {
             // SAFETY: as above.
             unsafe {
                 gemm_tiles(
+                    tile,
                     l,
                     d,
                     l,
@@ -740,6 +773,7 @@ mod x86 {
             // SAFETY: as above.
             unsafe {
                 gemm_tiles(
+                    tile,
                     l,
                     d,
                     l,

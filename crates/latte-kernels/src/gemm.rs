@@ -1,11 +1,12 @@
 //! Single-precision matrix products of the models.
 //!
 //! * [`Packed`] weights: `ceil(n / NR)` panels of `k × NR` values (the layout the register tile reads);
-//! * [`linear_at`]: `act(x Wᵀ + b + residual)` over packed weights — on AVX-512 an 8 × 32 register tile
-//!   with the bias (plus the residual) as the initial accumulators and GELU applied before the store;
+//! * [`linear_at`]: `act(x Wᵀ + b + residual)` over packed weights — on AVX-512 an 8 × 32 register tile,
+//!   on AVX2 + FMA a 6 × 32 one (two halves of 16), with the bias (plus the residual) as the initial
+//!   accumulators and GELU applied before the store;
 //! * [`linear_rows_at`], [`grad_weight_at`], [`grad_input_at`]: the products of a training layer with
-//!   row-major weights, on AVX-512 through the same tile over k-blocked packed panels, elsewhere through the
-//!   `gemm` crate with every operand read through strides ([`matmul`]);
+//!   row-major weights, from AVX2 up through the same tiles over k-blocked packed panels, on the portable
+//!   level through the `gemm` crate with every operand read through strides ([`matmul`]);
 //! * [`transpose`].
 
 use rayon::prelude::*;
@@ -141,8 +142,8 @@ pub fn linear_at(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if usable(level) >= Level::Avx512 {
-        x86::linear(x, m, p, residual, gelu, &mut out[..m * n]);
+    if let Some(tile) = x86::Tile::at(level) {
+        x86::linear(tile, x, m, p, residual, gelu, &mut out[..m * n]);
         return;
     }
     let _ = level;
@@ -344,7 +345,7 @@ pub fn linear_rows_at(
             && out.len() >= m * n,
         "linear: operands too short for x [{m}, {k}], W [{n}, {k}]"
     );
-    if usable(level) >= Level::Avx512 {
+    if usable(level) >= Level::Avx2 {
         let p = Packed::from_rows(w, n, k, b);
         linear_at(level, x, m, &p, None, false, out);
         return;
@@ -401,9 +402,9 @@ pub fn grad_weight_at(
         "grad_weight: operands too short for g [{t}, {n}], x [{t}, {k}]"
     );
     #[cfg(target_arch = "x86_64")]
-    if usable(level) >= Level::Avx512 {
+    if let Some(tile) = x86::Tile::at(level) {
         let gt = transpose(&g[..t * n], t, n);
-        x86::tile_gemm(&gt, t, n, t, &pack_n(x, k, t, k), k, out, false);
+        x86::tile_gemm(tile, &gt, t, n, t, &pack_n(x, k, t, k), k, out, false);
         return;
     }
     let _ = level;
@@ -437,8 +438,8 @@ pub fn grad_input_at(
         "grad_input: operands too short for g [{t}, {n}], w [{n}, {k}]"
     );
     #[cfg(target_arch = "x86_64")]
-    if usable(level) >= Level::Avx512 {
-        x86::tile_gemm(g, n, t, n, &pack_n(w, k, n, k), k, out, accumulate);
+    if let Some(tile) = x86::Tile::at(level) {
+        x86::tile_gemm(tile, g, n, t, n, &pack_n(w, k, n, k), k, out, accumulate);
         return;
     }
     let _ = level;
@@ -463,7 +464,8 @@ unsafe impl Send for OutPtr {}
 // SAFETY: as above: shared only to hand each task its own elements.
 unsafe impl Sync for OutPtr {}
 
-/// The AVX-512 register tile and its drivers. The safe functions check for AVX-512F.
+/// The register tiles (AVX-512, AVX2 + FMA) and their drivers. The safe functions check the tile's
+/// instructions.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
@@ -471,15 +473,188 @@ pub(crate) mod x86 {
     use rayon::prelude::*;
 
     use super::{Packed, KC, MR, NR};
+    use crate::math::usable;
     use crate::math::x86::{gelu_ps, tail_mask};
+    use crate::Level;
 
     static ZEROS: [f32; NR] = [0.0; NR];
 
-    pub(crate) fn check() {
-        assert!(
-            std::arch::is_x86_feature_detected!("avx512f"),
-            "AVX-512 kernel called on a CPU without AVX-512F"
-        );
+    /// Rows of the AVX2 register tile (6 × 16: twelve accumulators, two weight vectors and a broadcast
+    /// fill the sixteen `ymm` registers).
+    const MR_AVX2: usize = 6;
+
+    /// The register tile the drivers run: AVX-512 (8 rows × 32 columns) or AVX2 + FMA (6 rows × 32
+    /// columns, as two halves of 16). Both read the same packed panels; a row's result does not depend on
+    /// the other rows of its tile, so it is the same whatever the batch around it.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub(crate) enum Tile {
+        /// [`kernel`].
+        Avx512,
+        /// [`kernel_avx2`].
+        Avx2,
+    }
+
+    impl Tile {
+        /// The widest tile `level` allows on this CPU; `None` below AVX2 (the portable code runs).
+        pub(crate) fn at(level: Level) -> Option<Tile> {
+            match usable(level) {
+                Level::Portable => None,
+                Level::Avx2 => Some(Tile::Avx2),
+                Level::Avx512 | Level::Amx => Some(Tile::Avx512),
+            }
+        }
+
+        /// Rows of one tile.
+        pub(crate) fn rows(self) -> usize {
+            match self {
+                Tile::Avx512 => MR,
+                Tile::Avx2 => MR_AVX2,
+            }
+        }
+
+        /// Asserts that this CPU has the tile's instructions (the safe drivers call it once).
+        pub(crate) fn check(self) {
+            let ok = match self {
+                Tile::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+                Tile::Avx2 => {
+                    std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                }
+            };
+            assert!(
+                ok,
+                "{self:?} kernel called on a CPU without its instructions"
+            );
+        }
+
+        /// One tile: [`kernel`] or [`kernel_avx2`] with or without GELU.
+        ///
+        /// # Safety
+        /// The CPU has the tile's instructions ([`Tile::check`]), and the pointers satisfy [`kernel`]'s
+        /// contract for `rows ≤ self.rows()`.
+        #[allow(clippy::too_many_arguments)]
+        #[inline(always)]
+        unsafe fn run(
+            self,
+            gelu: bool,
+            k: usize,
+            a: [*const f32; MR],
+            bp: *const f32,
+            bias: *const f32,
+            resid: *const f32,
+            ldr: usize,
+            out: *mut f32,
+            ldc: usize,
+            rows: usize,
+            cols: usize,
+        ) {
+            // SAFETY: the caller's contract.
+            unsafe {
+                match (self, gelu) {
+                    (Tile::Avx512, false) => {
+                        kernel::<false>(k, a, bp, bias, resid, ldr, out, ldc, rows, cols)
+                    }
+                    (Tile::Avx512, true) => {
+                        kernel::<true>(k, a, bp, bias, resid, ldr, out, ldc, rows, cols)
+                    }
+                    (Tile::Avx2, false) => {
+                        kernel_avx2::<false>(k, a, bp, bias, resid, ldr, out, ldc, rows, cols)
+                    }
+                    (Tile::Avx2, true) => {
+                        kernel_avx2::<true>(k, a, bp, bias, resid, ldr, out, ldc, rows, cols)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Loads `n ≤ 16` values from `p` into two vectors of 8 (zeros past `n`).
+    ///
+    /// # Safety
+    /// AVX present; `p` readable for `n` values.
+    #[inline(always)]
+    unsafe fn load16_avx2(p: *const f32, n: usize) -> (__m256, __m256) {
+        // SAFETY: the caller's contract; a short row goes through a zeroed copy.
+        unsafe {
+            if n >= 16 {
+                return (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
+            }
+            let mut t = [0f32; 16];
+            std::ptr::copy_nonoverlapping(p, t.as_mut_ptr(), n);
+            (
+                _mm256_loadu_ps(t.as_ptr()),
+                _mm256_loadu_ps(t.as_ptr().add(8)),
+            )
+        }
+    }
+
+    /// The AVX2 + FMA tile: `rows × cols` (rows ≤ 6, cols ≤ [`NR`]) of `out = act(bias + residual +
+    /// A · Bpanel)`, as two 6 × 16 halves of the panel; the accumulators start from the bias (plus the
+    /// residual) as [`kernel`]'s do, and GELU is the scalar [`crate::math::gelu`] on the finished values.
+    ///
+    /// # Safety
+    /// AVX2 and FMA must be present; otherwise as [`kernel`] (only `a[..6]` is read).
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn kernel_avx2<const GELU: bool>(
+        k: usize,
+        a: [*const f32; MR],
+        bp: *const f32,
+        bias: *const f32,
+        resid: *const f32,
+        ldr: usize,
+        out: *mut f32,
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+    ) {
+        let rows = rows.min(MR_AVX2);
+        // SAFETY: the caller's contract bounds every pointer access below.
+        unsafe {
+            for half in 0..2 {
+                let c0 = half * 16;
+                if c0 >= cols {
+                    break;
+                }
+                let hc = (cols - c0).min(16);
+                let b = bp.add(c0);
+                let mut acc0 = [_mm256_loadu_ps(bias.add(c0)); MR_AVX2];
+                let mut acc1 = [_mm256_loadu_ps(bias.add(c0 + 8)); MR_AVX2];
+                if !resid.is_null() {
+                    for r in 0..rows {
+                        let (v0, v1) = load16_avx2(resid.add(r * ldr + c0), hc);
+                        acc0[r] = _mm256_add_ps(acc0[r], v0);
+                        acc1[r] = _mm256_add_ps(acc1[r], v1);
+                    }
+                }
+                for kk in 0..k {
+                    let b0 = _mm256_loadu_ps(b.add(kk * NR));
+                    let b1 = _mm256_loadu_ps(b.add(kk * NR + 8));
+                    for r in 0..MR_AVX2 {
+                        let av = _mm256_broadcast_ss(&*a[r].add(kk));
+                        acc0[r] = _mm256_fmadd_ps(av, b0, acc0[r]);
+                        acc1[r] = _mm256_fmadd_ps(av, b1, acc1[r]);
+                    }
+                }
+                for r in 0..rows {
+                    let o = out.add(r * ldc + c0);
+                    if !GELU && hc == 16 {
+                        _mm256_storeu_ps(o, acc0[r]);
+                        _mm256_storeu_ps(o.add(8), acc1[r]);
+                        continue;
+                    }
+                    let mut t = [0f32; 16];
+                    _mm256_storeu_ps(t.as_mut_ptr(), acc0[r]);
+                    _mm256_storeu_ps(t.as_mut_ptr().add(8), acc1[r]);
+                    if GELU {
+                        for v in &mut t[..hc] {
+                            *v = crate::math::gelu(*v);
+                        }
+                    }
+                    std::ptr::copy_nonoverlapping(t.as_ptr(), o, hc);
+                }
+            }
+        }
     }
 
     /// One `rows × cols` tile (rows ≤ MR, cols ≤ NR) of `out = act(bias + residual + A · Bpanel)`.
@@ -543,6 +718,7 @@ pub(crate) mod x86 {
 
     /// [`super::linear_at`] on the tile (shapes checked by the caller; `dst` is exactly `m × n`).
     pub(crate) fn linear(
+        tile: Tile,
         x: &[f32],
         m: usize,
         p: &Packed,
@@ -550,16 +726,17 @@ pub(crate) mod x86 {
         gelu: bool,
         dst: &mut [f32],
     ) {
-        check();
+        tile.check();
         let (n, k) = (p.n, p.k);
         assert!(p.data.len() >= n.div_ceil(NR) * k * NR && dst.len() == m * n);
         let panels = n.div_ceil(NR);
+        let tr = tile.rows();
         // Row blocks of about 384 KB of `x`, so a block stays in L2 while every panel of `Wᵀ` passes.
-        let mc = ((96 * 1024) / k.max(1)).clamp(MR, 512) / MR * MR;
+        let mc = ((96 * 1024) / k.max(1)).clamp(tr, 512) / tr * tr;
         let threads = rayon::current_num_threads();
         let mc = if threads > 1 && m <= mc * threads {
             // Small inputs: split evenly so every thread gets work.
-            m.div_ceil(threads).div_ceil(MR) * MR
+            m.div_ceil(threads).div_ceil(tr) * tr
         } else {
             mc
         };
@@ -571,7 +748,7 @@ pub(crate) mod x86 {
                 let cols = NR.min(n - pi * NR);
                 let mut mr = 0;
                 while mr < rows_in {
-                    let rows = MR.min(rows_in - mr);
+                    let rows = tr.min(rows_in - mr);
                     let mut a = [std::ptr::null::<f32>(); MR];
                     for (r, ptr) in a.iter_mut().enumerate() {
                         // Rows past the end repeat the last row; their results are not stored.
@@ -580,16 +757,12 @@ pub(crate) mod x86 {
                     let resid = residual.map_or(std::ptr::null(), |res| {
                         res[(r0 + mr) * n + pi * NR..].as_ptr()
                     });
-                    // SAFETY: AVX-512F is present (checked above); every pointer stays inside `x`,
-                    // `p`, `residual` and `d` for the k, rows and cols given (checked by the caller's
-                    // asserts and the one above).
+                    // SAFETY: the tile's instructions are present (checked above); every pointer
+                    // stays inside `x`, `p`, `residual` and `d` for the k, rows and cols given
+                    // (checked by the caller's asserts and the one above).
                     unsafe {
-                        let f = if gelu {
-                            kernel::<true>
-                        } else {
-                            kernel::<false>
-                        };
-                        f(
+                        tile.run(
+                            gelu,
                             k,
                             a,
                             p.data.as_ptr().add(pi * k * NR),
@@ -602,7 +775,7 @@ pub(crate) mod x86 {
                             cols,
                         );
                     }
-                    mr += MR;
+                    mr += tr;
                 }
             }
         };
@@ -619,11 +792,12 @@ pub(crate) mod x86 {
     /// `out` are added.
     ///
     /// # Safety
-    /// AVX-512F must be present; `a(i)` must be readable for `k` values for every `i < m`; every panel
-    /// for `k × NR` values; `out` readable and writable for `m` rows of `n` values `ldc` apart.
-    #[target_feature(enable = "avx512f")]
+    /// The CPU has the tile's instructions ([`Tile::check`]); `a(i)` must be readable for `k` values for
+    /// every `i < m`; every panel for `k × NR` values; `out` readable and writable for `m` rows of `n`
+    /// values `ldc` apart.
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn gemm_tiles(
+        tile: Tile,
         m: usize,
         n: usize,
         k: usize,
@@ -637,11 +811,12 @@ pub(crate) mod x86 {
         if m == 0 || n == 0 {
             return;
         }
+        let tr = tile.rows();
         for p in 0..n.div_ceil(NR) {
             let cols = NR.min(n - p * NR);
             let mut mr = 0;
             while mr < m {
-                let rows = MR.min(m - mr);
+                let rows = tr.min(m - mr);
                 let ptrs: [*const f32; MR] = std::array::from_fn(|r| a(mr + r.min(rows - 1)));
                 // SAFETY: the caller's contract: the tile's outputs and the panel lie inside the
                 // buffers it names.
@@ -652,7 +827,8 @@ pub(crate) mod x86 {
                     } else {
                         std::ptr::null()
                     };
-                    kernel::<false>(
+                    tile.run(
+                        false,
                         k,
                         ptrs,
                         bp.add(p * panel_stride),
@@ -665,7 +841,7 @@ pub(crate) mod x86 {
                         cols,
                     );
                 }
-                mr += MR;
+                mr += tr;
             }
         }
     }
@@ -674,6 +850,7 @@ pub(crate) mod x86 {
     /// rows), in parallel blocks of rows and k-blocks of [`KC`].
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn tile_gemm(
+        tile: Tile,
         a: &[f32],
         lda: usize,
         m: usize,
@@ -683,7 +860,7 @@ pub(crate) mod x86 {
         out: &mut [f32],
         accumulate: bool,
     ) {
-        check();
+        tile.check();
         assert!(out.len() >= m * n && bp.len() >= n.div_ceil(NR) * k * NR);
         assert!(m == 0 || a.len() >= (m - 1) * lda + k);
         if m == 0 || n == 0 {
@@ -696,7 +873,8 @@ pub(crate) mod x86 {
             return;
         }
         let threads = rayon::current_num_threads().max(1);
-        let mc = (m.div_ceil(threads).div_ceil(MR) * MR).clamp(MR, 64);
+        let tr = tile.rows();
+        let mc = (m.div_ceil(threads).div_ceil(tr) * tr).clamp(tr, 64 / tr * tr);
         out[..m * n]
             .par_chunks_mut(mc * n)
             .enumerate()
@@ -707,11 +885,12 @@ pub(crate) mod x86 {
                 while k0 < k {
                     let kc = KC.min(k - k0);
                     let row = |i: usize| a[(r0 + i) * lda + k0..].as_ptr();
-                    // SAFETY: AVX-512F is present (checked above); rows r0.. of A hold k values from
-                    // k0 (asserted above), every panel holds k × NR values so its rows k0..k0 + kc
-                    // exist, and `o` is this block's rows × n outputs.
+                    // SAFETY: the tile's instructions are present (checked above); rows r0.. of A
+                    // hold k values from k0 (asserted above), every panel holds k × NR values so its
+                    // rows k0..k0 + kc exist, and `o` is this block's rows × n outputs.
                     unsafe {
                         gemm_tiles(
+                            tile,
                             rows,
                             n,
                             kc,

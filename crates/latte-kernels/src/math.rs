@@ -5,7 +5,8 @@
 //! implementation each, used by the f32 path and by the reduced-precision kernels of [`crate::lowp`]
 //! through [`gelu_in_place`]), with a Cephes `exp` polynomial written branch-free.
 //! AVX-512: the same erf (Abramowitz & Stegun 7.1.26) on 16 lanes, with the same Cephes `exp` (about 1 ulp,
-//! `2ⁿ` through `scalef`). There is no AVX2 variant: AVX2 runs the portable code.
+//! `2ⁿ` through `scalef`). AVX2: the scalar functions compiled for AVX2 + FMA (branch-free, so the loops
+//! vectorise); its softmax takes `exp` from the same branch-free polynomial instead of libm.
 
 use rayon::prelude::*;
 
@@ -140,12 +141,26 @@ const CHUNK: usize = 1 << 14;
 pub fn gelu_slice_at(level: Level, x: &[f32], out: &mut [f32]) {
     assert_eq!(x.len(), out.len(), "gelu: input and output lengths differ");
     #[cfg(target_arch = "x86_64")]
-    if usable(level) >= Level::Avx512 {
-        x86::gelu(x, out);
-        return;
+    match usable(level) {
+        Level::Avx512 | Level::Amx => return x86::gelu(x, out),
+        // SAFETY: AVX2 and FMA are present (`usable` never exceeds the CPU's level).
+        Level::Avx2 => return unsafe { gelu_slice_avx2(x, out) },
+        Level::Portable => {}
     }
     let _ = level;
+    gelu_slice_plain(x, out)
+}
+
+#[inline(always)]
+fn gelu_slice_plain(x: &[f32], out: &mut [f32]) {
     out.iter_mut().zip(x).for_each(|(o, &v)| *o = gelu(v));
+}
+
+/// The plain loop compiled for AVX2 (branch-free: it vectorises).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn gelu_slice_avx2(x: &[f32], out: &mut [f32]) {
+    gelu_slice_plain(x, out)
 }
 
 /// `out[i] = GELU(x[i])` at the process's level, in parallel over chunks.
@@ -165,12 +180,26 @@ pub fn gelu_backward_at(level: Level, x: &[f32], g: &mut [f32]) {
         "gelu backward: input and gradient lengths differ"
     );
     #[cfg(target_arch = "x86_64")]
-    if usable(level) >= Level::Avx512 {
-        x86::gelu_backward(x, g);
-        return;
+    match usable(level) {
+        Level::Avx512 | Level::Amx => return x86::gelu_backward(x, g),
+        // SAFETY: AVX2 and FMA are present (`usable` never exceeds the CPU's level).
+        Level::Avx2 => return unsafe { gelu_backward_avx2(x, g) },
+        Level::Portable => {}
     }
     let _ = level;
+    gelu_backward_plain(x, g)
+}
+
+#[inline(always)]
+fn gelu_backward_plain(x: &[f32], g: &mut [f32]) {
     g.iter_mut().zip(x).for_each(|(g, &v)| *g *= gelu_grad(v));
+}
+
+/// The plain loop compiled for AVX2 (branch-free: it vectorises).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn gelu_backward_avx2(x: &[f32], g: &mut [f32]) {
+    gelu_backward_plain(x, g)
 }
 
 /// In place: `g[i] ← g[i] · GELU′(x[i])` at the process's level, in parallel over chunks.
@@ -193,9 +222,11 @@ pub fn softmax_row_at(level: Level, row: &mut [f32], scale: f32, bias: Option<&[
         assert!(b.len() >= row.len(), "softmax: bias shorter than the row");
     }
     #[cfg(target_arch = "x86_64")]
-    if usable(level) >= Level::Avx512 {
-        x86::softmax_row(row, scale, bias);
-        return;
+    match usable(level) {
+        Level::Avx512 | Level::Amx => return x86::softmax_row(row, scale, bias),
+        // SAFETY: AVX2 and FMA are present (`usable` never exceeds the CPU's level).
+        Level::Avx2 => return unsafe { softmax_row_avx2(row, scale, bias) },
+        Level::Portable => {}
     }
     let _ = level;
     let mut max = f32::NEG_INFINITY;
@@ -218,6 +249,51 @@ pub fn softmax_row_at(level: Level, row: &mut [f32], scale: f32, bias: Option<&[
         *v = (*v - max).exp();
         sum += *v;
     }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// In place: `row ← softmax(row · scale + bias)` (`bias` at least as long as `row`, checked by the
+/// callers), compiled for AVX2 + FMA with the branch-free `exp` of the scalar functions (`e^(v − max)`
+/// through [`exp_neg`]), so that all three passes vectorise.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) fn softmax_row_avx2(row: &mut [f32], scale: f32, bias: Option<&[f32]>) {
+    const L: usize = 8;
+    match bias {
+        Some(b) => row
+            .iter_mut()
+            .zip(b)
+            .for_each(|(v, &b)| *v = *v * scale + b),
+        None => row.iter_mut().for_each(|v| *v *= scale),
+    }
+    // Maximum and sum over eight lanes (a single running value would not vectorise).
+    let mut lanes = [f32::NEG_INFINITY; L];
+    let mut chunks = row.chunks_exact(L);
+    for c in &mut chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = m.max(v);
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    if max == f32::NEG_INFINITY {
+        // Every position masked: 0 / 0, as the scalar path gives.
+        row.iter_mut().for_each(|v| *v = f32::NAN);
+        return;
+    }
+    row.iter_mut().for_each(|v| *v = exp_neg(max - *v));
+    let mut lanes = [0f32; L];
+    let mut chunks = row.chunks_exact(L);
+    for c in &mut chunks {
+        for (s, &v) in lanes.iter_mut().zip(c) {
+            *s += v;
+        }
+    }
+    let sum: f32 = lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
     let inv = 1.0 / sum;
     row.iter_mut().for_each(|v| *v *= inv);
 }

@@ -111,8 +111,9 @@ impl PackedBf16 {
     }
 }
 
-/// The level [`linear_bf16`] runs at in this process: [`Level::Amx`], [`Level::Avx512`] (with AVX512_BF16)
-/// or [`Level::Portable`].
+/// The level [`linear_bf16`] runs at in this process: [`Level::Amx`], [`Level::Avx512`] (with AVX512_BF16),
+/// [`Level::Avx2`] (bf16 widened to f32 in registers, FMA; for CPUs without bf16 arithmetic) or
+/// [`Level::Portable`].
 pub fn bf16_level() -> Level {
     effective(cpu().level)
 }
@@ -124,6 +125,8 @@ pub(crate) fn effective(level: Level) -> Level {
         Level::Amx
     } else if level >= Level::Avx512 && c.avx512_bf16 {
         Level::Avx512
+    } else if level >= Level::Avx2 && c.avx2() {
+        Level::Avx2
     } else {
         Level::Portable
     }
@@ -169,11 +172,23 @@ pub(crate) fn linear_bf16_at(
     if m == 0 {
         return Ok(level);
     }
-    // The activations in bf16, rows padded to a whole block and k to the packed depth, with zeros.
-    let mut a = vec![0u16; checked_len("bf16 input x", round_up(m, BLOCK), kp)?];
-    a.par_chunks_mut(kp)
-        .zip(x.par_chunks(k))
-        .for_each(|(dst, src)| to_bf16_row(src, dst));
+    // The activations rounded to bf16, rows padded to a whole block and k to the packed depth, with zeros:
+    // as bf16 for the kernels with bf16 arithmetic, as the same values in f32 for the AVX2 kernel (which
+    // broadcasts them from memory).
+    let rows_p = round_up(m, BLOCK);
+    let acts = if level == Level::Avx2 {
+        let mut af = vec![0f32; checked_len("bf16 input x", rows_p, kp)?];
+        af.par_chunks_mut(kp)
+            .zip(x.par_chunks(k))
+            .for_each(|(dst, src)| to_bf16_f32_row(src, dst));
+        Acts::F32(af)
+    } else {
+        let mut a = vec![0u16; checked_len("bf16 input x", rows_p, kp)?];
+        a.par_chunks_mut(kp)
+            .zip(x.par_chunks(k))
+            .for_each(|(dst, src)| to_bf16_row(src, dst));
+        Acts::Bf16(a)
+    };
     let epi = Epilogue {
         n,
         bias,
@@ -183,13 +198,20 @@ pub(crate) fn linear_bf16_at(
     let outp = OutPtr::new(out, n);
     for_each_block(m, n, k, kp * 2, |i0, rows, j0, cols| {
         let mut acc = [0f32; BLOCK * BLOCK];
-        let a_blk = &a[i0 * kp..(i0 + BLOCK) * kp];
         let (p0, p1) = (w.panel(j0 / PANEL), w.panel(j0 / PANEL + 1));
         outp.prefetch(i0, rows, j0, cols);
-        match level {
-            Level::Amx => super::amx::block_bf16(a_blk, kp, p0, p1, &mut acc),
-            Level::Avx512 => avx512_block(a_blk, kp, rows, p0, p1, &mut acc),
-            _ => portable_block(a_blk, kp, rows, p0, p1, &mut acc),
+        match &acts {
+            Acts::F32(af) => {
+                avx2_block(&af[i0 * kp..(i0 + BLOCK) * kp], kp, rows, p0, p1, &mut acc)
+            }
+            Acts::Bf16(a) => {
+                let a_blk = &a[i0 * kp..(i0 + BLOCK) * kp];
+                match level {
+                    Level::Amx => super::amx::block_bf16(a_blk, kp, p0, p1, &mut acc),
+                    Level::Avx512 => avx512_block(a_blk, kp, rows, p0, p1, &mut acc),
+                    _ => portable_block(a_blk, kp, rows, p0, p1, &mut acc),
+                }
+            }
         }
         for r in 0..rows {
             // SAFETY: this block (rows i0.., columns j0..j0 + cols) belongs to this call of the closure
@@ -199,6 +221,37 @@ pub(crate) fn linear_bf16_at(
         }
     });
     Ok(level)
+}
+
+/// The activations of one call, rounded to bf16.
+enum Acts {
+    /// As bf16 (the kernels with bf16 arithmetic and the portable one).
+    Bf16(Vec<u16>),
+    /// As f32 holding bf16 values (the AVX2 kernel).
+    F32(Vec<f32>),
+}
+
+/// Rounds `src` to bf16 and back into `dst` (f32 values that bf16 holds exactly).
+fn to_bf16_f32_row(src: &[f32], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if cpu().avx2() {
+        // SAFETY: the CPU has AVX2 and FMA (`Level::Avx2`, from `cpu()`).
+        return unsafe { to_bf16_f32_row_avx2(src, dst) };
+    }
+    to_bf16_f32_row_plain(src, dst)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn to_bf16_f32_row_avx2(src: &[f32], dst: &mut [f32]) {
+    to_bf16_f32_row_plain(src, dst)
+}
+
+#[inline(always)]
+fn to_bf16_f32_row_plain(src: &[f32], dst: &mut [f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = bf16_to_f32(f32_to_bf16(s));
+    }
 }
 
 /// Rounds `src` to bf16 into `dst`: the same code compiled for the widest vector level here.
@@ -261,6 +314,42 @@ fn portable_block(a: &[u16], kp: usize, rows: usize, p0: &[u16], p1: &[u16], acc
     }
 }
 
+/// The AVX2 kernel for one block, for CPUs without bf16 arithmetic: the weights are widened to f32 in
+/// registers (a bf16 is the upper half of an f32) and multiplied by the activations (`a`: f32 values that
+/// are bf16) with FMA, `rows` rows in register tiles of up to 4 × 16. A product of two bf16 is exact in f32,
+/// so each FMA rounds once, as the portable kernel's separate add does: the same sums in the same order,
+/// bit for bit.
+fn avx2_block(a: &[f32], kp: usize, rows: usize, p0: &[u16], p1: &[u16], acc: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(cpu().avx2() && a.len() >= BLOCK * kp && p0.len() >= kp * PANEL);
+        assert!(p1.len() >= kp * PANEL && acc.len() >= BLOCK * BLOCK);
+        for (half, panel) in [p0, p1].into_iter().enumerate() {
+            let mut r0 = 0;
+            while r0 < rows {
+                let ap = a[r0 * kp..].as_ptr();
+                let cp = acc[r0 * BLOCK + half * PANEL..].as_mut_ptr();
+                // SAFETY: the CPU has AVX2 + FMA (asserted above, from `cpu()`); the kernel reads `mr` rows
+                // of `kp` values from `ap` (r0 + mr <= BLOCK rows of `a`, asserted), `kp / 2` rows of 32
+                // values from the panel (asserted), and writes `mr` rows of 16 to `cp` inside `acc`.
+                unsafe {
+                    match rows - r0 {
+                        1 => x86::bf16_tile_avx2::<1>(ap, kp, panel.as_ptr(), cp),
+                        2 => x86::bf16_tile_avx2::<2>(ap, kp, panel.as_ptr(), cp),
+                        _ => x86::bf16_tile_avx2::<4>(ap, kp, panel.as_ptr(), cp),
+                    }
+                }
+                r0 += 4;
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (a, kp, rows, p0, p1, acc);
+        unreachable!("the AVX2 level is only chosen on x86-64")
+    }
+}
+
 /// The AVX-512 BF16 kernel for one block: `rows` rows in register tiles of up to 8 × 32.
 fn avx512_block(a: &[u16], kp: usize, rows: usize, p0: &[u16], p1: &[u16], acc: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -294,6 +383,60 @@ fn avx512_block(a: &[u16], kp: usize, rows: usize, p0: &[u16], p1: &[u16], acc: 
 mod x86 {
     use super::{BLOCK, PANEL};
     use std::arch::x86_64::*;
+
+    /// `MR` rows × the 16 columns of one panel, AVX2: `c[r][..] += a[r][2p + 1] · odd(p) + a[r][2p] · even(p)`
+    /// for every k-pair `p`, the panel's bf16 pairs widened to f32 (even: the low half shifted up; odd: the
+    /// high half masked).
+    ///
+    /// # Safety
+    /// AVX2 and FMA available; `a` readable for `MR` rows of `kp` f32 (row stride `kp`), `b` for `kp * 16`
+    /// u16, `c` writable for `MR` rows of 16 f32 with row stride [`BLOCK`].
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn bf16_tile_avx2<const MR: usize>(
+        a: *const f32,
+        kp: usize,
+        b: *const u16,
+        c: *mut f32,
+    ) {
+        let high = _mm256_set1_epi32(0xffff_0000_u32 as i32);
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        for p in 0..kp / 2 {
+            // SAFETY: row p < kp / 2 of the panel (32 u16: columns 0..8 then 8..16), inside the bounds.
+            let (w0, w1) = unsafe {
+                let row = b.add(p * 2 * PANEL);
+                (
+                    _mm256_loadu_si256(row as *const __m256i),
+                    _mm256_loadu_si256(row.add(PANEL) as *const __m256i),
+                )
+            };
+            let even = [
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w0)),
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w1)),
+            ];
+            let odd = [
+                _mm256_castsi256_ps(_mm256_and_si256(w0, high)),
+                _mm256_castsi256_ps(_mm256_and_si256(w1, high)),
+            ];
+            for (r, accr) in acc.iter_mut().enumerate() {
+                // SAFETY: values 2p, 2p + 1 < kp of row r < MR, inside the caller's bounds.
+                let (a0, a1) = unsafe {
+                    let at = a.add(r * kp + 2 * p);
+                    (_mm256_broadcast_ss(&*at), _mm256_broadcast_ss(&*at.add(1)))
+                };
+                for h in 0..2 {
+                    accr[h] = _mm256_fmadd_ps(a1, odd[h], accr[h]);
+                    accr[h] = _mm256_fmadd_ps(a0, even[h], accr[h]);
+                }
+            }
+        }
+        for (r, accr) in acc.iter().enumerate() {
+            // SAFETY: row r < MR of `c`, 16 values, inside the caller's bounds.
+            unsafe {
+                _mm256_storeu_ps(c.add(r * BLOCK), accr[0]);
+                _mm256_storeu_ps(c.add(r * BLOCK + 8), accr[1]);
+            }
+        }
+    }
 
     /// `MR` rows × 32 columns: `c[r][..] = Σ_p dpbf16(a[r] pair p, panel0 / panel1 row p)`.
     ///

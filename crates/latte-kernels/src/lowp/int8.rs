@@ -136,7 +136,8 @@ impl PackedI8 {
 }
 
 /// The level [`linear_i8`] runs at in this process: [`Level::Amx`] (with AMX-INT8), [`Level::Avx512`] (with
-/// AVX512_VNNI) or [`Level::Portable`].
+/// AVX512_VNNI), [`Level::Avx2`] (`vpmaddubsw` on |activation| and sign-adjusted weights, exact) or
+/// [`Level::Portable`].
 pub fn i8_level() -> Level {
     effective(cpu().level)
 }
@@ -147,6 +148,8 @@ pub(crate) fn effective(level: Level) -> Level {
         Level::Amx
     } else if level >= Level::Avx512 && c.avx512_vnni {
         Level::Avx512
+    } else if level >= Level::Avx2 && c.avx2() {
+        Level::Avx2
     } else {
         Level::Portable
     }
@@ -265,6 +268,7 @@ pub(crate) fn linear_i8_at(
         match level {
             Level::Amx => super::amx::block_i8(a_blk, kp, p0, p1, &mut acc),
             Level::Avx512 => avx512_block(a_blk, kp, rows, p0, p1, &mut acc),
+            Level::Avx2 => avx2_block(a_blk, kp, rows, p0, p1, &mut acc),
             _ => portable_block(a_blk, kp, rows, p0, p1, &mut acc),
         }
         for r in 0..rows {
@@ -310,6 +314,41 @@ fn portable_block(a: &[u8], kp: usize, rows: usize, p0: &[i8], p1: &[i8], acc: &
     }
 }
 
+/// The AVX2 kernel for one block (activations signed, unshifted): `vpmaddubsw` multiplies unsigned by signed
+/// bytes, so it takes |a| and the weights with a's sign moved onto them (`vpsignb`); a pair of such
+/// products is at most 2 · 127 · 127 < 2¹⁵, so its i16 sum never saturates, and `vpmaddwd` by 1 widens the
+/// pairs to i32: exact sums, the portable kernel's bit for bit. Register tiles of up to 4 rows × 16 columns.
+fn avx2_block(a: &[u8], kp: usize, rows: usize, p0: &[i8], p1: &[i8], acc: &mut [i32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(cpu().avx2() && a.len() >= BLOCK * kp && p0.len() >= kp * PANEL);
+        assert!(p1.len() >= kp * PANEL && acc.len() >= BLOCK * BLOCK);
+        for (half, panel) in [p0, p1].into_iter().enumerate() {
+            let mut r0 = 0;
+            while r0 < rows {
+                let ap = a[r0 * kp..].as_ptr();
+                let cp = acc[r0 * BLOCK + half * PANEL..].as_mut_ptr();
+                // SAFETY: the CPU has AVX2 (asserted above, from `cpu()`); the kernel reads `mr` rows of
+                // `kp` bytes from `ap` (r0 + mr <= BLOCK rows of `a`, asserted), `kp / 4` rows of 64 bytes
+                // from the panel (asserted), and writes `mr` rows of 16 to `cp` inside `acc`.
+                unsafe {
+                    match rows - r0 {
+                        1 => x86::i8_tile_avx2::<1>(ap, kp, panel.as_ptr(), cp),
+                        2 => x86::i8_tile_avx2::<2>(ap, kp, panel.as_ptr(), cp),
+                        _ => x86::i8_tile_avx2::<4>(ap, kp, panel.as_ptr(), cp),
+                    }
+                }
+                r0 += 4;
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (a, kp, rows, p0, p1, acc);
+        unreachable!("the AVX2 level is only chosen on x86-64")
+    }
+}
+
 /// The AVX-512 VNNI kernel for one block (activations stored +128, unsigned).
 fn avx512_block(a: &[u8], kp: usize, rows: usize, p0: &[i8], p1: &[i8], acc: &mut [i32]) {
     #[cfg(target_arch = "x86_64")]
@@ -343,6 +382,50 @@ fn avx512_block(a: &[u8], kp: usize, rows: usize, p0: &[i8], p1: &[i8], acc: &mu
 mod x86 {
     use super::{BLOCK, GROUP, PANEL};
     use std::arch::x86_64::*;
+
+    /// `MR` rows × the 16 columns of one panel, AVX2: `c[r][..] = Σ_g madd(maddubs(|a[r] group g|,
+    /// sign(panel row g, a[r] group g)), 1)`.
+    ///
+    /// # Safety
+    /// AVX2 available; `a` readable for `MR` rows of `kp` signed bytes (row stride `kp`), `b` for `kp * 16`
+    /// bytes, `c` writable for `MR` rows of 16 i32 with row stride [`BLOCK`].
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn i8_tile_avx2<const MR: usize>(
+        a: *const u8,
+        kp: usize,
+        b: *const i8,
+        c: *mut i32,
+    ) {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_si256(); 2]; MR];
+        for g in 0..kp / GROUP {
+            // SAFETY: row g < kp / 4 of the panel (64 bytes: columns 0..8 then 8..16), inside the bounds.
+            let w = unsafe {
+                let row = b.add(g * GROUP * PANEL);
+                [
+                    _mm256_loadu_si256(row as *const __m256i),
+                    _mm256_loadu_si256(row.add(32) as *const __m256i),
+                ]
+            };
+            for (r, accr) in acc.iter_mut().enumerate() {
+                // SAFETY: bytes 4g .. 4g + 4 <= kp of row r < MR, inside the caller's bounds.
+                let quad = unsafe { (a.add(r * kp + GROUP * g) as *const i32).read_unaligned() };
+                let av = _mm256_set1_epi32(quad);
+                let magnitude = _mm256_abs_epi8(av);
+                for h in 0..2 {
+                    let pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(w[h], av));
+                    accr[h] = _mm256_add_epi32(accr[h], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+        }
+        for (r, accr) in acc.iter().enumerate() {
+            // SAFETY: row r < MR of `c`, 16 values, inside the caller's bounds.
+            unsafe {
+                _mm256_storeu_si256(c.add(r * BLOCK) as *mut __m256i, accr[0]);
+                _mm256_storeu_si256(c.add(r * BLOCK + 8) as *mut __m256i, accr[1]);
+            }
+        }
+    }
 
     /// `MR` rows × 32 columns: `c[r][..] = Σ_g dpbusd(a[r] group g, panel0 / panel1 row g)`.
     ///

@@ -14,9 +14,11 @@
 //!
 //! Kernels, chosen at run time from [`crate::cpu()`]: AMX tiles (`tdpbf16ps`, `tdpbssd`; 2 × 2 accumulator
 //! tiles of 16 × 16, k streamed, written with `asm!` since the AMX intrinsics are unstable), AVX-512
-//! (`vdpbf16ps`, `vpdpbusd` with 8 × 32 register tiles), and a portable path doing the same arithmetic in
-//! plain Rust (also what AVX2-only CPUs run). The int8 levels agree bit for bit; the bf16 levels agree up to
-//! the order of f32 additions (on Zen 4 `vdpbf16ps` matches the portable order exactly). The AMX kernels are
+//! (`vdpbf16ps`, `vpdpbusd` with 8 × 32 register tiles), AVX2 for CPUs without bf16 or VNNI instructions
+//! (bf16 widened to f32 in registers and FMA; int8 through `vpmaddubsw` on |activation| and sign-moved
+//! weights, 4 × 16 register tiles), and a portable path doing the same arithmetic in plain Rust. The int8
+//! levels agree bit for bit; the bf16 levels agree up to the order of f32 additions (the AVX2 kernel and, on
+//! Zen 4, `vdpbf16ps` match the portable order exactly). The AMX kernels are
 //! untested on hardware so far.
 //! Work is split over rayon in blocks of 64 rows × up to 512 columns.
 

@@ -199,6 +199,13 @@ fn bf16_every_level_matches_portable_and_f32() {
                     let (v, mag) = c.pre(i, j, bf16_x(&c, i), wr);
                     let order = 2.0 * (c.k + 4) as f64 * u * mag;
                     let p = f64::from(portable[i * c.n + j]);
+                    // The AVX2 kernel adds the same exact products in the portable order: bit for bit.
+                    assert!(
+                        ran != Level::Avx2
+                            || out[i * c.n + j].to_bits() == portable[i * c.n + j].to_bits(),
+                        "bf16 at avx2 vs portable, {}: [{i}][{j}] {got} vs {p}",
+                        c.describe()
+                    );
                     worst_vs_portable = worst_vs_portable.max((got - p).abs() / mag.max(1e-30));
                     assert!(
                         (got - p).abs() <= c.after_act(order, v) + 1e-30,

@@ -18,7 +18,8 @@ use latte_kernels::Level;
 
 pub(crate) use params::HiddenAct;
 
-/// The packed-weight kernels apply to `x`: a float32 CPU tensor, and the process runs at AVX-512 or above.
+/// The packed-weight kernels apply to `x`: a float32 CPU tensor, and the process runs at AVX2 + FMA or
+/// above (the register tiles of [`latte_kernels::gemm`]; below, candle's ops run).
 pub(crate) fn fast(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32 && latte_kernels::level() >= Level::Avx512
+    x.device().is_cpu() && x.dtype() == DType::F32 && latte_kernels::level() >= Level::Avx2
 }

@@ -390,25 +390,11 @@ impl TrainLinear {
         bias: Option<&[f32]>,
     ) -> Vec<f32> {
         // a[m, k] · b_rowsᵀ where b_rows is [n, k].
-        let mut out = vec![0f32; m * n];
-        if self.bf16 && !shared::bf16_native() {
-            // No bf16 arithmetic on this CPU: the f32 kernel on operands rounded to bf16 (the same products).
-            let (a, b) = (
-                shared::bf16_rounded(&a[..m * k]),
-                shared::bf16_rounded(&b_rows[..n * k]),
-            );
-            gemm::linear_rows_at(Level::Avx512, &a, m, &b, bias, n, k, &mut out);
-            return out;
-        }
-        if self.bf16 && m > 0 && n > 0 && k > 0 {
-            let p = latte_kernels::lowp::PackedBf16::pack(b_rows, n, k)
-                .expect("bf16 linear: shapes checked by the op");
-            latte_kernels::lowp::linear_bf16(a, m, &p, bias, None, false, &mut out)
-                .expect("bf16 linear: shapes checked by the op");
-            return out;
-        }
-        gemm::linear_rows_at(Level::Avx512, a, m, b_rows, bias, n, k, &mut out);
-        out
+        let kern = shared::Kernels {
+            level: Level::Avx512,
+            bf16: self.bf16,
+        };
+        shared::linear_rows(kern, a, m, b_rows, bias, n, k)
     }
 }
 

@@ -369,20 +369,33 @@ pub(super) fn linear_fwd(
     n: usize,
     k: usize,
 ) -> Vec<f32> {
+    linear_rows(kern, x, m, w, Some(b), n, k)
+}
+
+/// `y[m, n] = x[m, k] · Wᵀ (+ b)` (`W` as `n` rows of `k`) at the precision of `kern`: f32, bf16 products
+/// on the bf16 kernels, or (no bf16 arithmetic here) the f32 kernels on operands rounded to bf16.
+pub(super) fn linear_rows(
+    kern: Kernels,
+    x: &[f32],
+    m: usize,
+    w: &[f32],
+    b: Option<&[f32]>,
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
     let mut out = vec![0f32; m * n];
     if kern.bf16 && !kern.bf16_native() {
         let (x, w) = (bf16_rounded(&x[..m * k]), bf16_rounded(&w[..n * k]));
-        gemm::linear_rows_at(kern.level, &x, m, &w, Some(b), n, k, &mut out);
+        gemm::linear_rows_at(kern.level, &x, m, &w, b, n, k, &mut out);
         return out;
     }
-    if kern.bf16 && m > 0 {
-        // The op checked the shapes; n and k are at least 1 in every layer.
+    if kern.bf16 && m > 0 && n > 0 && k > 0 {
         let p = PackedBf16::pack(w, n, k).expect("bf16 forward: weight shape checked by the op");
-        lowp::linear_bf16(x, m, &p, Some(b), None, false, &mut out)
+        lowp::linear_bf16(x, m, &p, b, None, false, &mut out)
             .expect("bf16 forward: shapes checked by the op");
         return out;
     }
-    gemm::linear_rows_at(kern.level, x, m, w, Some(b), n, k, &mut out);
+    gemm::linear_rows_at(kern.level, x, m, w, b, n, k, &mut out);
     out
 }
 
