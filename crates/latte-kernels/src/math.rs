@@ -275,11 +275,13 @@ pub(crate) fn softmax_row_avx2(row: &mut [f32], scale: f32, bias: Option<&[f32]>
             *m = m.max(v);
         }
     }
-    let max = chunks
-        .remainder()
-        .iter()
-        .chain(&lanes)
-        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    // The tail goes to the lanes of its positions, so that position `i` is always summed in lane `i % 8`
+    // in the same order: a row padded with masked keys (whose terms are exactly 0) then gives the very
+    // same probabilities as the unpadded row, whatever the batch it was encoded in.
+    for (m, &v) in lanes.iter_mut().zip(chunks.remainder()) {
+        *m = m.max(v);
+    }
+    let max = lanes.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     if max == f32::NEG_INFINITY {
         // Every position masked: 0 / 0, as the scalar path gives.
         row.iter_mut().for_each(|v| *v = f32::NAN);
@@ -293,7 +295,10 @@ pub(crate) fn softmax_row_avx2(row: &mut [f32], scale: f32, bias: Option<&[f32]>
             *s += v;
         }
     }
-    let sum: f32 = lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
+    for (s, &v) in lanes.iter_mut().zip(chunks.remainder()) {
+        *s += v;
+    }
+    let sum: f32 = lanes.iter().sum();
     let inv = 1.0 / sum;
     row.iter_mut().for_each(|v| *v *= inv);
 }
@@ -639,6 +644,33 @@ mod tests {
                     softmax_row_at(level, row, 1.0, None);
                 }
                 assert_eq!(rows, one);
+            }
+        }
+    }
+
+    #[test]
+    fn softmax_is_the_same_with_masked_padding_at_every_level() {
+        // A document encoded in a batch is padded with masked keys (bias −f32::MAX): its probabilities must
+        // be bit for bit those of the unpadded row, so that an index does not depend on how it was batched.
+        for level in crate::cpu::levels_here() {
+            eprintln!("softmax with padding at {level}");
+            for n in [1usize, 5, 8, 13, 16, 21, 40, 77, 129, 301] {
+                let x = values(n, 3 + n as u64);
+                let bias = values(n, 11);
+                let mut alone = x.clone();
+                softmax_row_at(level, &mut alone, 0.125, Some(&bias));
+                for pad in [1usize, 3, 8, 11, 27] {
+                    let mut padded = x.clone();
+                    padded.extend(values(pad, 5));
+                    let mut pbias = bias.clone();
+                    pbias.extend(std::iter::repeat_n(-f32::MAX, pad));
+                    softmax_row_at(level, &mut padded, 0.125, Some(&pbias));
+                    assert_eq!(&padded[..n], &alone[..], "{level}, {n} + {pad} padded");
+                    assert!(
+                        padded[n..].iter().all(|&p| p == 0.0),
+                        "{level}: masked keys weigh 0"
+                    );
+                }
             }
         }
     }

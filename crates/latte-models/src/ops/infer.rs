@@ -2,7 +2,7 @@
 //! custom ops (no backward pass) over the kernels of [`latte_kernels`]; everywhere else (training,
 //! accelerators, other dtypes) the plain candle ops are used, which have backward passes.
 //!
-//! From AVX-512 up ([`super::fast`]): linear layers as `act(x Wᵀ + b + residual)` in one pass over weights
+//! From AVX2 up ([`super::fast`]): linear layers as `act(x Wᵀ + b + residual)` in one pass over weights
 //! packed once per layer ([`Packed`]; q, k and v can share one), attention fused per (sequence, head),
 //! softmax. Below: one `gemm` call per linear layer with the bias as the initial output, candle's attention
 //! and softmax. GELU runs on [`latte_kernels::math`] at every level.
@@ -268,7 +268,7 @@ pub(crate) fn linear(layer: &Linear, x: &Tensor) -> Result<Tensor> {
 }
 
 /// `act(x Wᵀ + b + residual)`, where `act` is exact GELU when `gelu` (else the identity): fused into the
-/// kernel from AVX-512 up, separate ops otherwise.
+/// kernel from AVX2 up, separate ops otherwise.
 pub(crate) fn linear_ex(
     layer: &Linear,
     x: &Tensor,
