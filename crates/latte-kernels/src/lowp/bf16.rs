@@ -213,12 +213,9 @@ pub(crate) fn linear_bf16_at(
                 }
             }
         }
-        for r in 0..rows {
-            // SAFETY: this block (rows i0.., columns j0..j0 + cols) belongs to this call of the closure
-            // alone: `for_each_block` hands out every block once.
-            let row = unsafe { outp.row(i0 + r, j0, cols) };
-            epi.finish_row(&acc[r * BLOCK..(r + 1) * BLOCK], row, i0 + r, j0);
-        }
+        // SAFETY: this block (rows i0.., columns j0..j0 + cols) belongs to this call of the closure alone:
+        // `for_each_block` hands out every block once.
+        unsafe { epi.finish_block(&mut acc, rows, cols, i0, j0, &outp) };
     });
     Ok(level)
 }

@@ -271,13 +271,10 @@ pub(crate) fn linear_i8_at(
             Level::Avx2 => avx2_block(a_blk, kp, rows, p0, p1, &mut acc),
             _ => portable_block(a_blk, kp, rows, p0, p1, &mut acc),
         }
+        let mut vals = [0f32; BLOCK * BLOCK];
         for r in 0..rows {
             let rs = row_scales[i0 + r];
-            // SAFETY: this block (rows i0.., columns j0..j0 + cols) belongs to this call of the closure
-            // alone: `for_each_block` hands out every block once.
-            let row = unsafe { outp.row(i0 + r, j0, cols) };
-            let mut v = [0f32; BLOCK];
-            for (c, o) in v[..cols].iter_mut().enumerate() {
+            for (c, o) in vals[r * BLOCK..r * BLOCK + cols].iter_mut().enumerate() {
                 let j = j0 + c;
                 let mut s = acc[r * BLOCK + c];
                 if shift {
@@ -286,8 +283,10 @@ pub(crate) fn linear_i8_at(
                 }
                 *o = s as f32 * (rs * w.scales[j]);
             }
-            epi.finish_row(&v, row, i0 + r, j0);
         }
+        // SAFETY: this block (rows i0.., columns j0..j0 + cols) belongs to this call of the closure alone:
+        // `for_each_block` hands out every block once.
+        unsafe { epi.finish_block(&mut vals, rows, cols, i0, j0, &outp) };
     });
     Ok(level)
 }

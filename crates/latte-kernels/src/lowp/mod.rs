@@ -125,36 +125,58 @@ pub(crate) struct Epilogue<'a> {
 }
 
 impl Epilogue<'_> {
-    /// Writes columns `j0 .. j0 + row.len()` of output row `i` from the products in `src`: adds the bias
-    /// and the residual, then applies the activation. One pass that reads `src` and writes `row` (not a copy
-    /// then an update of `row`, which makes narrow loads wait on the wide stores just made).
+    /// Finishes the block of output rows `i0 .. i0 + rows`, columns `j0 .. j0 + cols` from the products in
+    /// `vals` (row `r` at `vals[r·BLOCK..]`, its first `cols` values used): adds the bias and the residual in
+    /// place, applies the activation to the whole block at once (one long slice, so the GELU loop runs on
+    /// full vectors rather than on a 32-value row and its scalar tail), then writes each row of `out` once.
+    /// The arithmetic per value is the same as element by element, bit for bit.
+    ///
+    /// # Safety
+    /// The block's rows and columns of `out` belong to the caller alone (see [`OutPtr::row`]).
     #[inline(always)]
-    pub fn finish_row(&self, src: &[f32], row: &mut [f32], i: usize, j0: usize) {
-        let cols = row.len();
-        let src = &src[..cols];
+    pub unsafe fn finish_block(
+        &self,
+        vals: &mut [f32],
+        rows: usize,
+        cols: usize,
+        i0: usize,
+        j0: usize,
+        out: &OutPtr,
+    ) {
+        let vals = &mut vals[..rows * BLOCK];
         let bias = self.bias.map(|b| &b[j0..j0 + cols]);
-        let start = i * self.n + j0;
-        let residual = self.residual.map(|r| &r[start..start + cols]);
-        match (bias, residual) {
-            (None, None) => row.copy_from_slice(src),
-            (Some(b), None) => {
-                for ((o, s), b) in row.iter_mut().zip(src).zip(b) {
-                    *o = s + b;
-                }
-            }
-            (None, Some(r)) => {
-                for ((o, s), r) in row.iter_mut().zip(src).zip(r) {
-                    *o = s + r;
-                }
-            }
-            (Some(b), Some(r)) => {
-                for (((o, s), b), r) in row.iter_mut().zip(src).zip(b).zip(r) {
-                    *o = s + b + r;
-                }
+        for (r, v) in vals.chunks_exact_mut(BLOCK).enumerate() {
+            let v = &mut v[..cols];
+            let start = (i0 + r) * self.n + j0;
+            let residual = self.residual.map(|res| &res[start..start + cols]);
+            match (bias, residual) {
+                (None, None) => {}
+                (Some(b), None) => v.iter_mut().zip(b).for_each(|(o, b)| *o += b),
+                (None, Some(res)) => v.iter_mut().zip(res).for_each(|(o, x)| *o += x),
+                (Some(b), Some(res)) => v
+                    .iter_mut()
+                    .zip(b)
+                    .zip(res)
+                    .for_each(|((o, b), x)| *o = *o + b + x),
             }
         }
         if self.gelu {
-            crate::math::gelu_in_place(row);
+            // The values past `cols` of each row are products with the zero padding of the weights (or
+            // zeros): finite, computed and then dropped.
+            crate::math::gelu_in_place(vals);
+        }
+        for (r, v) in vals.chunks_exact(BLOCK).enumerate() {
+            // SAFETY: the caller's contract: rows i0.., columns j0..j0 + cols are this block's alone.
+            let row = unsafe { out.row(i0 + r, j0, cols) };
+            if let (Ok(dst), Ok(src)) = (
+                <&mut [f32; BLOCK]>::try_from(&mut *row),
+                <&[f32; BLOCK]>::try_from(v),
+            ) {
+                // A whole row of the block: a copy of known length, inlined (not a `memmove` call).
+                *dst = *src;
+            } else {
+                row.copy_from_slice(&v[..cols]);
+            }
         }
     }
 }
