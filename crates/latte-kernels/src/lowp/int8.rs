@@ -272,16 +272,24 @@ pub(crate) fn linear_i8_at(
             _ => portable_block(a_blk, kp, rows, p0, p1, &mut acc),
         }
         let mut vals = [0f32; BLOCK * BLOCK];
-        for r in 0..rows {
-            let rs = row_scales[i0 + r];
-            for (c, o) in vals[r * BLOCK..r * BLOCK + cols].iter_mut().enumerate() {
-                let j = j0 + c;
-                let mut s = acc[r * BLOCK + c];
-                if shift {
-                    // Undo the +128 on the activations: Σ (q + 128) w = Σ q w + 128 Σ w.
-                    s -= 128 * w.col_sums[j];
+        let (sums, scales) = (&w.col_sums[j0..j0 + cols], &w.scales[j0..j0 + cols]);
+        for ((v, a), &rs) in vals
+            .chunks_exact_mut(BLOCK)
+            .zip(acc.chunks_exact(BLOCK))
+            .zip(&row_scales[i0..i0 + rows])
+        {
+            // Slices zipped, no indexing: the loops vectorise (16 columns per instruction on AVX-512).
+            if shift {
+                // Undo the +128 on the activations: Σ (q + 128) w = Σ q w + 128 Σ w.
+                for (((o, &s), &sc), &cs) in
+                    v[..cols].iter_mut().zip(&a[..cols]).zip(scales).zip(sums)
+                {
+                    *o = (s - 128 * cs) as f32 * (rs * sc);
                 }
-                *o = s as f32 * (rs * w.scales[j]);
+            } else {
+                for ((o, &s), &sc) in v[..cols].iter_mut().zip(&a[..cols]).zip(scales) {
+                    *o = s as f32 * (rs * sc);
+                }
             }
         }
         // SAFETY: this block (rows i0.., columns j0..j0 + cols) belongs to this call of the closure alone:
