@@ -113,10 +113,13 @@ impl DropSite {
     }
 }
 
-/// `Σ` over rows of a row-major `[rows, n]` matrix.
+/// `Σ` over rows of a row-major `[rows, n]` matrix: partial sums over fixed chunks of rows in parallel, then
+/// added in chunk order, so the result is the same bit for bit on every run (a rayon `reduce` adds the
+/// partials in the order its work-stealing split them, which varies from run to run).
 pub(super) fn col_sums(a: &[f32], n: usize) -> Vec<f32> {
     let chunk = rows_per_task(n) * n;
-    a.par_chunks(chunk)
+    let partials: Vec<Vec<f32>> = a
+        .par_chunks(chunk)
         .map(|c| {
             let mut s = vec![0f32; n];
             for row in c.chunks(n) {
@@ -124,13 +127,12 @@ pub(super) fn col_sums(a: &[f32], n: usize) -> Vec<f32> {
             }
             s
         })
-        .reduce(
-            || vec![0f32; n],
-            |mut x, y| {
-                x.iter_mut().zip(&y).for_each(|(x, y)| *x += y);
-                x
-            },
-        )
+        .collect();
+    let mut sums = vec![0f32; n];
+    for p in &partials {
+        sums.iter_mut().zip(p).for_each(|(x, y)| *x += y);
+    }
+    sums
 }
 
 /// Layer norm of one row into `out`, keeping the normalised row and returning `1 / σ`.
@@ -604,4 +606,51 @@ pub(super) fn gelu_row(kern: Kernels, x: &[f32], out: &mut [f32]) {
 /// `g ← g ⊙ GELU′(x)` over one row, single-threaded.
 pub(super) fn gelu_grad_row(kern: Kernels, x: &[f32], g: &mut [f32]) {
     math::gelu_backward_at(kern.level, x, g)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The column sums add their per-chunk partials in chunk order, whatever the threads: bit for bit the
+    /// sequential sum of the same partials (a tree-shaped parallel reduce adds them in another order, which
+    /// gives other bits on values of mixed magnitudes like these).
+    #[test]
+    fn col_sums_add_partials_in_chunk_order_on_any_pool() {
+        let n = 48;
+        let rows = rows_per_task(n) * 37 + 5;
+        let mut state = 0x9E37_79B9_7F4A_7C15_u64;
+        let a: Vec<f32> = (0..rows * n)
+            .map(|_| {
+                state = crate::ops::dropout::splitmix(state);
+                let mantissa = (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                mantissa * 10f32.powi((state % 9) as i32 - 4)
+            })
+            .collect();
+        let mut want = vec![0f32; n];
+        for c in a.chunks(rows_per_task(n) * n) {
+            let mut s = vec![0f32; n];
+            for row in c.chunks(n) {
+                s.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+            }
+            want.iter_mut().zip(&s).for_each(|(w, s)| *w += s);
+        }
+        for threads in [1, 2, 4, 7] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            for _ in 0..3 {
+                let got = pool.install(|| col_sums(&a, n));
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(g, w)| g.to_bits() == w.to_bits());
+                assert!(
+                    same,
+                    "{threads} threads: column sums differ from the chunk-ordered sum"
+                );
+            }
+        }
+    }
 }
