@@ -527,16 +527,18 @@ pub(crate) mod x86 {
             );
         }
 
-        /// One tile: [`kernel`] or [`kernel_avx2`] with or without GELU.
+        /// One tile: [`kernel`] or [`kernel_avx2`] with or without GELU; with `packed` (AVX2 only), `a[0]`
+        /// points at the tile's rows packed by [`pack_rows_avx2`].
         ///
         /// # Safety
         /// The CPU has the tile's instructions ([`Tile::check`]), and the pointers satisfy [`kernel`]'s
-        /// contract for `rows ≤ self.rows()`.
+        /// contract for `rows ≤ self.rows()` (with `packed`, `a[0]` readable for `6·k` values).
         #[allow(clippy::too_many_arguments)]
         #[inline(always)]
         unsafe fn run(
             self,
             gelu: bool,
+            packed: bool,
             k: usize,
             a: [*const f32; MR],
             bp: *const f32,
@@ -550,18 +552,24 @@ pub(crate) mod x86 {
         ) {
             // SAFETY: the caller's contract.
             unsafe {
-                match (self, gelu) {
-                    (Tile::Avx512, false) => {
+                match (self, gelu, packed) {
+                    (Tile::Avx512, false, _) => {
                         kernel::<false>(k, a, bp, bias, resid, ldr, out, ldc, rows, cols)
                     }
-                    (Tile::Avx512, true) => {
+                    (Tile::Avx512, true, _) => {
                         kernel::<true>(k, a, bp, bias, resid, ldr, out, ldc, rows, cols)
                     }
-                    (Tile::Avx2, false) => kernel_avx2::<false, false>(
+                    (Tile::Avx2, false, false) => kernel_avx2::<false, false>(
                         k, a, bp, bias, resid, ldr, out, ldc, rows, cols,
                     ),
-                    (Tile::Avx2, true) => {
+                    (Tile::Avx2, true, false) => {
                         kernel_avx2::<true, false>(k, a, bp, bias, resid, ldr, out, ldc, rows, cols)
+                    }
+                    (Tile::Avx2, false, true) => {
+                        kernel_avx2::<false, true>(k, a, bp, bias, resid, ldr, out, ldc, rows, cols)
+                    }
+                    (Tile::Avx2, true, true) => {
+                        kernel_avx2::<true, true>(k, a, bp, bias, resid, ldr, out, ldc, rows, cols)
                     }
                 }
             }
@@ -779,43 +787,11 @@ pub(crate) mod x86 {
             let r0 = bi * mc;
             let rows_in = d.len() / n;
             let out = d.as_mut_ptr();
-            if tile == Tile::Avx2 && k > 0 {
-                // The block's rows packed once, then every panel streams them (see `kernel_avx2`).
-                let mut packed = Vec::new();
+            // AVX2: the block's rows packed once, then every panel streams them (see `kernel_avx2`).
+            let mut packed = Vec::new();
+            let pack = tile == Tile::Avx2 && k > 0;
+            if pack {
                 pack_rows_avx2(&x[r0 * k..(r0 + rows_in) * k], rows_in, k, &mut packed);
-                for pi in 0..panels {
-                    let cols = NR.min(n - pi * NR);
-                    let mut mr = 0;
-                    while mr < rows_in {
-                        let rows = MR_AVX2.min(rows_in - mr);
-                        let mut a = [std::ptr::null::<f32>(); MR];
-                        a[0] = packed[mr * k..].as_ptr();
-                        let resid = residual.map_or(std::ptr::null(), |res| {
-                            res[(r0 + mr) * n + pi * NR..].as_ptr()
-                        });
-                        // SAFETY: AVX2 and FMA are present (checked above); the packed tile holds
-                        // 6·k values, and the other pointers stay inside `p`, `residual` and `d`
-                        // as in the unpacked loop below.
-                        unsafe {
-                            let (bp, bias) = (
-                                p.data.as_ptr().add(pi * k * NR),
-                                p.bias.as_ptr().add(pi * NR),
-                            );
-                            let o = out.add(mr * n + pi * NR);
-                            if gelu {
-                                kernel_avx2::<true, true>(
-                                    k, a, bp, bias, resid, n, o, n, rows, cols,
-                                );
-                            } else {
-                                kernel_avx2::<false, true>(
-                                    k, a, bp, bias, resid, n, o, n, rows, cols,
-                                );
-                            }
-                        }
-                        mr += MR_AVX2;
-                    }
-                }
-                return;
             }
             for pi in 0..panels {
                 let cols = NR.min(n - pi * NR);
@@ -823,19 +799,24 @@ pub(crate) mod x86 {
                 while mr < rows_in {
                     let rows = tr.min(rows_in - mr);
                     let mut a = [std::ptr::null::<f32>(); MR];
-                    for (r, ptr) in a.iter_mut().enumerate() {
-                        // Rows past the end repeat the last row; their results are not stored.
-                        *ptr = x[(r0 + mr + r.min(rows - 1)) * k..].as_ptr();
+                    if pack {
+                        a[0] = packed[mr * k..].as_ptr();
+                    } else {
+                        for (r, ptr) in a.iter_mut().enumerate() {
+                            // Rows past the end repeat the last row; their results are not stored.
+                            *ptr = x[(r0 + mr + r.min(rows - 1)) * k..].as_ptr();
+                        }
                     }
                     let resid = residual.map_or(std::ptr::null(), |res| {
                         res[(r0 + mr) * n + pi * NR..].as_ptr()
                     });
                     // SAFETY: the tile's instructions are present (checked above); every pointer
-                    // stays inside `x`, `p`, `residual` and `d` for the k, rows and cols given
-                    // (checked by the caller's asserts and the one above).
+                    // stays inside `x` (or the packed tile of 6·k values), `p`, `residual` and `d` for
+                    // the k, rows and cols given (checked by the caller's asserts and the one above).
                     unsafe {
                         tile.run(
                             gelu,
+                            pack,
                             k,
                             a,
                             p.data.as_ptr().add(pi * k * NR),
@@ -901,6 +882,7 @@ pub(crate) mod x86 {
                         std::ptr::null()
                     };
                     tile.run(
+                        false,
                         false,
                         k,
                         ptrs,
