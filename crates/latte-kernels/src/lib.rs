@@ -13,6 +13,39 @@
 //! sound.
 #![warn(missing_docs)]
 
+/// Defines `$name`, which runs the `#[inline(always)]` function `$body` compiled for the widest vector level
+/// of this CPU (at most the process's level, [`cpu()`]). For loops written for the compiler to vectorise:
+/// every branch a select, fixed-width inner loops. A closure would not do: it is compiled on its own, for the
+/// baseline level.
+macro_rules! widest {
+    ($vis:vis $name:ident = $body:ident($($arg:ident: $ty:ty),*)) => {
+        $vis fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw")]
+                fn avx512($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                let c = crate::cpu::cpu();
+                if c.avx512() {
+                    // SAFETY: the CPU has AVX512F and AVX512BW (`Level::Avx512`, from `cpu()`).
+                    return unsafe { avx512($($arg),*) };
+                }
+                if c.avx2() {
+                    // SAFETY: the CPU has AVX2 and FMA (`Level::Avx2`, from `cpu()`).
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
+pub mod adamw;
 pub mod alloc;
 pub mod attention;
 pub mod cpu;
@@ -22,6 +55,7 @@ pub mod half;
 pub mod lowp;
 pub mod math;
 pub mod prefetch;
+pub mod random;
 pub mod search;
 #[cfg(test)]
 mod testing;

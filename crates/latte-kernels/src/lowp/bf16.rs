@@ -29,14 +29,9 @@ impl PackedBf16 {
         data.par_chunks_mut(kp * PANEL)
             .enumerate()
             .for_each(|(jp, panel)| {
-                for c in 0..PANEL {
-                    let j = jp * PANEL + c;
-                    if j >= n {
-                        break;
-                    }
-                    for (kk, &v) in w[j * k..(j + 1) * k].iter().enumerate() {
-                        panel[(kk / 2) * 2 * PANEL + c * 2 + kk % 2] = f32_to_bf16(v);
-                    }
+                let j0 = jp * PANEL;
+                if j0 < n {
+                    pack_panel_widest(w, k, j0, PANEL.min(n - j0), panel);
                 }
             });
         Ok(PackedBf16 { n, k, kp, data })
@@ -45,23 +40,18 @@ impl PackedBf16 {
     /// Packs the weights of a layer with `n` outputs × `k` inputs given as `wt`, the transpose of W
     /// (`k` rows of `n`, row-major): `w[j][kk] = wt[kk · n + j]`. The same layout as [`PackedBf16::pack`]
     /// without a transposed copy; training uses it for the products of its backward pass (`dy · W` packs
-    /// W itself, `dyᵀ · x` packs the activations `x`).
+    /// W itself, `dyᵀ · x` packs the activations `x`, up to thousands of rows, every step).
     pub fn pack_transposed(wt: &[f32], n: usize, k: usize) -> Result<PackedBf16, LowpError> {
         let (kp, mut data) = Self::zeroed("bf16 weights (transposed)", wt.len(), n, k)?;
-        data.par_chunks_mut(kp * PANEL)
+        // A task packs a few neighbouring panels, pair of source rows by pair of source rows: each row is
+        // read as one contiguous run of `PANELS_PER_TASK × PANEL` values.
+        const PANELS_PER_TASK: usize = 4;
+        data.par_chunks_mut(kp * PANEL * PANELS_PER_TASK)
             .enumerate()
-            .for_each(|(jp, panel)| {
-                let j0 = jp * PANEL;
-                if j0 >= n {
-                    return;
-                }
-                let cols = PANEL.min(n - j0);
-                for kk in 0..k {
-                    let src = &wt[kk * n + j0..][..cols];
-                    let base = (kk / 2) * 2 * PANEL + kk % 2;
-                    for (c, &v) in src.iter().enumerate() {
-                        panel[base + c * 2] = f32_to_bf16(v);
-                    }
+            .for_each(|(g, chunk)| {
+                let j0 = g * PANELS_PER_TASK * PANEL;
+                if j0 < n {
+                    pack_panels_transposed_widest(wt, n, k, kp, j0, chunk);
                 }
             });
         Ok(PackedBf16 { n, k, kp, data })
@@ -284,6 +274,69 @@ fn to_bf16_row_avx2(src: &[f32], dst: &mut [u16]) {
 fn to_bf16_row_plain(src: &[f32], dst: &mut [u16]) {
     for (d, &s) in dst.iter_mut().zip(src) {
         *d = f32_to_bf16(s);
+    }
+}
+
+widest!(pack_panel_widest = pack_panel(w: &[f32], k: usize, j0: usize, cols: usize, panel: &mut [u16]));
+widest!(pack_panels_transposed_widest = pack_panels_transposed(
+    wt: &[f32],
+    n: usize,
+    k: usize,
+    kp: usize,
+    j0: usize,
+    chunk: &mut [u16]
+));
+
+/// One panel of [`PackedBf16::pack`]: rows `j0 .. j0 + cols` of `w` (`k` values each) into `panel`, each
+/// row's values paired along k (`panel[p · 2·PANEL + 2c + e] = w[j0 + c][2p + e]`).
+#[inline(always)]
+fn pack_panel(w: &[f32], k: usize, j0: usize, cols: usize, panel: &mut [u16]) {
+    let mut row = vec![0u16; k.next_multiple_of(2)];
+    for c in 0..cols {
+        for (d, &v) in row.iter_mut().zip(&w[(j0 + c) * k..][..k]) {
+            *d = f32_to_bf16(v);
+        }
+        for (p, pair) in row.chunks_exact(2).enumerate() {
+            let o = p * 2 * PANEL + 2 * c;
+            panel[o] = pair[0];
+            panel[o + 1] = pair[1];
+        }
+    }
+}
+
+/// Panels of [`PackedBf16::pack_transposed`] from column `j0` of `wt` (`k` rows of `n`) into `chunk`
+/// (whole panels of `kp · PANEL` values), two source rows at a time: one row of a panel's layout holds
+/// the pair (`wt[2p][j]`, `wt[2p + 1][j]`) of each of its columns.
+#[inline(always)]
+fn pack_panels_transposed(wt: &[f32], n: usize, k: usize, kp: usize, j0: usize, chunk: &mut [u16]) {
+    let zeros = [0f32; PANEL];
+    for p in 0..k.div_ceil(2) {
+        let (r0, r1) = (2 * p, 2 * p + 1);
+        for (i, panel) in chunk.chunks_exact_mut(kp * PANEL).enumerate() {
+            let js = j0 + i * PANEL;
+            if js >= n {
+                break;
+            }
+            let cols = PANEL.min(n - js);
+            let a = &wt[r0 * n + js..][..cols];
+            let b = if r1 < k {
+                &wt[r1 * n + js..][..cols]
+            } else {
+                &zeros[..cols]
+            };
+            let out = &mut panel[p * 2 * PANEL..][..2 * PANEL];
+            if let (Ok(a), Ok(b)) = (<&[f32; PANEL]>::try_from(a), <&[f32; PANEL]>::try_from(b)) {
+                for c in 0..PANEL {
+                    out[2 * c] = f32_to_bf16(a[c]);
+                    out[2 * c + 1] = f32_to_bf16(b[c]);
+                }
+            } else {
+                for c in 0..cols {
+                    out[2 * c] = f32_to_bf16(a[c]);
+                    out[2 * c + 1] = f32_to_bf16(b[c]);
+                }
+            }
+        }
     }
 }
 

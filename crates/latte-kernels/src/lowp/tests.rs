@@ -399,11 +399,34 @@ fn packing_layouts_hold_every_weight_and_zero_padding() {
         }
     }
     // Packing the transpose gives the same layout, byte for byte, for shapes on and off the panel width.
-    for (n, k) in [(n, k), (16, 32), (1, 1), (33, 3)] {
-        let w = Rng(6).vec(n * k, 2.0);
+    // Special values (NaN, infinities, signed zeros, ties and the largest finite values) land on every
+    // path of the vectorised conversion.
+    let special = [
+        f32::NAN,
+        f32::from_bits(0x7f80_0001),
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        -0.0,
+        f32::from_bits(0x3f80_8000),
+        f32::from_bits(0x3f81_8000),
+        f32::MAX,
+        f32::MIN_POSITIVE / 4.0,
+    ];
+    for (n, k) in [(n, k), (16, 32), (1, 1), (33, 3), (70, 9)] {
+        let mut w = Rng(6).vec(n * k, 2.0);
+        for (i, v) in w.iter_mut().step_by(7).enumerate() {
+            *v = special[i % special.len()];
+        }
         let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
         let from_t = PackedBf16::pack_transposed(&wt, n, k).unwrap();
-        assert_eq!(from_t, PackedBf16::pack(&w, n, k).unwrap(), "[{n}, {k}]");
+        let packed = PackedBf16::pack(&w, n, k).unwrap();
+        for j in 0..n {
+            for kk in 0..k {
+                let want = f32_to_bf16(w[j * k + kk]);
+                assert_eq!(packed.get(j, kk), want, "[{n}, {k}] at [{j}][{kk}]");
+            }
+        }
+        assert_eq!(from_t, packed, "[{n}, {k}]");
     }
     assert!(matches!(
         PackedBf16::pack_transposed(&w, n, k + 1),

@@ -271,14 +271,8 @@ pub fn dropout(x: &Tensor, p: f64, mode: Mode) -> Result<Tensor> {
     let threshold = (p * (1u64 << 32) as f64) as u64;
     let mut mask = vec![0f32; n];
     mask.par_chunks_mut(4096).enumerate().for_each(|(c, m)| {
-        let mut state = splitmix(base ^ (c as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
-        for pair in m.chunks_mut(2) {
-            state = splitmix(state);
-            for (i, v) in pair.iter_mut().enumerate() {
-                let r = (state >> (32 * i)) & 0xFFFF_FFFF;
-                *v = if r >= threshold { keep } else { 0.0 };
-            }
-        }
+        let key = splitmix(base ^ (c as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
+        latte_kernels::random::dropout_mask(key, threshold, keep, m);
     });
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     Ok((x * mask)?)

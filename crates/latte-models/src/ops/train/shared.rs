@@ -98,18 +98,13 @@ impl DropSite {
         })
     }
 
-    /// The mask of row `row` (`0` or the keep scale per element), the same on every call.
+    /// The mask of row `row` (`0` or the keep scale per element), the same on every call: the stream of
+    /// the row's own key ([`latte_kernels::random::dropout_mask`]).
     pub(super) fn row(&self, row: usize, out: &mut [f32]) {
-        let mut state = crate::ops::dropout::splitmix(
+        let key = crate::ops::dropout::splitmix(
             self.key ^ (row as u64).wrapping_mul(0xD1B5_4A32_D192_ED03),
         );
-        for pair in out.chunks_mut(2) {
-            state = crate::ops::dropout::splitmix(state);
-            for (i, v) in pair.iter_mut().enumerate() {
-                let r = (state >> (32 * i)) & 0xFFFF_FFFF;
-                *v = if r >= self.threshold { self.keep } else { 0.0 };
-            }
-        }
+        latte_kernels::random::dropout_mask(key, self.threshold, self.keep, out);
     }
 }
 
