@@ -98,9 +98,13 @@ pub fn masks(model: &ColBERT, tokens: &Tokens) -> Result<Masks> {
     Ok(Masks { mask, floor })
 }
 
-/// Texts per forward pass inside [`embed`]: texts are sorted by length and run in groups this large, each
-/// padded only to its own longest text.
+/// Texts per forward pass inside [`embed`]: texts are sorted by length and run in groups this large (or
+/// larger, where the texts past this count are as long as the group's longest), each padded only to its own
+/// longest text.
 const GROUP: usize = 8;
+
+/// The most texts of one forward pass inside [`embed`] (bounds the activations kept for the backward pass).
+const MAX_GROUP: usize = 32;
 
 /// Runs the model on `tokens` and L2-normalises every token: `[n, len, dim]`.
 ///
@@ -121,8 +125,22 @@ pub fn embed(model: &ColBERT, tokens: &Tokens, mode: Mode) -> Result<Tensor> {
     };
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(real(&tokens.items[i])));
+    // Groups of GROUP texts, except that a text as long as its group's longest joins the group (up to
+    // MAX_GROUP texts): it adds no padding, and each forward pass has a fixed cost (the weights gathered and
+    // packed, every parameter's gradient accumulated, once per pass). Queries, all of one length, run as
+    // one pass; so do the documents cut at `document_length`.
+    let mut groups: Vec<&[usize]> = Vec::new();
+    let mut start = 0;
+    for end in 1..=n {
+        let size = end - start;
+        let longer = end < n && real(&tokens.items[order[end]]) < real(&tokens.items[order[start]]);
+        if end == n || size >= MAX_GROUP || (size >= GROUP && longer) {
+            groups.push(&order[start..end]);
+            start = end;
+        }
+    }
     let mut parts = Vec::new();
-    for group in order.chunks(GROUP) {
+    for group in groups {
         let glen = group
             .iter()
             .map(|&i| real(&tokens.items[i]))

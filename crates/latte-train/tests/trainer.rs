@@ -605,3 +605,42 @@ fn a_trainable_model_encodes_with_its_current_weights() {
     );
     assert!(diff(&after[0].data, &fresh[0].data) < 1e-5);
 }
+
+/// `embed` runs a column in length groups (a group grows past its usual size while the texts are as long as
+/// its longest): every scored token equals one forward pass over the whole column, in the column's order.
+#[test]
+fn length_grouped_embedding_matches_one_padded_pass() {
+    use latte_train::scores::{embed, masks, Tokens};
+    let model = model("bert_pylate");
+    let long = "a long document about ownership borrowing lifetimes and traits in rust programs"
+        .to_string();
+    let mut texts: Vec<String> = (0..13).map(|_| long.clone()).collect();
+    texts.extend((0..9).map(|i| "short text ".repeat(i + 1)));
+    texts.swap(2, 17);
+    texts.swap(5, 20);
+    for is_query in [false, true] {
+        let tokens = Tokens::new(&model, &texts, is_query).unwrap();
+        let grouped = embed(&model, &tokens, Mode::Train).unwrap();
+        let (whole, _, _) = model.forward_tokens(&tokens.items, Mode::Train).unwrap();
+        let whole = ColBERT::normalize(&whole.to_dtype(candle_core::DType::F32).unwrap()).unwrap();
+        assert_eq!(grouped.dims(), whole.dims());
+        let mask: Vec<Vec<f32>> = masks(&model, &tokens).unwrap().mask.to_vec2().unwrap();
+        let (g, w): (Vec<Vec<Vec<f32>>>, Vec<Vec<Vec<f32>>>) =
+            (grouped.to_vec3().unwrap(), whole.to_vec3().unwrap());
+        for (i, row) in mask.iter().enumerate() {
+            for (p, &m) in row.iter().enumerate() {
+                if m == 1.0 {
+                    let d = g[i][p]
+                        .iter()
+                        .zip(&w[i][p])
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(
+                        d < 1e-5,
+                        "query {is_query}, text {i}, token {p}: differs by {d}"
+                    );
+                }
+            }
+        }
+    }
+}
