@@ -625,8 +625,8 @@ fn length_grouped_embedding_matches_one_padded_pass() {
         let whole = ColBERT::normalize(&whole.to_dtype(candle_core::DType::F32).unwrap()).unwrap();
         assert_eq!(grouped.dims(), whole.dims());
         let mask: Vec<Vec<f32>> = masks(&model, &tokens).unwrap().mask.to_vec2().unwrap();
-        let (g, w): (Vec<Vec<Vec<f32>>>, Vec<Vec<Vec<f32>>>) =
-            (grouped.to_vec3().unwrap(), whole.to_vec3().unwrap());
+        let g: Vec<Vec<Vec<f32>>> = grouped.to_vec3().unwrap();
+        let w: Vec<Vec<Vec<f32>>> = whole.to_vec3().unwrap();
         for (i, row) in mask.iter().enumerate() {
             for (p, &m) in row.iter().enumerate() {
                 if m == 1.0 {
