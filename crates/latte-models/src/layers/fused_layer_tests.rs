@@ -16,7 +16,7 @@ fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut s = seed;
     (0..n)
         .map(|_| {
-            s = crate::nn::splitmix(s);
+            s = crate::ops::dropout::splitmix(s);
             ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
         })
         .collect()

@@ -7,9 +7,9 @@
 
 use candle_core::{DType, Module, Tensor, D};
 
+pub(crate) use crate::ops::dropout::next_dropout_key;
 #[cfg(doc)]
 use crate::ops::dropout::with_dropout;
-pub(crate) use crate::ops::dropout::{next_dropout_key, splitmix};
 pub(crate) use crate::ops::params::{HiddenAct, LayerNorm, Linear};
 use crate::ops::{infer, train};
 use crate::Result;
@@ -271,8 +271,7 @@ pub fn dropout(x: &Tensor, p: f64, mode: Mode) -> Result<Tensor> {
     let threshold = (p * (1u64 << 32) as f64) as u64;
     let mut mask = vec![0f32; n];
     mask.par_chunks_mut(4096).enumerate().for_each(|(c, m)| {
-        let key = splitmix(base ^ (c as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
-        latte_kernels::random::dropout_mask(key, threshold, keep, m);
+        crate::ops::dropout::mask(base, c as u64, threshold, keep, m);
     });
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     Ok((x * mask)?)

@@ -20,12 +20,16 @@ pub fn dropout_seed() -> Option<u64> {
     DROPOUT.with(|d| d.get().map(|(s, _)| s))
 }
 
-/// SplitMix64's mixing step.
-pub(crate) fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+/// SplitMix64's mixing step (the first draw of [`latte_kernels::random`]'s stream `z`).
+pub(crate) fn splitmix(z: u64) -> u64 {
+    latte_kernels::random::draw(z, 0)
+}
+
+/// The dropout mask of sub-stream `index` (a row, a chunk) of dropout site `key`: `out[e]` is 0 or `keep`,
+/// drawn from the sub-stream's own key, the same on every call.
+pub(crate) fn mask(key: u64, index: u64, threshold: u64, keep: f32, out: &mut [f32]) {
+    let stream = splitmix(key ^ index.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    latte_kernels::random::dropout_mask(stream, threshold, keep, out);
 }
 
 /// The key of the next dropout site of the enclosing [`with_dropout`] (advancing its counter), or `None`

@@ -99,12 +99,9 @@ impl DropSite {
     }
 
     /// The mask of row `row` (`0` or the keep scale per element), the same on every call: the stream of
-    /// the row's own key ([`latte_kernels::random::dropout_mask`]).
+    /// the row's own key ([`crate::ops::dropout::mask`]).
     pub(super) fn row(&self, row: usize, out: &mut [f32]) {
-        let key = crate::ops::dropout::splitmix(
-            self.key ^ (row as u64).wrapping_mul(0xD1B5_4A32_D192_ED03),
-        );
-        latte_kernels::random::dropout_mask(key, self.threshold, self.keep, out);
+        crate::ops::dropout::mask(self.key, row as u64, self.threshold, self.keep, out);
     }
 }
 
