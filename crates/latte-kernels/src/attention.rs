@@ -207,17 +207,11 @@ pub fn forward_at(
         };
         // SAFETY: the output rows of (bi, hi) — `lq` rows of `dv` values, `ldc` apart, from
         // `(bi·lq)·ldc + hi·dv` — lie inside `out` (its length is asserted above) and are written by
-        // this task only.
-        let o = unsafe { { out_p }.0.add(bi * lq * ldc + hi * dv) };
-        #[cfg(target_arch = "x86_64")]
-        if let Some(tile) = Tile::at(lv) {
-            // SAFETY: `o` holds this head's output rows, written by this task only (see above); the
-            // operand slices hold the rows their strides reach (asserted above).
-            unsafe { x86::head_forward(tile, &hd, dims, scale, drop, p, o, ldc) };
-            return;
+        // this task only; the operand slices hold the rows their strides reach (asserted above).
+        unsafe {
+            let o = { out_p }.0.add(bi * lq * ldc + hi * dv);
+            run_head(lv, &hd, dims, scale, drop, p, o, ldc);
         }
-        // SAFETY: as above.
-        unsafe { head_forward_portable(&hd, dims, scale, drop, p, o, ldc) };
     };
     match probs {
         Some(pr) => {
@@ -230,7 +224,138 @@ pub fn forward_at(
             .into_par_iter()
             .for_each(|t| with_buffer(&SCORES, lq * lk, |p| head(t, p))),
     }
+}
+
+/// One (sequence, head) at `lv`: on the register tile where the level has one, else portable.
+///
+/// # Safety
+/// As [`head_forward_portable`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_head(
+    lv: Level,
+    hd: &Head,
+    dims: AttnDims,
+    scale: f32,
+    drop: Option<DropRows>,
+    p: &mut [f32],
+    out: *mut f32,
+    ldc: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(tile) = Tile::at(lv) {
+        // SAFETY: the caller's contract.
+        unsafe { x86::head_forward(tile, hd, dims, scale, drop, p, out, ldc) };
+        return;
+    }
     let _ = lv;
+    // SAFETY: the caller's contract.
+    unsafe { head_forward_portable(hd, dims, scale, drop, p, out, ldc) };
+}
+
+/// Token rows of q, k or v for [`forward_varlen_at`]: head `h`'s `d` values of token `t` start at
+/// `data[t·stride + h·d]` (e.g. `stride = 3·heads·d` inside a packed `[tokens, 3h]` q/k/v, offset to the
+/// operand).
+#[derive(Clone, Copy, Debug)]
+pub struct Rows<'a> {
+    /// The elements, from token 0's first value.
+    pub data: &'a [f32],
+    /// Distance between consecutive tokens.
+    pub stride: usize,
+}
+
+/// Attention over sequences laid end to end without padding: sequence `s` is tokens
+/// `starts[s]..starts[s + 1]`, whose queries attend to its own keys, every one of them (no bias, no
+/// dropout). `out[t, h·d..(h + 1)·d]` is head `h` of token `t` (`[tokens, heads·d]`, every element
+/// written, `tokens = starts[last]`). The padded equivalent is [`forward_at`] with a bias that masks the
+/// padding keys; here padding costs nothing.
+///
+/// # Panics
+/// When `starts` is empty or decreases, or an operand or `out` is shorter than the tokens need.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_varlen_at(
+    level: Level,
+    q: Rows,
+    k: Rows,
+    v: Rows,
+    starts: &[usize],
+    heads: usize,
+    d: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    assert!(
+        starts.first() == Some(&0) && starts.windows(2).all(|w| w[0] <= w[1]),
+        "attention: sequence starts must begin at 0 and never decrease"
+    );
+    let tokens = *starts.last().expect("checked above");
+    let ldc = heads * d;
+    assert_eq!(out.len(), tokens * ldc, "attention: output length");
+    if out.is_empty() {
+        return;
+    }
+    for (x, name) in [(q, "q"), (k, "k"), (v, "v")] {
+        assert!(
+            x.stride >= ldc && x.data.len() >= (tokens - 1) * x.stride + ldc,
+            "attention: {name} too short for {tokens} tokens of {heads} heads of {d}"
+        );
+    }
+    let longest = starts.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    let zeros = vec![0f32; longest];
+    let lv = usable(level);
+    let out_p = OutPtr(out.as_mut_ptr());
+    (0..(starts.len() - 1) * heads)
+        .into_par_iter()
+        .for_each(|t| {
+            let (s, hi) = (t / heads, t % heads);
+            let (a, n) = (starts[s], starts[s + 1] - starts[s]);
+            if n == 0 {
+                return;
+            }
+            let hd = Head {
+                q: &q.data[a * q.stride + hi * d..],
+                qs: q.stride,
+                k: &k.data[a * k.stride + hi * d..],
+                ks: k.stride,
+                v: &v.data[a * v.stride + hi * d..],
+                vs: v.stride,
+                bias: &zeros,
+                bs: 0,
+                window: None,
+                row0: 0,
+            };
+            let dims = AttnDims {
+                b: 1,
+                h: heads,
+                lq: n,
+                lk: n,
+                d,
+                dv: d,
+            };
+            with_buffer(&SCORES, n * n, |p| {
+                // SAFETY: the output rows of (s, hi) — `n` rows of `d` values, `ldc` apart, from
+                // `a·ldc + hi·d` — lie inside `out` (its length is asserted above) and are written by this
+                // task only; the operand slices hold the `n` rows their strides reach (asserted above).
+                unsafe {
+                    let o = { out_p }.0.add(a * ldc + hi * d);
+                    run_head(lv, &hd, dims, scale, None, p, o, ldc);
+                }
+            });
+        });
+}
+
+/// [`forward_varlen_at`] at the process's level.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_varlen(
+    q: Rows,
+    k: Rows,
+    v: Rows,
+    starts: &[usize],
+    heads: usize,
+    d: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    forward_varlen_at(crate::level(), q, k, v, starts, heads, d, scale, out)
 }
 
 /// [`forward_at`] at the process's level.
@@ -981,6 +1106,105 @@ mod tests {
             let mut probs = vec![f32::NAN; b * h * lq * lk];
             assert_eq!(run(Some(&mut probs)), out);
         }
+    }
+
+    #[test]
+    fn varlen_forward_matches_reference_and_padded_layout_at_every_level() {
+        // Sequences of odd lengths (one empty) end to end in packed [tokens, 3h] q/k/v rows.
+        let (heads, d) = (3, 7);
+        let h = heads * d;
+        let lens = [5usize, 1, 0, 37, 12];
+        let mut starts = vec![0usize];
+        for n in lens {
+            starts.push(starts.last().unwrap() + n);
+        }
+        let tokens = *starts.last().unwrap();
+        let qkv = values(tokens * 3 * h, 11);
+        let scale = 0.3f32;
+        let mut want = vec![0f32; tokens * h];
+        for s in 0..lens.len() {
+            let (a, e) = (starts[s], starts[s + 1]);
+            for hi in 0..heads {
+                for i in a..e {
+                    let sc: Vec<f64> = (a..e)
+                        .map(|j| {
+                            (0..d)
+                                .map(|c| {
+                                    qkv[i * 3 * h + hi * d + c] as f64
+                                        * qkv[j * 3 * h + h + hi * d + c] as f64
+                                })
+                                .sum::<f64>()
+                                * scale as f64
+                        })
+                        .collect();
+                    let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = sc.iter().map(|v| (v - mx).exp()).sum();
+                    for c in 0..d {
+                        let acc: f64 = (a..e)
+                            .zip(&sc)
+                            .map(|(j, v)| {
+                                (v - mx).exp() / z * qkv[j * 3 * h + 2 * h + hi * d + c] as f64
+                            })
+                            .sum();
+                        want[i * h + hi * d + c] = acc as f32;
+                    }
+                }
+            }
+        }
+        // The same sequences padded to the longest, the padding keys masked by the bias.
+        let l = *lens.iter().max().unwrap();
+        let b = lens.len();
+        let mut padded = vec![0f32; b * l * 3 * h];
+        let mut key_bias = vec![-f32::MAX; b * l];
+        for s in 0..b {
+            for (p, t) in (starts[s]..starts[s + 1]).enumerate() {
+                padded[(s * l + p) * 3 * h..][..3 * h].copy_from_slice(&qkv[t * 3 * h..][..3 * h]);
+                key_bias[s * l + p] = 0.0;
+            }
+        }
+        let dims = PackedDims { b, l, h, heads };
+        for level in crate::cpu::levels_here() {
+            eprintln!("varlen attention at {level}");
+            let rows = |off: usize| Rows {
+                data: &qkv[off..],
+                stride: 3 * h,
+            };
+            let mut out = vec![f32::NAN; tokens * h];
+            forward_varlen_at(
+                level,
+                rows(0),
+                rows(h),
+                rows(2 * h),
+                &starts,
+                heads,
+                d,
+                scale,
+                &mut out,
+            );
+            close(&out, &want, 2e-5);
+            let mut probs = vec![0f32; b * heads * l * l];
+            let mut ctx = vec![0f32; b * l * h];
+            forward_packed_at(
+                level, dims, scale, None, None, &padded, &key_bias, &mut probs, &mut ctx,
+            );
+            for s in 0..b {
+                for (p, t) in (starts[s]..starts[s + 1]).enumerate() {
+                    close(&out[t * h..][..h], &ctx[(s * l + p) * h..][..h], 2e-6);
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "never decrease")]
+    fn varlen_forward_rejects_decreasing_starts() {
+        let qkv = values(4 * 6, 1);
+        let rows = Rows {
+            data: &qkv,
+            stride: 6,
+        };
+        let mut out = vec![0f32; 4 * 2];
+        forward_varlen(rows, rows, rows, &[0, 3, 2, 4], 1, 2, 1.0, &mut out);
     }
 
     #[test]

@@ -552,6 +552,13 @@ impl ColBERT {
         batch: &[Tokenized],
         mode: Mode,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (ids, mask) = self.pad_batch(batch)?;
+        let x = self.forward(&ids, &mask, mode)?;
+        Ok((x, ids, mask))
+    }
+
+    /// The `[batch, len]` ids and mask tensors of tokenised texts padded to the longest.
+    fn pad_batch(&self, batch: &[Tokenized]) -> Result<(Tensor, Tensor)> {
         let dev = self.transformer.device().clone();
         let len = batch.iter().map(|t| t.ids.len()).max().unwrap_or(0).max(1);
         let mut ids = Vec::with_capacity(batch.len() * len);
@@ -566,8 +573,20 @@ impl ColBERT {
         }
         let ids = Tensor::from_vec(ids, (batch.len(), len), &dev)?;
         let mask = Tensor::from_vec(mask, (batch.len(), len), &dev)?;
-        let x = self.forward(&ids, &mask, mode)?;
-        Ok((x, ids, mask))
+        Ok((ids, mask))
+    }
+
+    /// Inference over padded tokenised texts whose rows at mask 0 the caller discards: `[batch, len, dim]`,
+    /// the rows at mask 0 unspecified (the encoder may skip them: see [`Transformer::forward_attended`]).
+    fn forward_attended(&self, batch: &[Tokenized]) -> Result<Tensor> {
+        let (ids, mask) = self.pad_batch(batch)?;
+        let mut x = crate::dtype::with_dtype(self.dtype, || {
+            self.transformer.forward_attended(&ids, &mask)
+        })?;
+        for d in &self.denses {
+            x = d.forward(&x)?;
+        }
+        Ok(x)
     }
 
     /// Transformer then every Dense: `[batch, len]` → `[batch, len, dim]`.
@@ -639,7 +658,12 @@ impl ColBERT {
         let chunks: Vec<&[usize]> = order.chunks(opts.batch_size).collect();
         let run_batch = |chunk: &[usize]| -> Result<Vec<Embedding>> {
             let batch: Vec<Tokenized> = chunk.iter().map(|&i| toks[i].clone()).collect();
-            let (x, _, _) = self.forward_tokens(&batch, Mode::Infer)?;
+            // Only rows whose mask is 1 are kept, unless queries keep their expansion tokens.
+            let x = if is_query && self.settings.do_query_expansion {
+                self.forward_tokens(&batch, Mode::Infer)?.0
+            } else {
+                self.forward_attended(&batch)?
+            };
             let (_, len, dim) = x.dims3()?;
             let x = x.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
             let flat: Vec<f32> = x.flatten_all()?.to_vec1()?;

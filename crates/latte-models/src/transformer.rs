@@ -200,6 +200,12 @@ impl Transformer {
         self.backbone.forward(input_ids, attention_mask, mode)
     }
 
+    /// Inference whose rows at mask 0 the caller discards: padding costs nothing where the backbone
+    /// runs unpadded (see [`Backbone::forward_attended`]); those rows may hold anything.
+    pub fn forward_attended(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        self.backbone.forward_attended(input_ids, attention_mask)
+    }
+
     /// The transformers class name of the bare encoder.
     pub fn architecture(&self) -> &'static str {
         match self.kind {

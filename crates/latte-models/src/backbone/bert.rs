@@ -3,7 +3,7 @@
 //! Covers colbertv2.0, answerai-colbert-small-v1, all-MiniLM and every `BertModel` checkpoint whose
 //! `position_embedding_type` is `absolute`.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
@@ -191,13 +191,8 @@ impl Bert {
         }
     }
 
-    /// `[batch, len]` ids and mask → `[batch, len, hidden]` last hidden states.
-    pub fn forward(
-        &self,
-        input_ids: &Tensor,
-        attention_mask: &Tensor,
-        mode: Mode,
-    ) -> Result<Tensor> {
+    /// The normalised input embeddings of `[batch, len]` ids: `[batch, len, hidden]` (dropout in training).
+    fn embed(&self, input_ids: &Tensor, mode: Mode) -> Result<Tensor> {
         let (b, l) = input_ids.dims2()?;
         if l > self.max_positions() {
             return Err(Error::Shape {
@@ -233,8 +228,24 @@ impl Bert {
         };
         let tt = self.token_type.narrow(0, 0, 1)?;
         let x = words.broadcast_add(&pos)?.broadcast_add(&tt)?;
+        dropout(
+            &self.emb_norm.forward(&x, mode)?,
+            self.config.hidden_dropout_prob,
+            mode,
+        )
+    }
+
+    /// `[batch, len]` ids and mask → `[batch, len, hidden]` last hidden states.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let (b, l) = input_ids.dims2()?;
+        let h = self.config.hidden_size;
         let hp = self.config.hidden_dropout_prob;
-        let mut x = dropout(&self.emb_norm.forward(&x, mode)?, hp, mode)?;
+        let mut x = self.embed(input_ids, mode)?;
         let bias = key_mask_bias(attention_mask, x.dtype())?;
         let heads = self.config.num_attention_heads;
         let d = h / heads;
@@ -313,5 +324,180 @@ impl Bert {
             };
         }
         Ok(x)
+    }
+
+    /// Inference over the attended tokens only: the last hidden states `[batch, len, hidden]` at every
+    /// position whose mask is 1, zeros elsewhere (the caller discards those rows). On the CPU the
+    /// layers run unpadded — the linear layers on the attended rows of the whole batch, attention per
+    /// sequence over its own tokens ([`crate::ops::infer::attention_varlen`]) — so padding costs
+    /// nothing; the attended rows equal [`Bert::forward`]'s up to float rounding.
+    pub fn forward_attended(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        let mode = Mode::Infer;
+        let (b, l) = input_ids.dims2()?;
+        let mask: Vec<Vec<u32>> = attention_mask.to_dtype(DType::U32)?.to_vec2()?;
+        let kept: Vec<u32> = (0..b * l)
+            .filter(|&r| mask[r / l][r % l] != 0)
+            .map(|r| r as u32)
+            .collect();
+        let cpu_f32 = input_ids.device().is_cpu() && self.word.dtype() == DType::F32;
+        if kept.len() == b * l || !cpu_f32 {
+            return self.forward(input_ids, attention_mask, mode);
+        }
+        let mut starts = Vec::with_capacity(b + 1);
+        starts.push(0usize);
+        for row in &mask {
+            let n = row.iter().filter(|&&m| m != 0).count();
+            starts.push(starts[starts.len() - 1] + n);
+        }
+        let h = self.config.hidden_size;
+        let heads = self.config.num_attention_heads;
+        let scale = 1.0 / ((h / heads) as f64).sqrt();
+        let dev = input_ids.device();
+        let kept = Tensor::from_vec(kept, starts[b], dev)?;
+        let mut x = self
+            .embed(input_ids, mode)?
+            .reshape((b * l, h))?
+            .index_select(&kept, 0)?;
+        for layer in &self.layers {
+            let qkv = [&layer.query, &layer.key, &layer.value];
+            let (q, k, v) = match crate::ops::infer::linear_cat(&qkv, &layer.qkv_packed, &x)? {
+                Some(t) => (
+                    t.narrow(1, 0, h)?,
+                    t.narrow(1, h, h)?,
+                    t.narrow(1, 2 * h, h)?,
+                ),
+                None => (
+                    layer.query.run(&x, mode)?,
+                    layer.key.run(&x, mode)?,
+                    layer.value.run(&x, mode)?,
+                ),
+            };
+            let ctx = crate::ops::infer::attention_varlen(&q, &k, &v, &starts, heads, scale)?
+                .ok_or_else(|| {
+                    Error::Invalid("unpadded attention needs float32 CPU tensors".into())
+                })?;
+            let a = layer
+                .attn_norm
+                .forward(&layer.attn_out.run_add(&ctx, &x, mode)?, mode)?;
+            let i = layer.inter.run_act(&a, self.config.hidden_act, mode)?;
+            x = layer
+                .out_norm
+                .forward(&layer.out.run_add(&i, &a, mode)?, mode)?;
+        }
+        let full = Tensor::zeros((b * l, h), x.dtype(), dev)?.index_add(&kept, &x, 0)?;
+        Ok(full.reshape((b, l, h))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::{with_dtype, Dtype};
+    use candle_core::Device;
+    use std::collections::HashMap;
+
+    /// A two-layer BERT of odd widths with deterministic pseudo-random weights (plain tensors, not
+    /// variables, so the reduced-precision packings apply too).
+    fn tiny() -> Bert {
+        let config: BertConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 40, "hidden_size": 15, "num_hidden_layers": 2, "num_attention_heads": 3,
+            "intermediate_size": 37, "max_position_embeddings": 16, "type_vocab_size": 2
+        }))
+        .unwrap();
+        let dev = Device::Cpu;
+        let varmap = candle_nn::VarMap::new();
+        Bert::load(
+            candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+            &config,
+        )
+        .unwrap();
+        let mut names: Vec<(String, Tensor)> = varmap
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        names.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let tensors: HashMap<String, Tensor> = names
+            .into_iter()
+            .map(|(name, t)| {
+                let vals: Vec<f32> = (0..t.elem_count())
+                    .map(|_| {
+                        seed = seed
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        let u = (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                        if name.contains("LayerNorm.weight") {
+                            1.0 + 0.4 * u
+                        } else {
+                            u
+                        }
+                    })
+                    .collect();
+                (name, Tensor::from_vec(vals, t.shape(), &dev).unwrap())
+            })
+            .collect();
+        Bert::load(crate::backbone::var_builder(tensors, &dev), &config).unwrap()
+    }
+
+    #[test]
+    fn unpadded_inference_matches_the_padded_pass_on_attended_rows() {
+        let model = tiny();
+        let dev = Device::Cpu;
+        let (b, l) = (4, 9);
+        let ids: Vec<u32> = (0..b * l).map(|i| ((i * 11 + 5) % 40) as u32).collect();
+        let ids = Tensor::from_vec(ids, (b, l), &dev).unwrap();
+        // Right padding of different lengths, one sequence of one token, one with a hole.
+        let rows: [&[u32]; 4] = [
+            &[1, 1, 1, 1, 1, 1, 1, 0, 0],
+            &[1, 0, 0, 0, 0, 0, 0, 0, 0],
+            &[1, 1, 0, 1, 1, 1, 0, 0, 0],
+            &[1, 1, 1, 1, 1, 1, 1, 1, 1],
+        ];
+        let mask: Vec<u32> = rows.concat();
+        let mask_t = Tensor::from_vec(mask.clone(), (b, l), &dev).unwrap();
+        for (dtype, tol) in [(Dtype::F32, 1e-5), (Dtype::Bf16, 1e-3), (Dtype::Int8, 2e-2)] {
+            let (full, unpadded) = with_dtype(dtype, || {
+                (
+                    model.forward(&ids, &mask_t, Mode::Infer).unwrap(),
+                    model.forward_attended(&ids, &mask_t).unwrap(),
+                )
+            });
+            assert_eq!(unpadded.dims(), full.dims());
+            let full: Vec<f32> = full.flatten_all().unwrap().to_vec1().unwrap();
+            let unpadded: Vec<f32> = unpadded.flatten_all().unwrap().to_vec1().unwrap();
+            let h = 15;
+            let mut worst = 0f32;
+            for (r, &m) in mask.iter().enumerate() {
+                if m == 1 {
+                    for c in 0..h {
+                        let (x, y) = (unpadded[r * h + c], full[r * h + c]);
+                        assert!(x.is_finite(), "{dtype}: row {r} is not finite");
+                        worst = worst.max((x - y).abs() / (1.0 + y.abs()));
+                    }
+                }
+            }
+            eprintln!("{dtype}: largest relative difference {worst:e}");
+            assert!(worst <= tol, "{dtype}: attended rows differ by {worst}");
+        }
+        // Without padding the unpadded pass is the padded one.
+        let ones = Tensor::ones((b, l), DType::U32, &dev).unwrap();
+        let a: Vec<f32> = model
+            .forward(&ids, &ones, Mode::Infer)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let c: Vec<f32> = model
+            .forward_attended(&ids, &ones)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(a, c);
     }
 }

@@ -201,6 +201,15 @@ impl Backbone {
             Backbone::Gemma3(m) => m.forward(input_ids, attention_mask, mode),
         }
     }
+
+    /// Inference whose rows at mask 0 the caller discards (they may hold anything): BERT-family
+    /// encoders then run unpadded on the CPU ([`Bert::forward_attended`]), the others as [`Self::forward`].
+    pub fn forward_attended(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+        match self {
+            Backbone::Bert(m) => m.forward_attended(input_ids, attention_mask),
+            _ => self.forward(input_ids, attention_mask, Mode::Infer),
+        }
+    }
 }
 
 /// Normalises checkpoint tensor names to the backbone's own state-dict names: strips a wrapper prefix

@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Module, Shape, Tensor,
 };
-use latte_kernels::attention::{AttnDims, Bias, Strided};
+use latte_kernels::attention::{AttnDims, Bias, Rows, Strided};
 use latte_kernels::gemm::{self, Packed};
 use latte_kernels::lowp::{self, PackedBf16, PackedI8};
 use latte_kernels::{math, Level};
@@ -484,6 +484,98 @@ pub(crate) fn attention(
     };
     let out = unit_last(q)?.apply_op3_no_bwd(&unit_last(k)?, &unit_last(v)?, &op)?;
     Ok(Some(out.transpose(1, 2)?))
+}
+
+/// Attention over unpadded sequences through [`latte_kernels::attention::forward_varlen`]: q, k, v are
+/// `[tokens, heads·d]` views (any row stride, unit last stride), sequence `s` is tokens
+/// `starts[s]..starts[s + 1]`.
+struct VarlenAttentionOp {
+    starts: Vec<usize>,
+    heads: usize,
+    scale: f32,
+}
+
+impl CustomOp3 for VarlenAttentionOp {
+    fn name(&self) -> &'static str {
+        "latte-varlen-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) = (s1, s2, s3) else {
+            candle_core::bail!("latte-varlen-attention: float32 only");
+        };
+        let tokens = *self.starts.last().unwrap_or(&0);
+        let rows = |l: &Layout| -> candle_core::Result<(usize, usize)> {
+            let (t, w) = l.shape().dims2()?;
+            let s = l.stride();
+            if t != tokens || (s[1] != 1 && w > 1) {
+                candle_core::bail!(
+                    "latte-varlen-attention: expected [{tokens}, width] rows with a unit last stride, got {:?} (strides {s:?})",
+                    l.dims()
+                );
+            }
+            Ok((w, s[0]))
+        };
+        let (w, qs) = rows(l1)?;
+        let (kw, ks) = rows(l2)?;
+        let (vw, vs) = rows(l3)?;
+        if kw != w || vw != w || !w.is_multiple_of(self.heads) {
+            candle_core::bail!(
+                "latte-varlen-attention: widths {w}, {kw}, {vw} for {} heads",
+                self.heads
+            );
+        }
+        // A single token's row stride may be anything: the kernel reads only its first `w` values.
+        fn rows_of<'a>(data: &'a [f32], l: &Layout, stride: usize, w: usize) -> Rows<'a> {
+            Rows {
+                data: &data[l.start_offset()..],
+                stride: stride.max(w),
+            }
+        }
+        let mut out = vec![0f32; tokens * w];
+        latte_kernels::attention::forward_varlen(
+            rows_of(q, l1, qs, w),
+            rows_of(k, l2, ks, w),
+            rows_of(v, l3, vs, w),
+            &self.starts,
+            self.heads,
+            w / self.heads,
+            self.scale,
+            &mut out,
+        );
+        Ok((CpuStorage::F32(out), Shape::from((tokens, w))))
+    }
+}
+
+/// `softmax(q kᵀ · scale) v` per head and per sequence for unpadded `[tokens, heads·d]` float32 CPU rows
+/// (sequence `s` is tokens `starts[s]..starts[s + 1]` and attends to all of its own tokens): `[tokens,
+/// heads·d]`, heads side by side as in `[b, l, h]` hidden states. `None` off the CPU or for other dtypes.
+pub(crate) fn attention_varlen(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    starts: &[usize],
+    heads: usize,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if !(cpu_f32(q) && cpu_f32(k) && cpu_f32(v)) {
+        return Ok(None);
+    }
+    let op = VarlenAttentionOp {
+        starts: starts.to_vec(),
+        heads,
+        scale: scale as f32,
+    };
+    Ok(Some(q.apply_op3_no_bwd(k, v, &op)?))
 }
 
 /// Softmax over the last dimension through the fused kernel.
