@@ -283,11 +283,7 @@ pub fn forward_varlen_at(
     scale: f32,
     out: &mut [f32],
 ) {
-    assert!(
-        starts.first() == Some(&0) && starts.windows(2).all(|w| w[0] <= w[1]),
-        "attention: sequence starts must begin at 0 and never decrease"
-    );
-    let tokens = *starts.last().expect("checked above");
+    let tokens = varlen_tokens(starts);
     let ldc = heads * d;
     assert_eq!(out.len(), tokens * ldc, "attention: output length");
     if out.is_empty() {
@@ -550,6 +546,138 @@ pub fn backward_packed_at(
         // SAFETY: as above.
         unsafe { head_backward_portable(dims, scale, drop, qkv, probs, dctx, out, t) };
     });
+}
+
+/// Length of the probabilities of [`forward_varlen_train_at`]: `heads · n²` per sequence of `n` tokens.
+pub fn varlen_probs_len(starts: &[usize], heads: usize) -> usize {
+    starts
+        .windows(2)
+        .map(|w| heads * (w[1] - w[0]).pow(2))
+        .sum()
+}
+
+/// Checks `starts` (from 0, never decreasing) and returns the token count.
+fn varlen_tokens(starts: &[usize]) -> usize {
+    assert!(
+        starts.first() == Some(&0) && starts.windows(2).all(|w| w[0] <= w[1]),
+        "attention: sequence starts must begin at 0 and never decrease"
+    );
+    *starts.last().expect("checked above")
+}
+
+/// The dropout masks of one sequence of a varlen call: its rows are numbered after the rows of the sequences
+/// before it (`heads · starts[s]` of them), so no two rows of a call share a mask.
+fn shifted(
+    drop: Option<DropRows<'_>>,
+    first: usize,
+) -> Option<impl Fn(usize, &mut [f32]) + Sync + '_> {
+    drop.map(move |d| move |row: usize, out: &mut [f32]| d(first + row, out))
+}
+
+/// [`forward_packed_at`] over sequences laid end to end without padding (sequence `s` is tokens
+/// `starts[s]..starts[s + 1]` of the packed `[tokens, 3h]` q/k/v; each attends to all of its own keys):
+/// the probabilities before dropout into `probs` (`[heads, n, n]` per sequence, sequences in order:
+/// [`varlen_probs_len`] values), the heads' outputs into `ctx` (`[tokens, h]`). Dropout row `i` of head
+/// `hd` of sequence `s` is row `heads · starts[s] + hd · n + i` of `drop`.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_varlen_train_at(
+    level: Level,
+    starts: &[usize],
+    h: usize,
+    heads: usize,
+    scale: f32,
+    drop: Option<DropRows>,
+    qkv: &[f32],
+    probs: &mut [f32],
+    ctx: &mut [f32],
+) {
+    let tokens = varlen_tokens(starts);
+    assert!(
+        qkv.len() >= tokens * 3 * h
+            && ctx.len() >= tokens * h
+            && probs.len() >= varlen_probs_len(starts, heads),
+        "attention: varlen operands too short"
+    );
+    let longest = starts.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    let zeros = vec![0f32; longest];
+    let mut po = 0;
+    for w in starts.windows(2) {
+        let (a, n) = (w[0], w[1] - w[0]);
+        if n == 0 {
+            continue;
+        }
+        let dims = PackedDims {
+            b: 1,
+            l: n,
+            h,
+            heads,
+        };
+        let d = shifted(drop, heads * a);
+        let d_ref = d.as_ref().map(|f| f as &(dyn Fn(usize, &mut [f32]) + Sync));
+        forward_packed_at(
+            level,
+            dims,
+            scale,
+            None,
+            d_ref,
+            &qkv[a * 3 * h..(a + n) * 3 * h],
+            &zeros[..n],
+            &mut probs[po..po + heads * n * n],
+            &mut ctx[a * h..(a + n) * h],
+        );
+        po += heads * n * n;
+    }
+}
+
+/// The backward pass of [`forward_varlen_train_at`]: `dqkv` (`[tokens, 3h]`, every element written) from
+/// `dctx` (`[tokens, h]`), the saved `probs` and the same dropout masks.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_varlen_at(
+    level: Level,
+    starts: &[usize],
+    h: usize,
+    heads: usize,
+    scale: f32,
+    drop: Option<DropRows>,
+    qkv: &[f32],
+    probs: &[f32],
+    dctx: &[f32],
+    dqkv: &mut [f32],
+) {
+    let tokens = varlen_tokens(starts);
+    assert!(
+        qkv.len() >= tokens * 3 * h
+            && dctx.len() >= tokens * h
+            && dqkv.len() >= tokens * 3 * h
+            && probs.len() >= varlen_probs_len(starts, heads),
+        "attention backward: varlen operands too short"
+    );
+    let mut po = 0;
+    for w in starts.windows(2) {
+        let (a, n) = (w[0], w[1] - w[0]);
+        if n == 0 {
+            continue;
+        }
+        let dims = PackedDims {
+            b: 1,
+            l: n,
+            h,
+            heads,
+        };
+        let d = shifted(drop, heads * a);
+        let d_ref = d.as_ref().map(|f| f as &(dyn Fn(usize, &mut [f32]) + Sync));
+        backward_packed_at(
+            level,
+            dims,
+            scale,
+            d_ref,
+            &qkv[a * 3 * h..(a + n) * 3 * h],
+            &probs[po..po + heads * n * n],
+            &dctx[a * h..(a + n) * h],
+            &mut dqkv[a * 3 * h..(a + n) * 3 * h],
+        );
+        po += heads * n * n;
+    }
 }
 
 /// `dS = scale · P ⊙ (dP − Σ dP ⊙ P)` in place over `ds` (holding `dPd`), with `dP = dPd ⊙ mask`.
@@ -1192,6 +1320,109 @@ mod tests {
                     close(&out[t * h..][..h], &ctx[(s * l + p) * h..][..h], 2e-6);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn varlen_training_attention_matches_the_padded_layout_forward_and_backward() {
+        // Each sequence of a varlen call equals the same sequence padded in a batch, with the dropout rows
+        // of the padded call renumbered: the padded batch puts sequence s's rows at (s·heads + hd)·l + i.
+        let (heads, d) = (2, 5);
+        let h = heads * d;
+        let lens = [4usize, 0, 9, 1];
+        let mut starts = vec![0usize];
+        for n in lens {
+            starts.push(starts.last().unwrap() + n);
+        }
+        let tokens = *starts.last().unwrap();
+        let qkv = values(tokens * 3 * h, 21);
+        let up = values(tokens * h, 22);
+        let m: &(dyn Fn(usize, &mut [f32]) + Sync) = &mask;
+        for level in crate::cpu::levels_here() {
+            eprintln!("varlen training attention at {level}");
+            let mut probs = vec![f32::NAN; varlen_probs_len(&starts, heads)];
+            let mut ctx = vec![f32::NAN; tokens * h];
+            forward_varlen_train_at(
+                level,
+                &starts,
+                h,
+                heads,
+                0.6,
+                Some(m),
+                &qkv,
+                &mut probs,
+                &mut ctx,
+            );
+            let mut dqkv = vec![f32::NAN; tokens * 3 * h];
+            backward_varlen_at(
+                level,
+                &starts,
+                h,
+                heads,
+                0.6,
+                Some(m),
+                &qkv,
+                &probs,
+                &up,
+                &mut dqkv,
+            );
+            let mut po = 0;
+            for s in 0..lens.len() {
+                let (a, n) = (starts[s], lens[s]);
+                if n == 0 {
+                    continue;
+                }
+                let dims = PackedDims {
+                    b: 1,
+                    l: n,
+                    h,
+                    heads,
+                };
+                let shifted_mask = |row: usize, out: &mut [f32]| mask(heads * a + row, out);
+                let sm: &(dyn Fn(usize, &mut [f32]) + Sync) = &shifted_mask;
+                let q = &qkv[a * 3 * h..(a + n) * 3 * h];
+                let mut p1 = vec![0f32; heads * n * n];
+                let mut c1 = vec![0f32; n * h];
+                forward_packed_at(
+                    level,
+                    dims,
+                    0.6,
+                    None,
+                    Some(sm),
+                    q,
+                    &vec![0f32; n],
+                    &mut p1,
+                    &mut c1,
+                );
+                assert_eq!(
+                    &probs[po..po + heads * n * n],
+                    &p1[..],
+                    "{level}: probabilities of sequence {s}"
+                );
+                assert_eq!(
+                    &ctx[a * h..(a + n) * h],
+                    &c1[..],
+                    "{level}: output of sequence {s}"
+                );
+                let mut g1 = vec![0f32; n * 3 * h];
+                backward_packed_at(
+                    level,
+                    dims,
+                    0.6,
+                    Some(sm),
+                    q,
+                    &p1,
+                    &up[a * h..(a + n) * h],
+                    &mut g1,
+                );
+                assert_eq!(
+                    &dqkv[a * 3 * h..(a + n) * 3 * h],
+                    &g1[..],
+                    "{level}: gradient of sequence {s}"
+                );
+                po += heads * n * n;
+            }
+            assert!(ctx.iter().chain(&dqkv).all(|v| v.is_finite()));
         }
     }
 

@@ -576,17 +576,18 @@ impl ColBERT {
         Ok((ids, mask))
     }
 
-    /// Inference over padded tokenised texts whose rows at mask 0 the caller discards: `[batch, len, dim]`,
-    /// the rows at mask 0 unspecified (the encoder may skip them: see [`Transformer::forward_attended`]).
-    fn forward_attended(&self, batch: &[Tokenized]) -> Result<Tensor> {
+    /// [`Self::forward_tokens`] for a caller that discards the rows at mask 0: `[batch, len, dim]` with
+    /// those rows unspecified, so that the encoder may skip the padding (see
+    /// [`Transformer::forward_attended`] and [`Self::skips_padding`]).
+    pub fn forward_tokens_attended(&self, batch: &[Tokenized], mode: Mode) -> Result<Tensor> {
         let (ids, mask) = self.pad_batch(batch)?;
-        let mut x = crate::dtype::with_dtype(self.dtype, || {
-            self.transformer.forward_attended(&ids, &mask)
-        })?;
-        for d in &self.denses {
-            x = d.forward(&x)?;
-        }
-        Ok(x)
+        self.forward_with(&ids, &mask, mode, true)
+    }
+
+    /// Whether [`Self::forward_tokens_attended`] skips the padding: padded positions then cost nothing,
+    /// and a caller may batch texts of any lengths together.
+    pub fn skips_padding(&self) -> bool {
+        self.transformer.device().is_cpu() && self.transformer.skips_padding()
     }
 
     /// Transformer then every Dense: `[batch, len]` → `[batch, len, dim]`.
@@ -596,10 +597,27 @@ impl ColBERT {
         attention_mask: &Tensor,
         mode: Mode,
     ) -> Result<Tensor> {
-        let mut x = match mode {
-            Mode::Infer => crate::dtype::with_dtype(self.dtype, || {
+        self.forward_with(input_ids, attention_mask, mode, false)
+    }
+
+    /// [`Self::forward`], through [`Transformer::forward_attended`] when `attended`.
+    fn forward_with(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        mode: Mode,
+        attended: bool,
+    ) -> Result<Tensor> {
+        let run = || {
+            if attended {
+                self.transformer
+                    .forward_attended(input_ids, attention_mask, mode)
+            } else {
                 self.transformer.forward(input_ids, attention_mask, mode)
-            })?,
+            }
+        };
+        let mut x = match mode {
+            Mode::Infer => crate::dtype::with_dtype(self.dtype, run)?,
             Mode::Train if self.dtype == Dtype::Int8 => {
                 return Err(Error::Invalid(format!(
                     "dtype {}: training runs in f32 or bf16; load the model with dtype f32 or bf16",
@@ -608,9 +626,7 @@ impl ColBERT {
             }
             // bf16: the training ops built in this forward pass keep bf16 products for their backward
             // pass too; the weights (and the optimiser's state) stay f32.
-            Mode::Train => crate::dtype::with_dtype(self.dtype, || {
-                self.transformer.forward(input_ids, attention_mask, mode)
-            })?,
+            Mode::Train => crate::dtype::with_dtype(self.dtype, run)?,
         };
         for d in &self.denses {
             x = d.forward(&x)?;
@@ -662,7 +678,7 @@ impl ColBERT {
             let x = if is_query && self.settings.do_query_expansion {
                 self.forward_tokens(&batch, Mode::Infer)?.0
             } else {
-                self.forward_attended(&batch)?
+                self.forward_tokens_attended(&batch, Mode::Infer)?
             };
             let (_, len, dim) = x.dims3()?;
             let x = x.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;

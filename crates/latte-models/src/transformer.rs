@@ -200,10 +200,21 @@ impl Transformer {
         self.backbone.forward(input_ids, attention_mask, mode)
     }
 
-    /// Inference whose rows at mask 0 the caller discards: padding costs nothing where the backbone
+    /// A forward pass whose rows at mask 0 the caller discards: padding costs nothing where the backbone
     /// runs unpadded (see [`Backbone::forward_attended`]); those rows may hold anything.
-    pub fn forward_attended(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        self.backbone.forward_attended(input_ids, attention_mask)
+    pub fn forward_attended(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        self.backbone
+            .forward_attended(input_ids, attention_mask, mode)
+    }
+
+    /// Whether [`Self::forward_attended`] skips the padding on the CPU in float32.
+    pub fn skips_padding(&self) -> bool {
+        self.backbone.skips_padding()
     }
 
     /// The transformers class name of the bare encoder.

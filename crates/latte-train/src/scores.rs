@@ -129,12 +129,15 @@ pub fn embed(model: &ColBERT, tokens: &Tokens, mode: Mode) -> Result<Tensor> {
     // MAX_GROUP texts): it adds no padding, and each forward pass has a fixed cost (the weights gathered and
     // packed, every parameter's gradient accumulated, once per pass). Queries, all of one length, run as
     // one pass; so do the documents cut at `document_length`.
+    // Documents on an encoder that skips the padding (their padded rows are masked out of the scores)
+    // cost the same in any grouping: MAX_GROUP texts per pass, whatever their lengths.
+    let unpadded = !tokens.is_query && model.skips_padding();
     let mut groups: Vec<&[usize]> = Vec::new();
     let mut start = 0;
     for end in 1..=n {
         let size = end - start;
         let longer = end < n && real(&tokens.items[order[end]]) < real(&tokens.items[order[start]]);
-        if end == n || size >= MAX_GROUP || (size >= GROUP && longer) {
+        if end == n || size >= MAX_GROUP || (size >= GROUP && longer && !unpadded) {
             groups.push(&order[start..end]);
             start = end;
         }
@@ -156,7 +159,11 @@ pub fn embed(model: &ColBERT, tokens: &Tokens, mode: Mode) -> Result<Tensor> {
                 }
             })
             .collect();
-        let (x, _, _) = model.forward_tokens(&batch, mode)?;
+        let x = if unpadded {
+            model.forward_tokens_attended(&batch, mode)?
+        } else {
+            model.forward_tokens(&batch, mode)?.0
+        };
         let x = if x.dtype() == DType::F32 {
             x
         } else {

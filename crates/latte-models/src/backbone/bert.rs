@@ -191,6 +191,23 @@ impl Bert {
         }
     }
 
+    /// A layer's parameters for the fused training op.
+    fn layer_params<'a>(&self, layer: &'a Layer) -> crate::ops::train::BertLayerParams<'a> {
+        crate::ops::train::BertLayerParams {
+            qkv: crate::ops::train::QkvParams::Separate {
+                query: &layer.query,
+                key: &layer.key,
+                value: &layer.value,
+            },
+            attn_out: &layer.attn_out,
+            attn_norm: &layer.attn_norm,
+            inter: &layer.inter,
+            out: &layer.out,
+            out_norm: &layer.out_norm,
+            rotary: None,
+        }
+    }
+
     /// The normalised input embeddings of `[batch, len]` ids: `[batch, len, hidden]` (dropout in training).
     fn embed(&self, input_ids: &Tensor, mode: Mode) -> Result<Tensor> {
         let (b, l) = input_ids.dims2()?;
@@ -257,19 +274,7 @@ impl Bert {
         };
         for layer in &self.layers {
             if let Some(kb) = &key_bias {
-                let params = crate::ops::train::BertLayerParams {
-                    qkv: crate::ops::train::QkvParams::Separate {
-                        query: &layer.query,
-                        key: &layer.key,
-                        value: &layer.value,
-                    },
-                    attn_out: &layer.attn_out,
-                    attn_norm: &layer.attn_norm,
-                    inter: &layer.inter,
-                    out: &layer.out,
-                    out_norm: &layer.out_norm,
-                    rotary: None,
-                };
+                let params = self.layer_params(layer);
                 let dropout = crate::ops::train::LayerDropout {
                     attention: self.config.attention_probs_dropout_prob,
                     hidden: hp,
@@ -331,8 +336,15 @@ impl Bert {
     /// layers run unpadded — the linear layers on the attended rows of the whole batch, attention per
     /// sequence over its own tokens ([`crate::ops::infer::attention_varlen`]) — so padding costs
     /// nothing; the attended rows equal [`Bert::forward`]'s up to float rounding.
-    pub fn forward_attended(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
-        let mode = Mode::Infer;
+    ///
+    /// In [`Mode::Train`] the same holds through the fused training layers
+    /// ([`crate::ops::train::bert_layer_unpadded`]), where they apply (else the padded pass runs).
+    pub fn forward_attended(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        mode: Mode,
+    ) -> Result<Tensor> {
         let (b, l) = input_ids.dims2()?;
         let mask: Vec<Vec<u32>> = attention_mask.to_dtype(DType::U32)?.to_vec2()?;
         let kept: Vec<u32> = (0..b * l)
@@ -358,6 +370,29 @@ impl Bert {
             .embed(input_ids, mode)?
             .reshape((b * l, h))?
             .index_select(&kept, 0)?;
+        if mode == Mode::Train {
+            for (i, layer) in self.layers.iter().enumerate() {
+                let params = self.layer_params(layer);
+                let dropout = crate::ops::train::LayerDropout {
+                    attention: self.config.attention_probs_dropout_prob,
+                    hidden: self.config.hidden_dropout_prob,
+                };
+                let act = self.config.hidden_act;
+                x = match crate::ops::train::bert_layer_unpadded(
+                    &x, &starts, &params, heads, act, dropout,
+                )? {
+                    Some(y) => y,
+                    // The fused layers do not apply to this model here: the padded pass.
+                    None if i == 0 => return self.forward(input_ids, attention_mask, mode),
+                    None => {
+                        return Err(Error::Invalid(format!(
+                            "the fused training layer ran layer 0 but not layer {i}"
+                        )))
+                    }
+                };
+            }
+            return scatter_rows(&x, &kept, b, l);
+        }
         for layer in &self.layers {
             let qkv = [&layer.query, &layer.key, &layer.value];
             let (q, k, v) = match crate::ops::infer::linear_cat(&qkv, &layer.qkv_packed, &x)? {
@@ -384,9 +419,24 @@ impl Bert {
                 .out_norm
                 .forward(&layer.out.run_add(&i, &a, mode)?, mode)?;
         }
-        let full = Tensor::zeros((b * l, h), x.dtype(), dev)?.index_add(&kept, &x, 0)?;
-        Ok(full.reshape((b, l, h))?)
+        scatter_rows(&x, &kept, b, l)
     }
+}
+
+/// `[b, l, h]` with row `kept[i]` of the flattened `[b·l, h]` equal to row `i` of `x` and every other row
+/// all ones: a row that is not zero keeps a later L2 normalisation finite in value and gradient (a zero
+/// row's norm has an infinite derivative), although the caller discards it.
+fn scatter_rows(x: &Tensor, kept: &Tensor, b: usize, l: usize) -> Result<Tensor> {
+    let h = x.dim(1)?;
+    let mut base = vec![1f32; b * l];
+    for &r in kept.to_vec1::<u32>()?.iter() {
+        base[r as usize] = 0.0;
+    }
+    let base = Tensor::from_vec(base, (b * l, 1), x.device())?
+        .to_dtype(x.dtype())?
+        .broadcast_as((b * l, h))?
+        .contiguous()?;
+    Ok(base.index_add(kept, x, 0)?.reshape((b, l, h))?)
 }
 
 #[cfg(test)]
@@ -443,6 +493,113 @@ mod tests {
     }
 
     #[test]
+    fn unpadded_training_matches_the_padded_pass_in_value_and_gradient() {
+        let config: BertConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 40, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "intermediate_size": 24, "max_position_embeddings": 16, "type_vocab_size": 2
+        }))
+        .unwrap();
+        let dev = Device::Cpu;
+        let varmap = candle_nn::VarMap::new();
+        let model = Bert::load(
+            candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev),
+            &config,
+        )
+        .unwrap();
+        let mut vars: Vec<(String, candle_core::Var)> = varmap
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut seed = 7u64;
+        for (name, v) in &vars {
+            let vals: Vec<f32> = (0..v.elem_count())
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let u = (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                    if name.contains("LayerNorm.weight") {
+                        1.0 + 0.4 * u
+                    } else {
+                        u
+                    }
+                })
+                .collect();
+            v.set(&Tensor::from_vec(vals, v.shape(), &dev).unwrap())
+                .unwrap();
+        }
+        let (b, l) = (3, 7);
+        let ids: Vec<u32> = (0..b * l).map(|i| ((i * 13 + 2) % 40) as u32).collect();
+        let ids = Tensor::from_vec(ids, (b, l), &dev).unwrap();
+        let lens = [7usize, 2, 5];
+        let mask: Vec<u32> = (0..b * l).map(|i| u32::from(i % l < lens[i / l])).collect();
+        let mask_t = Tensor::from_vec(mask.clone(), (b, l), &dev).unwrap();
+        // The loss reads the attended rows only.
+        let keep: Vec<f32> = mask.iter().map(|&m| m as f32).collect();
+        let r: Vec<f32> = (0..b * l * 16)
+            .map(|i| ((i * 7) % 11) as f32 - 5.0)
+            .collect();
+        let r = (Tensor::from_vec(r, (b, l, 16), &dev).unwrap()
+            * Tensor::from_vec(keep, (b, l, 1), &dev)
+                .unwrap()
+                .broadcast_as((b, l, 16))
+                .unwrap())
+        .unwrap();
+        let run = |attended: bool| {
+            let y = if attended {
+                model.forward_attended(&ids, &mask_t, Mode::Train).unwrap()
+            } else {
+                model.forward(&ids, &mask_t, Mode::Train).unwrap()
+            };
+            let loss = (&y * &r).unwrap().sum_all().unwrap();
+            let grads = loss.backward().unwrap();
+            let loss = loss.to_scalar::<f32>().unwrap();
+            let g: Vec<Vec<f32>> = vars
+                .iter()
+                .map(|(_, v)| {
+                    grads
+                        .get(v.as_tensor())
+                        .map(|g| g.flatten_all().unwrap().to_vec1().unwrap())
+                        .unwrap_or_default()
+                })
+                .collect();
+            (loss, g)
+        };
+        // The unpadded pass ran (its rows at mask 0 are the ones it fills in), not the padded fallback.
+        let y: Vec<f32> = model
+            .forward_attended(&ids, &mask_t, Mode::Train)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (row, &m) in mask.iter().enumerate() {
+            if m == 0 {
+                assert!(y[row * 16..][..16].iter().all(|&v| v == 1.0), "row {row}");
+            }
+        }
+        let (want_loss, want) = run(false);
+        let (loss, got) = run(true);
+        assert!(
+            (loss - want_loss).abs() <= 1e-4 * want_loss.abs().max(1.0),
+            "loss {loss} vs {want_loss}"
+        );
+        for ((name, _), (g, w)) in vars.iter().zip(got.iter().zip(&want)) {
+            assert_eq!(g.len(), w.len(), "{name}");
+            for (a, e) in g.iter().zip(w) {
+                assert!(
+                    (a - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                    "{name}: gradient {a} vs {e}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn unpadded_inference_matches_the_padded_pass_on_attended_rows() {
         let model = tiny();
         let dev = Device::Cpu;
@@ -462,7 +619,7 @@ mod tests {
             let (full, unpadded) = with_dtype(dtype, || {
                 (
                     model.forward(&ids, &mask_t, Mode::Infer).unwrap(),
-                    model.forward_attended(&ids, &mask_t).unwrap(),
+                    model.forward_attended(&ids, &mask_t, Mode::Infer).unwrap(),
                 )
             });
             assert_eq!(unpadded.dims(), full.dims());
@@ -492,7 +649,7 @@ mod tests {
             .to_vec1()
             .unwrap();
         let c: Vec<f32> = model
-            .forward_attended(&ids, &ones)
+            .forward_attended(&ids, &ones, Mode::Infer)
             .unwrap()
             .flatten_all()
             .unwrap()

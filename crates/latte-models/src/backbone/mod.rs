@@ -202,13 +202,23 @@ impl Backbone {
         }
     }
 
-    /// Inference whose rows at mask 0 the caller discards (they may hold anything): BERT-family
+    /// A forward pass whose rows at mask 0 the caller discards (they may hold anything): BERT-family
     /// encoders then run unpadded on the CPU ([`Bert::forward_attended`]), the others as [`Self::forward`].
-    pub fn forward_attended(&self, input_ids: &Tensor, attention_mask: &Tensor) -> Result<Tensor> {
+    pub fn forward_attended(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        mode: Mode,
+    ) -> Result<Tensor> {
         match self {
-            Backbone::Bert(m) => m.forward_attended(input_ids, attention_mask),
-            _ => self.forward(input_ids, attention_mask, Mode::Infer),
+            Backbone::Bert(m) => m.forward_attended(input_ids, attention_mask, mode),
+            _ => self.forward(input_ids, attention_mask, mode),
         }
+    }
+
+    /// Whether [`Self::forward_attended`] skips the padding (on the CPU, in float32).
+    pub fn skips_padding(&self) -> bool {
+        matches!(self, Backbone::Bert(_))
     }
 }
 

@@ -136,7 +136,7 @@ impl CustomOp3 for BertLayerOp {
             let (cos, sin) = rot.split_at(l * dims.d());
             rotary_qk(&mut qkv, l, h, heads, cos, sin, false);
         }
-        let mut probs = vec![0f32; b * heads * l * l];
+        let mut probs = vec![0f32; self.attn.probs_len()];
         let mut ctx = vec![0f32; t * h];
         self.attn.forward(&qkv, bias, &mut probs, &mut ctx);
         let ao = linear_fwd(self.kern, &ctx, t, w.wo, w.bo, h, h);
@@ -367,6 +367,46 @@ pub(crate) fn bert_layer_on(
     act: HiddenAct,
     dropout: LayerDropout,
 ) -> Result<Option<Tensor>> {
+    layer_with(kern, x, key_bias, None, p, heads, act, dropout)
+}
+
+/// [`bert_layer`] over unpadded sequences: `x [tokens, h]` holds sequence `s` in rows
+/// `starts[s]..starts[s + 1]`, each attending to all of its own tokens, so padding costs nothing. `None`
+/// where the fused op does not apply (as [`bert_layer`]; also for rotary positions, which need each token's
+/// position in its sequence).
+pub fn bert_layer_unpadded(
+    x: &Tensor,
+    starts: &[usize],
+    p: &BertLayerParams,
+    heads: usize,
+    act: HiddenAct,
+    dropout: LayerDropout,
+) -> Result<Option<Tensor>> {
+    let (t, h) = x.dims2()?;
+    if p.rotary.is_some() || starts.last() != Some(&t) {
+        return Ok(None);
+    }
+    let x = x.reshape((1, t, h))?;
+    let zeros = Tensor::zeros((1, t), DType::F32, x.device())?;
+    Ok(
+        match layer_with(detect(), &x, &zeros, Some(starts), p, heads, act, dropout)? {
+            Some(y) => Some(y.reshape((t, h))?),
+            None => None,
+        },
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn layer_with(
+    kern: Kernels,
+    x: &Tensor,
+    key_bias: &Tensor,
+    starts: Option<&[usize]>,
+    p: &BertLayerParams,
+    heads: usize,
+    act: HiddenAct,
+    dropout: LayerDropout,
+) -> Result<Option<Tensor>> {
     {
         let applies = fused_on()
             && x.device().is_cpu()
@@ -447,6 +487,7 @@ pub(crate) fn bert_layer_on(
                 scale: 1.0 / (d as f32).sqrt(),
                 drop_probs,
                 window: None,
+                starts: starts.map(<[usize]>::to_vec),
             },
             eps1: p.attn_norm.eps as f32,
             eps2: p.out_norm.eps as f32,

@@ -18,7 +18,7 @@ use rayon::prelude::*;
 
 use crate::Result;
 
-pub(crate) use bert::{bert_layer, BertLayerParams, LayerDropout, QkvParams};
+pub(crate) use bert::{bert_layer, bert_layer_unpadded, BertLayerParams, LayerDropout, QkvParams};
 pub(crate) use modernbert::{modernbert_layer, ModernBertAttention, ModernBertLayerParams};
 pub use shared::with_fused_layers;
 #[cfg(test)]

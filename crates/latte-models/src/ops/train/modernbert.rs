@@ -498,6 +498,7 @@ pub fn modernbert_layer(
             scale: 1.0 / (d as f32).sqrt(),
             drop_probs,
             window: attn.window,
+            starts: None,
         },
         eps: eps as f32,
         mask_rows: attn.row_mask.is_some(),

@@ -299,6 +299,9 @@ pub(super) struct Attn {
     pub(super) drop_probs: Option<DropSite>,
     /// Sliding window: keys at most this many positions from the query (ModernBERT's local layers).
     pub(super) window: Option<usize>,
+    /// Unpadded sequences (`dims` is then one sequence of all the tokens): sequence `s` is tokens
+    /// `starts[s]..starts[s + 1]` and attends to all of its own tokens (no bias, no window).
+    pub(super) starts: Option<Vec<usize>>,
 }
 
 impl Attn {
@@ -311,6 +314,14 @@ impl Attn {
         }
     }
 
+    /// Length of the saved probabilities.
+    pub(super) fn probs_len(&self) -> usize {
+        match &self.starts {
+            Some(starts) => kattn::varlen_probs_len(starts, self.dims.heads),
+            None => self.dims.b * self.dims.heads * self.dims.l * self.dims.l,
+        }
+    }
+
     /// Probabilities and `ctx` of every (sequence, head) from the packed q/k/v.
     pub(super) fn forward(&self, qkv: &[f32], bias: &[f32], probs: &mut [f32], ctx: &mut [f32]) {
         let drop = self
@@ -319,6 +330,21 @@ impl Attn {
         let drop_ref = drop
             .as_ref()
             .map(|f| f as &(dyn Fn(usize, &mut [f32]) + Sync));
+        if let Some(starts) = &self.starts {
+            let (h, heads) = (self.dims.h, self.dims.heads);
+            kattn::forward_varlen_train_at(
+                self.kern.level,
+                starts,
+                h,
+                heads,
+                self.scale,
+                drop_ref,
+                qkv,
+                probs,
+                ctx,
+            );
+            return;
+        }
         kattn::forward_packed_at(
             self.kern.level,
             self.packed(),
@@ -340,6 +366,22 @@ impl Attn {
         let drop_ref = drop
             .as_ref()
             .map(|f| f as &(dyn Fn(usize, &mut [f32]) + Sync));
+        if let Some(starts) = &self.starts {
+            let (h, heads) = (self.dims.h, self.dims.heads);
+            kattn::backward_varlen_at(
+                self.kern.level,
+                starts,
+                h,
+                heads,
+                self.scale,
+                drop_ref,
+                qkv,
+                probs,
+                dctx,
+                dqkv,
+            );
+            return;
+        }
         kattn::backward_packed_at(
             self.kern.level,
             self.packed(),
