@@ -152,3 +152,70 @@ fn evaluate_a_folder_of_datasets_reports_each_and_the_mean() {
         .join("latte-eval/beta-bert_pylate-exact/run.test.trec")
         .is_file());
 }
+
+/// Copies a folder and its sub-folders.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+#[test]
+fn kept_embeddings_of_a_model_changed_in_place_are_not_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("tiny");
+    std::fs::create_dir(&data).unwrap();
+    write_dataset(&data);
+    let model = dir.path().join("model");
+    copy_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../latte-models/tests/fixtures/models/bert_pylate"),
+        &model,
+    );
+    let run = |kind: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_latte"))
+            .current_dir(dir.path())
+            .args(["evaluate", "--model"])
+            .arg(&model)
+            .arg("--dataset")
+            .arg(&data)
+            .args(["--index", kind])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, stdout, _) = run("exact");
+    assert!(ok && stdout.contains("encode corpus"), "{stdout}");
+    let (ok, stdout, _) = run("exact");
+    assert!(ok && !stdout.contains("encode corpus"), "reused: {stdout}");
+    let (ok, _, stderr) = run("plaid");
+    assert!(ok, "{stderr}");
+    // The model is retrained in place: same names, new weights (here: the same bytes, written anew).
+    let weights = model.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&weights)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5))
+        .unwrap();
+    let (ok, stdout, stderr) = run("exact");
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("encode corpus"), "{stdout}");
+    assert!(stderr.contains("other model files"), "{stderr}");
+    let (ok, _, stderr) = run("plaid");
+    assert!(!ok, "a PLAID index of the old weights was used");
+    assert!(stderr.contains("other files of model"), "{stderr}");
+}

@@ -42,8 +42,9 @@ pub struct EvaluateArgs {
     /// Metrics (ranx names).
     #[arg(long, default_value = "ndcg@10,mrr@10,recall@10,recall@100,map@100")]
     pub metrics: String,
-    /// Where the index (or, for --index exact, the document embeddings) is kept and reused;
-    /// default `latte-eval/<dataset>-<model>-<index>` in the current folder.
+    /// Where the index (or, for --index exact, the document embeddings) is kept and reused while the
+    /// model's files are unchanged (`model_fingerprint.json` records them: changed weights re-encode exact
+    /// embeddings and refuse a PLAID index); default `latte-eval/<dataset>-<model>-<index>` in the current folder.
     #[arg(long)]
     pub index_dir: Option<PathBuf>,
     /// TREC run file to write; default `<index-dir>/run.<split>.trec`.
@@ -185,10 +186,34 @@ fn evaluate_one(
         ..Default::default()
     };
     let doc_ids: Vec<String> = data.corpus.iter().map(|d| d.id.clone()).collect();
+    let print = model_fingerprint(model.source(), args)?;
+    let print_path = dir.join(FINGERPRINT);
+    let recorded: Option<serde_json::Value> = std::fs::read(&print_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let same_model = recorded.as_ref() == Some(&print);
     let reuse = match args.index {
         IndexKind::Plaid => PlaidIndex::open(&dir).is_ok(),
-        IndexKind::Exact => dir.join("docs.npz").is_file() && dir.join("docs_ids.txt").is_file(),
+        // Cached embeddings are used only when they were made by these very model files and options.
+        IndexKind::Exact => {
+            let cached = dir.join("docs.npz").is_file() && dir.join("docs_ids.txt").is_file();
+            if cached && !same_model {
+                eprintln!(
+                    "the document embeddings in {} were made by other model files or options: encoding again",
+                    dir.display()
+                );
+            }
+            cached && same_model
+        }
     };
+    if reuse && args.index == IndexKind::Plaid && recorded.is_some() && !same_model {
+        bail!(
+            "the index in {} was built from other files of model {:?} (its weights or settings changed since): \
+             delete it or pass another --index-dir",
+            dir.display(),
+            args.model.model
+        );
+    }
     let mut doc_embs: Option<Vec<Matrix>> = None;
     if reuse && args.index == IndexKind::Plaid {
         // The reused index must hold what this model, with these options, gives.
@@ -264,6 +289,7 @@ fn evaluate_one(
                 doc_embs = Some(mats);
             }
         }
+        latte_models::atomic_write(&print_path, &serde_json::to_vec_pretty(&print)?)?;
     }
 
     let t = Instant::now();
@@ -326,4 +352,47 @@ fn load_exact(dir: &Path) -> Result<(Vec<Matrix>, Vec<String>)> {
         );
     }
     Ok((mats, ids))
+}
+
+/// The file beside a kept index or document embeddings that records which model files made them.
+const FINGERPRINT: &str = "model_fingerprint.json";
+
+/// What identifies the model behind kept embeddings: its name, the options that change embeddings, and
+/// the size and modification time of every file of its folder and of the folders one level down (weights,
+/// configs, Dense layers), so that a model retrained in place is not mistaken for the one that made them.
+fn model_fingerprint(source: &Path, args: &EvaluateArgs) -> Result<serde_json::Value> {
+    let mut files = Vec::new();
+    let mut dirs = vec![(source.to_path_buf(), 0)];
+    while let Some((dir, depth)) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                if depth == 0 {
+                    dirs.push((path, 1));
+                }
+                continue;
+            }
+            let modified = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            let name = path
+                .strip_prefix(source)
+                .unwrap_or(&path)
+                .display()
+                .to_string();
+            files.push(serde_json::json!([name, meta.len(), modified.to_string()]));
+        }
+    }
+    files.sort_by_key(|f| f[0].as_str().unwrap_or_default().to_string());
+    Ok(serde_json::json!({
+        "model": args.model.model,
+        "options": args.model.model_options().to_json(),
+        "files": files,
+    }))
 }
