@@ -275,10 +275,7 @@ impl Bert {
         for layer in &self.layers {
             if let Some(kb) = &key_bias {
                 let params = self.layer_params(layer);
-                let dropout = crate::ops::train::LayerDropout {
-                    attention: self.config.attention_probs_dropout_prob,
-                    hidden: hp,
-                };
+                let dropout = self.layer_dropout();
                 if let Some(y) = crate::ops::train::bert_layer(
                     &x,
                     kb,
@@ -318,21 +315,14 @@ impl Bert {
                 let o = dropout(&layer.out.run(&i, mode)?, hp, mode)?;
                 layer.out_norm.forward(&(o + &a)?, mode)?
             } else {
-                // Inference: no dropout; residual adds and GELU fused into the kernels.
-                let a = layer
-                    .attn_norm
-                    .forward(&layer.attn_out.run_add(&ctx, &x, mode)?, mode)?;
-                let i = layer.inter.run_act(&a, self.config.hidden_act, mode)?;
-                layer
-                    .out_norm
-                    .forward(&layer.out.run_add(&i, &a, mode)?, mode)?
+                self.infer_after_attention(layer, &ctx, &x)?
             };
         }
         Ok(x)
     }
 
-    /// Inference over the attended tokens only: the last hidden states `[batch, len, hidden]` at every
-    /// position whose mask is 1, zeros elsewhere (the caller discards those rows). On the CPU the
+    /// A forward pass over the attended tokens only: the last hidden states `[batch, len, hidden]` at every
+    /// position whose mask is 1, ones elsewhere (the caller discards those rows; see `scatter_rows`). On the CPU the
     /// layers run unpadded — the linear layers on the attended rows of the whole batch, attention per
     /// sequence over its own tokens ([`crate::ops::infer::attention_varlen`]) — so padding costs
     /// nothing; the attended rows equal [`Bert::forward`]'s up to float rounding.
@@ -373,11 +363,7 @@ impl Bert {
         if mode == Mode::Train {
             for (i, layer) in self.layers.iter().enumerate() {
                 let params = self.layer_params(layer);
-                let dropout = crate::ops::train::LayerDropout {
-                    attention: self.config.attention_probs_dropout_prob,
-                    hidden: self.config.hidden_dropout_prob,
-                };
-                let act = self.config.hidden_act;
+                let (act, dropout) = (self.config.hidden_act, self.layer_dropout());
                 x = match crate::ops::train::bert_layer_unpadded(
                     &x, &starts, &params, heads, act, dropout,
                 )? {
@@ -411,15 +397,30 @@ impl Bert {
                 .ok_or_else(|| {
                     Error::Invalid("unpadded attention needs float32 CPU tensors".into())
                 })?;
-            let a = layer
-                .attn_norm
-                .forward(&layer.attn_out.run_add(&ctx, &x, mode)?, mode)?;
-            let i = layer.inter.run_act(&a, self.config.hidden_act, mode)?;
-            x = layer
-                .out_norm
-                .forward(&layer.out.run_add(&i, &a, mode)?, mode)?;
+            x = self.infer_after_attention(layer, &ctx, &x)?;
         }
         scatter_rows(&x, &kept, b, l)
+    }
+
+    /// The rest of a layer in inference, from the attention output `ctx` and the layer's input `x` (any
+    /// leading shape): no dropout; the residual adds and GELU fused into the kernels.
+    fn infer_after_attention(&self, layer: &Layer, ctx: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let mode = Mode::Infer;
+        let a = layer
+            .attn_norm
+            .forward(&layer.attn_out.run_add(ctx, x, mode)?, mode)?;
+        let i = layer.inter.run_act(&a, self.config.hidden_act, mode)?;
+        layer
+            .out_norm
+            .forward(&layer.out.run_add(&i, &a, mode)?, mode)
+    }
+
+    /// The dropout probabilities of a layer's sites.
+    fn layer_dropout(&self) -> crate::ops::train::LayerDropout {
+        crate::ops::train::LayerDropout {
+            attention: self.config.attention_probs_dropout_prob,
+            hidden: self.config.hidden_dropout_prob,
+        }
     }
 }
 
