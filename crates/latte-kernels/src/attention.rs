@@ -264,8 +264,8 @@ pub struct Rows<'a> {
 }
 
 /// Attention over sequences laid end to end without padding: sequence `s` is tokens
-/// `starts[s]..starts[s + 1]`, whose queries attend to its own keys, every one of them (no bias, no
-/// dropout). `out[t, h·d..(h + 1)·d]` is head `h` of token `t` (`[tokens, heads·d]`, every element
+/// `starts[s]..starts[s + 1]`, whose queries attend to its own keys, every one of them or, with a `window`,
+/// those at most `window` positions away (no bias, no dropout). `out[t, h·d..(h + 1)·d]` is head `h` of token `t` (`[tokens, heads·d]`, every element
 /// written, `tokens = starts[last]`). The padded equivalent is [`forward_at`] with a bias that masks the
 /// padding keys; here padding costs nothing.
 ///
@@ -281,6 +281,7 @@ pub fn forward_varlen_at(
     heads: usize,
     d: usize,
     scale: f32,
+    window: Option<usize>,
     out: &mut [f32],
 ) {
     let tokens = varlen_tokens(starts);
@@ -316,7 +317,7 @@ pub fn forward_varlen_at(
                 vs: v.stride,
                 bias: &zeros,
                 bs: 0,
-                window: None,
+                window,
                 row0: 0,
             };
             let dims = AttnDims {
@@ -349,9 +350,21 @@ pub fn forward_varlen(
     heads: usize,
     d: usize,
     scale: f32,
+    window: Option<usize>,
     out: &mut [f32],
 ) {
-    forward_varlen_at(crate::level(), q, k, v, starts, heads, d, scale, out)
+    forward_varlen_at(
+        crate::level(),
+        q,
+        k,
+        v,
+        starts,
+        heads,
+        d,
+        scale,
+        window,
+        out,
+    )
 }
 
 /// [`forward_at`] at the process's level.
@@ -1297,27 +1310,33 @@ mod tests {
                 data: &qkv[off..],
                 stride: 3 * h,
             };
-            let mut out = vec![f32::NAN; tokens * h];
-            forward_varlen_at(
-                level,
-                rows(0),
-                rows(h),
-                rows(2 * h),
-                &starts,
-                heads,
-                d,
-                scale,
-                &mut out,
-            );
-            close(&out, &want, 2e-5);
-            let mut probs = vec![0f32; b * heads * l * l];
-            let mut ctx = vec![0f32; b * l * h];
-            forward_packed_at(
-                level, dims, scale, None, None, &padded, &key_bias, &mut probs, &mut ctx,
-            );
-            for s in 0..b {
-                for (p, t) in (starts[s]..starts[s + 1]).enumerate() {
-                    close(&out[t * h..][..h], &ctx[(s * l + p) * h..][..h], 2e-6);
+            // Every key, then a sliding window of 3 positions either side (ModernBERT's local layers).
+            for window in [None, Some(3)] {
+                let mut out = vec![f32::NAN; tokens * h];
+                forward_varlen_at(
+                    level,
+                    rows(0),
+                    rows(h),
+                    rows(2 * h),
+                    &starts,
+                    heads,
+                    d,
+                    scale,
+                    window,
+                    &mut out,
+                );
+                if window.is_none() {
+                    close(&out, &want, 2e-5);
+                }
+                let mut probs = vec![0f32; b * heads * l * l];
+                let mut ctx = vec![0f32; b * l * h];
+                forward_packed_at(
+                    level, dims, scale, window, None, &padded, &key_bias, &mut probs, &mut ctx,
+                );
+                for s in 0..b {
+                    for (p, t) in (starts[s]..starts[s + 1]).enumerate() {
+                        close(&out[t * h..][..h], &ctx[(s * l + p) * h..][..h], 2e-6);
+                    }
                 }
             }
         }
@@ -1435,7 +1454,7 @@ mod tests {
             stride: 6,
         };
         let mut out = vec![0f32; 4 * 2];
-        forward_varlen(rows, rows, rows, &[0, 3, 2, 4], 1, 2, 1.0, &mut out);
+        forward_varlen(rows, rows, rows, &[0, 3, 2, 4], 1, 2, 1.0, None, &mut out);
     }
 
     #[test]

@@ -322,7 +322,7 @@ impl Bert {
     }
 
     /// A forward pass over the attended tokens only: the last hidden states `[batch, len, hidden]` at every
-    /// position whose mask is 1, ones elsewhere (the caller discards those rows; see `scatter_rows`). On the CPU the
+    /// position whose mask is 1, ones elsewhere (the caller discards those rows; see `backbone::scatter_rows`). On the CPU the
     /// layers run unpadded — the linear layers on the attended rows of the whole batch, attention per
     /// sequence over its own tokens ([`crate::ops::infer::attention_varlen`]) — so padding costs
     /// nothing; the attended rows equal [`Bert::forward`]'s up to float rounding.
@@ -377,7 +377,7 @@ impl Bert {
                     }
                 };
             }
-            return scatter_rows(&x, &kept, b, l);
+            return super::scatter_rows(&x, &kept, b, l);
         }
         for layer in &self.layers {
             let qkv = [&layer.query, &layer.key, &layer.value];
@@ -393,13 +393,13 @@ impl Bert {
                     layer.value.run(&x, mode)?,
                 ),
             };
-            let ctx = crate::ops::infer::attention_varlen(&q, &k, &v, &starts, heads, scale)?
+            let ctx = crate::ops::infer::attention_varlen(&q, &k, &v, &starts, heads, scale, None)?
                 .ok_or_else(|| {
                     Error::Invalid("unpadded attention needs float32 CPU tensors".into())
                 })?;
             x = self.infer_after_attention(layer, &ctx, &x)?;
         }
-        scatter_rows(&x, &kept, b, l)
+        super::scatter_rows(&x, &kept, b, l)
     }
 
     /// The rest of a layer in inference, from the attention output `ctx` and the layer's input `x` (any
@@ -424,28 +424,11 @@ impl Bert {
     }
 }
 
-/// `[b, l, h]` with row `kept[i]` of the flattened `[b·l, h]` equal to row `i` of `x` and every other row
-/// all ones: a row that is not zero keeps a later L2 normalisation finite in value and gradient (a zero
-/// row's norm has an infinite derivative), although the caller discards it.
-fn scatter_rows(x: &Tensor, kept: &Tensor, b: usize, l: usize) -> Result<Tensor> {
-    let h = x.dim(1)?;
-    let mut base = vec![1f32; b * l];
-    for &r in kept.to_vec1::<u32>()?.iter() {
-        base[r as usize] = 0.0;
-    }
-    let base = Tensor::from_vec(base, (b * l, 1), x.device())?
-        .to_dtype(x.dtype())?
-        .broadcast_as((b * l, h))?
-        .contiguous()?;
-    Ok(base.index_add(kept, x, 0)?.reshape((b, l, h))?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::dtype::{with_dtype, Dtype};
     use candle_core::Device;
-    use std::collections::HashMap;
 
     /// A two-layer BERT of odd widths with deterministic pseudo-random weights (plain tensors, not
     /// variables, so the reduced-precision packings apply too).
@@ -455,42 +438,10 @@ mod tests {
             "intermediate_size": 37, "max_position_embeddings": 16, "type_vocab_size": 2
         }))
         .unwrap();
-        let dev = Device::Cpu;
-        let varmap = candle_nn::VarMap::new();
-        Bert::load(
-            candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &dev),
-            &config,
-        )
-        .unwrap();
-        let mut names: Vec<(String, Tensor)> = varmap
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
-            .collect();
-        names.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let tensors: HashMap<String, Tensor> = names
-            .into_iter()
-            .map(|(name, t)| {
-                let vals: Vec<f32> = (0..t.elem_count())
-                    .map(|_| {
-                        seed = seed
-                            .wrapping_mul(6364136223846793005)
-                            .wrapping_add(1442695040888963407);
-                        let u = (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-                        if name.contains("LayerNorm.weight") {
-                            1.0 + 0.4 * u
-                        } else {
-                            u
-                        }
-                    })
-                    .collect();
-                (name, Tensor::from_vec(vals, t.shape(), &dev).unwrap())
-            })
-            .collect();
-        Bert::load(crate::backbone::var_builder(tensors, &dev), &config).unwrap()
+        let vb = crate::backbone::test_weights(|vb| {
+            Bert::load(vb, &config).unwrap();
+        });
+        Bert::load(vb, &config).unwrap()
     }
 
     #[test]

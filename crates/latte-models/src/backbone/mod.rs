@@ -212,11 +212,13 @@ impl Backbone {
     ) -> Result<Tensor> {
         match self {
             Backbone::Bert(m) => m.forward_attended(input_ids, attention_mask, mode),
+            Backbone::ModernBert(m) => m.forward_attended(input_ids, attention_mask, mode),
             _ => self.forward(input_ids, attention_mask, mode),
         }
     }
 
-    /// Whether [`Self::forward_attended`] skips the padding (on the CPU, in float32).
+    /// Whether [`Self::forward_attended`] skips the padding in training too (on the CPU, in float32):
+    /// the BERT layout (in inference ModernBERT's too).
     pub fn skips_padding(&self) -> bool {
         matches!(self, Backbone::Bert(_))
     }
@@ -279,4 +281,60 @@ pub fn resize_rows(t: &Tensor, rows: usize) -> Result<Tensor> {
 /// A `VarBuilder` over float32 tensors already in memory.
 pub fn var_builder(tensors: HashMap<String, Tensor>, device: &Device) -> VarBuilder<'static> {
     VarBuilder::from_tensors(tensors, DType::F32, device)
+}
+
+/// `[b, l, h]` with row `kept[i]` of the flattened `[b·l, h]` equal to row `i` of `x` and every other row
+/// all ones: a row that is not zero keeps a later L2 normalisation finite in value and gradient (a zero
+/// row's norm has an infinite derivative), although the caller discards it.
+pub(crate) fn scatter_rows(x: &Tensor, kept: &Tensor, b: usize, l: usize) -> Result<Tensor> {
+    let h = x.dim(1)?;
+    let mut base = vec![1f32; b * l];
+    for &r in kept.to_vec1::<u32>()?.iter() {
+        base[r as usize] = 0.0;
+    }
+    let base = Tensor::from_vec(base, (b * l, 1), x.device())?
+        .to_dtype(x.dtype())?
+        .broadcast_as((b * l, h))?
+        .contiguous()?;
+    Ok(base.index_add(kept, x, 0)?.reshape((b, l, h))?)
+}
+
+/// Deterministic pseudo-random weights for a backbone in tests: `load` is called once on a variable map to
+/// learn the names and shapes; the returned builder holds plain tensors (not variables, so reduced-precision
+/// packings apply), layer-norm scales near 1.
+#[cfg(test)]
+pub(crate) fn test_weights(load: impl FnOnce(VarBuilder)) -> VarBuilder<'static> {
+    let dev = Device::Cpu;
+    let varmap = candle_nn::VarMap::new();
+    load(VarBuilder::from_varmap(&varmap, DType::F32, &dev));
+    let mut names: Vec<(String, Tensor)> = varmap
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
+        .collect();
+    names.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let tensors: HashMap<String, Tensor> = names
+        .into_iter()
+        .map(|(name, t)| {
+            let norm = name.to_lowercase().contains("norm") && name.ends_with("weight");
+            let vals: Vec<f32> = (0..t.elem_count())
+                .map(|_| {
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let u = (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                    if norm {
+                        1.0 + 0.4 * u
+                    } else {
+                        u
+                    }
+                })
+                .collect();
+            (name, Tensor::from_vec(vals, t.shape(), &dev).unwrap())
+        })
+        .collect();
+    var_builder(tensors, &dev)
 }

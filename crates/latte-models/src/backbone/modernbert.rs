@@ -4,7 +4,7 @@
 //! Padding tokens are masked out as keys (the eager / SDPA path of transformers), so their own outputs
 //! are computed but never influence real tokens. Covers GTE-ModernColBERT, LateOn, ettin encoders.
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
@@ -342,5 +342,171 @@ impl ModernBert {
             x = layer.mlp_wo.run_add(&inner, &x, mode)?;
         }
         self.final_norm.forward(&x, mode)
+    }
+
+    /// Inference over the attended tokens only (see [`super::Bert::forward_attended`]): the last hidden
+    /// states at every position whose mask is 1, ones elsewhere (the caller discards those rows). On the
+    /// CPU, for right-padded masks (each row ones then zeros, as the tokenizer pads), the layers run over
+    /// the batch's real tokens, rotary positions gathered per token, attention per sequence with the local
+    /// layers' sliding window; otherwise, and in training, [`Self::forward`].
+    pub fn forward_attended(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let (b, l) = input_ids.dims2()?;
+        let rows: Vec<Vec<u32>> = attention_mask.to_dtype(DType::U32)?.to_vec2()?;
+        let lens: Option<Vec<usize>> = rows
+            .iter()
+            .map(|r| {
+                let n = r.iter().take_while(|&&m| m != 0).count();
+                r[n..].iter().all(|&m| m == 0).then_some(n)
+            })
+            .collect();
+        let cpu_f32 = input_ids.device().is_cpu() && self.tok.dtype() == DType::F32;
+        let lens = match lens {
+            Some(lens) if mode == Mode::Infer && cpu_f32 && lens.iter().sum::<usize>() < b * l => {
+                lens
+            }
+            _ => return self.forward(input_ids, attention_mask, mode),
+        };
+        let h = self.config.hidden_size;
+        let heads = self.config.num_attention_heads;
+        let d = h / heads;
+        let dev = input_ids.device();
+        let mut starts = vec![0usize];
+        let mut kept = Vec::new();
+        let mut positions = Vec::new();
+        for (bi, &n) in lens.iter().enumerate() {
+            starts.push(starts[bi] + n);
+            kept.extend((0..n).map(|p| (bi * l + p) as u32));
+            positions.extend(0..n as u32);
+        }
+        let t = kept.len();
+        let kept = Tensor::from_vec(kept, t, dev)?;
+        let positions = Tensor::from_vec(positions, t, dev)?;
+        let ids = input_ids.flatten_all()?.index_select(&kept, 0)?;
+        let mut x = self.emb_norm.forward(&self.tok.embedding(&ids)?, mode)?;
+        // Rotary tables per token: `[t, 1, d]`, broadcast over the heads.
+        let tables = |theta: f64| -> Result<(Tensor, Tensor)> {
+            let (cos, sin) = rope_tables(theta, 1.0, d, l, dev)?;
+            let pick = |m: Tensor| -> Result<Tensor> {
+                Ok(m.index_select(&positions, 0)?.reshape((t, 1, d))?)
+            };
+            Ok((pick(cos)?, pick(sin)?))
+        };
+        let (cos_g, sin_g) = tables(self.theta_global)?;
+        let (cos_l, sin_l) = tables(self.theta_local)?;
+        let half = self.config.local_attention / 2;
+        let scale = 1.0 / (d as f64).sqrt();
+        for layer in &self.layers {
+            let y = match &layer.attn_norm {
+                Some(n) => n.forward(&x, mode)?,
+                None => x.clone(),
+            };
+            let qkv = layer.wqkv.run(&y, mode)?;
+            let (cos, sin) = if layer.global {
+                (&cos_g, &sin_g)
+            } else {
+                (&cos_l, &sin_l)
+            };
+            let rotated = |i: usize| -> Result<Tensor> {
+                let part = qkv.narrow(1, i * h, h)?.reshape((t, heads, d))?;
+                Ok(apply_rotary(&part, cos, sin)?.reshape((t, h))?)
+            };
+            let (q, k) = (rotated(0)?, rotated(1)?);
+            let v = qkv.narrow(1, 2 * h, h)?;
+            let window = (!layer.global).then_some(half);
+            let ctx =
+                crate::ops::infer::attention_varlen(&q, &k, &v, &starts, heads, scale, window)?
+                    .ok_or_else(|| {
+                        Error::Invalid("unpadded attention needs float32 CPU tensors".into())
+                    })?;
+            x = layer.wo.run_add(&ctx, &x, mode)?;
+            let y = layer.mlp_norm.forward(&x, mode)?;
+            let gi = layer.wi.run(&y, mode)?;
+            let inter = self.config.intermediate_size;
+            let input = gi.narrow(D::Minus1, 0, inter)?;
+            let gate = gi.narrow(D::Minus1, inter, inter)?;
+            let act = self.config.hidden_activation.apply(&input, mode)?;
+            x = layer.mlp_wo.run_add(&(act * gate)?, &x, mode)?;
+        }
+        let x = self.final_norm.forward(&x, mode)?;
+        super::scatter_rows(&x, &kept, b, l)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn unpadded_inference_matches_the_padded_pass_on_attended_rows() {
+        // Three layers, the third global; a window of 2 either side in the local ones.
+        let config: ModernBertConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 3, "num_attention_heads": 2,
+            "intermediate_size": 24, "local_attention": 4, "global_attn_every_n_layers": 3,
+            "norm_eps": 1e-5
+        }))
+        .unwrap();
+        let vb = crate::backbone::test_weights(|vb| {
+            ModernBert::load(vb, &config).unwrap();
+        });
+        let model = ModernBert::load(vb, &config).unwrap();
+        let dev = Device::Cpu;
+        let (b, l) = (3, 12);
+        let ids: Vec<u32> = (0..b * l).map(|i| ((i * 7 + 3) % 50) as u32).collect();
+        let ids = Tensor::from_vec(ids, (b, l), &dev).unwrap();
+        let lens = [12usize, 3, 7];
+        let mask: Vec<u32> = (0..b * l).map(|i| u32::from(i % l < lens[i / l])).collect();
+        let mask_t = Tensor::from_vec(mask.clone(), (b, l), &dev).unwrap();
+        let full: Vec<f32> = model
+            .forward(&ids, &mask_t, Mode::Infer)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let unpadded: Vec<f32> = model
+            .forward_attended(&ids, &mask_t, Mode::Infer)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for (r, &m) in mask.iter().enumerate() {
+            let (x, y) = (&unpadded[r * 16..][..16], &full[r * 16..][..16]);
+            if m == 1 {
+                for (a, e) in x.iter().zip(y) {
+                    assert!(
+                        (a - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                        "row {r}: {a} vs {e}"
+                    );
+                }
+            } else {
+                // The unpadded pass ran: the discarded rows hold its ones.
+                assert!(x.iter().all(|&v| v == 1.0), "row {r}");
+            }
+        }
+        // A mask with a hole is not right padding: the padded pass runs.
+        let holed: Vec<u32> = (0..b * l).map(|i| u32::from(i % l != 1)).collect();
+        let holed = Tensor::from_vec(holed, (b, l), &dev).unwrap();
+        let a: Vec<f32> = model
+            .forward(&ids, &holed, Mode::Infer)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let c: Vec<f32> = model
+            .forward_attended(&ids, &holed, Mode::Infer)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(a, c);
     }
 }

@@ -493,6 +493,7 @@ struct VarlenAttentionOp {
     starts: Vec<usize>,
     heads: usize,
     scale: f32,
+    window: Option<usize>,
 }
 
 impl CustomOp3 for VarlenAttentionOp {
@@ -549,6 +550,7 @@ impl CustomOp3 for VarlenAttentionOp {
             self.heads,
             w / self.heads,
             self.scale,
+            self.window,
             &mut out,
         );
         Ok((CpuStorage::F32(out), Shape::from((tokens, w))))
@@ -556,8 +558,9 @@ impl CustomOp3 for VarlenAttentionOp {
 }
 
 /// `softmax(q kᵀ · scale) v` per head and per sequence for unpadded `[tokens, heads·d]` float32 CPU rows
-/// (sequence `s` is tokens `starts[s]..starts[s + 1]` and attends to all of its own tokens): `[tokens,
-/// heads·d]`, heads side by side as in `[b, l, h]` hidden states. `None` off the CPU or for other dtypes.
+/// (sequence `s` is tokens `starts[s]..starts[s + 1]` and attends to all of its own tokens, or with a
+/// `window` to those at most `window` positions away): `[tokens, heads·d]`, heads side by side as in
+/// `[b, l, h]` hidden states. `None` off the CPU or for other dtypes.
 pub(crate) fn attention_varlen(
     q: &Tensor,
     k: &Tensor,
@@ -565,6 +568,7 @@ pub(crate) fn attention_varlen(
     starts: &[usize],
     heads: usize,
     scale: f64,
+    window: Option<usize>,
 ) -> Result<Option<Tensor>> {
     let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
     if !(cpu_f32(q) && cpu_f32(k) && cpu_f32(v)) {
@@ -574,6 +578,7 @@ pub(crate) fn attention_varlen(
         starts: starts.to_vec(),
         heads,
         scale: scale as f32,
+        window,
     };
     Ok(Some(q.apply_op3_no_bwd(k, v, &op)?))
 }
