@@ -206,14 +206,6 @@ fn evaluate_one(
             cached && same_model
         }
     };
-    if reuse && args.index == IndexKind::Plaid && recorded.is_some() && !same_model {
-        bail!(
-            "the index in {} was built from other files of model {:?} (its weights or settings changed since): \
-             delete it or pass another --index-dir",
-            dir.display(),
-            args.model.model
-        );
-    }
     let mut doc_embs: Option<Vec<Matrix>> = None;
     if reuse && args.index == IndexKind::Plaid {
         // The reused index must hold what this model, with these options, gives.
@@ -246,6 +238,18 @@ fn evaluate_one(
                 model.output_dim()
             );
         }
+    }
+    // A PLAID index's model name and options were checked above; its files are checked here.
+    let same_files =
+        |r: &serde_json::Value| r["model"] == print["model"] && r["files"] == print["files"];
+    if reuse && args.index == IndexKind::Plaid && recorded.as_ref().is_some_and(|r| !same_files(r))
+    {
+        bail!(
+            "the index in {} was built from other files of model {:?} (its weights changed since): \
+             delete it or pass another --index-dir",
+            dir.display(),
+            args.model.model
+        );
     }
     if reuse {
         eprintln!(
