@@ -332,14 +332,7 @@ impl ModernBert {
             } else {
                 layer.wo.run_add(&ctx, &x, mode)?
             };
-            let y = layer.mlp_norm.forward(&x, mode)?;
-            let gi = layer.wi.run(&y, mode)?;
-            let inter = self.config.intermediate_size;
-            let input = gi.narrow(D::Minus1, 0, inter)?;
-            let gate = gi.narrow(D::Minus1, inter, inter)?;
-            let act = self.config.hidden_activation.apply(&input, mode)?;
-            let inner = dropout(&(act * gate)?, self.config.mlp_dropout, mode)?;
-            x = layer.mlp_wo.run_add(&inner, &x, mode)?;
+            x = self.mlp_block(layer, &x, mode)?;
         }
         self.final_norm.forward(&x, mode)
     }
@@ -424,16 +417,22 @@ impl ModernBert {
                         Error::Invalid("unpadded attention needs float32 CPU tensors".into())
                     })?;
             x = layer.wo.run_add(&ctx, &x, mode)?;
-            let y = layer.mlp_norm.forward(&x, mode)?;
-            let gi = layer.wi.run(&y, mode)?;
-            let inter = self.config.intermediate_size;
-            let input = gi.narrow(D::Minus1, 0, inter)?;
-            let gate = gi.narrow(D::Minus1, inter, inter)?;
-            let act = self.config.hidden_activation.apply(&input, mode)?;
-            x = layer.mlp_wo.run_add(&(act * gate)?, &x, mode)?;
+            x = self.mlp_block(layer, &x, mode)?;
         }
         let x = self.final_norm.forward(&x, mode)?;
         super::scatter_rows(&x, &kept, b, l)
+    }
+
+    /// A layer's gated MLP with its residual, on `x` of any leading shape: `x + Wo·drop(act(in) ⊙ gate)`.
+    fn mlp_block(&self, layer: &Layer, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let y = layer.mlp_norm.forward(x, mode)?;
+        let gi = layer.wi.run(&y, mode)?;
+        let inter = self.config.intermediate_size;
+        let input = gi.narrow(D::Minus1, 0, inter)?;
+        let gate = gi.narrow(D::Minus1, inter, inter)?;
+        let act = self.config.hidden_activation.apply(&input, mode)?;
+        let inner = dropout(&(act * gate)?, self.config.mlp_dropout, mode)?;
+        layer.mlp_wo.run_add(&inner, x, mode)
     }
 }
 
