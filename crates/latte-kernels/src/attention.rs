@@ -613,31 +613,46 @@ pub fn forward_varlen_train_at(
     );
     let longest = starts.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
     let zeros = vec![0f32; longest];
+    each_sequence(starts, h, heads, drop, |a, n, po, dims, d| {
+        forward_packed_at(
+            level,
+            dims,
+            scale,
+            None,
+            d,
+            &qkv[a * 3 * h..(a + n) * 3 * h],
+            &zeros[..n],
+            &mut probs[po..po + heads * n * n],
+            &mut ctx[a * h..(a + n) * h],
+        );
+    });
+}
+
+/// Runs `f(a, n, po, dims, drop)` for each non-empty sequence of a varlen call: its first token `a`, its
+/// length `n`, the offset `po` of its probabilities, its one-sequence sizes, and its dropout masks renumbered
+/// after the rows of the sequences before it.
+fn each_sequence(
+    starts: &[usize],
+    h: usize,
+    heads: usize,
+    drop: Option<DropRows>,
+    mut f: impl FnMut(usize, usize, usize, PackedDims, Option<DropRows<'_>>),
+) {
     let mut po = 0;
     for w in starts.windows(2) {
         let (a, n) = (w[0], w[1] - w[0]);
         if n == 0 {
             continue;
         }
+        let d = shifted(drop, heads * a);
+        let d_ref = d.as_ref().map(|f| f as &(dyn Fn(usize, &mut [f32]) + Sync));
         let dims = PackedDims {
             b: 1,
             l: n,
             h,
             heads,
         };
-        let d = shifted(drop, heads * a);
-        let d_ref = d.as_ref().map(|f| f as &(dyn Fn(usize, &mut [f32]) + Sync));
-        forward_packed_at(
-            level,
-            dims,
-            scale,
-            None,
-            d_ref,
-            &qkv[a * 3 * h..(a + n) * 3 * h],
-            &zeros[..n],
-            &mut probs[po..po + heads * n * n],
-            &mut ctx[a * h..(a + n) * h],
-        );
+        f(a, n, po, dims, d_ref);
         po += heads * n * n;
     }
 }
@@ -665,32 +680,18 @@ pub fn backward_varlen_at(
             && probs.len() >= varlen_probs_len(starts, heads),
         "attention backward: varlen operands too short"
     );
-    let mut po = 0;
-    for w in starts.windows(2) {
-        let (a, n) = (w[0], w[1] - w[0]);
-        if n == 0 {
-            continue;
-        }
-        let dims = PackedDims {
-            b: 1,
-            l: n,
-            h,
-            heads,
-        };
-        let d = shifted(drop, heads * a);
-        let d_ref = d.as_ref().map(|f| f as &(dyn Fn(usize, &mut [f32]) + Sync));
+    each_sequence(starts, h, heads, drop, |a, n, po, dims, d| {
         backward_packed_at(
             level,
             dims,
             scale,
-            d_ref,
+            d,
             &qkv[a * 3 * h..(a + n) * 3 * h],
             &probs[po..po + heads * n * n],
             &dctx[a * h..(a + n) * h],
             &mut dqkv[a * 3 * h..(a + n) * 3 * h],
         );
-        po += heads * n * n;
-    }
+    });
 }
 
 /// `dS = scale · P ⊙ (dP − Σ dP ⊙ P)` in place over `ds` (holding `dPd`), with `dP = dPd ⊙ mask`.
