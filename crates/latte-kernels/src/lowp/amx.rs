@@ -7,9 +7,12 @@
 //! every block leaves them released. Only called at [`Level::Amx`], which [`crate::cpu()`] reports only
 //! when the CPU has AMX and Linux granted this process the tile state (see [`crate::cpu::amx_permission`]).
 //!
-//! Untested on hardware so far (written on a Zen 4); the tests run it wherever the CPU has AMX.
+//! Untested on hardware so far (written on a Zen 4); the tests run it wherever the CPU has AMX. Before the
+//! first use each kernel checks itself once per process against the portable kernel ([`bf16_ok`],
+//! [`i8_ok`]) and, should they disagree, the level falls back to AVX-512 with one line on stderr.
 
-#[cfg(target_arch = "x86_64")]
+use std::sync::OnceLock;
+
 use super::{BLOCK, PANEL};
 #[cfg(target_arch = "x86_64")]
 use crate::cpu::{cpu, Level};
@@ -155,4 +158,53 @@ pub(crate) fn block_i8(a: &[u8], kp: usize, p0: &[i8], p1: &[i8], acc: &mut [i32
         let _ = (a, kp, p0, p1, acc);
         unreachable!("the AMX level exists on x86-64 only");
     }
+}
+
+/// Whether [`block_bf16`] gives the portable kernel's sums on this CPU (asked only at [`Level::Amx`]):
+/// checked once per process on one block of small integers, whose products and sums are exact in f32 in
+/// any order, so the two must agree bit for bit.
+pub(crate) fn bf16_ok() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        let kp = 64;
+        // bf16 of a small integer is the upper half of its f32.
+        let small = |i: usize, salt: usize| {
+            let v = ((i * 7 + salt) % 5) as f32 - 2.0;
+            (v.to_bits() >> 16) as u16
+        };
+        let a: Vec<u16> = (0..BLOCK * kp).map(|i| small(i, 3)).collect();
+        let p0: Vec<u16> = (0..kp * PANEL).map(|i| small(i, 1)).collect();
+        let p1: Vec<u16> = (0..kp * PANEL).map(|i| small(i, 4)).collect();
+        let (mut want, mut got) = (vec![0f32; BLOCK * BLOCK], vec![f32::NAN; BLOCK * BLOCK]);
+        super::bf16::portable_block(&a, kp, BLOCK, &p0, &p1, &mut want);
+        block_bf16(&a, kp, &p0, &p1, &mut got);
+        verdict("bf16", got == want)
+    })
+}
+
+/// Whether [`block_i8`] gives the portable kernel's sums on this CPU (asked only where AMX-INT8 is
+/// usable): checked once per process on one block; integer sums are exact, so they must be equal.
+pub(crate) fn i8_ok() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        let kp = 128;
+        let small = |i: usize, salt: usize| ((i * 7 + salt) % 7) as i8 - 3;
+        let a: Vec<u8> = (0..BLOCK * kp).map(|i| small(i, 2) as u8).collect();
+        let p0: Vec<i8> = (0..kp * PANEL).map(|i| small(i, 5)).collect();
+        let p1: Vec<i8> = (0..kp * PANEL).map(|i| small(i, 1)).collect();
+        let (mut want, mut got) = (vec![0i32; BLOCK * BLOCK], vec![i32::MIN; BLOCK * BLOCK]);
+        super::int8::portable_block(&a, kp, BLOCK, &p0, &p1, &mut want);
+        block_i8(&a, kp, &p0, &p1, &mut got);
+        verdict("int8", got == want)
+    })
+}
+
+fn verdict(what: &str, agree: bool) -> bool {
+    if !agree {
+        eprintln!(
+            "latte: the AMX {what} kernel disagreed with the portable kernel on this CPU; \
+             using the AVX-512 level for {what}"
+        );
+    }
+    agree
 }

@@ -111,7 +111,7 @@ pub fn bf16_level() -> Level {
 /// The kernel a requested level gets on this CPU.
 pub(crate) fn effective(level: Level) -> Level {
     let c = cpu();
-    if level >= Level::Amx && c.level >= Level::Amx {
+    if level >= Level::Amx && c.level >= Level::Amx && super::amx::bf16_ok() {
         Level::Amx
     } else if level >= Level::Avx512 && c.avx512_bf16 {
         Level::Avx512
@@ -342,7 +342,14 @@ fn pack_panels_transposed(wt: &[f32], n: usize, k: usize, kp: usize, j0: usize, 
 
 /// The portable kernel: `acc[r][c] = Σ_p a[r][2p+1] w[2p+1][c] + a[r][2p] w[2p][c]`, in the order
 /// `vdpbf16ps` adds (odd element first), products exact in f32.
-fn portable_block(a: &[u16], kp: usize, rows: usize, p0: &[u16], p1: &[u16], acc: &mut [f32]) {
+pub(super) fn portable_block(
+    a: &[u16],
+    kp: usize,
+    rows: usize,
+    p0: &[u16],
+    p1: &[u16],
+    acc: &mut [f32],
+) {
     for r in 0..rows {
         let ar = &a[r * kp..(r + 1) * kp];
         let mut s = [0f32; BLOCK];

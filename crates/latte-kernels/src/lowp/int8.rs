@@ -144,7 +144,7 @@ pub fn i8_level() -> Level {
 
 pub(crate) fn effective(level: Level) -> Level {
     let c = cpu();
-    if level >= Level::Amx && c.amx_int8 {
+    if level >= Level::Amx && c.amx_int8 && super::amx::i8_ok() {
         Level::Amx
     } else if level >= Level::Avx512 && c.avx512_vnni {
         Level::Avx512
@@ -300,7 +300,14 @@ pub(crate) fn linear_i8_at(
 }
 
 /// The portable kernel: exact i32 sums of signed bytes.
-fn portable_block(a: &[u8], kp: usize, rows: usize, p0: &[i8], p1: &[i8], acc: &mut [i32]) {
+pub(super) fn portable_block(
+    a: &[u8],
+    kp: usize,
+    rows: usize,
+    p0: &[i8],
+    p1: &[i8],
+    acc: &mut [i32],
+) {
     for r in 0..rows {
         let ar = &a[r * kp..(r + 1) * kp];
         let mut s = [0i32; BLOCK];
