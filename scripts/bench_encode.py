@@ -12,6 +12,14 @@ difference between the two outputs. Run by hand (never in CI), from the repo roo
 `name=path:N` encodes the first N passages of ../shared/data/rustbooks/corpus.jsonl with that model.
 `--make-bertbase DIR` first builds a BERT-base-shaped (768 hidden, 12 layers) random-weight ColBERT with
 the MiniLM tokenizer (colbertv2.0's shape) at DIR.
+
+`--make-layout KIND SRC DIR` writes, from the ColBERT folder SRC (its tokenizer, Dense and
+sentence-transformers files), a ColBERT with random weights in another backbone's layout for latte-only
+timings (PyLate cannot run them without their remote code or newer transformers): `jina` is jina's
+XLMRobertaFlash layout with rotary positions in the BERT-base shape (768 hidden, 12 layers, 12 heads, 3,072
+wide), `gemma` a bidirectional Gemma 3 in EmbeddingGemma's shape (768 hidden, 24 layers, 3 query heads and
+1 key/value head of 256, 1,152 wide, a sliding window of 512 on five layers in six), both with SRC's vocabulary.
+Needs numpy and safetensors only.
 """
 
 import argparse
@@ -67,13 +75,78 @@ def make_bertbase(path):
         models.ColBERT(tmp, device="cpu").save(path)
 
 
+def make_layout(kind, src, path):
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    vocab = json.load(open(os.path.join(src, "config.json")))["vocab_size"]
+    shutil.copytree(src, path, ignore=lambda d, names: ["model.safetensors"] if d == src else [])
+
+    def w(*shape, scale=0.02):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    t = {}
+    if kind == "jina":
+        h, inter, layers, heads = 768, 3072, 12, 12
+        config = {
+            "model_type": "xlm-roberta", "architectures": ["XLMRobertaModel"], "vocab_size": vocab,
+            "hidden_size": h, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "intermediate_size": inter, "position_embedding_type": "rotary", "rotary_emb_base": 10000.0,
+            "type_vocab_size": 1, "pad_token_id": 0, "layer_norm_eps": 1e-5, "max_position_embeddings": 8194,
+        }
+        t["embeddings.word_embeddings.weight"] = w(vocab, h)
+        t["embeddings.token_type_embeddings.weight"] = w(1, h)
+        t["emb_ln.weight"], t["emb_ln.bias"] = np.ones(h, np.float32), w(h)
+        for i in range(layers):
+            p = f"encoder.layers.{i}."
+            for name, (o, n) in {"mixer.Wqkv": (3 * h, h), "mixer.out_proj": (h, h),
+                                 "mlp.fc1": (inter, h), "mlp.fc2": (h, inter)}.items():
+                t[p + name + ".weight"], t[p + name + ".bias"] = w(o, n), w(o)
+            for name in ("norm1", "norm2"):
+                t[p + name + ".weight"], t[p + name + ".bias"] = 1 + w(h), w(h)
+    elif kind == "gemma":
+        h, inter, layers, heads, kv, d = 768, 1152, 24, 3, 1, 256
+        config = {
+            "model_type": "gemma3_text", "architectures": ["Gemma3TextModel"], "vocab_size": vocab,
+            "hidden_size": h, "intermediate_size": inter, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": d,
+            "query_pre_attn_scalar": d, "sliding_window": 512, "sliding_window_pattern": 6,
+            "use_bidirectional_attention": True, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+            "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6, "max_position_embeddings": 2048,
+            "pad_token_id": 0,
+        }
+        t["embed_tokens.weight"] = w(vocab, h)
+        t["norm.weight"] = w(h)
+        for i in range(layers):
+            p = f"layers.{i}."
+            for name, (o, n) in {"self_attn.q_proj": (heads * d, h), "self_attn.k_proj": (kv * d, h),
+                                 "self_attn.v_proj": (kv * d, h), "self_attn.o_proj": (h, heads * d),
+                                 "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h),
+                                 "mlp.down_proj": (h, inter)}.items():
+                t[p + name + ".weight"] = w(o, n)
+            for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                         "post_feedforward_layernorm"):
+                t[p + name + ".weight"] = w(h)
+            for name in ("self_attn.q_norm", "self_attn.k_norm"):
+                t[p + name + ".weight"] = w(d)
+    else:
+        sys.exit(f"unknown layout {kind!r}: expected jina or gemma")
+    json.dump(config, open(os.path.join(path, "config.json"), "w"), indent=1)
+    save_file(t, os.path.join(path, "model.safetensors"))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", action="append", default=[], help="name=path:N")
     ap.add_argument("--make-bertbase")
+    ap.add_argument("--make-layout", nargs=3, metavar=("KIND", "SRC", "DIR"))
     args = ap.parse_args()
     if args.make_bertbase:
         make_bertbase(args.make_bertbase)
+    if args.make_layout:
+        make_layout(*args.make_layout)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.model:

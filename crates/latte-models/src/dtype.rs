@@ -4,7 +4,8 @@
 //! With `bf16` the linear layers (q/k/v, attention output, MLP up/down) round their weights (once, packed
 //! on first use) and activations to bf16 and accumulate in f32 ([`latte_kernels::lowp::linear_bf16`]);
 //! with `int8` they quantise weights per output channel and activations per row, accumulate in i32 and
-//! dequantise in f32 ([`latte_kernels::lowp::linear_i8`]). Embeddings, layer norms, attention (q·kᵀ,
+//! dequantise in f32 ([`latte_kernels::lowp::linear_i8`]; Gemma 3's query / key / value projections stay
+//! f32 under int8). Embeddings, layer norms, attention (q·kᵀ,
 //! softmax, p·v) and the final Dense projections always run in f32. Only CPU inference on float32 weights
 //! uses reduced precision. Training takes f32 or bf16: with bf16 the fused training layers (and the
 //! elementary path's linear op) run the forward, input-gradient and weight-gradient products in bf16 with

@@ -225,23 +225,10 @@ impl Bert {
             .reshape((b, l, h))?;
         let pos = match self.roberta_padding_idx {
             None => self.position.narrow(0, 0, l)?,
-            Some(pad) => {
-                let rows: Vec<Vec<u32>> = input_ids.to_vec2()?;
-                let mut ids = Vec::with_capacity(b * l);
-                for row in rows {
-                    let mut count = 0u32;
-                    for t in row {
-                        if t == pad {
-                            ids.push(pad);
-                        } else {
-                            count += 1;
-                            ids.push(pad + count);
-                        }
-                    }
-                }
-                let ids = Tensor::from_vec(ids, b * l, input_ids.device())?;
-                self.position.embedding(&ids)?.reshape((b, l, h))?
-            }
+            Some(pad) => self
+                .position
+                .embedding(&super::roberta_positions(input_ids, pad)?)?
+                .reshape((b, l, h))?,
         };
         let tt = self.token_type.narrow(0, 0, 1)?;
         let x = words.broadcast_add(&pos)?.broadcast_add(&tt)?;
@@ -336,36 +323,22 @@ impl Bert {
         mode: Mode,
     ) -> Result<Tensor> {
         let (b, l) = input_ids.dims2()?;
-        let mask: Vec<Vec<u32>> = attention_mask.to_dtype(DType::U32)?.to_vec2()?;
-        let kept: Vec<u32> = (0..b * l)
-            .filter(|&r| mask[r / l][r % l] != 0)
-            .map(|r| r as u32)
-            .collect();
         let cpu_f32 = input_ids.device().is_cpu() && self.word.dtype() == DType::F32;
-        if kept.len() == b * l || !cpu_f32 {
-            return self.forward(input_ids, attention_mask, mode);
-        }
-        let mut starts = Vec::with_capacity(b + 1);
-        starts.push(0usize);
-        for row in &mask {
-            let n = row.iter().filter(|&&m| m != 0).count();
-            starts.push(starts[starts.len() - 1] + n);
-        }
+        let un = match super::Unpadded::attended(attention_mask)? {
+            Some(un) if cpu_f32 => un,
+            _ => return self.forward(input_ids, attention_mask, mode),
+        };
+        let starts = &un.starts;
         let h = self.config.hidden_size;
         let heads = self.config.num_attention_heads;
         let scale = 1.0 / ((h / heads) as f64).sqrt();
-        let dev = input_ids.device();
-        let kept = Tensor::from_vec(kept, starts[b], dev)?;
-        let mut x = self
-            .embed(input_ids, mode)?
-            .reshape((b * l, h))?
-            .index_select(&kept, 0)?;
+        let mut x = un.gather(&self.embed(input_ids, mode)?.reshape((b * l, h))?)?;
         if mode == Mode::Train {
             for (i, layer) in self.layers.iter().enumerate() {
                 let params = self.layer_params(layer);
                 let (act, dropout) = (self.config.hidden_act, self.layer_dropout());
                 x = match crate::ops::train::bert_layer_unpadded(
-                    &x, &starts, &params, heads, act, dropout,
+                    &x, starts, &params, heads, act, dropout,
                 )? {
                     Some(y) => y,
                     // The fused layers do not apply to this model here: the padded pass.
@@ -377,7 +350,7 @@ impl Bert {
                     }
                 };
             }
-            return super::scatter_rows(&x, &kept, b, l);
+            return un.scatter(&x, b, l);
         }
         for layer in &self.layers {
             let qkv = [&layer.query, &layer.key, &layer.value];
@@ -393,13 +366,13 @@ impl Bert {
                     layer.value.run(&x, mode)?,
                 ),
             };
-            let ctx = crate::ops::infer::attention_varlen(&q, &k, &v, &starts, heads, scale, None)?
+            let ctx = crate::ops::infer::attention_varlen(&q, &k, &v, starts, heads, scale, None)?
                 .ok_or_else(|| {
                     Error::Invalid("unpadded attention needs float32 CPU tensors".into())
                 })?;
             x = self.infer_after_attention(layer, &ctx, &x)?;
         }
-        super::scatter_rows(&x, &kept, b, l)
+        un.scatter(&x, b, l)
     }
 
     /// The rest of a layer in inference, from the attention output `ctx` and the layer's input `x` (any
@@ -593,20 +566,10 @@ mod tests {
         }
         // Without padding the unpadded pass is the padded one.
         let ones = Tensor::ones((b, l), DType::U32, &dev).unwrap();
-        let a: Vec<f32> = model
-            .forward(&ids, &ones, Mode::Infer)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let c: Vec<f32> = model
-            .forward_attended(&ids, &ones, Mode::Infer)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        assert_eq!(a, c);
+        let values = crate::backbone::values;
+        assert_eq!(
+            values(model.forward(&ids, &ones, Mode::Infer)),
+            values(model.forward_attended(&ids, &ones, Mode::Infer))
+        );
     }
 }

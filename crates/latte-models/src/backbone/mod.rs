@@ -202,8 +202,10 @@ impl Backbone {
         }
     }
 
-    /// A forward pass whose rows at mask 0 the caller discards (they may hold anything): BERT-family
-    /// encoders then run unpadded on the CPU ([`Bert::forward_attended`]), the others as [`Self::forward`].
+    /// A forward pass whose rows at mask 0 the caller discards (they may hold anything): on the CPU in
+    /// float32 every backbone then runs unpadded where its padded pass allows it ([`Bert::forward_attended`];
+    /// ModernBERT, jina's XLM-RoBERTa and bidirectional Gemma 3 for right-padded masks), else as
+    /// [`Self::forward`].
     pub fn forward_attended(
         &self,
         input_ids: &Tensor,
@@ -213,7 +215,8 @@ impl Backbone {
         match self {
             Backbone::Bert(m) => m.forward_attended(input_ids, attention_mask, mode),
             Backbone::ModernBert(m) => m.forward_attended(input_ids, attention_mask, mode),
-            _ => self.forward(input_ids, attention_mask, mode),
+            Backbone::XlmRobertaFlash(m) => m.forward_attended(input_ids, attention_mask, mode),
+            Backbone::Gemma3(m) => m.forward_attended(input_ids, attention_mask, mode),
         }
     }
 
@@ -283,6 +286,116 @@ pub fn var_builder(tensors: HashMap<String, Tensor>, device: &Device) -> VarBuil
     VarBuilder::from_tensors(tensors, DType::F32, device)
 }
 
+/// RoBERTa's absolute position ids for `[batch, len]` ids, flattened to `[batch · len]`: `pad` at padding
+/// ids, the others counted from `pad + 1` along each row.
+pub(crate) fn roberta_positions(input_ids: &Tensor, pad: u32) -> Result<Tensor> {
+    let rows: Vec<Vec<u32>> = input_ids.to_vec2()?;
+    let mut ids = Vec::with_capacity(rows.len() * rows.first().map_or(0, Vec::len));
+    for row in rows {
+        let mut count = 0u32;
+        for t in row {
+            if t == pad {
+                ids.push(pad);
+            } else {
+                count += 1;
+                ids.push(pad + count);
+            }
+        }
+    }
+    let n = ids.len();
+    Ok(Tensor::from_vec(ids, n, input_ids.device())?)
+}
+
+/// The attended tokens of a padded batch, gathered for an unpadded pass: sequence `s` is rows
+/// `starts[s]..starts[s + 1]` of the gathered `[tokens, h]` matrix.
+pub(crate) struct Unpadded {
+    /// Where each sequence starts among the gathered rows (`batch + 1` values).
+    pub starts: Vec<usize>,
+    /// For each gathered row, its row in the flattened `[batch · len]` positions (`u32`).
+    pub kept: Tensor,
+    /// For each gathered row, its column in the batch (`u32`): for right padding its position `0..n` in its
+    /// own sequence, as in the padded pass.
+    pub positions: Tensor,
+}
+
+impl Unpadded {
+    /// The tokens at mask 1 of `attention_mask` (`[batch, len]`, any pattern), or `None` when there is no
+    /// padding at all (the padded pass costs nothing extra).
+    pub(crate) fn attended(attention_mask: &Tensor) -> Result<Option<Self>> {
+        Self::gather_mask(attention_mask, false)
+    }
+
+    /// [`Self::attended`] for right-padded masks only (each row ones, then zeros, so a token's column is its
+    /// position): `None` also when a row has a zero before a one.
+    pub(crate) fn right_padded(attention_mask: &Tensor) -> Result<Option<Self>> {
+        Self::gather_mask(attention_mask, true)
+    }
+
+    fn gather_mask(attention_mask: &Tensor, right_only: bool) -> Result<Option<Self>> {
+        let (b, l) = attention_mask.dims2()?;
+        let rows: Vec<Vec<u32>> = attention_mask.to_dtype(DType::U32)?.to_vec2()?;
+        let mut starts = Vec::with_capacity(b + 1);
+        starts.push(0usize);
+        let (mut kept, mut positions) = (Vec::new(), Vec::new());
+        for (bi, row) in rows.iter().enumerate() {
+            if right_only {
+                let n = row.iter().take_while(|&&m| m != 0).count();
+                if row[n..].iter().any(|&m| m != 0) {
+                    return Ok(None);
+                }
+            }
+            for (p, _) in row.iter().enumerate().filter(|(_, &m)| m != 0) {
+                kept.push((bi * l + p) as u32);
+                positions.push(p as u32);
+            }
+            starts.push(kept.len());
+        }
+        let t = kept.len();
+        if t == b * l {
+            return Ok(None);
+        }
+        let dev = attention_mask.device();
+        Ok(Some(Self {
+            starts,
+            kept: Tensor::from_vec(kept, t, dev)?,
+            positions: Tensor::from_vec(positions, t, dev)?,
+        }))
+    }
+
+    /// Number of gathered tokens.
+    pub(crate) fn tokens(&self) -> usize {
+        self.starts.last().copied().unwrap_or(0)
+    }
+
+    /// The rows of `[batch · len, …]` `x` at the attended tokens.
+    pub(crate) fn gather(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.index_select(&self.kept, 0)?)
+    }
+
+    /// Rotary tables (`rope_tables(theta, factor, dim, len)`) at each token's position: `[tokens, 1, dim]`
+    /// `(cos, sin)`, broadcast over the heads of `[tokens, heads, head_dim]` queries and keys.
+    pub(crate) fn rotary(
+        &self,
+        theta: f64,
+        factor: f64,
+        dim: usize,
+        len: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let (cos, sin) = crate::nn::rope_tables(theta, factor, dim, len, self.kept.device())?;
+        let t = self.tokens();
+        let pick = |m: Tensor| -> Result<Tensor> {
+            Ok(m.index_select(&self.positions, 0)?.reshape((t, 1, dim))?)
+        };
+        Ok((pick(cos)?, pick(sin)?))
+    }
+
+    /// The gathered `[tokens, h]` rows put back in `[batch, len, h]` (ones at the padding; see
+    /// [`scatter_rows`]).
+    pub(crate) fn scatter(&self, x: &Tensor, b: usize, l: usize) -> Result<Tensor> {
+        scatter_rows(x, &self.kept, b, l)
+    }
+}
+
 /// `[b, l, h]` with row `kept[i]` of the flattened `[b·l, h]` equal to row `i` of `x` and every other row
 /// all ones: a row that is not zero keeps a later L2 normalisation finite in value and gradient (a zero
 /// row's norm has an infinite derivative), although the caller discards it.
@@ -337,4 +450,55 @@ pub(crate) fn test_weights(load: impl FnOnce(VarBuilder)) -> VarBuilder<'static>
         })
         .collect();
     var_builder(tensors, &dev)
+}
+
+/// A tensor's values, flattened (tests).
+#[cfg(test)]
+pub(crate) fn values(t: Result<Tensor>) -> Vec<f32> {
+    t.unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// Checks a backbone's unpadded inference pass against its padded one in tests, on the model `load` builds
+/// over [`test_weights`]: on 3 × 12 ids below `vocab`, right-padded to lengths 12, 3 and 7,
+/// [`Backbone::forward_attended`] must match [`Backbone::forward`] on every attended row (within 1e-5 of
+/// the row's largest value) and hold ones on the others (so the unpadded pass really ran); on a mask with a
+/// hole (not right padding) both must give the same bits (the padded pass runs).
+#[cfg(test)]
+pub(crate) fn check_unpadded(vocab: usize, load: impl Fn(VarBuilder) -> Backbone) {
+    let model = load(test_weights(|vb| {
+        load(vb);
+    }));
+    let dev = Device::Cpu;
+    let (b, l) = (3, 12);
+    let ids: Vec<u32> = (0..b * l).map(|i| ((i * 7 + 3) % vocab) as u32).collect();
+    let ids = Tensor::from_vec(ids, (b, l), &dev).unwrap();
+    let run = |attended: bool, mask: &[u32]| -> Vec<f32> {
+        let mask = Tensor::from_vec(mask.to_vec(), (b, l), &dev).unwrap();
+        values(if attended {
+            model.forward_attended(&ids, &mask, Mode::Infer)
+        } else {
+            model.forward(&ids, &mask, Mode::Infer)
+        })
+    };
+    let lens = [12usize, 3, 7];
+    let mask: Vec<u32> = (0..b * l).map(|i| u32::from(i % l < lens[i / l])).collect();
+    let (full, unpadded) = (run(false, &mask), run(true, &mask));
+    let h = model.hidden_size();
+    for (r, &m) in mask.iter().enumerate() {
+        let (x, y) = (&unpadded[r * h..][..h], &full[r * h..][..h]);
+        if m == 1 {
+            // Float rounding scales with the row's largest value.
+            let top = y.iter().fold(0f32, |m, e| m.max(e.abs()));
+            for (a, e) in x.iter().zip(y) {
+                assert!((a - e).abs() <= 1e-5 * (1.0 + top), "row {r}: {a} vs {e}");
+            }
+        } else {
+            assert!(
+                x.iter().all(|&v| v == 1.0),
+                "row {r}: the unpadded pass did not run"
+            );
+        }
+    }
+    let holed: Vec<u32> = (0..b * l).map(|i| u32::from(i % l != 1)).collect();
+    assert_eq!(run(false, &holed), run(true, &holed));
 }

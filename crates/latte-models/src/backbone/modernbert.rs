@@ -349,48 +349,19 @@ impl ModernBert {
         mode: Mode,
     ) -> Result<Tensor> {
         let (b, l) = input_ids.dims2()?;
-        let rows: Vec<Vec<u32>> = attention_mask.to_dtype(DType::U32)?.to_vec2()?;
-        let lens: Option<Vec<usize>> = rows
-            .iter()
-            .map(|r| {
-                let n = r.iter().take_while(|&&m| m != 0).count();
-                r[n..].iter().all(|&m| m == 0).then_some(n)
-            })
-            .collect();
         let cpu_f32 = input_ids.device().is_cpu() && self.tok.dtype() == DType::F32;
-        let lens = match lens {
-            Some(lens) if mode == Mode::Infer && cpu_f32 && lens.iter().sum::<usize>() < b * l => {
-                lens
-            }
+        let un = match super::Unpadded::right_padded(attention_mask)? {
+            Some(un) if mode == Mode::Infer && cpu_f32 => un,
             _ => return self.forward(input_ids, attention_mask, mode),
         };
         let h = self.config.hidden_size;
         let heads = self.config.num_attention_heads;
         let d = h / heads;
-        let dev = input_ids.device();
-        let mut starts = vec![0usize];
-        let mut kept = Vec::new();
-        let mut positions = Vec::new();
-        for (bi, &n) in lens.iter().enumerate() {
-            starts.push(starts[bi] + n);
-            kept.extend((0..n).map(|p| (bi * l + p) as u32));
-            positions.extend(0..n as u32);
-        }
-        let t = kept.len();
-        let kept = Tensor::from_vec(kept, t, dev)?;
-        let positions = Tensor::from_vec(positions, t, dev)?;
-        let ids = input_ids.flatten_all()?.index_select(&kept, 0)?;
+        let t = un.tokens();
+        let ids = un.gather(&input_ids.flatten_all()?)?;
         let mut x = self.emb_norm.forward(&self.tok.embedding(&ids)?, mode)?;
-        // Rotary tables per token: `[t, 1, d]`, broadcast over the heads.
-        let tables = |theta: f64| -> Result<(Tensor, Tensor)> {
-            let (cos, sin) = rope_tables(theta, 1.0, d, l, dev)?;
-            let pick = |m: Tensor| -> Result<Tensor> {
-                Ok(m.index_select(&positions, 0)?.reshape((t, 1, d))?)
-            };
-            Ok((pick(cos)?, pick(sin)?))
-        };
-        let (cos_g, sin_g) = tables(self.theta_global)?;
-        let (cos_l, sin_l) = tables(self.theta_local)?;
+        let (cos_g, sin_g) = un.rotary(self.theta_global, 1.0, d, l)?;
+        let (cos_l, sin_l) = un.rotary(self.theta_local, 1.0, d, l)?;
         let half = self.config.local_attention / 2;
         let scale = 1.0 / (d as f64).sqrt();
         for layer in &self.layers {
@@ -412,7 +383,7 @@ impl ModernBert {
             let v = qkv.narrow(1, 2 * h, h)?;
             let window = (!layer.global).then_some(half);
             let ctx =
-                crate::ops::infer::attention_varlen(&q, &k, &v, &starts, heads, scale, window)?
+                crate::ops::infer::attention_varlen(&q, &k, &v, &un.starts, heads, scale, window)?
                     .ok_or_else(|| {
                         Error::Invalid("unpadded attention needs float32 CPU tensors".into())
                     })?;
@@ -420,7 +391,7 @@ impl ModernBert {
             x = self.mlp_block(layer, &x, mode)?;
         }
         let x = self.final_norm.forward(&x, mode)?;
-        super::scatter_rows(&x, &kept, b, l)
+        un.scatter(&x, b, l)
     }
 
     /// A layer's gated MLP with its residual, on `x` of any leading shape: `x + Wo·drop(act(in) ⊙ gate)`.
@@ -439,7 +410,6 @@ impl ModernBert {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     #[test]
     fn unpadded_inference_matches_the_padded_pass_on_attended_rows() {
@@ -450,62 +420,8 @@ mod tests {
             "norm_eps": 1e-5
         }))
         .unwrap();
-        let vb = crate::backbone::test_weights(|vb| {
-            ModernBert::load(vb, &config).unwrap();
+        crate::backbone::check_unpadded(50, |vb| {
+            crate::backbone::Backbone::ModernBert(ModernBert::load(vb, &config).unwrap())
         });
-        let model = ModernBert::load(vb, &config).unwrap();
-        let dev = Device::Cpu;
-        let (b, l) = (3, 12);
-        let ids: Vec<u32> = (0..b * l).map(|i| ((i * 7 + 3) % 50) as u32).collect();
-        let ids = Tensor::from_vec(ids, (b, l), &dev).unwrap();
-        let lens = [12usize, 3, 7];
-        let mask: Vec<u32> = (0..b * l).map(|i| u32::from(i % l < lens[i / l])).collect();
-        let mask_t = Tensor::from_vec(mask.clone(), (b, l), &dev).unwrap();
-        let full: Vec<f32> = model
-            .forward(&ids, &mask_t, Mode::Infer)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let unpadded: Vec<f32> = model
-            .forward_attended(&ids, &mask_t, Mode::Infer)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        for (r, &m) in mask.iter().enumerate() {
-            let (x, y) = (&unpadded[r * 16..][..16], &full[r * 16..][..16]);
-            if m == 1 {
-                for (a, e) in x.iter().zip(y) {
-                    assert!(
-                        (a - e).abs() <= 1e-5 * (1.0 + e.abs()),
-                        "row {r}: {a} vs {e}"
-                    );
-                }
-            } else {
-                // The unpadded pass ran: the discarded rows hold its ones.
-                assert!(x.iter().all(|&v| v == 1.0), "row {r}");
-            }
-        }
-        // A mask with a hole is not right padding: the padded pass runs.
-        let holed: Vec<u32> = (0..b * l).map(|i| u32::from(i % l != 1)).collect();
-        let holed = Tensor::from_vec(holed, (b, l), &dev).unwrap();
-        let a: Vec<f32> = model
-            .forward(&ids, &holed, Mode::Infer)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let c: Vec<f32> = model
-            .forward_attended(&ids, &holed, Mode::Infer)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        assert_eq!(a, c);
     }
 }

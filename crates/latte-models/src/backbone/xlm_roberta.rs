@@ -12,7 +12,7 @@
 //!
 //! Plain `XLMRobertaModel` checkpoints (transformers layout) are handled by [`super::bert::Bert`].
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
@@ -237,21 +237,7 @@ impl XlmRobertaFlash {
             .embedding(&input_ids.flatten_all()?)?
             .reshape((b, l, h))?;
         if let Some(p) = &self.position {
-            let pad = self.config.pad_token_id;
-            let rows: Vec<Vec<u32>> = input_ids.to_vec2()?;
-            let mut ids = Vec::with_capacity(b * l);
-            for row in rows {
-                let mut count = 0u32;
-                for t in row {
-                    if t == pad {
-                        ids.push(pad);
-                    } else {
-                        count += 1;
-                        ids.push(pad + count);
-                    }
-                }
-            }
-            let ids = Tensor::from_vec(ids, b * l, dev)?;
+            let ids = super::roberta_positions(input_ids, self.config.pad_token_id)?;
             x = (x + p.embedding(&ids)?.reshape((b, l, h))?)?;
         }
         if let Some(tt) = &self.token_type {
@@ -318,15 +304,86 @@ impl XlmRobertaFlash {
             }
             let ctx = attention(&q, &k, &v, scale, &bias, mode)?;
             let ctx = ctx.transpose(1, 2)?.reshape((b, l, h))?;
-            let a = block
-                .norm1
-                .forward(&block.out_proj.run_add(&ctx, &x, mode)?, mode)?;
-            let i = block.fc1.run_act(&a, self.config.hidden_act, mode)?;
-            x = block
-                .norm2
-                .forward(&block.fc2.run_add(&i, &a, mode)?, mode)?;
+            x = block.after_attention(&ctx, &x, self.config.hidden_act, mode)?;
         }
         Ok(x)
+    }
+
+    /// Inference over the attended tokens only (see [`super::Bert::forward_attended`]): the last hidden
+    /// states at every position whose mask is 1, ones elsewhere (the caller discards those rows). On the
+    /// CPU, for right-padded masks, the blocks run over the batch's real tokens, rotary positions gathered
+    /// per token, attention per sequence over its own tokens; otherwise, and in training,
+    /// [`Self::forward`].
+    pub fn forward_attended(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let (b, l) = input_ids.dims2()?;
+        let cpu_f32 = input_ids.device().is_cpu() && self.word.dtype() == DType::F32;
+        let un = match super::Unpadded::right_padded(attention_mask)? {
+            Some(un) if mode == Mode::Infer && cpu_f32 && l <= self.max_positions() => un,
+            _ => return self.forward(input_ids, attention_mask, mode),
+        };
+        let h = self.config.hidden_size;
+        let heads = self.config.num_attention_heads;
+        let d = h / heads;
+        let t = un.tokens();
+        let mut x = self
+            .word
+            .embedding(&un.gather(&input_ids.flatten_all()?)?)?;
+        if let Some(p) = &self.position {
+            let ids = super::roberta_positions(input_ids, self.config.pad_token_id)?;
+            x = (x + p.embedding(&un.gather(&ids)?)?)?;
+        }
+        if let Some(tt) = &self.token_type {
+            x = x.broadcast_add(&tt.narrow(0, 0, 1)?)?;
+        }
+        let mut x = self.emb_ln.forward(&x, mode)?;
+        let rope = match self.position {
+            None => Some(un.rotary(self.config.rotary_emb_base, 1.0, self.rotary_dim, l)?),
+            Some(_) => None,
+        };
+        let scale = 1.0 / (d as f64).sqrt();
+        for block in &self.blocks {
+            let qkv = block.wqkv.run(&x, mode)?;
+            let part = |i: usize| -> Result<Tensor> {
+                let p = qkv.narrow(1, i * h, h)?;
+                Ok(match &rope {
+                    Some((cos, sin)) => {
+                        apply_rotary(&p.reshape((t, heads, d))?, cos, sin)?.reshape((t, h))?
+                    }
+                    None => p,
+                })
+            };
+            let (q, k, v) = (part(0)?, part(1)?, qkv.narrow(1, 2 * h, h)?);
+            let ctx =
+                crate::ops::infer::attention_varlen(&q, &k, &v, &un.starts, heads, scale, None)?
+                    .ok_or_else(|| {
+                        Error::Invalid("unpadded attention needs float32 CPU tensors".into())
+                    })?;
+            x = block.after_attention(&ctx, &x, self.config.hidden_act, mode)?;
+        }
+        un.scatter(&x, b, l)
+    }
+}
+
+impl Block {
+    /// The post-norm tail of a block on `x` of any leading shape: `a = norm1(x + out_proj(ctx))`, then
+    /// `norm2(a + fc2(act(fc1(a))))`.
+    fn after_attention(
+        &self,
+        ctx: &Tensor,
+        x: &Tensor,
+        act: HiddenAct,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let a = self
+            .norm1
+            .forward(&self.out_proj.run_add(ctx, x, mode)?, mode)?;
+        let i = self.fc1.run_act(&a, act, mode)?;
+        self.norm2.forward(&self.fc2.run_add(&i, &a, mode)?, mode)
     }
 }
 
@@ -362,6 +419,29 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(needle), "{err}");
+        }
+    }
+
+    #[test]
+    fn unpadded_inference_matches_the_padded_pass_on_attended_rows() {
+        // Rotary over part of each head (6 of 8 dimensions), and absolute RoBERTa positions.
+        for extra in [
+            serde_json::json!({"rotary_emb_dim": 6}),
+            serde_json::json!({"position_embedding_type": "absolute", "max_position_embeddings": 20}),
+        ] {
+            let mut v = serde_json::json!({
+                "vocab_size": 40, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "intermediate_size": 24, "type_vocab_size": 1,
+            });
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            let config: XlmRobertaFlashConfig = serde_json::from_value(v).unwrap();
+            crate::backbone::check_unpadded(40, |vb| {
+                crate::backbone::Backbone::XlmRobertaFlash(
+                    XlmRobertaFlash::load(vb, &config).unwrap(),
+                )
+            });
         }
     }
 }
