@@ -483,6 +483,9 @@ pub(crate) mod x86 {
     /// fill the sixteen `ymm` registers).
     const MR_AVX2: usize = 6;
 
+    /// The deepest k slice the AVX2 driver runs in one pass (a packed tile of 6 × 768 values is 18 KiB).
+    const KC_AVX2: usize = 768;
+
     /// The register tile the drivers run: AVX-512 (8 rows × 32 columns) or AVX2 + FMA (6 rows × 32
     /// columns, as two halves of 16). Both read the same packed panels; a row's result does not depend on
     /// the other rows of its tile, so it is the same whatever the batch around it.
@@ -576,17 +579,24 @@ pub(crate) mod x86 {
         }
     }
 
-    /// The `rows` rows of `x` (`k` values each, row `i` at `x[i·k..]`) packed for [`kernel_avx2`]'s
-    /// `PACKED` form: tile `t` (rows `6t..6t + 6`) at `t·6k`, its value `kk` of row `r` at `+ kk·6 + r`;
-    /// rows past the end repeat the last row (their results are not stored).
-    fn pack_rows_avx2(x: &[f32], rows: usize, k: usize, out: &mut Vec<f32>) {
+    /// Columns `k0..k0 + kc` of the `rows` rows of `x` (row `i` at `x[i·ldx..]`) packed for
+    /// [`kernel_avx2`]'s `PACKED` form: tile `t` (rows `6t..6t + 6`) at `t·6kc`, its value `kk` of row `r`
+    /// at `+ kk·6 + r`; rows past the end repeat the last row (their results are not stored).
+    fn pack_rows_avx2(
+        x: &[f32],
+        ldx: usize,
+        rows: usize,
+        k0: usize,
+        kc: usize,
+        out: &mut Vec<f32>,
+    ) {
         let tiles = rows.div_ceil(MR_AVX2);
         out.clear();
-        out.resize(tiles * MR_AVX2 * k, 0.0);
-        for (t, dst) in out.chunks_exact_mut(MR_AVX2 * k).enumerate() {
+        out.resize(tiles * MR_AVX2 * kc, 0.0);
+        for (t, dst) in out.chunks_exact_mut(MR_AVX2 * kc).enumerate() {
             for r in 0..MR_AVX2 {
                 let row = (t * MR_AVX2 + r).min(rows - 1);
-                let src = &x[row * k..][..k];
+                let src = &x[row * ldx + k0..][..kc];
                 for (kk, &v) in src.iter().enumerate() {
                     dst[kk * MR_AVX2 + r] = v;
                 }
@@ -774,8 +784,16 @@ pub(crate) mod x86 {
         assert!(p.data.len() >= n.div_ceil(NR) * k * NR && dst.len() == m * n);
         let panels = n.div_ceil(NR);
         let tr = tile.rows();
-        // Row blocks of about 384 KB of `x`, so a block stays in L2 while every panel of `Wᵀ` passes.
-        let mc = ((96 * 1024) / k.max(1)).clamp(tr, 512) / tr * tr;
+        let pack = tile == Tile::Avx2 && k > 0;
+        // AVX2 on a deep input (the 3,072-wide one of a BERT-base FFN): k in slices of at most
+        // `KC_AVX2`, so that a packed 6-row tile (6·kc values) stays in L1 and a row block plus one
+        // panel slice stay in L2; later slices add onto the finished ones (the out tile is the
+        // residual), GELU only on the last. Each accumulator goes on from the sum the previous slice
+        // stored, in the same order, so the results are the same bit for bit. Otherwise one slice of all k.
+        let slices = if pack { k.div_ceil(KC_AVX2) } else { 1 };
+        let kc = k.div_ceil(slices.max(1));
+        // Row blocks of about 384 KB of `x` (per slice), so a block stays in L2 while every panel passes.
+        let mc = ((96 * 1024) / kc.max(1)).clamp(tr, 512) / tr * tr;
         let threads = rayon::current_num_threads();
         let mc = if threads > 1 && m <= mc * threads {
             // Small inputs: split evenly so every thread gets work.
@@ -787,49 +805,63 @@ pub(crate) mod x86 {
             let r0 = bi * mc;
             let rows_in = d.len() / n;
             let out = d.as_mut_ptr();
-            // AVX2: the block's rows packed once, then every panel streams them (see `kernel_avx2`).
+            // AVX2: the block's rows packed once per slice, then every panel streams them (see
+            // `kernel_avx2`).
             let mut packed = Vec::new();
-            let pack = tile == Tile::Avx2 && k > 0;
-            if pack {
-                pack_rows_avx2(&x[r0 * k..(r0 + rows_in) * k], rows_in, k, &mut packed);
-            }
-            for pi in 0..panels {
-                let cols = NR.min(n - pi * NR);
-                let mut mr = 0;
-                while mr < rows_in {
-                    let rows = tr.min(rows_in - mr);
-                    let mut a = [std::ptr::null::<f32>(); MR];
-                    if pack {
-                        a[0] = packed[mr * k..].as_ptr();
-                    } else {
-                        for (r, ptr) in a.iter_mut().enumerate() {
-                            // Rows past the end repeat the last row; their results are not stored.
-                            *ptr = x[(r0 + mr + r.min(rows - 1)) * k..].as_ptr();
+            for s in 0..slices {
+                let k0 = s * kc;
+                let kc = kc.min(k - k0);
+                let (first, last) = (s == 0, s + 1 == slices);
+                if pack {
+                    pack_rows_avx2(&x[r0 * k..], k, rows_in, k0, kc, &mut packed);
+                }
+                for pi in 0..panels {
+                    let cols = NR.min(n - pi * NR);
+                    let mut mr = 0;
+                    while mr < rows_in {
+                        let rows = tr.min(rows_in - mr);
+                        let mut a = [std::ptr::null::<f32>(); MR];
+                        if pack {
+                            a[0] = packed[mr * kc..].as_ptr();
+                        } else {
+                            for (r, ptr) in a.iter_mut().enumerate() {
+                                // Rows past the end repeat the last row; their results are not stored.
+                                *ptr = x[(r0 + mr + r.min(rows - 1)) * k..].as_ptr();
+                            }
                         }
+                        // SAFETY (of the pointer arithmetic): `mr * n + pi * NR` is inside `d`.
+                        let o = unsafe { out.add(mr * n + pi * NR) };
+                        let (bias, resid) = if first {
+                            let resid = residual.map_or(std::ptr::null(), |res| {
+                                res[(r0 + mr) * n + pi * NR..].as_ptr()
+                            });
+                            (p.bias[pi * NR..].as_ptr(), resid)
+                        } else {
+                            (ZEROS.as_ptr(), o as *const f32)
+                        };
+                        // SAFETY: the tile's instructions are present (checked above); every pointer
+                        // stays inside `x` (or the packed tile of 6·kc values), `p` (panel `pi`'s rows
+                        // k0..k0 + kc), `residual` and `d` for the k, rows and cols given (checked by
+                        // the caller's asserts and the one above); a later slice reads its out tile as
+                        // the residual before it writes it.
+                        unsafe {
+                            tile.run(
+                                gelu && last,
+                                pack,
+                                kc,
+                                a,
+                                p.data.as_ptr().add(pi * k * NR + k0 * NR),
+                                bias,
+                                resid,
+                                n,
+                                o,
+                                n,
+                                rows,
+                                cols,
+                            );
+                        }
+                        mr += tr;
                     }
-                    let resid = residual.map_or(std::ptr::null(), |res| {
-                        res[(r0 + mr) * n + pi * NR..].as_ptr()
-                    });
-                    // SAFETY: the tile's instructions are present (checked above); every pointer
-                    // stays inside `x` (or the packed tile of 6·k values), `p`, `residual` and `d` for
-                    // the k, rows and cols given (checked by the caller's asserts and the one above).
-                    unsafe {
-                        tile.run(
-                            gelu,
-                            pack,
-                            k,
-                            a,
-                            p.data.as_ptr().add(pi * k * NR),
-                            p.bias.as_ptr().add(pi * NR),
-                            resid,
-                            n,
-                            out.add(mr * n + pi * NR),
-                            n,
-                            rows,
-                            cols,
-                        );
-                    }
-                    mr += tr;
                 }
             }
         };
