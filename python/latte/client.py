@@ -191,7 +191,7 @@ class Client:
     # -- operations ---------------------------------------------------------------------------------------
 
     def health(self) -> Dict[str, Any]:
-        """``GET /health``: ``{"status": "ok", "version", "indexes", "models"}`` (needs no key)."""
+        """``GET /health``: ``{"status": "ok", "version", "indexes", "models", "dtypes"}`` (needs no key)."""
         out: Dict[str, Any] = self._request("GET", "/health")
         return out
 

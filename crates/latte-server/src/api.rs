@@ -16,6 +16,8 @@ pub struct Health {
     pub indexes: usize,
     /// Models loaded.
     pub models: Vec<String>,
+    /// The precision each loaded model runs at (`f32`, `bf16` or `int8`), in the order of `models`.
+    pub dtypes: Vec<String>,
 }
 
 /// `POST /indexes`.

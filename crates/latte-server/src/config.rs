@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use latte_models::HubOptions;
+use latte_models::{Dtype, HubOptions};
 
 use crate::auth::ApiKeys;
 
@@ -100,6 +100,11 @@ pub struct Config {
     pub models: Vec<String>,
     /// Where Hub models come from.
     pub hub: HubOptions,
+    /// Precision of the linear layers of every model the server loads (`--dtype`): the `--model`s, each
+    /// index's model (in place of the one the index recorded, as `latte search --dtype` does) and the model
+    /// of an index created over the API (which records it). `None`: f32 for the `--model`s, and each index
+    /// its recorded precision.
+    pub dtype: Option<Dtype>,
     /// API keys; `None` leaves every route open (and the server on loopback unless `insecure`).
     pub api_keys: Option<ApiKeys>,
     /// Allow binding a non-loopback address without API keys.

@@ -86,6 +86,9 @@ impl Models {
     ) -> Result<Arc<Encoder>, ApiError> {
         let mut options = options.clone();
         options.pool_factor = None;
+        if let Some(d) = self.config.dtype {
+            options.dtype = Some(d);
+        }
         if let Some(e) = self.find_loaded(name, &options) {
             return Ok(e);
         }

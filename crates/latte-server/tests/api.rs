@@ -1110,3 +1110,105 @@ async fn a_slow_request_times_out_with_a_503() {
     assert_eq!(s.metric(&texts).await, Some(0.0));
     s.stop().await;
 }
+
+/// `latte serve --dtype` (`Config::dtype`): the `--model`s, the models of indexes created over the API (which
+/// record it) and `/health` all use it; a request asking for another precision is a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_dtype_applies_to_every_model() {
+    use latte_models::{ColBERT, Dtype, EncodeOptions, LoadOptions};
+    let model = fixture_model();
+    let text = "rust is a language for systems and for the web";
+    // The library's int8 and f32 embeddings of the same document.
+    let library = |dtype: Dtype| {
+        let m = ColBERT::load(
+            &model,
+            &LoadOptions {
+                dtype,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let opts = EncodeOptions {
+            batch_size: 8,
+            normalize: true,
+            ..Default::default()
+        };
+        m.encode(&[text.to_string()], false, &opts)
+            .unwrap()
+            .remove(0)
+    };
+    let (want, f32_emb) = (library(Dtype::Int8), library(Dtype::F32));
+    let diff = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    assert!(
+        diff(&want.data, &f32_emb.data) > 1e-5,
+        "int8 and f32 differ, so the test can tell them apart"
+    );
+
+    let s = start(|c| {
+        c.models = vec![model.clone()];
+        c.dtype = Some(Dtype::Int8);
+    })
+    .await;
+    let (status, health) = s.call("GET", "/health", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(health["models"], json!([model]));
+    assert_eq!(health["dtypes"], json!(["int8"]));
+    let (status, enc) = s
+        .call(
+            "POST",
+            "/encode",
+            Some(json!({"texts": [text], "is_query": false})),
+        )
+        .await;
+    assert_eq!(status, 200, "{enc}");
+    let got: Vec<f32> = enc["embeddings"][0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| row.as_array().unwrap().iter())
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    assert_eq!(got.len(), want.data.len());
+    assert!(diff(&got, &want.data) < 1e-6, "/encode runs the int8 model");
+
+    // An index created over the API records the server's precision and shares the loaded model.
+    let (status, body) = s
+        .call(
+            "POST",
+            "/indexes",
+            Some(json!({"name": "books", "model": model})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = s
+        .call("POST", "/indexes/books/documents", Some(text_docs(12)))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, info) = s.call("GET", "/indexes/books", None).await;
+    assert_eq!(info["model_options"]["dtype"], "int8", "{info}");
+    let (_, health) = s.call("GET", "/health", None).await;
+    assert_eq!(health["dtypes"], json!(["int8"]), "one model, loaded once");
+
+    // Asking for another precision than the server's is refused, and nothing is created.
+    let (status, body) = s
+        .call(
+            "POST",
+            "/indexes",
+            Some(json!({"name": "other", "model": model, "model_options": {"dtype": "bf16"}})),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("bf16") && message.contains("--dtype int8"),
+        "{message}"
+    );
+    let (status, _) = s.call("GET", "/indexes/other", None).await;
+    assert_eq!(status, 404);
+    s.stop().await;
+}

@@ -5,7 +5,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 
 use common::{fails, model, ok, s};
 
@@ -62,6 +62,54 @@ fn http(addr: &str, method: &str, path: &str, body: &str) -> (String, String) {
     (status, body)
 }
 
+/// Starts `latte serve --port 0 ARGS`: the process, the address it listens on, and a thread collecting the
+/// rest of its log (read in the background so the server never blocks on a full pipe).
+fn spawn_serve(args: &[&str]) -> (Child, String, std::thread::JoinHandle<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_latte"))
+        .args(["serve", "--port", "0"])
+        .args(args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut addr = None;
+    let mut line = String::new();
+    while stderr.read_line(&mut line).unwrap() > 0 {
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            addr = rest.split_whitespace().next().map(str::to_string);
+            break;
+        }
+        line.clear();
+    }
+    let addr = addr.expect("the server says where it listens");
+    let log = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = stderr.read_to_string(&mut rest);
+        rest
+    });
+    (child, addr, log)
+}
+
+/// `latte serve --dtype int8`: the `--model` runs at int8 (`/health` says so), and a bad value is refused
+/// with the accepted ones named.
+#[test]
+fn serve_dtype_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = model("bert_pylate");
+    fails(
+        &["serve", "--data", s(dir.path()), "--dtype", "fp8"],
+        &["fp8", "f32", "bf16", "int8"],
+    );
+    let (mut child, addr, _log) =
+        spawn_serve(&["--data", s(dir.path()), "--model", &m, "--dtype", "int8"]);
+    let (status, body) = http(&addr, "GET", "/health", "");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(status.contains("200"), "{status} {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["dtypes"], serde_json::json!(["int8"]), "{body}");
+}
+
 #[test]
 fn serve_searches_an_index_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
@@ -82,31 +130,17 @@ fn serve_searches_an_index_and_stops_on_sigterm() {
         &m,
         "--corpus",
         s(&corpus),
+        "--dtype",
+        "bf16",
     ]);
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_latte"))
-        .args(["serve", "--data", s(&data), "--port", "0"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut addr = None;
-    let mut line = String::new();
-    while stderr.read_line(&mut line).unwrap() > 0 {
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            addr = rest.split_whitespace().next().map(str::to_string);
-            break;
-        }
-        line.clear();
-    }
-    let addr = addr.expect("the server says where it listens");
-    // Keep reading the log in the background so the server never blocks on a full pipe.
-    let log = std::thread::spawn(move || {
-        let mut rest = String::new();
-        let _ = stderr.read_to_string(&mut rest);
-        rest
-    });
+    let (mut child, addr, log) = spawn_serve(&["--data", s(&data)]);
 
+    // The index's recorded precision (`latte index --dtype bf16`) is the one its model is served at.
+    let (status, body) = http(&addr, "GET", "/health", "");
+    assert!(status.contains("200"), "{status} {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["dtypes"], serde_json::json!(["bf16"]), "{body}");
     let (status, body) = http(&addr, "GET", "/indexes/books", "");
     assert!(status.contains("200"), "{status} {body}");
     assert!(body.contains("\"documents\":12"), "{body}");

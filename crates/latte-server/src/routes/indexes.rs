@@ -99,7 +99,7 @@ pub async fn create(
             "nbits must be 1, 2 or 4, got {nbits}"
         )));
     }
-    let model_options = match &req.model_options {
+    let mut model_options = match &req.model_options {
         None => ModelOptions::default(),
         Some(v) => serde_json::from_value::<ModelOptions>(v.clone())
             .map_err(|e| ApiError::invalid(format!("model_options: {e}")))?,
@@ -110,6 +110,17 @@ pub async fn create(
     if let Some(m) = &req.model {
         if m.is_empty() {
             return Err(ApiError::invalid("model is empty"));
+        }
+    }
+    // A server started with --dtype runs every model at that precision; the index records it.
+    if let (Some(d), Some(_)) = (state.config.dtype, &req.model) {
+        match model_options.dtype {
+            Some(asked) if asked != d => {
+                return Err(ApiError::invalid(format!(
+                    "model_options.dtype is {asked}, but this server runs every model at {d} (latte serve --dtype {d})"
+                )))
+            }
+            _ => model_options.dtype = Some(d),
         }
     }
     if state.indexes.get(&req.name).is_ok() {

@@ -15,11 +15,16 @@ use crate::state::AppState;
 #[utoipa::path(get, path = "/health", tag = "ops",
     responses((status = 200, description = "The server is up", body = Health)))]
 pub async fn health(State(state): State<AppState>) -> Json<Health> {
+    let models = state.models.all();
     Json(Health {
         status: "ok".into(),
         version: env!("CARGO_PKG_VERSION").into(),
         indexes: state.indexes.list().len(),
-        models: state.models.all().iter().map(|e| e.name.clone()).collect(),
+        models: models.iter().map(|e| e.name.clone()).collect(),
+        dtypes: models
+            .iter()
+            .map(|e| e.options.dtype.unwrap_or_default().to_string())
+            .collect(),
     })
 }
 

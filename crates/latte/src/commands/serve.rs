@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use latte_models::Dtype;
 use latte_server::{ApiKeys, Config, EncodeConfig, Limits, SearchConfig};
 
 use super::model_args::HubArgs;
@@ -71,6 +72,13 @@ pub struct ServeArgs {
     /// Searches waiting for a turn before new ones get 503.
     #[arg(long, default_value_t = 256)]
     pub search_queue: usize,
+    /// Precision of the linear layers of every model the server loads: f32, bf16 (bf16 weights and
+    /// activations, f32 accumulation) or int8 (dynamically quantised). Applies to the --models, to each
+    /// index's model (in place of the precision the index recorded, as `latte search --dtype` does) and to
+    /// indexes created over the API (which record it). Default: f32 for the --models, each index its
+    /// recorded precision. CPU only.
+    #[arg(long, value_name = "f32|bf16|int8")]
+    pub dtype: Option<Dtype>,
     #[command(flatten)]
     pub hub: HubArgs,
 }
@@ -88,6 +96,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         data: args.data.clone(),
         models: args.models.clone(),
         hub: args.hub.options(),
+        dtype: args.dtype,
         api_keys,
         insecure: args.insecure,
         limits: Limits {
