@@ -791,7 +791,7 @@ pub(crate) mod x86 {
         // residual), GELU only on the last. Each accumulator goes on from the sum the previous slice
         // stored, in the same order, so the results are the same bit for bit. Otherwise one slice of all k.
         let slices = if pack { k.div_ceil(KC_AVX2) } else { 1 };
-        let kc = k.div_ceil(slices.max(1));
+        let kc = k.div_ceil(slices);
         // Row blocks of about 384 KB of `x` (per slice), so a block stays in L2 while every panel passes.
         let mc = ((96 * 1024) / kc.max(1)).clamp(tr, 512) / tr * tr;
         let threads = rayon::current_num_threads();
